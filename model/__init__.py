@@ -1,0 +1,1 @@
+"""tgastream.model: the TGA network, baselines, batching, evaluation and training."""

@@ -1,0 +1,1 @@
+"""tgastream.state: per-user transition graphs and their RocksDB stores."""

@@ -1,0 +1,248 @@
+"""The per-user behavior-transition graph of DESIGN.md §3.
+
+A user's graph is the window of their last ``max_len`` events. Event ``j`` has at most three
+in-edges, each from an earlier event in the window:
+
+- item-level (view 0): the latest earlier event on the same item (any behavior);
+- category-level (view 1): the latest earlier event on a *different* item of the same category;
+- neighbor-level (view 2): the event just before it.
+
+Each edge has a transition type ``view * 16 + src_behavior * 4 + dst_behavior`` (48 types).
+Appending is O(1) amortised: two dictionaries give the latest event per item and the latest two
+distinct-item events per category. Predecessors are stored as distances back (``j - i``), which
+survive the window sliding unchanged; a distance that reaches past the window start means the edge
+left the window and is dropped. So an incremental build always equals a from-scratch build of the
+events in the window (tested as a property).
+
+The binary encoding is versioned and pickle-free (struct header + numpy arrays).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from stream.events import BEHAVIOR_CODE, Event
+
+N_VIEWS = 3
+N_BEHAVIORS = 4
+N_EDGE_TYPES = N_VIEWS * N_BEHAVIORS * N_BEHAVIORS  # 48
+VIEW_ITEM, VIEW_CATEGORY, VIEW_NEIGHBOR = 0, 1, 2
+N_GAP_BUCKETS = 24
+"""Time-gap buckets: 0 = first event of the window, 1 = gap < 1 s, then log2-spaced up to ~2^21 s."""
+
+ENCODING_VERSION = 1
+_HEADER = struct.Struct("<BIQ")  # version, n nodes, total events ever appended
+
+
+def edge_type(view: int, src_behavior: int, dst_behavior: int) -> int:
+    """Transition type id in [0, 48): view × source behavior × target behavior."""
+    return view * 16 + src_behavior * 4 + dst_behavior
+
+
+def gap_bucket(gap_s: np.ndarray) -> np.ndarray:
+    """Log-spaced bucket of the gap (seconds) to the previous event; NaN (no previous) → 0."""
+    gap = np.nan_to_num(np.asarray(gap_s, dtype=np.float64), nan=-1.0)
+    bucket = 1 + np.floor(np.log2(1.0 + np.maximum(gap, 0.0))).astype(np.int64)
+    return np.where(gap < 0, 0, np.minimum(bucket, N_GAP_BUCKETS - 1))
+
+
+@dataclass(frozen=True)
+class GraphArrays:
+    """What the model's batcher needs of one graph (N = nodes in the window, oldest first)."""
+
+    items: list[str]  # external item ids [N]
+    categories: list[str]  # external category ids [N]
+    behaviors: np.ndarray  # [N] int64, codes of stream.events.BEHAVIORS
+    ts: np.ndarray  # [N] float64 event time, s
+    gap_buckets: np.ndarray  # [N] int64 in [0, N_GAP_BUCKETS)
+    neighbors: np.ndarray  # [N, 3] int64 local index of each view's predecessor, -1 = none
+    edge_types: np.ndarray  # [N, 3] int64 transition type in [0, 48), -1 where no edge
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class UserGraph:
+    """One user's transition graph over a sliding window of their last ``max_len`` events."""
+
+    __slots__ = ("max_len", "total", "_items", "_cats", "_beh", "_ts", "_dist", "_last_item", "_last_cat")
+
+    def __init__(self, max_len: int = 200) -> None:
+        if max_len < 1 or max_len > 65535:
+            raise ValueError(f"max_len must be in [1, 65535], got {max_len}")
+        self.max_len = max_len
+        self.total = 0  # events ever appended; node k of the window has global sequence total-n+k
+        self._items: list[str] = []
+        self._cats: list[str] = []
+        self._beh: list[int] = []
+        self._ts: list[float] = []
+        self._dist: list[tuple[int, int, int]] = []  # distance back to each view's predecessor, 0 = none
+        self._last_item: dict[str, int] | None = {}  # item → global seq of its latest event
+        self._last_cat: dict[str, tuple[int, str, int]] | None = {}  # cat → (seq, item, seq of latest other-item event or -1)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def start(self) -> int:
+        """Global sequence number of the oldest event in the window."""
+        return self.total - len(self._items)
+
+    def _rebuild_maps(self) -> None:
+        self._last_item, self._last_cat = {}, {}
+        for k, (item, cat) in enumerate(zip(self._items, self._cats)):
+            self._note(self.start + k, item, cat)
+
+    def _note(self, seq: int, item: str, cat: str) -> None:
+        assert self._last_item is not None and self._last_cat is not None
+        self._last_item[item] = seq
+        prev = self._last_cat.get(cat)
+        if prev is None:
+            self._last_cat[cat] = (seq, item, -1)
+        elif prev[1] == item:
+            self._last_cat[cat] = (seq, item, prev[2])
+        else:
+            self._last_cat[cat] = (seq, item, prev[0])
+
+    def append(self, item: str, category: str, behavior: int, ts: float) -> None:
+        """Add one event as the newest node; O(1) amortised."""
+        if self._last_item is None:
+            self._rebuild_maps()
+        assert self._last_item is not None and self._last_cat is not None
+        seq = self.total
+        start = self.start
+        i_seq = self._last_item.get(item, -1)
+        c = self._last_cat.get(category)
+        c_seq = -1 if c is None else (c[0] if c[1] != item else c[2])
+        dist = (
+            seq - i_seq if i_seq >= start else 0,
+            seq - c_seq if c_seq >= start else 0,
+            1 if self._items else 0,
+        )
+        self._items.append(item)
+        self._cats.append(category)
+        self._beh.append(behavior)
+        self._ts.append(float(ts))
+        self._dist.append(dist)
+        self.total += 1
+        self._note(seq, item, category)
+        if len(self._items) > self.max_len:
+            self._evict_oldest()
+
+    def append_event(self, event: Event) -> None:
+        self.append(event.item_id, event.category_id, BEHAVIOR_CODE[event.behavior], event.ts)
+
+    def _evict_oldest(self) -> None:
+        assert self._last_item is not None and self._last_cat is not None
+        seq = self.start
+        item, cat = self._items[0], self._cats[0]
+        if self._last_item.get(item) == seq:
+            del self._last_item[item]
+        entry = self._last_cat.get(cat)
+        if entry is not None:
+            if entry[0] == seq:
+                del self._last_cat[cat]
+            elif entry[2] == seq:
+                self._last_cat[cat] = (entry[0], entry[1], -1)
+        # list.pop(0) is O(n) but a memmove of pointers: cheaper than a deque for n ≤ a few hundred
+        for arr in (self._items, self._cats, self._beh, self._ts, self._dist):
+            arr.pop(0)
+
+    def tail(self, k: int) -> "UserGraph":
+        """A graph of the last ``k`` nodes (edges leaving them dropped), e.g. a training sample."""
+        out = UserGraph(max(k, 1))
+        n = min(k, len(self))
+        out.total = self.total
+        out._items, out._cats = self._items[len(self) - n:], self._cats[len(self) - n:]
+        out._beh, out._ts, out._dist = self._beh[len(self) - n:], self._ts[len(self) - n:], self._dist[len(self) - n:]
+        out._last_item = out._last_cat = None
+        return out
+
+    def to_arrays(self) -> GraphArrays:
+        """Node features, neighbor index [N, 3] (-1 = none) and edge types [N, 3] (-1 = none)."""
+        n = len(self)
+        beh = np.asarray(self._beh, dtype=np.int64)  # [N]
+        ts = np.asarray(self._ts, dtype=np.float64)  # [N]
+        dist = np.asarray(self._dist, dtype=np.int64).reshape(n, 3)  # [N, 3]
+        idx = np.arange(n, dtype=np.int64)[:, None]  # [N, 1]
+        nbr = idx - dist  # [N, 3]
+        valid = (dist > 0) & (nbr >= 0)
+        nbr = np.where(valid, nbr, -1)
+        src_beh = beh[np.where(valid, nbr, 0)]  # [N, 3]
+        etype = np.arange(N_VIEWS)[None, :] * 16 + src_beh * 4 + beh[:, None]
+        etype = np.where(valid, etype, -1)
+        gaps = np.full(n, np.nan)
+        gaps[1:] = np.diff(ts)
+        return GraphArrays(list(self._items), list(self._cats), beh, ts, gap_bucket(gaps), nbr, etype)
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """Versioned compact encoding: header, behaviors u8, ts f64, distances u16 [N,3], ids."""
+        n = len(self)
+        ids = "\n".join(self._items + self._cats).encode()
+        return b"".join((
+            _HEADER.pack(ENCODING_VERSION, n, self.total),
+            struct.pack("<H", self.max_len),
+            np.asarray(self._beh, dtype=np.uint8).tobytes(),
+            np.asarray(self._ts, dtype="<f8").tobytes(),
+            np.asarray(self._dist, dtype="<u2").reshape(n * 3).tobytes(),
+            ids,
+        ))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> "UserGraph":
+        data = bytes(data)
+        if len(data) < _HEADER.size + 2:
+            raise ValueError("graph encoding is truncated")
+        version, n, total = _HEADER.unpack_from(data, 0)
+        if version != ENCODING_VERSION:
+            raise ValueError(f"graph encoding version {version} is not supported (expected {ENCODING_VERSION})")
+        (max_len,) = struct.unpack_from("<H", data, _HEADER.size)
+        g = cls(max_len)
+        off = _HEADER.size + 2
+        g._beh = np.frombuffer(data, np.uint8, n, off).tolist()
+        off += n
+        g._ts = np.frombuffer(data, "<f8", n, off).tolist()
+        off += 8 * n
+        d = np.frombuffer(data, "<u2", 3 * n, off).reshape(n, 3).tolist()
+        g._dist = [tuple(row) for row in d]
+        off += 6 * n
+        ids = data[off:].decode().split("\n") if n else []
+        if len(ids) != 2 * n:
+            raise ValueError("graph encoding is corrupt: id count mismatch")
+        g._items, g._cats = ids[:n], ids[n:]
+        g.total = total
+        g._last_item = g._last_cat = None  # rebuilt on the next append
+        return g
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UserGraph):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
+
+    def __repr__(self) -> str:
+        return f"UserGraph(n={len(self)}, total={self.total}, max_len={self.max_len})"
+
+
+def build_graph(events: Iterable[Event], max_len: int = 200) -> UserGraph:
+    """From scratch: the graph of one user's events, in the order given."""
+    g = UserGraph(max_len)
+    for ev in events:
+        g.append_event(ev)
+    return g
+
+
+def reference_neighbors(items: Sequence[str], cats: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Quadratic, obviously-correct predecessor search over a whole window (for tests)."""
+    out = []
+    for j in range(len(items)):
+        it = next((i for i in range(j - 1, -1, -1) if items[i] == items[j]), -1)
+        ct = next((i for i in range(j - 1, -1, -1) if cats[i] == cats[j] and items[i] != items[j]), -1)
+        out.append((it, ct, j - 1))
+    return out
+

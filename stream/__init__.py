@@ -1,0 +1,1 @@
+"""tgastream.stream: events, Kafka plumbing, stream workers and the command line."""

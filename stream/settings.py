@@ -1,0 +1,150 @@
+"""The one settings object: defaults < TOML file < ``TGASTREAM_*`` environment < command-line flags.
+
+Every component takes the :class:`Settings` it needs passed in; nothing reads the environment
+at import time. Invalid values raise :class:`SettingsError` whose message is one readable line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "TGASTREAM_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message is one line meant for the user."""
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise SettingsError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of every tgastream process (see README "Configuration")."""
+
+    # Kafka
+    bootstrap: str = field(default="", metadata={"help": "Kafka bootstrap HOST:PORT; empty = find one on 127.0.0.1:9092 or start the embedded broker"})
+    partitions: int = field(default=4, metadata={"help": "partitions of every topic we create"})
+    events_topic: str = "behavior-events"
+    dlq_topic: str = "behavior-events-dlq"
+    samples_topic: str = "training-samples"
+    embeddings_topic: str = "embeddings"
+    features_topic: str = "user-features"
+    # state
+    data_dir: Path = field(default=Path("tgastream-data"), metadata={"help": "where RocksDB stores, checkpoints and reports live"})
+    max_len: int = field(default=200, metadata={"help": "events kept per user graph"})
+    sample_len: int = field(default=50, metadata={"help": "graph nodes carried by a training sample"})
+    conversion_window_s: float = field(default=86400.0, metadata={"help": "click → buy conversion window (event time)"})
+    # model / trainer
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
+    max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
+    lr: float = 1e-3
+    replay_share: float = field(default=0.25, metadata={"help": "share of each step drawn from the replay reservoir"})
+    checkpoint_every_steps: int = 200
+    checkpoint_every_s: float = 60.0
+    # serving / metrics
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
+    seed: int = 0
+
+    def validate(self) -> "Settings":
+        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size",
+                     "checkpoint_every_steps"):
+            _positive(name, getattr(self, name))
+        for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s"):
+            _positive(name, getattr(self, name))
+        if not 0.0 <= self.replay_share < 1.0:
+            raise SettingsError(f"replay_share must be in [0, 1), got {self.replay_share}")
+        if self.dim % self.heads:
+            raise SettingsError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.sample_len > self.max_len:
+            raise SettingsError(f"sample_len ({self.sample_len}) must be <= max_len ({self.max_len})")
+        if self.bootstrap and not _is_host_port(self.bootstrap):
+            raise SettingsError(f"bootstrap must be HOST:PORT[,HOST:PORT...], got {self.bootstrap!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("api_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"{name} must be a port number, got {getattr(self, name)}")
+        return self
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes).validate()
+
+    def describe(self) -> str:
+        """One line per setting, for printing at start."""
+        return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in fields(self))
+
+
+def _is_host_port(text: str) -> bool:
+    for part in text.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return False
+    return True
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "Path": Path}.get(kind, kind)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+FIELD_TYPES: dict[str, Any] = {f.name: f.type for f in fields(Settings)}
+
+
+def _apply(base: dict[str, Any], values: Mapping[str, Any], origin: str) -> None:
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_TYPES:
+            raise SettingsError(f"unknown setting {key!r} in {origin}")
+        base[name] = _coerce(name, FIELD_TYPES[name], value)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build and validate settings from a TOML file, an environment mapping and explicit overrides."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
+        _apply(values, data.get("tgastream", data), str(config_file))
+    if env:
+        _apply(values, {k[len(ENV_PREFIX):].lower(): v for k, v in env.items()
+                        if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG"}, "environment")
+    if overrides:
+        _apply(values, {k: v for k, v in overrides.items() if v is not None}, "flags")
+    return Settings(**values).validate()

@@ -1,0 +1,39 @@
+"""Shared fixtures: one real Tansu broker per test session, fresh topics per test."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stream.broker import EmbeddedBroker
+from stream.settings import Settings
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    """A real broker process for the whole session; killed (with its process group) at the end."""
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as b:
+        yield b
+
+
+@pytest.fixture
+def topic_settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings with topic names unique to this test, so tests sharing the broker never collide."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        bootstrap=broker.bootstrap, partitions=4, data_dir=tmp_path / "data",
+        events_topic=f"events-{tag}", dlq_topic=f"dlq-{tag}", samples_topic=f"samples-{tag}",
+        embeddings_topic=f"embeddings-{tag}", features_topic=f"features-{tag}",
+    )
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path

@@ -1,0 +1,100 @@
+"""The per-user transition graph: edge kinds, types, window sliding, encoding, incremental = scratch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from state.graph import (
+    N_EDGE_TYPES, UserGraph, build_graph, edge_type, gap_bucket, reference_neighbors,
+)
+from stream.events import Event
+
+CLICK, FAV, CART, BUY = 0, 1, 2, 3
+
+
+def ev(item, cat, beh="click", ts=0.0):
+    return Event("u", item, cat, beh, ts)
+
+
+def test_item_category_and_neighbor_edges_on_a_hand_made_sequence():
+    # 0:A/c1 click, 1:B/c1 click, 2:A/c1 cart, 3:C/c2 click, 4:A/c1 buy
+    g = build_graph([ev("A", "c1", "click", 0), ev("B", "c1", "click", 10), ev("A", "c1", "cart", 20),
+                     ev("C", "c2", "click", 30), ev("A", "c1", "buy", 40)])
+    a = g.to_arrays()
+    assert a.neighbors.tolist() == [[-1, -1, -1], [-1, 0, 0], [0, 1, 1], [-1, -1, 2], [2, 1, 3]]
+    assert a.edge_types[4].tolist() == [edge_type(0, CART, BUY), edge_type(1, CLICK, BUY), edge_type(2, CLICK, BUY)]
+    assert a.edge_types[0].tolist() == [-1, -1, -1]
+    assert a.behaviors.tolist() == [CLICK, CLICK, CART, CLICK, BUY]
+
+
+def test_category_edge_skips_events_of_the_same_item():
+    # the latest same-category event is the same item (A), so the category edge goes to B
+    g = build_graph([ev("B", "c", ts=0), ev("A", "c", ts=1), ev("A", "c", ts=2), ev("A", "c", ts=3)])
+    assert g.to_arrays().neighbors[:, 1].tolist() == [-1, 0, 0, 0]
+
+
+def test_edge_types_cover_48_distinct_values():
+    types = {edge_type(v, s, d) for v in range(3) for s in range(4) for d in range(4)}
+    assert types == set(range(N_EDGE_TYPES))
+
+
+def test_window_slides_and_drops_edges_that_leave_it():
+    g = build_graph([ev("A", "c", ts=0), ev("X", "d", ts=1), ev("Y", "e", ts=2), ev("A", "c", ts=3)], max_len=3)
+    a = g.to_arrays()
+    assert len(g) == 3 and g.total == 4 and a.items == ["X", "Y", "A"]
+    assert a.neighbors.tolist() == [[-1, -1, -1], [-1, -1, 0], [-1, -1, 1]]  # A's item edge left the window
+
+
+def test_gap_buckets_are_log_spaced():
+    g = build_graph([ev("A", "c", ts=t) for t in (0, 0.5, 3, 1000, 10**9)])
+    b = g.to_arrays().gap_buckets.tolist()
+    assert b[0] == 0 and b[1] == 1 and b[2] == 2 and b[3] == 10 and b[4] == 23
+    assert gap_bucket(np.array([np.nan]))[0] == 0
+
+
+def test_encoding_round_trip_and_version_check():
+    g = build_graph([ev(f"i{k % 7}", f"c{k % 3}", ("click", "cart", "buy")[k % 3], 100.0 + k) for k in range(50)], 30)
+    data = g.to_bytes()
+    back = UserGraph.from_bytes(data)
+    assert back.to_bytes() == data and back == g
+    back.append_event(ev("i1", "c1", "fav", 999))
+    g.append_event(ev("i1", "c1", "fav", 999))
+    assert back == g  # maps rebuilt after decoding give the same next append
+    with pytest.raises(ValueError, match="version"):
+        UserGraph.from_bytes(bytes([9]) + data[1:])
+    with pytest.raises(ValueError):
+        UserGraph.from_bytes(data[:-3] + b"\n\n\n\n")
+    assert UserGraph.from_bytes(UserGraph(5).to_bytes()) == UserGraph(5)
+
+
+def test_tail_keeps_last_nodes_and_drops_edges_leaving_them():
+    g = build_graph([ev("A", "c", ts=0), ev("B", "c", ts=1), ev("A", "c", ts=2)])
+    t = g.tail(2).to_arrays()
+    assert t.items == ["B", "A"] and t.neighbors.tolist() == [[-1, -1, -1], [-1, 0, 0]]
+
+
+events_st = st.lists(
+    st.tuples(st.integers(0, 6), st.integers(0, 3), st.sampled_from(["click", "fav", "cart", "buy"])),
+    min_size=0, max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events_st, st.integers(1, 20), st.integers(0, 60))
+def test_incremental_equals_from_scratch_on_the_window(rows, max_len, split):
+    events = [ev(f"i{i}", f"c{c}", b, float(k)) for k, (i, c, b) in enumerate(rows)]
+    # incremental, with an encode/decode in the middle (as the store does between batches)
+    g = build_graph(events[:split], max_len)
+    g = UserGraph.from_bytes(g.to_bytes())
+    for e in events[split:]:
+        g.append_event(e)
+    window = events[-max_len:] if events else []
+    scratch = build_graph(window, max_len)
+    a, b = g.to_arrays(), scratch.to_arrays()
+    assert a.items == b.items and np.array_equal(a.neighbors, b.neighbors)
+    assert np.array_equal(a.edge_types, b.edge_types)
+    ref = reference_neighbors([e.item_id for e in window], [e.category_id for e in window])
+    assert a.neighbors.tolist() == [list(r) for r in ref]
