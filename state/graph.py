@@ -162,6 +162,16 @@ class UserGraph:
         out._last_item = out._last_cat = None
         return out
 
+    def head(self, n: int) -> "UserGraph":
+        """The first ``n`` nodes: the graph as it was when its n-th node was the newest."""
+        out = UserGraph(self.max_len)
+        n = max(0, min(n, len(self)))
+        out.total = self.start + n
+        out._items, out._cats, out._beh = self._items[:n], self._cats[:n], self._beh[:n]
+        out._ts, out._dist = self._ts[:n], self._dist[:n]
+        out._last_item = out._last_cat = None
+        return out
+
     def to_arrays(self) -> GraphArrays:
         """Node features, neighbor index [N, 3] (-1 = none) and edge types [N, 3] (-1 = none)."""
         n = len(self)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "broker": "stream.commands.broker",
     "synth": "stream.commands.synth",
     "replay": "stream.commands.replay",
+    "bench": "stream.commands.bench",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 

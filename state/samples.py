@@ -1,0 +1,184 @@
+"""Training samples and the per-user state machine that emits them (DESIGN.md §3).
+
+:class:`UserState` is everything kept for one user: the transition graph, the open conversion
+windows (pending labels) and the source offset of the last event applied. ``apply`` is the one
+place where an event changes a user's state, used by the stream worker and by offline tools alike,
+so an offline build from a log and the live stream give the same samples and byte-identical state.
+
+Samples:
+
+- retrieval: for every event that has history, the graph *before* it (last ``sample_len`` nodes)
+  → the event's item, category and behavior;
+- conversion: a click on item i opens a window of ``window_s`` event time (one open window per
+  item: repeat clicks on it do not open another). A buy of i inside the window closes it with
+  label 1; event time passing its end (the user's own later events or a partition watermark)
+  closes it with label 0. The context is the graph up to and including the click.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from state.graph import UserGraph
+from stream.events import BEHAVIOR_CODE, Event
+
+RETRIEVAL, CONVERSION = 0, 1
+SAMPLE_VERSION = 1
+STATE_VERSION = 1
+_SAMPLE_HEADER = struct.Struct("<BBBfdd")  # version, kind, target behavior, label, event ts, arrival ts
+_STATE_HEADER = struct.Struct("<BqI")  # version, last offset, pending count
+_PENDING = struct.Struct("<dQ")  # click ts, click seq
+
+
+def _pack_str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<H", len(b)) + b
+
+
+def _unpack_str(data: bytes, off: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<H", data, off)
+    return data[off + 2: off + 2 + n].decode(), off + 2 + n
+
+
+@dataclass
+class Sample:
+    """One training example: a context graph and a target (item, behavior) or conversion label."""
+
+    kind: int  # RETRIEVAL or CONVERSION
+    user_id: str
+    graph: UserGraph  # context, oldest node first
+    item_id: str  # target item (retrieval) or candidate item (conversion)
+    category_id: str
+    behavior: int  # target behavior code (conversion: the click, 0)
+    label: float  # conversion: 1 bought / 0 not; retrieval: 1
+    event_ts: float  # event time of the target event (conversion: of the click)
+    arrival_ts: float = 0.0  # wall-clock time the triggering event reached the worker (freshness)
+
+    def to_bytes(self) -> bytes:
+        return b"".join((
+            _SAMPLE_HEADER.pack(SAMPLE_VERSION, self.kind, self.behavior, self.label, self.event_ts, self.arrival_ts),
+            _pack_str(self.user_id), _pack_str(self.item_id), _pack_str(self.category_id),
+            self.graph.to_bytes(),
+        ))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Sample":
+        data = bytes(data)
+        version, kind, behavior, label, event_ts, arrival_ts = _SAMPLE_HEADER.unpack_from(data, 0)
+        if version != SAMPLE_VERSION:
+            raise ValueError(f"sample encoding version {version} is not supported")
+        off = _SAMPLE_HEADER.size
+        user, off = _unpack_str(data, off)
+        item, off = _unpack_str(data, off)
+        cat, off = _unpack_str(data, off)
+        return cls(kind, user, UserGraph.from_bytes(data[off:]), item, cat, behavior, label, event_ts, arrival_ts)
+
+
+@dataclass
+class Pending:
+    """An open conversion window: the click and its node's global sequence number in the graph."""
+
+    item_id: str
+    category_id: str
+    click_ts: float
+    seq: int
+
+
+@dataclass
+class UserState:
+    """A user's graph, open conversion windows and the offset of the last event applied."""
+
+    user_id: str
+    graph: UserGraph
+    pending: dict[str, Pending] = field(default_factory=dict)  # item → window, in click order
+    offset: int = -1
+
+    @classmethod
+    def new(cls, user_id: str, max_len: int) -> "UserState":
+        return cls(user_id, UserGraph(max_len))
+
+    def _context_at(self, seq: int, sample_len: int) -> UserGraph:
+        """The last ``sample_len`` nodes up to and including global sequence ``seq``."""
+        g = self.graph
+        end = seq - g.start + 1  # nodes [0, end) of the window
+        if end <= 0:
+            return UserGraph(sample_len)  # the click left the window: no context survives
+        return g.head(end).tail(sample_len)
+
+    def expire(self, now_ts: float, window_s: float, sample_len: int, arrival_ts: float = 0.0) -> list[Sample]:
+        """Close (label 0) every window whose end is at or before event time ``now_ts``."""
+        out = []
+        for item, p in list(self.pending.items()):
+            if p.click_ts + window_s <= now_ts:
+                del self.pending[item]
+                out.append(Sample(CONVERSION, self.user_id, self._context_at(p.seq, sample_len), item,
+                                  p.category_id, 0, 0.0, p.click_ts, arrival_ts))
+        return out
+
+    def apply(self, ev: Event, offset: int | None, window_s: float, sample_len: int,
+              arrival_ts: float = 0.0) -> list[Sample]:
+        """Apply one event; returns the samples it produces. An offset at or below the last applied
+        one is a re-delivery and changes nothing (exactly-once state on an at-least-once stream)."""
+        if offset is not None:
+            if offset <= self.offset:
+                return []
+        out = self.expire(ev.ts, window_s, sample_len, arrival_ts)
+        beh = BEHAVIOR_CODE[ev.behavior]
+        if len(self.graph):
+            out.append(Sample(RETRIEVAL, self.user_id, self.graph.tail(sample_len), ev.item_id, ev.category_id,
+                              beh, 1.0, ev.ts, arrival_ts))
+        if ev.behavior == "buy":
+            p = self.pending.pop(ev.item_id, None)
+            if p is not None:
+                out.append(Sample(CONVERSION, self.user_id, self._context_at(p.seq, sample_len), ev.item_id,
+                                  p.category_id, 0, 1.0, p.click_ts, arrival_ts))
+        self.graph.append(ev.item_id, ev.category_id, beh, ev.ts)
+        if ev.behavior == "click" and ev.item_id not in self.pending:
+            self.pending[ev.item_id] = Pending(ev.item_id, ev.category_id, ev.ts, self.graph.total - 1)
+        if offset is not None:
+            self.offset = offset
+        return out
+
+    def to_bytes(self) -> bytes:
+        """Versioned encoding: header (offset, pending count), pending windows, then the graph."""
+        parts = [_STATE_HEADER.pack(STATE_VERSION, self.offset, len(self.pending)), _pack_str(self.user_id)]
+        for p in self.pending.values():
+            parts += [_PENDING.pack(p.click_ts, p.seq), _pack_str(p.item_id), _pack_str(p.category_id)]
+        parts.append(self.graph.to_bytes())
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "UserState":
+        data = bytes(data)
+        version, offset, n = _STATE_HEADER.unpack_from(data, 0)
+        if version != STATE_VERSION:
+            raise ValueError(f"user state encoding version {version} is not supported")
+        off = _STATE_HEADER.size
+        user, off = _unpack_str(data, off)
+        pending: dict[str, Pending] = {}
+        for _ in range(n):
+            click_ts, seq = _PENDING.unpack_from(data, off)
+            off += _PENDING.size
+            item, off = _unpack_str(data, off)
+            cat, off = _unpack_str(data, off)
+            pending[item] = Pending(item, cat, click_ts, seq)
+        return cls(user, UserGraph.from_bytes(data[off:]), pending, offset)
+
+
+def samples_from_events(events: Iterable[Event], max_len: int = 200, sample_len: int = 50,
+                        window_s: float = 86400.0, final_watermark: float | None = None) -> list[Sample]:
+    """Offline: every sample a worker would emit for these events (each user's in the order given),
+    then, with ``final_watermark``, the negatives of windows still open at that event time."""
+    states: dict[str, UserState] = {}
+    out: list[Sample] = []
+    for ev in events:
+        st = states.get(ev.user_id)
+        if st is None:
+            st = states[ev.user_id] = UserState.new(ev.user_id, max_len)
+        out.extend(st.apply(ev, None, window_s, sample_len))
+    if final_watermark is not None:
+        for st in states.values():
+            out.extend(st.expire(final_watermark, window_s, sample_len))
+    return out
