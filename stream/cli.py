@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "synth": "stream.commands.synth",
     "replay": "stream.commands.replay",
     "bench": "stream.commands.bench",
+    "serve": "stream.commands.serve",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 

@@ -1,0 +1,156 @@
+"""Published embeddings: the record format of the ``embeddings`` topic and the serving RocksDB.
+
+The trainer is the only writer of a serving store; API processes open it as a RocksDB *secondary*
+instance and catch up with the writer's log, so they see new vectors within a refresh interval
+without ever blocking the writer.
+
+Keys: ``user:<id>`` / ``item:<id>`` (the same keys as on the compacted ``embeddings`` topic),
+``bought:<user id>`` (items the user bought, newline-separated, for excluding them from
+recommendations), ``context:<user id>`` (the user's latest context graph, for conversion scoring),
+and ``meta:model_version``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from rocksdict import AccessType, Options, Rdict, WriteBatch
+
+VECTOR_VERSION = 1
+_VECTOR_HEADER = struct.Struct("<BQddH")  # version, model version, newest event ts, publish ts, dim
+
+
+@dataclass(frozen=True)
+class VectorRecord:
+    """A published embedding: model version, event time of the newest event used, publish time."""
+
+    model_version: int
+    event_ts: float
+    publish_ts: float
+    vector: np.ndarray  # [d] float32
+
+    def to_bytes(self) -> bytes:
+        vec = np.ascontiguousarray(self.vector, dtype="<f4")
+        return _VECTOR_HEADER.pack(VECTOR_VERSION, self.model_version, self.event_ts, self.publish_ts,
+                                   vec.shape[0]) + vec.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "VectorRecord":
+        version, model_version, event_ts, publish_ts, dim = _VECTOR_HEADER.unpack_from(data, 0)
+        if version != VECTOR_VERSION:
+            raise ValueError(f"vector record version {version} is not supported")
+        vec = np.frombuffer(data, "<f4", dim, _VECTOR_HEADER.size).copy()
+        return cls(model_version, event_ts, publish_ts, vec)
+
+
+def user_key(user_id: str) -> bytes:
+    return b"user:" + user_id.encode()
+
+
+def item_key(item_id: str) -> bytes:
+    return b"item:" + item_id.encode()
+
+
+def _options() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.set_max_background_jobs(2)
+    opts.set_write_buffer_size(32 * 1024 * 1024)
+    return opts
+
+
+class ServingStore:
+    """The serving RocksDB. ``ServingStore(path)`` writes; ``ServingStore.reader(path)`` reads."""
+
+    def __init__(self, path: Path, secondary: Path | None = None) -> None:
+        path = Path(path)
+        self.path = path
+        self.read_only = secondary is not None
+        if secondary is None:
+            path.mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(str(path), options=_options())
+        else:
+            secondary.mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(str(path), options=_options(), access_type=AccessType.secondary(str(secondary)))
+
+    @classmethod
+    def reader(cls, path: Path, secondary: Path) -> "ServingStore":
+        return cls(path, secondary)
+
+    def catch_up(self) -> None:
+        """Readers: see what the writer has written since (cheap; call per request or on a timer)."""
+        if self.read_only:
+            self._db.try_catch_up_with_primary()
+
+    def write(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord],
+              bought: dict[str, Iterable[str]] | None = None, contexts: dict[str, bytes] | None = None,
+              model_version: int | None = None) -> None:
+        """One atomic batch of vectors (and optionally bought items, contexts, model version)."""
+        wb = WriteBatch(raw_mode=True)
+        for uid, rec in users.items():
+            wb.put(user_key(uid), rec.to_bytes())
+        for iid, rec in items.items():
+            wb.put(item_key(iid), rec.to_bytes())
+        for uid, its in (bought or {}).items():
+            wb.put(b"bought:" + uid.encode(), "\n".join(sorted(set(its))).encode())
+        for uid, ctx in (contexts or {}).items():
+            wb.put(b"context:" + uid.encode(), ctx)
+        if model_version is not None:
+            wb.put(b"meta:model_version", str(model_version).encode())
+        self._db.write(wb)
+
+    def user(self, user_id: str) -> VectorRecord | None:
+        raw = self._db.get(user_key(user_id))
+        return None if raw is None else VectorRecord.from_bytes(raw)
+
+    def item(self, item_id: str) -> VectorRecord | None:
+        raw = self._db.get(item_key(item_id))
+        return None if raw is None else VectorRecord.from_bytes(raw)
+
+    def bought(self, user_id: str) -> set[str]:
+        raw = self._db.get(b"bought:" + user_id.encode())
+        return set(raw.decode().split("\n")) if raw else set()
+
+    def context(self, user_id: str) -> bytes | None:
+        return self._db.get(b"context:" + user_id.encode())
+
+    def model_version(self) -> int:
+        raw = self._db.get(b"meta:model_version")
+        return int(raw) if raw else 0
+
+    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid():
+            key = it.key()
+            if not key.startswith(prefix):
+                break
+            yield key, it.value()
+            it.next()
+
+    def item_matrix(self) -> tuple[list[str], np.ndarray]:
+        """Every item id and its vector as one matrix [I, d] (for top-k by dot product)."""
+        ids: list[str] = []
+        vecs: list[np.ndarray] = []
+        for key, raw in self._scan(b"item:"):
+            ids.append(key[5:].decode())
+            vecs.append(VectorRecord.from_bytes(raw).vector)
+        if not vecs:
+            return [], np.zeros((0, 0), dtype=np.float32)
+        return ids, np.stack(vecs)  # [I, d]
+
+    def count(self, prefix: bytes) -> int:
+        return sum(1 for _ in self._scan(prefix))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "ServingStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,37 @@
+"""``tgastream serve``: the HTTP API over the trainer's serving store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stream.settings import Settings
+
+HELP = "serve embeddings, recommendations and conversion scores over HTTP"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from stream.cli import add_setting_flags
+
+    p.add_argument("--store", type=Path, help="serving RocksDB (default: DATA_DIR/serving)")
+    add_setting_flags(p, "data_dir", "api_host", "api_port", "device")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.broker import install_sigterm_handler
+    from stream.serve import run_server
+
+    install_sigterm_handler()
+    store = args.store or Path(settings.data_dir) / "serving"
+    print(f"tgastream serve: store {store}")
+    run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True))
+    return 0
+
+
+def scorer_for(settings: Settings):
+    """The conversion scorer from the latest trainer checkpoint, or None while there is none."""
+    try:
+        from model.scoring import load_scorer
+    except ImportError:
+        return None
+    return load_scorer(settings)

@@ -1,0 +1,208 @@
+"""The HTTP API over the serving store (aiohttp): embeddings, recommendations, conversion scores.
+
+Routes: ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{id}/recommendations?k=10``,
+``POST /v1/score``, ``GET /healthz``, ``GET /metrics``. Errors are JSON ``{"error": ...}`` with a
+4xx/5xx status. The store is opened as a RocksDB secondary and caught up at most every
+``refresh_s`` seconds, so the API follows the trainer's writes without blocking it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from state.serving import ServingStore
+
+MAX_K = 1000
+MAX_CANDIDATES = 1000
+
+
+class Scorer(Protocol):
+    """Conversion probability of candidate (item, category) pairs given a user's context graph."""
+
+    def __call__(self, context: bytes | None, candidates: list[tuple[str, str]]) -> list[float]: ...
+
+
+@dataclass
+class ApiMetrics:
+    registry: CollectorRegistry
+    requests: Counter = field(init=False)
+    latency: Histogram = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter("tgastream_api_requests", "HTTP requests served", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("tgastream_api_request_seconds", "HTTP request latency", ["route"],
+                                 registry=self.registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
+
+
+class ItemIndex:
+    """Item vectors as one matrix, reloaded when the model version changes (or ``max_age_s`` passes)."""
+
+    def __init__(self, store: ServingStore, max_age_s: float = 5.0) -> None:
+        self.store, self.max_age_s = store, max_age_s
+        self.version, self.loaded_at = -1, 0.0
+        self.ids: list[str] = []
+        self.matrix = np.zeros((0, 0), dtype=np.float32)
+
+    def get(self) -> tuple[list[str], np.ndarray]:
+        version = self.store.model_version()
+        if version != self.version or time.monotonic() - self.loaded_at > self.max_age_s:
+            self.ids, self.matrix = self.store.item_matrix()
+            self.version, self.loaded_at = version, time.monotonic()
+        return self.ids, self.matrix
+
+
+def top_k(user: np.ndarray, ids: list[str], matrix: np.ndarray, k: int, exclude: set[str]) -> list[tuple[str, float]]:
+    """The k items with the highest dot product with ``user``, skipping ``exclude``."""
+    if not ids:
+        return []
+    scores = matrix @ user  # [I]
+    want = min(len(ids), k + len(exclude))
+    top = np.argpartition(-scores, want - 1)[:want] if want < len(ids) else np.arange(len(ids))
+    top = top[np.argsort(-scores[top], kind="stable")]
+    out = [(ids[i], float(scores[i])) for i in top if ids[i] not in exclude]
+    return out[:k]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: float = 0.5,
+              registry: CollectorRegistry | None = None, extra_metrics: Callable[[], bytes] | None = None) -> web.Application:
+    """The aiohttp application. ``scorer`` is None when no model checkpoint is available yet."""
+    registry = registry or CollectorRegistry()
+    metrics = ApiMetrics(registry)
+    index = ItemIndex(store)
+    last_catch_up = [0.0]
+
+    def fresh() -> None:
+        now = time.monotonic()
+        if now - last_catch_up[0] >= refresh_s:
+            store.catch_up()
+            last_catch_up[0] = now
+
+    @web.middleware
+    async def observe(request: web.Request, handler):
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        start = time.perf_counter()
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = _error(exc.status, exc.reason or "error")
+        metrics.requests.labels(route, str(response.status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    async def healthz(request: web.Request) -> web.Response:
+        fresh()
+        return web.json_response({"status": "ok", "model_version": store.model_version(),
+                                  "scorer": scorer is not None})
+
+    async def embedding(request: web.Request) -> web.Response:
+        fresh()
+        uid = request.match_info["user_id"]
+        rec = store.user(uid)
+        if rec is None:
+            return _error(404, f"unknown user {uid!r}")
+        return web.json_response({"user_id": uid, "model_version": rec.model_version, "event_ts": rec.event_ts,
+                                  "publish_ts": rec.publish_ts, "vector": [round(float(x), 6) for x in rec.vector]})
+
+    async def recommendations(request: web.Request) -> web.Response:
+        fresh()
+        uid = request.match_info["user_id"]
+        raw_k = request.query.get("k", "10")
+        try:
+            k = int(raw_k)
+        except ValueError:
+            return _error(400, f"k must be an integer, got {raw_k!r}")
+        if not 1 <= k <= MAX_K:
+            return _error(400, f"k must be in [1, {MAX_K}], got {k}")
+        rec = store.user(uid)
+        if rec is None:
+            return _error(404, f"unknown user {uid!r}")
+        ids, matrix = index.get()
+        if matrix.shape[0] and matrix.shape[1] != rec.vector.shape[0]:
+            return _error(503, "item vectors and user vector differ in size (model changing); retry")
+        items = top_k(rec.vector, ids, matrix, k, store.bought(uid))
+        return web.json_response({"user_id": uid, "k": k, "model_version": rec.model_version,
+                                  "items": [{"item_id": i, "score": round(s, 6)} for i, s in items]})
+
+    async def score(request: web.Request) -> web.Response:
+        fresh()
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "body must be JSON")
+        parsed = _parse_score_body(body)
+        if isinstance(parsed, str):
+            return _error(400, parsed)
+        uid, candidates = parsed
+        if scorer is None:
+            return _error(503, "no model checkpoint is loaded yet")
+        context = store.context(uid)
+        probs = scorer(context, candidates)
+        return web.json_response({"user_id": uid, "known_user": context is not None,
+                                  "scores": [{"item_id": i, "probability": round(p, 6)}
+                                             for (i, _c), p in zip(candidates, probs)]})
+
+    async def metrics_route(request: web.Request) -> web.Response:
+        body = generate_latest(registry) + (extra_metrics() if extra_metrics else b"")
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(middlewares=[observe], client_max_size=1024 * 1024)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/users/{user_id}/embedding", embedding)
+    app.router.add_get("/v1/users/{user_id}/recommendations", recommendations)
+    app.router.add_post("/v1/score", score)
+    app.router.add_get("/metrics", metrics_route)
+    return app
+
+
+def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
+    """``{"user_id": ..., "items": [id | {"item_id", "category_id"}]}`` or an error message."""
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    uid = body.get("user_id")
+    if isinstance(uid, bool) or not isinstance(uid, (str, int)) or not str(uid).strip():
+        return "user_id (string or int) is required"
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        return "items must be a non-empty list"
+    if len(items) > MAX_CANDIDATES:
+        return f"at most {MAX_CANDIDATES} items per request"
+    out: list[tuple[str, str]] = []
+    for it in items:
+        if isinstance(it, dict):
+            iid, cat = it.get("item_id"), it.get("category_id", "0")
+        else:
+            iid, cat = it, "0"
+        if isinstance(iid, bool) or not isinstance(iid, (str, int)) or not str(iid).strip():
+            return "each item needs an item_id (string or int)"
+        if isinstance(cat, bool) or not isinstance(cat, (str, int)):
+            return "category_id must be a string or int"
+        out.append((str(iid), str(cat)))
+    return str(uid), out
+
+
+def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = None,
+               print_address: Callable[[str], None] = print) -> None:
+    """Serve until interrupted (blocking)."""
+    if not (store_path / "CURRENT").exists():
+        ServingStore(store_path).close()  # an empty store until the trainer writes one
+    secondary = store_path.parent / f"{store_path.name}.reader-{port}"
+    store = ServingStore.reader(store_path, secondary)
+    app = build_app(store, scorer)
+    print_address(f"API listening on http://{host}:{port}")
+    try:
+        web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    finally:
+        store.close()

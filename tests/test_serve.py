@@ -1,0 +1,98 @@
+"""The HTTP API against a running server process, through a real HTTP client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from state.serving import ServingStore, VectorRecord
+from stream.broker import free_port
+
+
+def rec(vec, version=3) -> VectorRecord:
+    return VectorRecord(version, 1511658000.0, time.time(), np.asarray(vec, dtype=np.float32))
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    """A serving store written by 'the trainer' (this test) and a `tgastream serve` process reading it."""
+    path = tmp_path / "serving"
+    writer = ServingStore(path)
+    writer.write(
+        users={"u1": rec([1, 0]), "u2": rec([0, 1])},
+        items={"a": rec([3, 0]), "b": rec([2, 0]), "c": rec([1, 1]), "d": rec([0, 5])},
+        bought={"u1": ["a"]}, model_version=3,
+    )
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--store", str(path), "--api-port", str(port),
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.2)
+    try:
+        yield base, writer
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        writer.close()
+
+
+def test_embedding_and_recommendations_exclude_bought_items(api):
+    base, _ = api
+    r = httpx.get(base + "/v1/users/u1/embedding")
+    assert r.status_code == 200 and r.json()["vector"] == [1.0, 0.0] and r.json()["model_version"] == 3
+    r = httpx.get(base + "/v1/users/u1/recommendations", params={"k": 2})
+    assert [i["item_id"] for i in r.json()["items"]] == ["b", "c"]  # a is bought
+    r = httpx.get(base + "/v1/users/u2/recommendations", params={"k": 10})
+    assert [i["item_id"] for i in r.json()["items"]] == ["d", "c", "a", "b"]
+
+
+def test_new_writes_become_visible_to_the_running_server(api):
+    base, writer = api
+    assert httpx.get(base + "/v1/users/u9/embedding").status_code == 404
+    writer.write(users={"u9": rec([0, 2], version=4)}, items={}, model_version=4)
+    deadline = time.monotonic() + 5
+    while httpx.get(base + "/v1/users/u9/embedding").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert httpx.get(base + "/healthz").json()["model_version"] == 4
+
+
+@pytest.mark.parametrize("method,path,body,status,fragment", [
+    ("GET", "/v1/users/nobody/embedding", None, 404, "unknown user"),
+    ("GET", "/v1/users/nobody/recommendations", None, 404, "unknown user"),
+    ("GET", "/v1/users/u1/recommendations?k=abc", None, 400, "k must be an integer"),
+    ("GET", "/v1/users/u1/recommendations?k=0", None, 400, "k must be in"),
+    ("GET", "/v1/users/u1/recommendations?k=5000", None, 400, "k must be in"),
+    ("POST", "/v1/score", b"{not json", 400, "body must be JSON"),
+    ("POST", "/v1/score", b"[1]", 400, "JSON object"),
+    ("POST", "/v1/score", b'{"items": ["a"]}', 400, "user_id"),
+    ("POST", "/v1/score", b'{"user_id": "u1", "items": []}', 400, "non-empty"),
+    ("POST", "/v1/score", b'{"user_id": "u1", "items": [{"category_id": "1"}]}', 400, "item_id"),
+    ("GET", "/v1/nothing", None, 404, ""),
+])
+def test_bad_requests_get_json_errors(api, method, path, body, status, fragment):
+    base, _ = api
+    r = httpx.request(method, base + path, content=body)
+    assert r.status_code == status
+    assert fragment in r.json()["error"]
+
+
+def test_metrics_count_requests(api):
+    base, _ = api
+    httpx.get(base + "/v1/users/u1/embedding")
+    text = httpx.get(base + "/metrics").text
+    assert 'tgastream_api_requests_total{route="/v1/users/{user_id}/embedding",status="200"}' in text
