@@ -56,6 +56,7 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics listens on (0.0.0.0 in containers)"})
     seed: int = 0
 
     def validate(self) -> "Settings":
