@@ -40,8 +40,11 @@ REASONS: tuple[str, ...] = (
     "not_utf8", "oversize", "empty_record", "not_json", "not_object", "missing_field",
     "empty_field", "wrong_type", "id_too_long", "unknown_behavior", "bad_timestamp",
     "timestamp_not_finite", "timestamp_negative", "timestamp_in_future", "wrong_field_count",
+    "wrong_key", "internal_error",
 )
-"""Every reason code a rejection can carry (closed set: metrics label values, DLQ header)."""
+"""Every reason code a rejection can carry (closed set: metrics label values, DLQ header).
+``wrong_key`` (record key is not the user id) and ``internal_error`` (applying the event raised)
+are given by the stream worker, not by the parsers."""
 
 REQUIRED = ("user_id", "item_id", "category_id", "behavior", "ts")
 
@@ -106,6 +109,11 @@ def _check_id(name: str, value: object) -> str | Rejection:
         return _reject("id_too_long", f"{name} has {len(text)} chars (max {MAX_ID_CHARS})")
     if "," in text or "\n" in text:
         return _reject("wrong_type", f"{name} contains a separator character")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate, e.g. JSON "\ud800": not storable as UTF-8
+            return _reject("not_utf8", f"{name} is not valid Unicode text")
     return text
 
 

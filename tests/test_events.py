@@ -57,6 +57,7 @@ BAD_JSON = [
     (b'{"user_id":1,"item_id":1,"category_id":1,"behavior":"buy","ts":NaN}', "timestamp_not_finite"),
     (b'{"user_id":1,"item_id":1,"category_id":1,"behavior":"buy","ts":Infinity}', "timestamp_not_finite"),
     (good(user_id="a,b"), "wrong_type"),
+    (b'{"user_id":"\\ud800","item_id":1,"category_id":1,"behavior":"buy","ts":1}', "not_utf8"),  # lone surrogate
 ]
 
 
@@ -71,7 +72,7 @@ def test_bad_json_records_are_rejected_with_reason_and_original_bytes(raw, reaso
 def test_bad_record_kinds_cover_every_reason_but_csv_ones():
     seen = {r for _, r in BAD_JSON}
     assert len(BAD_JSON) >= 15
-    assert seen == set(REASONS) - {"wrong_field_count", "bad_timestamp"}
+    assert seen == set(REASONS) - {"wrong_field_count", "bad_timestamp", "wrong_key", "internal_error"}
 
 
 @pytest.mark.parametrize("line,reason", [
