@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from json.encoder import encode_basestring_ascii as _json_str
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Iterable
 
 from stream.events import BEHAVIORS
@@ -32,7 +34,6 @@ WINDOW_NAMES: tuple[str, ...] = ("1h", "24h")
 MAX_CATEGORIES = 5
 
 _HEADER = struct.Struct("<BdIIIHB")  # version, latest ts, events, conversions, windows, n buckets, n cats
-_BUCKET = struct.Struct("<q4I")  # minute index, counts per behavior
 
 
 @dataclass
@@ -79,15 +80,22 @@ class UserFeatures:
 
     def window_counts(self, window_s: int) -> list[int]:
         """Counts per behavior in the ``window_s // 60`` minutes up to the latest event."""
+        return self._counts((window_s,))[0]
+
+    def _counts(self, windows: tuple[int, ...]) -> list[list[int]]:
+        """Counts per behavior for each window, in one pass over the buckets."""
+        out = [[0, 0, 0, 0] for _ in windows]
         if not self.buckets:
-            return [0, 0, 0, 0]
+            return out
         last = int(self.latest_ts // BUCKET_S)
-        first = last - window_s // BUCKET_S
-        out = [0, 0, 0, 0]
+        firsts = [last - w // BUCKET_S for w in windows]
         for minute, counts in self.buckets.items():
-            if minute > first:
-                for b in range(4):
-                    out[b] += counts[b]
+            for first, acc in zip(firsts, out):
+                if minute > first:
+                    acc[0] += counts[0]
+                    acc[1] += counts[1]
+                    acc[2] += counts[2]
+                    acc[3] += counts[3]
         return out
 
     @property
@@ -107,38 +115,45 @@ class UserFeatures:
         return out
 
     def to_json(self, user_id: str) -> bytes:
-        return json.dumps(self.snapshot(user_id), separators=(",", ":")).encode()
+        """:meth:`snapshot` as compact JSON, formatted directly (it is written for every changed user)."""
+        h, d = self._counts(WINDOWS_S)
+        rate = self.conversion_rate
+        ts = repr(float(self.latest_ts)) if self.events else "null"
+        cats = ",".join([_json_str(c) for c in self.last_categories])
+        return (f'{{"user_id":{_json_str(user_id)},"version":{FEATURES_VERSION},"ts":{ts},"events":{self.events},'
+                f'"counts_1h":{{"click":{h[0]},"fav":{h[1]},"cart":{h[2]},"buy":{h[3]}}},'
+                f'"counts_24h":{{"click":{d[0]},"fav":{d[1]},"cart":{d[2]},"buy":{d[3]}}},'
+                f'"conversion_rate":{"null" if rate is None else repr(rate)},"conversions":{self.conversions},'
+                f'"conversion_windows":{self.conversion_windows},"last_categories":[{cats}]}}').encode()
 
     # -- encoding ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
+        """Header, minute indexes (i64), counts (u32 × 4 per minute, minute order), categories."""
         if self.buckets:
             self._prune(int(self.latest_ts // BUCKET_S) - WINDOWS_S[-1] // BUCKET_S)
-        parts = [_HEADER.pack(FEATURES_VERSION, self.latest_ts, self.events, self.conversions,
-                              self.conversion_windows, len(self.buckets), len(self.last_categories))]
-        parts += [_BUCKET.pack(m, *c) for m, c in sorted(self.buckets.items())]
-        for cat in self.last_categories:
-            raw = cat.encode()
-            parts.append(struct.pack("<H", len(raw)) + raw)
-        return b"".join(parts)
+        minutes = sorted(self.buckets)
+        n = len(minutes)
+        return b"".join((
+            _HEADER.pack(FEATURES_VERSION, self.latest_ts, self.events, self.conversions,
+                         self.conversion_windows, n, len(self.last_categories)),
+            struct.pack(f"<{n}q{4 * n}I", *minutes, *chain.from_iterable(self.buckets[m] for m in minutes)),
+            "\n".join(self.last_categories).encode(),  # ids never contain a newline (validation)
+        ))
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> "UserFeatures":
         data = bytes(data)
-        version, latest, events, conv, windows, n_buckets, n_cats = _HEADER.unpack_from(data, 0)
+        version, latest, events, conv, windows, n, n_cats = _HEADER.unpack_from(data, 0)
         if version != FEATURES_VERSION:
             raise ValueError(f"user features encoding version {version} is not supported")
-        off = _HEADER.size
-        buckets: dict[int, list[int]] = {}
-        for _ in range(n_buckets):
-            minute, *counts = _BUCKET.unpack_from(data, off)
-            buckets[minute] = counts
-            off += _BUCKET.size
-        cats = []
-        for _ in range(n_cats):
-            (n,) = struct.unpack_from("<H", data, off)
-            cats.append(data[off + 2: off + 2 + n].decode())
-            off += 2 + n
+        body = struct.Struct(f"<{n}q{4 * n}I")
+        values = body.unpack_from(data, _HEADER.size)
+        counts = iter(values[n:])
+        buckets = {m: [next(counts), next(counts), next(counts), next(counts)] for m in values[:n]}
+        cats = data[_HEADER.size + body.size:].decode().split("\n") if n_cats else []
+        if len(cats) != n_cats:
+            raise ValueError("user features encoding is corrupt: category count mismatch")
         return cls(latest, events, conv, windows, buckets, cats)
 
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "replay": "stream.commands.replay",
     "bench": "stream.commands.bench",
     "serve": "stream.commands.serve",
+    "worker": "stream.commands.worker",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 

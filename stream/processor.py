@@ -138,9 +138,14 @@ class Processor:
     # -- processing -------------------------------------------------------------------------
 
     def process(self, partition: int, records: Sequence[InRecord], arrival_ts: float | None = None) -> BatchStats:
-        """Apply one partition's records, in offset order; samples and rejects go to the sink."""
+        """Apply one partition's records, in offset order; samples and rejects go to the sink.
+
+        ``arrival_ts`` (default: now) is stamped on the samples as the time their event reached
+        the worker; validation always judges timestamps against the wall clock.
+        """
         t0 = time.perf_counter()
-        now = time.time() if arrival_ts is None else arrival_ts
+        wall = time.time()
+        now = wall if arrival_ts is None else arrival_ts
         stats = BatchStats(records=len(records))
         if partition not in self._pending:
             self._build_pending_index(partition)
@@ -156,7 +161,7 @@ class Processor:
                 self._watermark(partition, rec, now, stats)
                 continue
             raw = value if value is not None else b""
-            parsed = parse_json(raw, "", now)
+            parsed = parse_json(raw, "", wall)
             if type(parsed) is Rejection:
                 self._reject(partition, rec, parsed.reason, parsed.detail, stats)
                 continue

@@ -41,6 +41,13 @@ class Settings:
     max_len: int = field(default=200, metadata={"help": "events kept per user graph"})
     sample_len: int = field(default=50, metadata={"help": "graph nodes carried by a training sample"})
     conversion_window_s: float = field(default=86400.0, metadata={"help": "click → buy conversion window (event time)"})
+    # stream workers
+    worker_group: str = field(default="", metadata={"help": "consumer group (faust app id) of stream workers; empty = tgastream-<events_topic>"})
+    worker_batch: int = field(default=5000, metadata={"help": "stream worker: most records fetched and applied per batch"})
+    worker_flush_s: float = field(default=0.5, metadata={"help": "stream worker: how often changed user state is made durable (RocksDB + changelog)"})
+    worker_cache_users: int = field(default=200_000, metadata={"help": "stream worker: users kept decoded in memory"})
+    standby_replicas: int = field(default=0, metadata={"help": "stream worker: standby copies of each state partition on other workers"})
+    rebalance_timeout_s: float = field(default=3.0, metadata={"help": "consumer group rebalance timeout; keep short on Tansu (DESIGN.md §7)"})
     # model / trainer
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dim: int = 64
@@ -65,6 +72,10 @@ class Settings:
             _positive(name, getattr(self, name))
         for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s"):
             _positive(name, getattr(self, name))
+        for name in ("worker_batch", "worker_flush_s", "worker_cache_users", "rebalance_timeout_s"):
+            _positive(name, getattr(self, name))
+        if self.standby_replicas < 0:
+            raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
         if not 0.0 <= self.replay_share < 1.0:
             raise SettingsError(f"replay_share must be in [0, 1), got {self.replay_share}")
         if self.dim % self.heads:
@@ -79,6 +90,11 @@ class Settings:
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"{name} must be a port number, got {getattr(self, name)}")
         return self
+
+    @property
+    def consumer_group(self) -> str:
+        """Group id shared by the stream workers of one events topic."""
+        return self.worker_group or f"tgastream-{self.events_topic}"
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes).validate()

@@ -79,7 +79,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(json.dumps(summary.to_json()))
             return 0
         opts = ReplayOptions(path=args.file, fmt=args.format, order=args.order, rate=args.rate,
-                             speedup=args.speedup, limit=args.limit, watermark=args.watermark)
+                             speedup=args.speedup, limit=args.limit, watermark=args.watermark,
+                             watermark_margin_s=settings.conversion_window_s)  # past every open window
         summary = replay_file(broker.bootstrap, settings, opts, progress=not args.quiet)
     print(summary.render())
     if args.json:

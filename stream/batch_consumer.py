@@ -1,0 +1,133 @@
+"""Faust plumbing that hands whole fetched batches of chosen topics to a handler.
+
+faust delivers every record through ``Consumer._drain_messages`` → ``Conductor.on_message`` →
+a channel queue → the stream iterator: several tasks, futures and awaits per record, which is
+faust's ceiling (the bare ``stream.take`` agent of ``tgastream bench stream``). This module keeps
+everything else of faust — app, group membership, partition assignment, table recovery from
+changelogs, standbys, commits — and changes only the last step for the topics that have a batch
+handler: the records aiokafka fetched for them are taken out of the fetch result and given, per
+partition and as raw aiokafka records, to the handler. Other topics (changelogs, other agents)
+still flow through faust as usual. Handlers are declared on the app (``app.batch_handlers``,
+topic → handler) before it starts, so no record can slip past them.
+
+The faust contracts a batch handler must keep, and how:
+
+- offsets are committed only when acknowledged: the handler acknowledges ranges with
+  :meth:`BatchConsumer.ack_through` once their effects are durable;
+- a rebalance must not revoke a partition while its work is unfinished: :meth:`hold` registers an
+  in-flight marker in the consumer's unacked set, so faust's revocation (``wait_empty``) waits
+  until :meth:`release`;
+- flow control: batches are only handed over while the consumer's flow is active and the
+  generation has not changed since the fetch (during a rebalance they are dropped, then
+  re-fetched from the committed offsets, as faust does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set, Tuple
+
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
+from mode.utils.futures import notify
+
+BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
+"""Receives {topic partition: [aiokafka ConsumerRecord, ...]} in offset order."""
+
+
+@dataclass(eq=False)
+class InFlight:
+    """Stands for unfinished batch work in faust's set of unacked messages (weakly referenced)."""
+
+    label: str
+    acked: bool = False
+    refcount: int = 1
+
+    def __repr__(self) -> str:
+        return f"<in-flight batch work: {self.label}>"
+
+
+class BatchConsumer(aiokafka_driver.Consumer):
+    """faust's aiokafka consumer, plus batch delivery of registered topics."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight: InFlight | None = None
+
+    @property
+    def _batch_handlers(self) -> Mapping[str, BatchHandler]:
+        """Topic → handler, declared on the app before it starts (``app.batch_handlers``)."""
+        return getattr(self.app, "batch_handlers", {})
+
+    async def _wait_next_records(self, timeout: float) -> Tuple[Optional[dict], Optional[Set[TP]]]:
+        records, active = await super()._wait_next_records(timeout)
+        if records and self._batch_handlers:
+            mine = {tp: recs for tp, recs in records.items() if tp.topic in self._batch_handlers}
+            if mine:
+                records = {tp: recs for tp, recs in records.items() if tp not in mine}
+                await self._deliver(mine, active)
+        return records, active
+
+    async def _deliver(self, batch: dict[TP, list], active: Optional[Set[TP]]) -> None:
+        generation = self.app.consumer_generation_id
+        if not self.flow_active:
+            return  # rebalancing: getmany seeks back to the committed offsets, records come again
+        ready = {tp: recs for tp, recs in batch.items()
+                 if recs and (active is None or tp in active or tp in self._buffered_partitions)}
+        if not ready:
+            return
+        monitor = self.app.monitor
+        now = monotonic()
+        for tp in ready:
+            monitor.track_tp_end_offset(tp, self.highwater(tp))
+            monitor.stream_inbound_time[tp] = now
+        by_topic: dict[str, dict[TP, list]] = {}
+        for tp, recs in ready.items():
+            by_topic.setdefault(tp.topic, {})[tp] = recs
+        for topic, part in by_topic.items():
+            if self.app.consumer_generation_id != generation or not self.flow_active:
+                return
+            await self._batch_handlers[topic](part)
+            for tp, recs in part.items():
+                self._read_offset[tp] = recs[-1].offset
+
+    # -- acknowledgements -------------------------------------------------------------------
+
+    def committed_offset(self, tp: TP) -> int | None:
+        """Next offset to read per the last commit (None when unknown or 0)."""
+        return self._committed_offset.get(tp)
+
+    def ack_through(self, tp: TP, first: int, last: int) -> None:
+        """Acknowledge every offset in [first, last]: they may be committed with the next commit."""
+        committed = self._committed_offset[tp]
+        lo = first if committed is None else max(first, committed)
+        if last < lo:
+            return
+        acked_index = self._acked_index[tp]
+        new = [o for o in range(lo, last + 1) if o not in acked_index]
+        acked_index.update(new)
+        self._acked[tp].extend(new)
+        self._n_acked += len(new)
+        notify(self._waiting_for_ack)
+
+    # -- in-flight guard --------------------------------------------------------------------
+
+    def hold(self, label: str) -> None:
+        """Unfinished batch work exists: a revocation must wait for :meth:`release`."""
+        if self._in_flight is None:
+            self._in_flight = InFlight(label)
+            self._unacked_messages.add(self._in_flight)  # type: ignore[arg-type]
+
+    def release(self) -> None:
+        marker, self._in_flight = self._in_flight, None
+        if marker is not None:
+            marker.acked = True
+            self._unacked_messages.discard(marker)  # type: ignore[arg-type]
+            notify(self._waiting_for_ack)
+
+
+class BatchTransport(aiokafka_driver.Transport):
+    """The aiokafka transport with :class:`BatchConsumer` as its consumer."""
+
+    Consumer = BatchConsumer

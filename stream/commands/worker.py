@@ -1,0 +1,46 @@
+"""``tgastream worker``: run a stream worker (events → user state → samples) until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stream.settings import Settings
+
+HELP = "run a stream worker: consume behavior-events, keep user graphs in RocksDB, emit training samples"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from stream.cli import add_setting_flags
+
+    p.add_argument("--progress", type=float, default=10.0, metavar="S",
+                   help="seconds between progress lines (default: 10; 0 = none)")
+    p.add_argument("--max-seconds", type=float, default=0.0, metavar="S",
+                   help="stop after this many seconds (default: 0 = run until SIGTERM/Ctrl-C)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    add_setting_flags(p, "bootstrap", "partitions", "events_topic", "dlq_topic", "samples_topic",
+                      "features_topic", "data_dir", "metrics_port", "metrics_host", "worker_group",
+                      "worker_batch", "worker_flush_s", "standby_replicas", "rebalance_timeout_s")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import logging
+
+    from stream.broker import connect_or_start
+    from stream.errors import CommandError
+    from stream.worker import WorkerOptions, configure_logging, run_worker, tune_gc
+
+    if args.progress < 0 or args.max_seconds < 0:
+        raise CommandError("--progress and --max-seconds must be >= 0")
+    configure_logging(logging.WARNING if args.quiet else logging.INFO)
+    tune_gc()
+    broker = connect_or_start(settings.bootstrap, allow_embedded=False)
+    settings = settings.replace(bootstrap=broker.bootstrap)
+    print("tgastream worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
+    options = WorkerOptions(progress_s=0.0 if args.quiet else args.progress, max_seconds=args.max_seconds)
+    try:
+        asyncio.run(run_worker(settings, options, out=sys.stdout))
+    except RuntimeError as exc:
+        raise CommandError(str(exc)) from None
+    return 0

@@ -1,0 +1,181 @@
+"""A stream worker process: topics, local state directory, metrics server, run until told to stop.
+
+Several workers of one consumer group share the partitions of ``behavior-events``. Each keeps its
+RocksDB state in its own slot directory ``<data_dir>/workers/<group>/<n>``, claimed with an
+exclusive ``flock``: workers started side by side (or sharing a volume) never open the same
+database, and a restarted worker (a killed process holds no lock) takes a free slot back, usually
+its own, so it recovers from its local state plus the changelog tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import gc
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from time import monotonic
+from typing import Callable, TextIO
+
+from stream.app import StreamWorker, build_worker, worker_topics
+from stream.metrics import MetricsServer, WorkerMetrics
+from stream.pipeline import PipelineTotals
+from stream.settings import Settings
+from stream.topics import ensure_topics
+
+log = logging.getLogger("tgastream.worker")
+
+QUIET_LOGGERS = ("faust", "mode", "aiokafka", "kafka",
+                 "stream.app", "stream.batch_consumer", "stream.table_store")  # faust services log here
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How long and how loudly a worker runs (defaults: until SIGTERM/SIGINT)."""
+
+    data_dir: Path | None = None  # None: claim a slot under settings.data_dir
+    progress_s: float = 10.0  # 0 = no progress lines
+    stop_after_records: int = 0  # stop once this many records are durable (benchmarks, tests)
+    max_seconds: float = 0.0  # stop after this long (0 = no limit)
+    serve_metrics: bool = True
+
+
+@dataclass
+class SlotLock:
+    """An exclusively locked worker directory; released when the process ends or on close()."""
+
+    path: Path
+    fd: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def claim_slot(root: Path, max_slots: int = 256) -> SlotLock:
+    """Lock the first free ``root/<n>`` directory (n = 0, 1, ...)."""
+    for n in range(max_slots):
+        path = root / str(n)
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return SlotLock(path, fd)
+    raise RuntimeError(f"all {max_slots} worker slots under {root} are in use")
+
+
+def tune_gc() -> None:
+    """Collect the young generation less often: a worker holds ~10⁶ live objects (cached users),
+    and default thresholds spend a quarter of the CPU re-scanning them. Call in worker processes."""
+    gc.set_threshold(50_000, 50, 1_000)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Our lines at ``level``; faust, mode and the Kafka clients only when something is wrong."""
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def progress_line(t: PipelineTotals, seconds: float, worker: StreamWorker) -> str:
+    rate = t.records / seconds if seconds > 0 else 0.0
+    processor = worker.pipeline.processor
+    pending = sum(processor.pending_windows().values()) if processor else 0
+    return (f"records {t.records:,} ({rate:,.0f}/s) | applied {t.events:,} | rejected {t.rejected:,} | "
+            f"re-delivered {t.redelivered:,} | samples {t.samples:,} | durable {t.records_durable:,} | "
+            f"pending windows {pending:,}")
+
+
+def summary_table(t: PipelineTotals, seconds: float) -> str:
+    p50, p99 = t.latency.percentile(0.5), t.latency.percentile(0.99)
+    rows = [
+        ("records consumed", f"{t.records:,}"), ("events applied", f"{t.events:,}"),
+        ("re-delivered (skipped)", f"{t.redelivered:,}"), ("rejected (DLQ)", f"{t.rejected:,}"),
+        ("watermarks", f"{t.watermarks:,}"), ("samples emitted", f"{t.samples:,}"),
+        ("bytes per sample", f"{t.sample_bytes / t.samples:,.0f}" if t.samples else "-"),
+        ("feature records", f"{t.features:,}"), ("user writes", f"{t.users_written:,}"),
+        ("state update p50 / p99", f"{p50 * 1e3:,.0f} / {p99 * 1e3:,.0f} ms" if p50 is not None else "-"),
+        ("seconds", f"{seconds:,.1f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>14}" for k, v in rows)
+
+
+async def run_worker(settings: Settings, options: WorkerOptions = WorkerOptions(),
+                     on_started: Callable[[StreamWorker], None] | None = None,
+                     out: TextIO | None = None) -> PipelineTotals:
+    """Run one worker until SIGTERM/SIGINT (or an option's limit); returns its totals."""
+    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
+    slot = None
+    if options.data_dir is None:
+        slot = claim_slot(Path(settings.data_dir) / "workers" / settings.consumer_group)
+        data_dir = slot.path
+    else:
+        data_dir = options.data_dir
+    metrics = WorkerMetrics()
+    server: MetricsServer | None = None
+    worker = build_worker(settings, data_dir, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    t0 = monotonic()
+    try:
+        if options.serve_metrics:
+            server = metrics.serve(settings.metrics_host, settings.metrics_port)
+            log.info("metrics on %s", server.url)
+        log.info("worker of group %s on %s, state in %s", settings.consumer_group, settings.bootstrap, data_dir)
+        await worker.start()
+        gc.freeze()  # faust, aiokafka and our wiring live for the whole process: keep them out of GC scans
+        if on_started is not None:
+            on_started(worker)
+        await _supervise(worker, options, stop, t0)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await worker.stop()
+        if server is not None:
+            server.close()
+        if slot is not None:
+            slot.close()
+    seconds = monotonic() - t0
+    if out is not None:
+        print(summary_table(worker.pipeline.totals, seconds), file=out, flush=True)
+    if worker.pipeline.failed is not None:
+        raise RuntimeError(f"worker stopped: {worker.pipeline.failed}") from worker.pipeline.failed
+    return worker.pipeline.totals
+
+
+async def _supervise(worker: StreamWorker, options: WorkerOptions, stop: asyncio.Event, t0: float) -> None:
+    """Wait for a stop signal, a limit, a pipeline failure or a crashed app; log progress."""
+    next_progress = t0 + options.progress_s
+    totals = worker.pipeline.totals
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.2)
+        except asyncio.TimeoutError:
+            pass
+        now = monotonic()
+        if worker.pipeline.failed is not None or worker.app.crashed:
+            log.error("worker failed: %s", worker.pipeline.failed or worker.app.crash_reason)
+            return
+        if options.stop_after_records and totals.records_durable >= options.stop_after_records:
+            return
+        if options.max_seconds and now - t0 >= options.max_seconds:
+            return
+        if options.progress_s and now >= next_progress:
+            log.info(progress_line(totals, now - t0, worker))
+            next_progress = now + options.progress_s
