@@ -9,7 +9,9 @@ from stream.settings import Settings
 
 HELP = "run a benchmark: stream, model, online or freshness (each prints a table; --json writes it)"
 
-BENCHES: dict[str, str] = {}
+BENCHES: dict[str, str] = {
+    "stream": "stream.bench_stream",
+}
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
 

@@ -1,0 +1,97 @@
+"""Run ``tgastream worker`` as a real child process in tests, watch its /metrics, stop or kill it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.broker import free_port
+from stream.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as ``name{labels}`` → value ({} while the worker is not up)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def total(self, name: str) -> float:
+        return sum(v for k, v in self.metrics().items() if k == name or k.startswith(name + "{"))
+
+    def wait_up(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.metrics():
+            assert self.proc.poll() is None, f"worker exited early:\n{self.log()}"
+            assert time.monotonic() < deadline, f"worker /metrics not up:\n{self.log()}"
+            time.sleep(0.2)
+
+    def wait_total(self, name: str, at_least: float, timeout_s: float = 120.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.total(name)
+            if value >= at_least:
+                return value
+            assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"{name} reached {value}, not {at_least}:\n{self.log()}"
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (graceful: drain, persist, commit) and wait for the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"worker did not stop on SIGTERM:\n{self.log()}")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
+
+
+def start_worker(settings: Settings, log_path: Path, *extra: str) -> WorkerProcess:
+    """``python -m stream.cli worker`` for ``settings`` (its topics, data dir, group)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "stream.cli", "worker", "--bootstrap", settings.bootstrap,
+           "--partitions", str(settings.partitions), "--events-topic", settings.events_topic,
+           "--dlq-topic", settings.dlq_topic, "--samples-topic", settings.samples_topic,
+           "--features-topic", settings.features_topic, "--data-dir", str(settings.data_dir),
+           "--metrics-port", str(port), "--progress", "2", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    return WorkerProcess(proc, port, log_path)
+
+
+def worker_state_dir(settings: Settings, slot: int = 0) -> Path:
+    return Path(settings.data_dir) / "workers" / settings.consumer_group / str(slot) / "state"
