@@ -109,7 +109,9 @@ class UserState:
 
     def expire(self, now_ts: float, window_s: float, sample_len: int, arrival_ts: float = 0.0) -> list[Sample]:
         """Close (label 0) every window whose end is at or before event time ``now_ts``."""
-        out = []
+        out: list[Sample] = []
+        if not self.pending:  # the common case, on every event: no copy, no loop
+            return out
         for item, p in list(self.pending.items()):
             if p.click_ts + window_s <= now_ts:
                 del self.pending[item]

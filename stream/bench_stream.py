@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="use only the first N records of the input (default: all)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"which to run, comma-separated, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the variants this many times, interleaved, and report each one's median (default: 1)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant (default: 900)")
     p.add_argument("--json", type=Path, help="write the figures as JSON to this path")
     p.add_argument("--work-dir", type=Path, help="where children keep their state (default: a temp dir)")
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown or not variants:
         raise CommandError(f"--variants: choose from {', '.join(VARIANTS)}")
+    if args.repeat < 1:
+        raise CommandError("--repeat must be >= 1")
     if args.input is not None and not args.input.is_file():
         raise CommandError(f"no such file: {args.input}")
     install_sigterm_handler()
@@ -97,18 +101,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         source, label = _input(args, work)
         print(f"broker {broker.bootstrap}{' (embedded)' if broker.embedded else ''}; input {label}", file=sys.stderr)
         n = _load(s, source, args.limit)
-        results: dict[str, VariantResult] = {}
-        for variant in tqdm(variants, desc="variants", unit="run", file=sys.stderr):
-            results[variant] = _run_child(variant, s, n, work / variant, args.timeout)
-            r = results[variant]
-            tqdm.write(f"  {variant:<10} {r.events:>9,} events in {r.seconds:6.1f} s = {r.events_per_s:>9,.0f}/s",
+        runs: dict[str, list[VariantResult]] = {v: [] for v in variants}
+        plan = [(i, v) for i in range(args.repeat) for v in variants]  # interleaved: load drifts hit all alike
+        for i, variant in tqdm(plan, desc="runs", unit="run", file=sys.stderr):
+            r = _run_child(variant, s, n, work / f"{variant}-{i}", args.timeout)
+            runs[variant].append(r)
+            tqdm.write(f"  {variant:<14} {r.events:>9,} events in {r.seconds:6.1f} s = {r.events_per_s:>9,.0f}/s",
                        file=sys.stderr)
+    results = {v: median_run(rs) for v, rs in runs.items()}
     report = _report(results, n, label, s)
+    for v, rs in runs.items():
+        report["variants"][v]["runs_events_per_s"] = [round(r.events_per_s, 1) for r in rs]
     print(render(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def median_run(runs: list[VariantResult]) -> VariantResult:
+    """The run with the median events/s (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.events_per_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _input(args: argparse.Namespace, work: Path) -> tuple[Path, str]:

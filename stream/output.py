@@ -53,13 +53,14 @@ class BatchedProducer:
         self._config: dict[str, Any] = dict(
             bootstrap_servers=bootstrap, client_id=client_id, acks="all", max_batch_size=max_batch_bytes,
             max_request_size=4 * max_batch_bytes, request_timeout_ms=30_000, **config)
-        self._producer = AIOKafkaProducer(enable_idempotence=True, **self._config)
+        self._producer: AIOKafkaProducer | None = None  # made in start(): aiokafka needs the running loop
         self.idempotent = True
         self._open: dict[tuple[str, int], Any] = {}  # (topic, partition) → BatchBuilder being filled
         self._full: list[tuple[str, int, Any]] = []
         self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:
+        self._producer = AIOKafkaProducer(enable_idempotence=True, **self._config)
         try:
             await self._producer.start()
         except KafkaError as exc:
@@ -70,13 +71,19 @@ class BatchedProducer:
             await self._producer.start()
 
     async def stop(self) -> None:
-        await self._producer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    def _started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("BatchedProducer.start() was not awaited")
+        return self._producer
 
     async def partition_count(self, topic: str) -> int:
         """Partitions of ``topic`` (metadata is fetched once and remembered)."""
         n = self._partitions.get(topic)
         if n is None:
-            n = self._partitions[topic] = len(await self._producer.partitions_for(topic))
+            n = self._partitions[topic] = len(await self._started().partitions_for(topic))
         return n
 
     def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
@@ -85,10 +92,10 @@ class BatchedProducer:
         slot = (topic, partition)
         builder = self._open.get(slot)
         if builder is None:
-            builder = self._open[slot] = self._producer.create_batch()
+            builder = self._open[slot] = self._started().create_batch()
         if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
             self._full.append((topic, partition, builder))
-            builder = self._open[slot] = self._producer.create_batch()
+            builder = self._open[slot] = self._started().create_batch()
             if builder.append(timestamp=None, key=key, value=value, headers=headers or []) is None:
                 raise ValueError(f"record of {len(value or b'')} bytes does not fit in a batch")
 
@@ -104,7 +111,7 @@ class BatchedProducer:
         out = []
         for topic, partition, builder in batches:
             count = builder.record_count()
-            fut = await self._producer.send_batch(builder, topic, partition=partition)
+            fut = await self._started().send_batch(builder, topic, partition=partition)
             out.append(Delivery(topic, partition, count, fut))
         return out
 

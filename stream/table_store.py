@@ -70,8 +70,11 @@ class TableStore(SerializedStore):
             self.state_store.close_partition(partition)
         for partition in new:
             self.state_store.partition(partition)
-        if gone | new:
-            self._on_partitions_changed(gone | new)
+        # any change of a partition number (source or changelog, active or standby) invalidates
+        # what the worker holds in memory about it: its state may change elsewhere meanwhile
+        changed = {tp.partition for tp in revoked | newly_assigned}
+        if changed:
+            self._on_partitions_changed(changed)
 
     async def on_recovery_completed(self, active_tps: Set[TP], standby_tps: Set[TP]) -> None:
         return None

@@ -14,13 +14,14 @@ import fcntl
 import gc
 import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic
 from typing import Callable, TextIO
 
-from stream.app import StreamWorker, build_worker, worker_topics
+from stream.app import StreamWorker, build_worker, changelog_topic, worker_topics
 from stream.metrics import MetricsServer, WorkerMetrics
 from stream.pipeline import PipelineTotals
 from stream.settings import Settings
@@ -69,6 +70,43 @@ def claim_slot(root: Path, max_slots: int = 256) -> SlotLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         return SlotLock(path, fd)
     raise RuntimeError(f"all {max_slots} worker slots under {root} are in use")
+
+
+def drop_stale_partitions(worker: StreamWorker) -> list[int]:
+    """Delete local partition databases that are ahead of the changelog topic.
+
+    A database remembers the last changelog offset it holds. If the changelog ends before it, the
+    topic was recreated (Tansu keeps topics in memory only: a broker restart loses them) and the
+    local state belongs to another incarnation of the stream: it is dropped and rebuilt from the
+    changelog that exists. (faust's own check misses an empty or one-record changelog.)
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    store = worker.store
+    local = {}
+    for path in sorted(store.root.glob(f"{store.name}-*.db")):
+        partition = int(path.name[len(store.name) + 1:-3])
+        offset = store.partition(partition).changelog_offset()
+        if offset is not None:
+            local[partition] = offset
+    if not local:
+        return []
+    topic = changelog_topic(worker.settings)
+    consumer = KafkaConsumer(bootstrap_servers=worker.settings.bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in local])
+    finally:
+        consumer.close()
+    stale = [p for p, offset in local.items() if offset >= ends.get(TopicPartition(topic, p), 0)]
+    for p in stale:
+        log.warning("local state of partition %d holds changelog offset %d but %s ends at %d: "
+                    "the topic was recreated; dropping the local copy", p, local[p], topic,
+                    ends.get(TopicPartition(topic, p), 0))
+        store.close_partition(p)
+        shutil.rmtree(store.path(p), ignore_errors=True)
+    for p in set(local) - set(stale):
+        store.close_partition(p)
+    return stale
 
 
 def tune_gc() -> None:
@@ -135,6 +173,7 @@ async def run_worker(settings: Settings, options: WorkerOptions = WorkerOptions(
             server = metrics.serve(settings.metrics_host, settings.metrics_port)
             log.info("metrics on %s", server.url)
         log.info("worker of group %s on %s, state in %s", settings.consumer_group, settings.bootstrap, data_dir)
+        drop_stale_partitions(worker)
         await worker.start()
         gc.freeze()  # faust, aiokafka and our wiring live for the whole process: keep them out of GC scans
         if on_started is not None:

@@ -97,3 +97,24 @@ def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_set
     for name in ("tgastream_partition_lag", "tgastream_pending_windows", "tgastream_store_bytes",
                  "tgastream_events_per_second"):
         assert any(k.startswith(name) for k in metrics), name
+
+
+def test_local_state_ahead_of_the_changelog_is_dropped_at_start(topic_settings, tmp_path):
+    """A broker restart (Tansu: memory only) recreates an empty changelog; stale local state goes."""
+    from state.store import StateStore
+    from stream.app import build_worker, worker_topics
+    from stream.topics import ensure_topics
+    from stream.worker import drop_stale_partitions
+
+    s = topic_settings
+    ensure_topics(s.bootstrap, worker_topics(s), s.partitions)
+    stale = StateStore(tmp_path / "w" / "state", "user-state")
+    stale.partition(1).write({b"u": b"from another incarnation"})
+    stale.partition(1).set_changelog_offset(500)
+    stale.close()
+    worker = build_worker(s, tmp_path / "w")
+    try:
+        assert drop_stale_partitions(worker) == [1]
+        assert worker.store.partition(1).get(b"u") is None
+    finally:
+        worker.store.close()

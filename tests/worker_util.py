@@ -78,6 +78,15 @@ class WorkerProcess:
         return self.log_path.read_text()[-4000:] if self.log_path.exists() else ""
 
 
+def wait_until(predicate, timeout_s: float, what: str, *workers: WorkerProcess) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        for w in workers:
+            assert w.proc.poll() is None, f"worker exited:\n{w.log()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + "\n".join(w.log() for w in workers)
+        time.sleep(0.3)
+
+
 def start_worker(settings: Settings, log_path: Path, *extra: str) -> WorkerProcess:
     """``python -m stream.cli worker`` for ``settings`` (its topics, data dir, group)."""
     port = free_port()

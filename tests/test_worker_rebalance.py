@@ -1,0 +1,59 @@
+"""Two workers share the partitions: a second one joins mid-stream, state moves, nothing breaks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from state.record import UserRecord
+from state.samples import Sample
+from state.store import INTERNAL_PREFIX
+from stream.app import changelog_topic
+from stream.replay import ReplayOptions, replay_file
+from stream.synth import SynthConfig, write_file
+from tests.kafka_util import read_topic
+from tests.stream_reference import comparable, offline_records, offline_sample_counter, replay_order, sample_identity
+from tests.worker_util import start_worker, wait_until
+
+DAY = 86400.0
+
+
+def test_a_second_worker_joining_takes_partitions_and_the_changelog_holds_the_no_crash_state(topic_settings, tmp_path):
+    s = topic_settings
+    first_half, second_half = tmp_path / "a.csv", tmp_path / "b.csv"
+    write_file(SynthConfig(users=80, events=8000, seed=44, days=3), tmp_path / "all.csv")
+    lines = (tmp_path / "all.csv").read_text().splitlines(keepends=True)  # time-ordered already
+    first_half.write_text("".join(lines[:4000]))
+    second_half.write_text("".join(lines[4000:]))
+    a = start_worker(s, tmp_path / "a.log")
+    b = None
+    try:
+        a.wait_up()
+        replay_file(s.bootstrap, s, ReplayOptions(path=first_half, order="file"), progress=False)
+        a.wait_total("tgastream_events_applied_total", 4000)
+        b = start_worker(s, tmp_path / "b.log")  # same data dir: it claims the next free slot
+        b.wait_up()
+        replay_file(s.bootstrap, s, ReplayOptions(path=second_half, order="file", rate=1000, watermark=True,
+                                                  watermark_margin_s=DAY), progress=False)
+        wait_until(lambda: a.total("tgastream_watermarks_total") + b.total("tgastream_watermarks_total")
+                   >= s.partitions, 120, "every partition's watermark", a, b)
+        b_applied = b.total("tgastream_events_applied_total")
+        assert a.stop() == 0, a.log()
+        assert b.stop() == 0, b.log()
+    finally:
+        for w in (a, b):
+            if w is not None and w.proc.poll() is None:
+                w.kill9()
+    assert b_applied > 0, "the second worker got no partitions"
+
+    events = replay_order(first_half) + replay_order(second_half)
+    mark = max(e.ts for e in events) + DAY
+    want = offline_records(events, final_watermark=mark)
+    changelog = read_topic(s.bootstrap, changelog_topic(s))
+    latest = {r.key.decode(): UserRecord.from_bytes(r.value) for r in changelog
+              if not r.key.startswith(INTERNAL_PREFIX)}
+    assert {u: comparable(r) for u, r in latest.items()} == {u: comparable(r) for u, r in want.items()}
+
+    expected = offline_sample_counter(events, mark)
+    got = Counter(sample_identity(Sample.from_bytes(r.value))
+                  for r in read_topic(s.bootstrap, s.samples_topic, expected=expected.total()))
+    assert set(got) == set(expected) and all(got[k] >= n for k, n in expected.items())
