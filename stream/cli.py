@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "synth": "stream.commands.synth",
     "replay": "stream.commands.replay",
     "bench": "stream.commands.bench",
+    "eval": "stream.commands.eval",
     "serve": "stream.commands.serve",
     "worker": "stream.commands.worker",
 }

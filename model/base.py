@@ -1,0 +1,190 @@
+"""What every sequence recommender here shares: input embedding, item tower, heads and the loss.
+
+A subclass only says how node states are computed (:meth:`SequenceRecommender.encode`): TGA by
+transition-aware graph attention, SASRec by causal self-attention, DIN not at all. Heads, loss,
+negatives and scoring are identical, so a comparison measures the encoder (and, where switched
+on, the pointer of the retrieval head).
+
+The API the online trainer uses:
+
+- ``loss(batch)``: one scalar for a micro-batch mixing retrieval and conversion samples;
+- ``user_vectors(batch)`` [B, d] and ``item_vectors(rows, cats)`` ([M, d], bias [M]);
+- ``conversion_proba(batch)`` [B]: probability that each row's candidate (target) is bought;
+- ``score_catalogue(batch, vectors, bias)`` [B, C]: full next-item scores incl. the pointer;
+- TGA adds ``refresh(cache, graph, total)``: per-node state caching, one new event at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.batching import Batch
+from model.config import ModelConfig
+from model.conversion_head import ConversionHead
+from model.embedding import NodeEmbedding
+from model.retrieval_head import RetrievalHead, scatter_logsumexp
+from state.samples import CONVERSION, RETRIEVAL
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar to backpropagate
+    retrieval: float  # mean retrieval loss of the batch (nan when it has no retrieval rows)
+    conversion: float  # mean conversion BCE (nan when none)
+    n_retrieval: int
+    n_conversion: int
+
+
+class SequenceRecommender(nn.Module):
+    """Embedding + encoder (subclass) + retrieval and conversion heads."""
+
+    name = "base"
+    does_retrieval = True
+    does_conversion = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = NodeEmbedding(cfg)
+        self.item_bias = nn.Embedding(cfg.n_items, 1) if self.does_retrieval else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)
+        self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
+        self.conversion_head = ConversionHead(cfg.dim, cfg.dropout) if self.does_conversion else None
+        # what the stream has shown so far: target frequency (logQ of in-batch negatives) and each
+        # item row's category (the item tower of uniformly sampled negatives)
+        self.register_buffer("item_counts", torch.zeros(cfg.n_items))
+        self.register_buffer("item_category", torch.zeros(cfg.n_items, dtype=torch.long))
+
+    # -- encoder -------------------------------------------------------------------------------
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Node states [B, N, d] (padding rows are arbitrary and masked downstream)."""
+        raise NotImplementedError
+
+    # -- vectors and scores --------------------------------------------------------------------
+
+    def user_vectors(self, batch: Batch, states: torch.Tensor | None = None) -> torch.Tensor:
+        states = self.encode(batch) if states is None else states
+        return self._head().user_vector(states, batch.mask, batch.last_index)  # [B, d]
+
+    def item_vectors(self, rows: torch.Tensor, cats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate vectors [M, d] and biases [M] of item rows (with their category rows)."""
+        vectors = self.embed.items(rows, cats)
+        if self.item_bias is None:
+            return vectors, vectors.new_zeros(vectors.shape[:-1])
+        return vectors, self.item_bias(rows).squeeze(-1)
+
+    def conversion_logits(self, batch: Batch, states: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conversion_head is None:
+            raise ValueError(f"{self.name} has no conversion head")
+        states = self.encode(batch) if states is None else states
+        cand = self.embed.items(batch.target_item, batch.target_cat)  # [B, d]
+        same_item = batch.keys == batch.target_key.unsqueeze(1)  # [B, N]
+        same_cat = (batch.cats == batch.target_cat.unsqueeze(1)) & (batch.target_cat.unsqueeze(1) > 0)
+        return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat)
+
+    def conversion_proba(self, batch: Batch) -> torch.Tensor:
+        """P(buy) of each row's candidate item [B]."""
+        return torch.sigmoid(self.conversion_logits(batch))
+
+    def score_catalogue(self, batch: Batch, vectors: torch.Tensor, bias: torch.Tensor,
+                        states: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-item logits over C candidates [B, C]; node keys must be candidate index + 1."""
+        states = self.encode(batch) if states is None else states
+        head = self._head()
+        u = head.user_vector(states, batch.mask, batch.last_index)  # [B, d]
+        z = self._catalogue_logits(u, vectors) + bias  # [B, C]
+        if head.copy:
+            c = head.node_logits(u, states, batch.mask, batch.lengths)  # [B, N]
+            c = c.masked_fill(batch.keys <= 0, float("-inf"))
+            z = torch.logaddexp(z, scatter_logsumexp(c, (batch.keys - 1).clamp(min=0), z.shape[1]))
+        return z
+
+    def _catalogue_logits(self, u: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """u [B, d] · e [C, d] → [B, C] (cosine / temperature when configured)."""
+        if self.cfg.temperature > 0:
+            return F.normalize(u, dim=-1) @ F.normalize(vectors, dim=-1).T / self.cfg.temperature
+        return u @ vectors.T
+
+    def _head(self) -> RetrievalHead:
+        if self.retrieval_head is None:
+            raise ValueError(f"{self.name} has no retrieval head")
+        return self.retrieval_head
+
+    # -- training ------------------------------------------------------------------------------
+
+    def observe(self, batch: Batch) -> None:
+        """Record the batch's retrieval targets (their frequency) and item → category rows."""
+        with torch.no_grad():
+            ret = batch.kind == RETRIEVAL
+            self.item_counts.index_add_(0, batch.target_item[ret], torch.ones_like(batch.target_item[ret], dtype=torch.float))
+            self.item_category[batch.items[batch.mask]] = batch.cats[batch.mask]
+            self.item_category[batch.target_item] = batch.target_cat
+            self.item_category[0] = 0
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch."""
+        if self.training:
+            self.observe(batch)
+        states = self.encode(batch)
+        ret = (batch.kind == RETRIEVAL) if self.does_retrieval else torch.zeros_like(batch.kind, dtype=torch.bool)
+        conv = (batch.kind == CONVERSION) if self.does_conversion else torch.zeros_like(ret)
+        total = states.new_zeros(())
+        r_loss = c_loss = float("nan")
+        n_ret, n_conv = int(ret.sum()), int(conv.sum())
+        if n_ret:
+            lr = self._retrieval_loss(batch, states, ret.nonzero().squeeze(1))
+            total = total + lr
+            r_loss = float(lr.detach())
+        if n_conv:
+            idx = conv.nonzero().squeeze(1)
+            logits = self.conversion_logits(_rows(batch, idx), states[idx])
+            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx])
+            total = total + self.cfg.conversion_weight * lc
+            c_loss = float(lc.detach())
+        return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
+
+    def _retrieval_loss(self, batch: Batch, states: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        head = self._head()
+        sub = _rows(batch, idx)
+        st = states[idx]  # [R, N, d]
+        u = head.user_vector(st, sub.mask, sub.last_index)  # [R, d]
+        r = u.shape[0]
+        t_rows, t_keys = sub.target_item, sub.target_key
+        e_t, b_t = self.item_vectors(t_rows, sub.target_cat)  # [R, d], [R]
+        n_uni = self.cfg.uniform_negatives
+        uni = torch.randint(1, max(self.cfg.n_items, 2), (n_uni,), device=u.device)  # [U]
+        e_u, b_u = self.item_vectors(uni, self.item_category[uni])
+        # logQ: expected number of times a column is drawn as a negative for one row
+        freq = self.item_counts / self.item_counts.sum().clamp(min=1.0)
+        log_q_in = torch.log(((r - 1) * freq[t_rows]).clamp(min=1e-6))  # [R]
+        log_q_uni = torch.log(torch.tensor(n_uni / max(self.cfg.n_items - 1, 1), device=u.device))
+        if not self.cfg.logq:
+            log_q_in, log_q_uni = torch.zeros_like(log_q_in), torch.zeros_like(log_q_uni)
+        s_in = self._catalogue_logits(u, e_t) + b_t  # [R, R]
+        pos = s_in.diagonal()  # [R]
+        same = t_keys.unsqueeze(1) == t_keys.unsqueeze(0)  # accidental hits (incl. the diagonal)
+        neg_in = (s_in - log_q_in).masked_fill(same, float("-inf"))  # [R, R]
+        neg_uni = (self._catalogue_logits(u, e_u) + b_u - log_q_uni).masked_fill(uni.unsqueeze(0) == t_rows.unsqueeze(1), float("-inf"))
+        parts_den = [pos.unsqueeze(1), neg_in, neg_uni]
+        parts_num = [pos.unsqueeze(1)]
+        if head.copy:
+            c = head.node_logits(u, st, sub.mask, sub.lengths)  # [R, N]
+            match = (sub.keys == t_keys.unsqueeze(1)) & sub.mask
+            parts_den.append(c)
+            parts_num.append(c.masked_fill(~match, float("-inf")))
+        den = torch.logsumexp(torch.cat(parts_den, 1), 1)
+        num = torch.logsumexp(torch.cat(parts_num, 1), 1)
+        return (den - num).mean()
+
+
+def _rows(batch: Batch, idx: torch.Tensor) -> Batch:
+    """The sub-batch of rows ``idx`` (same width)."""
+    return Batch(**{name: getattr(batch, name)[idx] for name in (
+        "items", "cats", "keys", "behaviors", "gaps", "mask", "lengths", "nbr", "etype", "kind",
+        "target_item", "target_cat", "target_key", "target_behavior", "label")})

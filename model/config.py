@@ -1,0 +1,64 @@
+"""Configuration dataclasses of the models and of their training loop (explicit, passed in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from state.graph import N_BEHAVIORS, N_EDGE_TYPES, N_GAP_BUCKETS
+
+SELF_EDGE_TYPE = N_EDGE_TYPES
+"""Transition type of a node's edge to itself (the 4th slot of the neighbor index); 49 types in all."""
+
+IMPLS = ("auto", "fused", "reference", "naive")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Width, depth and heads of a sequence recommender (TGA, SASRec or DIN).
+
+    ``n_items`` / ``n_categories`` are embedding-table sizes (row 0 = padding/unknown), not
+    vocabulary sizes: the rows come from a :class:`model.vocab.Vocab`, which may grow up to them.
+    """
+
+    n_items: int
+    n_categories: int
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    ffn_mult: int = 1  # SASRec's original point-wise FFN is d -> d -> d; 4 is the BERT habit
+    dropout: float = 0.2
+    copy: bool = True  # retrieval may point back at the user's own nodes (TGA default)
+    recency_buckets: int = 12  # log2 buckets of "nodes back from the newest" for the pointer
+    max_positions: int = 8192  # SASRec's learned positions (distance from the newest node)
+    n_behaviors: int = N_BEHAVIORS
+    n_gap_buckets: int = N_GAP_BUCKETS
+    n_edge_types: int = N_EDGE_TYPES + 1  # 48 transitions + self
+    uniform_negatives: int = 256
+    logq: bool = True  # correct sampled-softmax negatives by log(expected draws)
+    temperature: float = 0.0  # > 0: catalogue scores are cos(u, e_i) / temperature instead of u · e_i
+    conversion_weight: float = 1.0
+    impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive
+
+    def validate(self) -> "ModelConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if min(self.n_items, self.n_categories) < 1:
+            raise ValueError("n_items and n_categories must be >= 1 (row 0 is padding/unknown)")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if self.dim // self.heads > 256:
+            raise ValueError("head width above 256 is not supported by the fused kernel")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Offline training budget; the same for every model compared in one run."""
+
+    epochs: int = 6
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 2  # epochs without validation improvement before stopping
+    seed: int = 0
+    max_train_samples: int = 0  # 0 = all; else a seeded subsample per epoch budget

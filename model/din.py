@@ -1,0 +1,18 @@
+"""DIN-style conversion baseline: no sequence encoder, the conversion head's target attention
+runs directly over the node input embeddings (Zhou et al., Deep Interest Network). Conversion only:
+its retrieval figures are null in the evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from model.base import SequenceRecommender
+from model.batching import Batch
+
+
+class DIN(SequenceRecommender):
+    name = "din"
+    does_retrieval = False
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        return self.embed(batch)  # [B, N, d]
