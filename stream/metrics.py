@@ -64,6 +64,10 @@ class WorkerMetrics:
         self.events.labels(str(partition)).inc(n)
         self.events_per_s.set(self._rate.add(n))
 
+    def tick(self) -> None:
+        """Refresh the rate while no records arrive (it decays to 0 instead of freezing)."""
+        self.events_per_s.set(self._rate.add(0))
+
     def drop_partitions(self, partitions: set[int]) -> None:
         """Stop exporting per-partition series of partitions this worker no longer owns."""
         for gauge in (self.lag, self.pending, self.store_bytes, self.store_users):

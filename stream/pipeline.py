@@ -6,10 +6,11 @@ Order of durability (what makes a crash at any point safe, DESIGN.md §7):
    rejects are submitted to Kafka at once (low latency for the trainer);
 2. every ``flush_s`` (or when many users changed), :meth:`Pipeline.persist` snapshots the changed
    users, waits until every sample and reject submitted so far is acknowledged, writes the users
-   to RocksDB in one batch per partition and to the changelog topic (plus a one-record marker
-   batch, so Tansu's end offset counts every changelog record, DESIGN.md §7), publishes their
-   features to ``user-features``, waits for those acknowledgements, and only then acknowledges
-   the source offsets to faust, which commits them.
+   to the changelog topic (then a one-record marker batch, so Tansu's end offset counts every
+   changelog record, DESIGN.md §7) and their features to ``user-features``, waits for those
+   acknowledgements, writes the users to RocksDB in one batch per partition (the local copy is
+   never ahead of the changelog), and only then acknowledges the source offsets to faust, which
+   commits them.
 
 A crash before step 2 completes re-delivers the events; each user's stored offset makes the state
 skip what it already holds, so state is exactly-once and samples are at-least-once (a sample is
@@ -151,6 +152,8 @@ class Pipeline:
     async def handle(self, batch: Mapping[TP, Sequence[Any]]) -> None:
         """Batch handler: apply fetched records of the events topic (per partition, in order)."""
         assert self.processor is not None and self.consumer is not None
+        if self._failed is not None:
+            return  # nothing can be made durable any more: leave the records for the next worker
         async with self._lock:
             arrival = monotonic()
             wall = time.time()
@@ -203,6 +206,7 @@ class Pipeline:
         try:
             while True:
                 await asyncio.sleep(self.config.flush_s)
+                self.metrics.tick()
                 if self._deliveries or self._arrivals or (self.processor and self.processor.has_unpersisted()):
                     await self.persist()
         except asyncio.CancelledError:
@@ -224,8 +228,7 @@ class Pipeline:
         deliveries, self._deliveries = self._deliveries, []
         arrivals, self._arrivals = self._arrivals, []
         await delivered(deliveries)  # 1. samples and rejects first: never lost
-        for partition, puts in snap.puts.items():  # 2. state: RocksDB, changelog, features
-            self.store.partition(partition).write(puts)
+        for partition, puts in snap.puts.items():  # 2. state to the changelog, features published
             for key, value in puts.items():
                 self.producer.append(cfg.changelog_topic, partition, key, value)
             for key, value in snap.features[partition].items():
@@ -236,10 +239,12 @@ class Pipeline:
             self.producer.append(cfg.changelog_topic, partition, MARKER_KEY, b"")
         markers = await self.producer.submit()
         await delivered(written + markers)
+        for partition, puts in snap.puts.items():  # 3. the local copy, never ahead of the changelog
+            self.store.partition(partition).write(puts)
         for d in markers:
             self.store.partition(d.partition).set_changelog_offset(d.last_offset())
         processor.persisted(snap)
-        for partition, last in snap.offsets.items():  # 3. only now may faust commit the offsets
+        for partition, last in snap.offsets.items():  # 4. only now may faust commit the offsets
             first = self._ack_next.get(partition)
             if first is not None and last >= first:
                 consumer.ack_through(TP(cfg.events_topic, partition), first, last)

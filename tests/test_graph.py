@@ -98,3 +98,25 @@ def test_incremental_equals_from_scratch_on_the_window(rows, max_len, split):
     assert np.array_equal(a.edge_types, b.edge_types)
     ref = reference_neighbors([e.item_id for e in window], [e.category_id for e in window])
     assert a.neighbors.tolist() == [list(r) for r in ref]
+
+
+def _numpy_layout(g: UserGraph) -> bytes:
+    """The documented encoding (header, behaviors u8, ts f64, distances u16 [N,3], ids) via numpy,
+    as version 1 was first written: the struct-based encoder must produce the same bytes."""
+    import struct as _struct
+
+    n = len(g)
+    a = g.to_arrays()
+    return b"".join((
+        _struct.pack("<BIQ", 1, n, g.total), _struct.pack("<H", g.max_len),
+        a.behaviors.astype(np.uint8).tobytes(), a.ts.astype("<f8").tobytes(),
+        np.asarray(g._dist, dtype="<u2").reshape(n * 3).tobytes(),  # raw distances, as stored
+        "\n".join(a.items + a.categories).encode(),
+    ))
+
+
+@settings(max_examples=100, deadline=None)
+@given(events_st, st.integers(1, 20))
+def test_encoding_is_the_documented_byte_layout(rows, max_len):
+    g = build_graph([ev(f"i{i}", f"c{c}", b, 1000.0 + 0.5 * k) for k, (i, c, b) in enumerate(rows)], max_len)
+    assert g.to_bytes() == _numpy_layout(g)

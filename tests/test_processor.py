@@ -237,3 +237,29 @@ def test_a_small_cache_evicts_only_persisted_users(store):
     want = offline_records(events)
     assert {u: comparable(proc.record(int(u) % 2, u)) for u in want} == {u: comparable(r) for u, r in want.items()}
     assert sink.sample_counter() == offline_sample_counter(events, None)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                           max_leaves=8)
+field_values = st.one_of(st.integers(-5, 10**6), st.text(max_size=140), st.floats(), st.none(), json_values)
+events_like = st.fixed_dictionaries({}, optional={k: field_values for k in ("user_id", "item_id", "category_id", "ts")}
+                                    | {"behavior": st.sampled_from(["pv", "buy", "cart", "fav", "x", ""]) | field_values})
+values = st.one_of(st.none(), st.binary(max_size=300), events_like.map(lambda d: json.dumps(d).encode()),
+                   json_values.map(lambda v: json.dumps(v).encode()))
+keys = st.one_of(st.none(), st.binary(max_size=20), st.just(WATERMARK_KEY), st.sampled_from([b"1", b"u", b"0"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(keys, values), min_size=1, max_size=25))
+def test_no_record_whatever_its_bytes_raises_and_each_is_accounted_for(store, pairs):
+    sink = ListSink()
+    proc = Processor(store, ProcessorConfig(), sink)
+    base = proc.last_processed().get(0, -1) + 1
+    stats = proc.process(0, [Rec(base + k, key, value) for k, (key, value) in enumerate(pairs)], 1.0)
+    assert stats.events + stats.skipped + stats.watermarks + stats.rejected.total() == len(pairs)
+    assert len(sink.rejects) == stats.rejected.total()
+    persist(proc)  # and everything it holds encodes
