@@ -70,7 +70,7 @@ class GraphArrays:
 class UserGraph:
     """One user's transition graph over a sliding window of their last ``max_len`` events."""
 
-    __slots__ = ("max_len", "total", "_items", "_cats", "_beh", "_ts", "_dist", "_last_item", "_last_cat")
+    __slots__ = ("max_len", "total", "_items", "_cats", "_beh", "_ts", "_dist", "_last_item", "_last_cat", "_arrays")
 
     def __init__(self, max_len: int = 200) -> None:
         if max_len < 1 or max_len > 65535:
@@ -84,6 +84,7 @@ class UserGraph:
         self._dist: list[tuple[int, int, int]] = []  # distance back to each view's predecessor, 0 = none
         self._last_item: dict[str, int] | None = {}  # item → global seq of its latest event
         self._last_cat: dict[str, tuple[int, str, int]] | None = {}  # cat → (seq, item, seq of latest other-item event or -1)
+        self._arrays: GraphArrays | None = None  # to_arrays() cache, dropped on append
 
     def __len__(self) -> int:
         return len(self._items)
@@ -111,6 +112,7 @@ class UserGraph:
 
     def append(self, item: str, category: str, behavior: int, ts: float) -> None:
         """Add one event as the newest node; O(1) amortised."""
+        self._arrays = None
         if self._last_item is None:
             self._rebuild_maps()
         assert self._last_item is not None and self._last_cat is not None
@@ -163,6 +165,21 @@ class UserGraph:
         out._last_item = out._last_cat = None
         return out
 
+    @property
+    def item_ids(self) -> list[str]:
+        """Item ids of the window, oldest first (a read-only view: do not mutate)."""
+        return self._items
+
+    @property
+    def category_ids(self) -> list[str]:
+        return self._cats
+
+    def copy(self) -> "UserGraph":
+        """An independent copy (appending to it leaves this graph unchanged)."""
+        out = self.head(len(self))
+        out.max_len = self.max_len
+        return out
+
     def head(self, n: int) -> "UserGraph":
         """The first ``n`` nodes: the graph as it was when its n-th node was the newest."""
         out = UserGraph(self.max_len)
@@ -174,7 +191,11 @@ class UserGraph:
         return out
 
     def to_arrays(self) -> GraphArrays:
-        """Node features, neighbor index [N, 3] (-1 = none) and edge types [N, 3] (-1 = none)."""
+        """Node features, neighbor index [N, 3] (-1 = none) and edge types [N, 3] (-1 = none).
+
+        Cached until the next append: a replayed training sample is collated many times."""
+        if self._arrays is not None:
+            return self._arrays
         n = len(self)
         beh = np.asarray(self._beh, dtype=np.int64)  # [N]
         ts = np.asarray(self._ts, dtype=np.float64)  # [N]
@@ -188,7 +209,8 @@ class UserGraph:
         etype = np.where(valid, etype, -1)
         gaps = np.full(n, np.nan)
         gaps[1:] = np.diff(ts)
-        return GraphArrays(list(self._items), list(self._cats), beh, ts, gap_bucket(gaps), nbr, etype)
+        self._arrays = GraphArrays(list(self._items), list(self._cats), beh, ts, gap_bucket(gaps), nbr, etype)
+        return self._arrays
 
     # -- encoding ---------------------------------------------------------------------------
 

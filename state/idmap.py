@@ -94,6 +94,10 @@ class IdMap:
         self.evictions += len(stale)
         return np.asarray(stale, dtype=np.int64)
 
+    def rows(self) -> list[int]:
+        """Rows that hold an id."""
+        return list(self._ext)
+
     def items(self) -> list[tuple[str, int]]:
         return sorted(self._row.items(), key=lambda kv: kv[1])
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "eval": "stream.commands.eval",
     "serve": "stream.commands.serve",
     "worker": "stream.commands.worker",
+    "train": "stream.commands.train",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 
