@@ -1,0 +1,324 @@
+"""TGA, its baselines and batching: the behaviours the model must keep (DESIGN.md §4, issue 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import fused
+from model.batching import Vocabs, collate, encode_graphs, encode_samples, to_batch
+from model.config import ModelConfig
+from model.din import DIN
+from model.metrics import auc, ranks_of_targets, ranking_metrics
+from model.sasrec import SASRec
+from model.tga import TGA
+from model.tga_layer import aggregate_naive, aggregate_reference
+from model.vocab import InMemoryVocab
+from state.graph import UserGraph
+from state.samples import CONVERSION, RETRIEVAL, Sample, samples_from_events
+from stream.events import Event
+from stream.synth import SynthConfig, generate
+
+N_ITEMS, N_CATS = 60, 8
+
+
+def _events(n: int, seed: int = 0, user: str = "u") -> list[Event]:
+    rng = np.random.default_rng(seed)
+    beh = ["click", "fav", "cart", "buy"]
+    return [Event(user, str(int(i)), str(int(i) % N_CATS), beh[int(rng.choice(4, p=[0.7, 0.1, 0.1, 0.1]))], float(t))
+            for t, i in enumerate(rng.integers(1, 15, size=n))]
+
+
+def _graph(events: list[Event], max_len: int = 200) -> UserGraph:
+    g = UserGraph(max_len)
+    for e in events:
+        g.append_event(e)
+    return g
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vocabs() -> Vocabs:
+    return Vocabs(InMemoryVocab(str(i) for i in range(1, N_ITEMS)), InMemoryVocab(str(c) for c in range(N_CATS)))
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(n_items=N_ITEMS, n_categories=N_CATS + 1, dim=16, layers=2, heads=2, dropout=0.0)
+    return ModelConfig(**(base | kw))
+
+
+def _samples(n_users: int = 6, n_events: int = 40) -> list[Sample]:
+    ev = [e for u in range(n_users) for e in _events(n_events, seed=u, user=f"u{u}")]
+    ev.sort(key=lambda e: e.ts)
+    return samples_from_events(ev, max_len=200, sample_len=25, window_s=5.0, final_watermark=1e9)
+
+
+def _mixed_batch(vocabs: Vocabs, n: int = 24):
+    s = _samples()
+    ret = [x for x in s if x.kind == RETRIEVAL][:n // 2]
+    conv = [x for x in s if x.kind == CONVERSION][:n // 2]
+    assert ret and conv and any(c.label for c in conv)
+    return collate(ret + conv, vocabs)
+
+
+MODELS = [("tga-fused", lambda c: TGA(c.__class__(**{**c.__dict__, "impl": "fused"}))),
+          ("tga-reference", lambda c: TGA(c.__class__(**{**c.__dict__, "impl": "reference"}))),
+          ("sasrec", SASRec), ("din", DIN)]
+
+
+def _needs_fused(name: str) -> None:
+    if "fused" in name and not fused.available():
+        pytest.skip("fused kernel cannot be built here (no C compiler)")
+
+
+# -- shapes and API --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,make", MODELS)
+def test_output_shapes(vocabs, name, make):
+    _needs_fused(name)
+    torch.manual_seed(0)
+    model = make(_cfg()).eval()
+    batch = _mixed_batch(vocabs)
+    b, n = batch.items.shape
+    assert batch.nbr.shape == (b, n, 4) and batch.etype.shape == (b, n, 4)
+    states = model.encode(batch)
+    assert states.shape == (b, n, 16)
+    p = model.conversion_proba(batch)
+    assert p.shape == (b,) and bool(((p > 0) & (p < 1)).all())
+    if model.does_retrieval:
+        assert model.user_vectors(batch).shape == (b, 16)
+        vecs, bias = model.item_vectors(torch.arange(N_ITEMS), torch.zeros(N_ITEMS, dtype=torch.long))
+        assert vecs.shape == (N_ITEMS, 16) and bias.shape == (N_ITEMS,)
+        assert model.score_catalogue(batch, vecs, bias).shape == (b, N_ITEMS)
+    out = model.loss(batch)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_collate_is_encode_then_to_batch(vocabs):
+    s = _samples()[:10]
+    a, b = collate(s, vocabs), to_batch(encode_samples(s, vocabs))
+    for name in ("items", "cats", "keys", "behaviors", "gaps", "mask", "nbr", "etype", "target_item", "label"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_neighbor_index_has_self_slot_and_right_padding(vocabs):
+    g1, g2 = _graph(_events(5)), _graph(_events(9, seed=1))
+    batch = to_batch(encode_graphs([g1.to_arrays(), g2.to_arrays()], vocabs))
+    assert batch.items.shape == (2, 9)
+    assert batch.mask[0].tolist() == [True] * 5 + [False] * 4
+    assert batch.nbr[0, :5, 3].tolist() == list(range(5)) and (batch.nbr[0, 5:] == -1).all()
+    assert (batch.etype[0, :5, 3] == 48).all()
+    assert batch.nbr[1, :, :3].tolist() == g2.to_arrays().neighbors.tolist()
+
+
+def test_unknown_item_falls_back_to_its_category_embedding():
+    torch.manual_seed(0)
+    model = TGA(_cfg())
+    vec, _ = model.item_vectors(torch.tensor([0]), torch.tensor([3]))
+    assert torch.allclose(vec[0], model.embed.category.weight[3])
+
+
+# -- the properties the design relies on -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_tga_node_state_does_not_change_when_later_events_are_added(vocabs, impl):
+    _needs_fused(impl)
+    torch.manual_seed(0)
+    model = TGA(_cfg(impl=impl)).eval()
+    ev = _events(40, seed=3)
+    short, long = _graph(ev[:25]), _graph(ev)
+    with torch.no_grad():
+        a = model.encode(to_batch(encode_graphs([short.to_arrays()], vocabs)))[0]
+        b = model.encode(to_batch(encode_graphs([long.to_arrays()], vocabs)))[0, :25]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,make", MODELS)
+def test_padding_does_not_change_results(vocabs, name, make):
+    _needs_fused(name)
+    torch.manual_seed(0)
+    model = make(_cfg()).eval()
+    g = _graph(_events(12, seed=5))
+    other = _graph(_events(30, seed=6))
+    target = Sample(CONVERSION, "u", g, "3", "3", 0, 1.0, 99.0)
+    alone = encode_samples([target], vocabs)
+    both = encode_samples([target, Sample(CONVERSION, "v", other, "4", "4", 0, 0.0, 99.0)], vocabs)
+    with torch.no_grad():
+        b1, b2 = to_batch(alone), to_batch(both)
+        torch.testing.assert_close(model.encode(b1)[0], model.encode(b2)[0, :12], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.conversion_proba(b1)[0], model.conversion_proba(b2)[0], atol=1e-6, rtol=1e-5)
+        if model.does_retrieval:
+            torch.testing.assert_close(model.user_vectors(b1)[0], model.user_vectors(b2)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_transition_types_matter(vocabs, impl):
+    _needs_fused(impl)
+    torch.manual_seed(0)
+    model = TGA(_cfg(impl=impl)).eval()
+    g = _graph(_events(20, seed=7))
+    batch = to_batch(encode_graphs([g.to_arrays()], vocabs))
+    with torch.no_grad():
+        base = model.user_vectors(batch)
+        # same nodes, same behaviors, only the transition types of the edges differ
+        retyped = to_batch(encode_graphs([g.to_arrays()], vocabs))
+        valid = retyped.etype[..., :3] >= 0
+        retyped.etype[..., :3] = torch.where(valid, (retyped.etype[..., :3] + 5) % 48, retyped.etype[..., :3])
+        assert not torch.allclose(base, model.user_vectors(retyped), atol=1e-4)
+        # permuting the behaviors changes node inputs and transition types
+        arrays = g.to_arrays()
+        perm = _graph([Event("u", it, c, ["click", "fav", "cart", "buy"][(b + 1) % 4], t)
+                       for it, c, b, t in zip(arrays.items, arrays.categories, arrays.behaviors, arrays.ts)])
+        assert not torch.allclose(base, model.user_vectors(to_batch(encode_graphs([perm.to_arrays()], vocabs))), atol=1e-4)
+
+
+@pytest.mark.parametrize("name,make", MODELS)
+def test_gradients_reach_every_parameter(vocabs, name, make):
+    _needs_fused(name)
+    torch.manual_seed(0)
+    model = make(_cfg()).train()
+    model.loss(_mixed_batch(vocabs)).loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not dead, f"no gradient reaches {dead}"
+
+
+@pytest.mark.skipif(not fused.available(), reason="no C compiler for the fused kernel")
+def test_fused_kernel_equals_reference_forward_and_backward():
+    torch.manual_seed(0)
+    b, n, d, heads = 3, 17, 8, 2
+    qkv = torch.randn(b * n, 3 * d, dtype=torch.float64, requires_grad=True)
+    r1 = torch.randn(49, d, dtype=torch.float64, requires_grad=True)
+    r2 = torch.randn(49, d, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(n)
+    pred = torch.stack([torch.randint(-1, n, (b, n)) for _ in range(3)], -1)  # [B, N, 3]
+    pred = torch.where((pred < pos.view(1, n, 1)) & (pred >= 0), pred, torch.full_like(pred, -1))
+    pred[:, :, 2] = torch.where(pos > 0, pos - 1, -1)  # neighbor-level predecessor: the previous node
+    flat = torch.where(pred >= 0, pred + (torch.arange(b) * n).view(b, 1, 1), pred).view(b * n, 3)
+    etype = torch.where(flat >= 0, torch.randint(0, 48, flat.shape), -1)
+    out_f = fused.FusedNeighborAttention.apply(qkv, flat, etype, r1, r2, heads, n)
+    nbr4 = torch.cat([flat, torch.arange(b * n).unsqueeze(1)], 1)
+    et4 = torch.cat([etype, torch.full((b * n, 1), 48)], 1)
+    out_r = aggregate_reference(qkv, nbr4, et4, r1, r2, heads)
+    out_n = aggregate_naive(qkv, nbr4, et4, r1, r2, heads)
+    torch.testing.assert_close(out_f, out_r)
+    torch.testing.assert_close(out_n, out_r)
+    w = torch.randn_like(out_r)
+    g_f = torch.autograd.grad((out_f * w).sum(), (qkv, r1, r2))
+    g_r = torch.autograd.grad((out_r * w).sum(), (qkv, r1, r2))
+    for a, c in zip(g_f, g_r):
+        torch.testing.assert_close(a, c)
+
+
+def test_overfits_a_tiny_set(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg(dim=32, uniform_negatives=16))
+    s = _samples(n_users=4, n_events=20)
+    ret = [x for x in s if x.kind == RETRIEVAL][:24]
+    conv = [x for x in s if x.kind == CONVERSION and x.label][:12] + [x for x in s if x.kind == CONVERSION and not x.label][:12]
+    batch = collate(ret + conv, vocabs)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(120):
+        out = model.loss(batch)
+        first = first if first is not None else (out.retrieval, out.conversion)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model.loss(batch)
+        rb = collate(ret, vocabs, keys=vocabs.items)  # key = row, catalogue column = row - 1
+        rows = torch.arange(1, N_ITEMS)
+        vecs, bias = model.item_vectors(rows, model.item_category[rows])
+        ranks = ranks_of_targets(model.score_catalogue(rb, vecs, bias), rb.target_key - 1)
+        p = model.conversion_proba(collate(conv, vocabs)).numpy()
+    assert out.retrieval < 0.2 * first[0] and out.conversion < 0.2 * first[1]
+    assert ranking_metrics(ranks.numpy(), k=1)["hr"] >= 0.9
+    assert auc(np.array([c.label for c in conv]), p) == 1.0
+
+
+def test_incremental_refresh_equals_full_recompute(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg()).eval()
+    ev = _events(30, seed=9)
+    g = UserGraph(200)
+    cache = None
+    for k, e in enumerate(ev):
+        g.append_event(e)
+        if k % 3 == 2 or k == len(ev) - 1:  # refresh after one or several new events
+            cache = model.refresh(cache, encode_graphs([g.to_arrays()], vocabs), g.total)
+    batch = to_batch(encode_graphs([g.to_arrays()], vocabs))
+    with torch.no_grad():
+        full = model.encode(batch)[0]
+        torch.testing.assert_close(cache.states, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.user_vector_from_cache(cache), model.user_vectors(batch)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_refresh_follows_a_sliding_window(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg()).eval()
+    g = UserGraph(10)
+    cache = None
+    for e in _events(25, seed=4):
+        g.append_event(e)
+        cache = model.refresh(cache, encode_graphs([g.to_arrays()], vocabs), g.total)
+        assert len(cache) == len(g) and cache.total == g.total and all(len(kv) == len(g) for kv in cache.kv)
+    # the newest node is computed from the current window exactly as a full recompute does, as
+    # long as none of its (transitive) predecessors lost an edge: compare the very last node's
+    # first-layer keys/values, which depend on the node's own input only
+    full = model.encode(to_batch(encode_graphs([g.to_arrays()], vocabs)))[0]
+    assert cache.states.shape == full.shape
+
+
+def test_copy_scores_only_lift_items_of_the_users_graph(vocabs):
+    torch.manual_seed(0)
+    with_copy, without = TGA(_cfg(copy=True)).eval(), TGA(_cfg(copy=False)).eval()
+    without.load_state_dict(with_copy.state_dict(), strict=False)
+    s = [x for x in _samples() if x.kind == RETRIEVAL][:4]
+    batch = collate(s, vocabs, keys=vocabs.items)  # key = row, catalogue column = row - 1
+    vecs, bias = with_copy.item_vectors(torch.arange(1, N_ITEMS), torch.zeros(N_ITEMS - 1, dtype=torch.long))
+    with torch.no_grad():
+        a, b = with_copy.score_catalogue(batch, vecs, bias), without.score_catalogue(batch, vecs, bias)
+    in_graph = torch.zeros_like(a, dtype=torch.bool)
+    in_graph.scatter_(1, (batch.keys - 1).clamp(min=0), batch.mask)
+    assert bool((a[in_graph] > b[in_graph]).all()) and torch.equal(a[~in_graph], b[~in_graph])
+
+
+def test_model_runs_on_synthetic_log_samples(vocabs):
+    rows = generate(SynthConfig(users=5, events=300, seed=2))
+    ev = [Event(str(u), str(i), str(c), ["click", "fav", "cart", "buy"][b], float(t)) for t, u, i, c, b in rows]
+    s = samples_from_events(ev, final_watermark=1e12)
+    v = Vocabs(InMemoryVocab(e.item_id for e in ev), InMemoryVocab(e.category_id for e in ev))
+    model = TGA(ModelConfig(len(v.items), len(v.categories), dim=16))
+    assert torch.isfinite(model.loss(collate(s[:64], v)).loss)
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_ranks_are_mid_ranks_and_respect_candidates():
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
+    assert ranks_of_targets(scores, torch.tensor([1])).item() == 3.0  # tied with two others: 2, 3, 4
+    cand = torch.tensor([[True, True, False, False, True]])
+    assert ranks_of_targets(scores, torch.tensor([1]), cand).item() == 2.0
+    assert ranks_of_targets(scores, torch.tensor([2]), cand).item() == 4.0  # not a candidate: a miss
+    m = ranking_metrics(np.array([1.0, 2.0, 11.0]), k=10)
+    assert m["hr"] == pytest.approx(2 / 3) and m["mrr"] == pytest.approx((1 + 0.5 + 1 / 11) / 3)
+
+
+def test_auc_counts_ties_half():
+    assert auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == 1.0
+    assert auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
+    assert auc(np.array([1, 1]), np.array([0.5, 0.6])) is None
