@@ -36,7 +36,7 @@ from model.base import _rows
 from model.batching import Vocabs, collate
 from model.config import ModelConfig
 from model.device import resolve_device
-from model.prequential import RollingMetrics
+from model.prequential import RollingMetrics, hit_and_ndcg
 from model.tga import TGA
 from state.graph import UserGraph
 from state.idmap import IdMap
@@ -136,6 +136,7 @@ class OnlineLearner:
         self.seen = 0  # samples offered to the reservoir
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
+        self.batch_hr: float | None = None  # HR@10 of the last batch alone (not rolling)
 
     # -- rows --------------------------------------------------------------------------------
 
@@ -198,7 +199,11 @@ class OnlineLearner:
         if self.cfg.train and self.version % self.cfg.evict_every == 0:
             self._evict(now)
         users, contexts, bought = self.user_vectors(samples)
-        items = self.item_vectors_of({s.item_id: s.category_id for s in samples})
+        touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
+        for s in samples:  # ... and each context's newest node (a user's first item is never a target)
+            if len(s.graph):
+                touched.setdefault(s.graph.item_ids[-1], s.graph.category_ids[-1])
+        items = self.item_vectors_of(touched)
         return StepOutput(users=users, items=items, loss=loss, bought=bought, contexts=contexts)
 
     def score_and_learn(self, samples: Sequence[Sample]) -> float:
@@ -268,6 +273,8 @@ class OnlineLearner:
             ranks = (scores > t_score).sum(1)
             ranks = torch.where(sub.target_item > 0, ranks, torch.full_like(ranks, n))  # no row: a miss
             self.metrics.add_ranks(ranks.cpu().numpy())
+            hit, _ = hit_and_ndcg(ranks.cpu().numpy(), self.metrics.k)
+            self.batch_hr = float(hit.mean())
 
     def _remember(self, samples: Sequence[Sample]) -> None:
         """Reservoir sampling: every sample seen has the same chance to be in the buffer."""
@@ -345,7 +352,8 @@ class OnlineLearner:
         return self.model.conversion_proba(batch).float().cpu().tolist()
 
     def online_metrics(self) -> dict[str, float | None]:
-        return self.metrics.snapshot()
+        """Rolling prequential metrics, plus the last batch's own HR@10 (``batch_hr@10``)."""
+        return {**self.metrics.snapshot(), "batch_hr@10": self.batch_hr}
 
     def idmap_stats(self) -> list[tuple[str, int, int]]:
         return [("item", len(self.items), self.items.evictions), ("category", len(self.categories), self.categories.evictions)]

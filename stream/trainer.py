@@ -189,7 +189,9 @@ class Trainer:
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
         """Run until stopped (SIGTERM/SIGINT), idle for ``idle_exit_s`` (0 = never) or ``max_samples``."""
         producer = make_producer(self.bootstrap, linger_ms=5)
+        self.dir.mkdir(parents=True, exist_ok=True)
         serving = ServingStore(self.dir / "serving")
+        self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
         consumer, tps = self._consumer()
         last_data = time.monotonic()
         try:
@@ -213,6 +215,7 @@ class Trainer:
             producer.close()
             consumer.close()
             serving.close()
+            self._history.close()
         return self.run
 
     def _step(self, records: list, producer: KafkaProducer, serving: ServingStore) -> None:
@@ -238,9 +241,12 @@ class Trainer:
         self._recent = [(t, n) for t, n in self._recent if now - t <= 60]
         span = max(now - self._recent[0][0], 1e-3)
         self.metrics.samples_per_s.set(sum(n for _, n in self._recent) / span if len(self._recent) > 1 else 0.0)
-        for name, value in self.learner.online_metrics().items():
+        online = self.learner.online_metrics()
+        for name, value in online.items():
             if value is not None:
                 self.metrics.online.labels(name).set(value)
+        self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
+                                        "loss": self.learner.last_loss, **online}) + "\n")
 
     def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
         now = time.time()
