@@ -17,7 +17,6 @@ offset that makes graph updates exactly-once covers the features too.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from json.encoder import encode_basestring_ascii as _json_str

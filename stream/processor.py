@@ -152,7 +152,7 @@ class Processor:
         cache = self._cache.setdefault(partition, {})
         dirty = self._dirty.setdefault(partition, {})
         pending, applied = self._pending[partition], self._log.setdefault(partition, [])
-        sink_sample, sink_reject = self.sink.sample, self.sink.reject
+        sink_sample = self.sink.sample
         cfg = self.config
         window_s, sample_len = cfg.window_s, cfg.sample_len
         for rec in records:
