@@ -389,7 +389,9 @@ class OnlineLearner:
     def load_state_dict(self, d: dict) -> None:
         self.items = IdMap.from_bytes(d["items"])
         self.categories = IdMap.from_bytes(d["categories"])
-        self._grow_tables()
+        # tables sized exactly as the saved id maps (whatever chunk this process would have used)
+        self.model = TGA(dataclasses.replace(self.model.cfg, n_items=self.items.capacity,
+                                             n_categories=self.categories.capacity)).to(self.device)
         self.model.load_state_dict(torch.load(io.BytesIO(d["model"]), map_location=self.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.optimizer.load_state_dict(d["optimizer"])

@@ -105,7 +105,7 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
     async def healthz(request: web.Request) -> web.Response:
         fresh()
         return web.json_response({"status": "ok", "model_version": store.model_version(),
-                                  "scorer": scorer is not None})
+                                  "scorer": scorer is not None and getattr(scorer, "ready", True)})
 
     async def embedding(request: web.Request) -> web.Response:
         fresh()
@@ -146,10 +146,13 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
         if isinstance(parsed, str):
             return _error(400, parsed)
         uid, candidates = parsed
-        if scorer is None:
+        if scorer is None or not getattr(scorer, "ready", True):
             return _error(503, "no model checkpoint is loaded yet")
         context = store.context(uid)
-        probs = scorer(context, candidates)
+        try:
+            probs = scorer(context, candidates)
+        except RuntimeError as exc:
+            return _error(503, str(exc))
         return web.json_response({"user_id": uid, "known_user": context is not None,
                                   "scores": [{"item_id": i, "probability": round(p, 6)}
                                              for (i, _c), p in zip(candidates, probs)]})

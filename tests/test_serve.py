@@ -19,19 +19,10 @@ def rec(vec, version=3) -> VectorRecord:
     return VectorRecord(version, 1511658000.0, time.time(), np.asarray(vec, dtype=np.float32))
 
 
-@pytest.fixture
-def api(tmp_path: Path):
-    """A serving store written by 'the trainer' (this test) and a `tgastream serve` process reading it."""
-    path = tmp_path / "serving"
-    writer = ServingStore(path)
-    writer.write(
-        users={"u1": rec([1, 0]), "u2": rec([0, 1])},
-        items={"a": rec([3, 0]), "b": rec([2, 0]), "c": rec([1, 1]), "d": rec([0, 5])},
-        bought={"u1": ["a"]}, model_version=3,
-    )
+def _start(tmp_path: Path, store: Path, *extra: str):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--store", str(path), "--api-port", str(port),
-                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--store", str(store), "--api-port", str(port),
+                             "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -42,6 +33,20 @@ def api(tmp_path: Path):
             pass
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.2)
+    return base, proc
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    """A serving store written by 'the trainer' (this test) and a `tgastream serve` process reading it."""
+    path = tmp_path / "serving"
+    writer = ServingStore(path)
+    writer.write(
+        users={"u1": rec([1, 0]), "u2": rec([0, 1])},
+        items={"a": rec([3, 0]), "b": rec([2, 0]), "c": rec([1, 1]), "d": rec([0, 5])},
+        bought={"u1": ["a"]}, model_version=3,
+    )
+    base, proc = _start(tmp_path, path)
     try:
         yield base, writer
     finally:
@@ -96,3 +101,41 @@ def test_metrics_count_requests(api):
     httpx.get(base + "/v1/users/u1/embedding")
     text = httpx.get(base + "/metrics").text
     assert 'tgastream_api_requests_total{route="/v1/users/{user_id}/embedding",status="200"}' in text
+
+
+def test_score_uses_the_trainers_checkpoint(tmp_path: Path):
+    from model.online import OnlineConfig, OnlineLearner
+    from state.checkpoint import save_checkpoint
+    from state.samples import samples_from_events
+    from stream.events import BEHAVIORS, Event
+    from stream.settings import Settings
+    from stream.synth import SynthConfig, generate
+
+    rows = generate(SynthConfig(users=20, events=600, seed=2))
+    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
+    samples = samples_from_events(events, sample_len=20)
+    settings = Settings(device="cpu", dim=16, heads=2, layers=1, sample_len=20)
+    learner = OnlineLearner(settings, OnlineConfig(chunk=64))
+    out = learner.step(samples[:200])
+    writer = ServingStore(tmp_path / "serving")
+    writer.write(users={}, items={}, contexts=out.contexts, model_version=1)
+    writer.close()
+    base, proc = _start(tmp_path, tmp_path / "serving", "--device", "cpu")
+    try:
+        assert httpx.get(base + "/healthz").json()["scorer"] is False
+        assert httpx.post(base + "/v1/score", json={"user_id": "1", "items": ["5"]}).status_code == 503
+        save_checkpoint(tmp_path / "checkpoints", 1, {"learner": learner.state_dict(), "offsets": {},
+                                                      "settings": {"dim": 16, "layers": 1, "heads": 2}})
+        uid = next(iter(out.contexts))
+        body = {"user_id": uid, "items": [{"item_id": samples[0].item_id, "category_id": samples[0].category_id}, "nope"]}
+        deadline = time.monotonic() + 30
+        while (r := httpx.post(base + "/v1/score", json=body)).status_code == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert r.status_code == 200, r.text
+        scores = r.json()["scores"]
+        assert [x["item_id"] for x in scores] == [samples[0].item_id, "nope"]
+        assert all(0.0 < x["probability"] < 1.0 for x in scores) and r.json()["known_user"] is True
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -29,9 +29,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def scorer_for(settings: Settings):
-    """The conversion scorer from the latest trainer checkpoint, or None while there is none."""
-    try:
-        from model.scoring import load_scorer
-    except ImportError:
-        return None
+    """The conversion scorer over the trainer's checkpoints (not ready until one exists)."""
+    from model.scoring import load_scorer
+
     return load_scorer(settings)
