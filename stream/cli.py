@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "serve": "stream.commands.serve",
     "worker": "stream.commands.worker",
     "train": "stream.commands.train",
+    "demo": "stream.commands.demo",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 

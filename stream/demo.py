@@ -1,0 +1,293 @@
+"""The one-machine demo: broker, stream worker, trainer and API as real processes, a paced replay,
+live progress, and a report (``report.json`` + PNG plots) built from what the processes measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.broker import connect_or_start, free_port, port_open
+from stream.replay import ReplayOptions, ReplaySummary, replay_file
+from stream.settings import Settings
+from stream.synth import SynthConfig, write_file
+from stream.topics import ensure_app_topics
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path
+    data: Path | None = None
+    events: int = 20_000
+    users: int = 500
+    seed: int = 7
+    rate: float = 1000.0
+    timeout_s: float = 900.0
+    quiet: bool = False
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A process's /metrics as ``name{labels}`` → value; {} when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def tail(self, n: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def spawn(name: str, args: list[str], log_dir: Path) -> Proc:
+    log = log_dir / f"{name}.log"
+    fh = open(log, "ab")
+    popen = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    fh.close()
+    return Proc(name, popen, log)
+
+
+@dataclass
+class Series:
+    """What the progress loop saw, once a second."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+
+def _common(settings: Settings) -> list[str]:
+    return ["--bootstrap", settings.bootstrap, "--partitions", str(settings.partitions)]
+
+
+def run_demo(settings: Settings, opts: DemoOptions, say=print) -> dict:
+    """Run everything, wait until the trainer has consumed every sample, write the report."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    logs = opts.out / "logs"
+    logs.mkdir(exist_ok=True)
+    data_dir = opts.out / "data"
+    with connect_or_start(settings.bootstrap) as broker:
+        settings = settings.replace(bootstrap=broker.bootstrap, data_dir=data_dir)
+        say(f"broker: {broker.bootstrap}{' (embedded, memory only)' if broker.embedded else ''}")
+        ensure_app_topics(broker.bootstrap, settings)
+        log_path = opts.data
+        if log_path is None:
+            log_path = opts.out / "events.csv"
+            n = write_file(SynthConfig(users=opts.users, events=opts.events, seed=opts.seed), log_path)
+            say(f"generated {n:,} events of {opts.users:,} users → {log_path}")
+        w_port, t_port = free_port(), free_port()
+        api_port = settings.api_port if settings.api_port and not port_open(f"127.0.0.1:{settings.api_port}") else free_port()
+        procs = [
+            spawn("worker", ["worker", *_common(settings), "--data-dir", str(data_dir / "worker"),
+                             "--metrics-port", str(w_port), "--quiet"], logs),
+            spawn("trainer", ["train", *_common(settings), "--data-dir", str(data_dir / "trainer"),
+                              "--metrics-port", str(t_port), "--quiet", "--device", settings.device,
+                              "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
+                              "--layers", str(settings.layers), "--heads", str(settings.heads),
+                              "--sample-len", str(settings.sample_len)], logs),
+        ]
+        try:
+            _wait_up(procs, [w_port, t_port])
+            store = data_dir / "trainer" / "serving"
+            deadline = time.monotonic() + 60
+            while not (store / "CURRENT").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)  # the trainer creates the serving store; the API opens it as a reader
+            procs.append(spawn("api", ["serve", "--data-dir", str(data_dir / "trainer"), "--api-port", str(api_port),
+                                       "--device", "cpu"], logs))
+            return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
+def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc, port in zip(procs, ports):
+        while not scrape(port):
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited at start:\n{proc.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not come up:\n{proc.tail()}")
+            time.sleep(0.3)
+
+
+def _drive(settings: Settings, opts: DemoOptions, log_path: Path, procs: list[Proc], w_port: int, t_port: int,
+           api_port: int, say) -> dict:
+    worker, trainer, api = procs
+    _wait_up([api], [api_port])
+    say(f"worker metrics :{w_port}/metrics   trainer metrics :{t_port}/metrics")
+    say(f"API: http://127.0.0.1:{api_port}  (try /v1/users/<id>/recommendations?k=10)")
+
+    result: dict = {}
+    replay_done = threading.Event()
+
+    def replay() -> None:
+        try:
+            result["replay"] = replay_file(settings.bootstrap, settings,
+                                           ReplayOptions(path=log_path, rate=opts.rate, watermark=True), progress=False)
+        except Exception as exc:  # surfaced below; the demo must still stop its processes
+            result["error"] = exc
+        finally:
+            replay_done.set()
+
+    start = time.time()
+    threading.Thread(target=replay, daemon=True, name="replay").start()
+    series = Series()
+    settled = 0
+    last_line = 0.0
+    while True:
+        time.sleep(1.0)
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} died:\n{p.tail()}")
+        wm, tm = scrape(w_port), scrape(t_port)
+        row = {
+            "t": time.time() - start,
+            "events_applied": total(wm, "tgastream_events_applied_total"),
+            "events_consumed": total(wm, "tgastream_events_consumed_total"),
+            "worker_rejected": total(wm, "tgastream_events_rejected_total"),
+            "samples_emitted": total(wm, "tgastream_samples_emitted_total"),
+            "lag": total(wm, "tgastream_partition_lag"),
+            "trainer_samples": total(tm, "tgastream_trainer_samples_total"),
+            "steps": total(tm, "tgastream_trainer_steps_total"),
+            "hr@10": tm.get("tgastream_online_metric{metric=hr@10}"),
+            "auc": tm.get("tgastream_online_metric{metric=auc}"),
+            "freshness_count": tm.get("tgastream_freshness_seconds_count", 0.0),
+        }
+        series.add(row)
+        if not opts.quiet and time.monotonic() - last_line >= 2.0:
+            last_line = time.monotonic()
+            say(f"[{row['t']:6.0f}s] events {row['events_applied']:>8,.0f}  samples {row['samples_emitted']:>8,.0f}  "
+                f"trained {row['trainer_samples']:>8,.0f}  steps {row['steps']:>6,.0f}  "
+                f"HR@10 {row['hr@10'] or 0:.3f}  AUC {row['auc'] or 0:.3f}  lag {row['lag']:,.0f}")
+        if "error" in result:
+            raise result["error"]
+        if replay_done.is_set():
+            summary: ReplaySummary = result["replay"]
+            done = (row["events_applied"] >= summary.sent and row["samples_emitted"] > 0
+                    and row["trainer_samples"] >= row["samples_emitted"])
+            settled = settled + 1 if done else 0
+            if settled >= 3:
+                break
+        if time.time() - start > opts.timeout_s:
+            say("timeout: stopping before the trainer caught up (figures below are partial)")
+            break
+    trainer.stop()  # checkpoint + final stats
+    stats_path = Path(settings.data_dir) / "trainer" / "trainer-stats.json"
+    trainer_stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    replay_summary: ReplaySummary = result["replay"]
+    final = series.rows[-1]
+    rejected = sum(replay_summary.rejected.values()) + int(final["worker_rejected"])
+    report = {
+        "events_replayed": replay_summary.sent + sum(replay_summary.rejected.values()),
+        "events_processed": int(final["events_applied"]),
+        "rejected": rejected,
+        "samples": int(final["samples_emitted"]),
+        "train_steps": int(trainer_stats.get("steps", final["steps"])),
+        "online": {"auc": trainer_stats.get("online", {}).get("auc"), "hr@10": trainer_stats.get("online", {}).get("hr@10")},
+        "freshness_p50_s": trainer_stats.get("freshness_p50_s"),
+        "freshness_p99_s": trainer_stats.get("freshness_p99_s"),
+        "events_per_s": round(replay_summary.events_per_s, 1),
+        "trainer_samples": int(trainer_stats.get("samples", final["trainer_samples"])),
+        "device": trainer_stats.get("device"),
+        "seconds": round(time.time() - start, 1),
+        "api": f"http://127.0.0.1:{api_port}",
+    }
+    write_report(opts.out, report, series, Path(settings.data_dir) / "trainer" / "trainer-history.jsonl")
+    return report
+
+
+def write_report(out: Path, report: dict, series: Series, history_path: Path) -> None:
+    """report.json, series.json and the PNG plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "series.json").write_text(json.dumps(series.rows) + "\n")
+    rows = series.rows
+    t = [r["t"] for r in rows]
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    history = [json.loads(x) for x in history_path.read_text().splitlines()] if history_path.exists() else []
+    if history:
+        t0 = history[0]["time"]
+        ht = [h["time"] - t0 for h in history]
+        for key in ("hr@10", "auc"):
+            ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history], label=f"online {key} (rolling)")
+    ax.set_xlabel("trainer time (s)")
+    ax.set_ylabel("prequential metric")
+    ax.set_title("Online metrics (test-then-train)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "online_metrics.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key, label in (("events_applied", "events applied/s (worker)"), ("trainer_samples", "samples trained/s")):
+        vals = [r[key] for r in rows]
+        rate = [0.0] + [(b - a) / max(t2 - t1, 1e-6) for a, b, t1, t2 in zip(vals, vals[1:], t, t[1:])]
+        ax.plot(t, rate, label=label)
+    ax.set_xlabel("demo time (s)")
+    ax.set_ylabel("per second")
+    ax.set_title("Throughput")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(t, [r["lag"] for r in rows], label="worker lag (records)")
+    ax.plot(t, [max(0.0, r["samples_emitted"] - r["trainer_samples"]) for r in rows], label="trainer backlog (samples)")
+    ax.set_xlabel("demo time (s)")
+    ax.set_title(f"Freshness: p50 {report['freshness_p50_s'] or float('nan'):.2f}s, "
+                 f"p99 {report['freshness_p99_s'] or float('nan'):.2f}s (event arrival → vector published)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "freshness.png", dpi=110)
+    plt.close(fig)
