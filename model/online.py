@@ -35,7 +35,7 @@ from torch import nn
 from model.base import _rows
 from model.batching import Vocabs, collate
 from model.config import ModelConfig
-from model.device import resolve_device
+from model.device import cpu_threads, resolve_device
 from model.prequential import RollingMetrics, hit_and_ndcg
 from model.tga import TGA
 from state.graph import UserGraph
@@ -125,6 +125,8 @@ class OnlineLearner:
         self.settings = settings
         self.cfg = online or OnlineConfig.from_settings(settings)
         self.device = resolve_device(settings.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(settings.threads))
         torch.manual_seed(self.cfg.seed)
         self.rng = random.Random(self.cfg.seed)
         self.items = IdMap(self.cfg.chunk)

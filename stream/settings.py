@@ -56,6 +56,7 @@ class Settings:
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
     lr: float = 1e-3
+    threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=0.25, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_every_steps: int = 200
     checkpoint_every_s: float = 60.0
@@ -70,6 +71,8 @@ class Settings:
         for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size",
                      "checkpoint_every_steps"):
             _positive(name, getattr(self, name))
+        if self.threads < 0:
+            raise SettingsError(f"threads must be >= 0, got {self.threads}")
         for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s"):
             _positive(name, getattr(self, name))
         for name in ("worker_batch", "worker_flush_s", "worker_cache_users", "rebalance_timeout_s"):
