@@ -10,7 +10,9 @@ The world it simulates, and why a transition-aware model can predict it:
   of the one just seen, a repeat of a recently viewed item, or a popular item of the category;
 - the funnel: a view may be followed by fav or cart of that item; carted items are bought later
   (in the session or the next), rarely an item is bought straight after a view. Rates come out
-  close to Taobao's (about 89% click, 6% cart, 3% fav, 2% buy).
+  close to Taobao's (about 89% click, 6% cart, 3% fav, 2% buy). How likely a view converts
+  depends on the user (a heavy-tailed buyer propensity, visible in their past carts and buys) and
+  on the category, so conversion is predictable from the graph, not a coin flip.
 
 So the next event is predictable from the graph (same item, same category, previous event), which
 is what TGA's three edge kinds see, and far less so from global popularity.
@@ -63,6 +65,8 @@ class SynthConfig:
 # funnel probabilities per view
 P_CART, P_FAV, P_DIRECT_BUY = 0.068, 0.034, 0.003
 P_BUY_CART = 0.30  # a carted item is bought later
+BUYER_SIGMA = 0.8  # spread of users' propensity to cart and buy (lognormal, mean 1)
+CATEGORY_SIGMA = 0.6  # spread of categories' conversion (lognormal, mean 1)
 P_CHECKOUT = 0.15  # per view, while something carted awaits purchase
 # next-view choice within a session
 P_RELATED, P_REPEAT = 0.40, 0.22
@@ -88,6 +92,7 @@ class _World:
             rng.shuffle(members)
         self.item_cum = [list(itertools.accumulate(1.0 / (r + 1) ** 1.1 for r in range(len(m)))) for m in self.items_of]
         self.item_cat = item_cat
+        self.cat_conversion = [rng.lognormvariate(-0.5 * CATEGORY_SIGMA ** 2, CATEGORY_SIGMA) for _ in range(n_cats)]
         self.related: list[list[int]] = []
         for item in range(n_items):
             members = self.items_of[item_cat[item]]
@@ -110,6 +115,8 @@ def _user_events(world: _World, cfg: SynthConfig, rng: random.Random, n: int) ->
     span = cfg.days * 86400.0
     drift_ts = cfg.start_ts + cfg.drift_at * span if cfg.drift_at else None
     favs, favs_after = _favourites(world, rng), _favourites(world, rng)
+    # how readily this user buys: heavy-tailed, mean 1 (some users buy a lot, most rarely)
+    buyer = rng.lognormvariate(-0.5 * BUYER_SIGMA ** 2, BUYER_SIGMA)
     n_sessions = max(1, round(n / rng.uniform(6, 14)))
     starts = sorted(cfg.start_ts + rng.random() * span for _ in range(n_sessions))
     out: list[tuple[int, int, int, int]] = []
@@ -131,15 +138,16 @@ def _user_events(world: _World, cfg: SynthConfig, rng: random.Random, n: int) ->
             recent.append(item)
             del recent[:-20]
             u = rng.random()
-            if u < P_CART:
+            p_cart = min(0.5, P_CART * buyer * world.cat_conversion[world.item_cat[item]])
+            if u < p_cart:
                 t += rng.expovariate(1 / 40.0)
                 out.append((int(t), item, world.item_cat[item], 2))
-                if rng.random() < P_BUY_CART:
+                if rng.random() < min(0.9, P_BUY_CART * buyer):
                     carted.append(item)
-            elif u < P_CART + P_FAV:
+            elif u < p_cart + P_FAV:
                 t += rng.expovariate(1 / 40.0)
                 out.append((int(t), item, world.item_cat[item], 1))
-            elif u < P_CART + P_FAV + P_DIRECT_BUY:
+            elif u < p_cart + P_FAV + P_DIRECT_BUY * buyer:
                 t += rng.expovariate(1 / 60.0)
                 out.append((int(t), item, world.item_cat[item], 3))
             if carted and rng.random() < P_CHECKOUT:

@@ -12,6 +12,7 @@ HELP = "run a benchmark: stream, model, online or freshness (each prints a table
 BENCHES: dict[str, str] = {
     "stream": "stream.bench_stream",
     "model": "model.bench",
+    "online": "model.bench_online",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
