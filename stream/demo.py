@@ -230,12 +230,20 @@ def _drive(settings: Settings, opts: DemoOptions, log_path: Path, procs: list[Pr
         "freshness_p99_s": trainer_stats.get("freshness_p99_s"),
         "events_per_s": round(replay_summary.events_per_s, 1),
         "trainer_samples": int(trainer_stats.get("samples", final["trainer_samples"])),
+        "trainer_samples_per_s": _busy_rate(series.rows, "trainer_samples"),
         "device": trainer_stats.get("device"),
         "seconds": round(time.time() - start, 1),
         "api": f"http://127.0.0.1:{api_port}",
     }
     write_report(opts.out, report, series, Path(settings.data_dir) / "trainer" / "trainer-history.jsonl")
     return report
+
+
+def _busy_rate(rows: list[dict], key: str) -> float:
+    """Per-second rate of a counter over the seconds it was rising (its busy time)."""
+    busy = [(b[key] - a[key], b["t"] - a["t"]) for a, b in zip(rows, rows[1:]) if b[key] > a[key]]
+    seconds = sum(dt for _, dt in busy)
+    return round(sum(dv for dv, _ in busy) / seconds, 1) if seconds else 0.0
 
 
 def write_report(out: Path, report: dict, series: Series, history_path: Path) -> None:

@@ -13,6 +13,7 @@ BENCHES: dict[str, str] = {
     "stream": "stream.bench_stream",
     "model": "model.bench",
     "online": "model.bench_online",
+    "freshness": "stream.bench_freshness",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
