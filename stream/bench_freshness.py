@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from stream.broker import install_sigterm_handler
     from stream.demo import DemoOptions, run_demo
     from stream.errors import CommandError
 
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--rate must be > 0")
     if args.data is not None and not args.data.is_file():
         raise CommandError(f"no such file: {args.data}")
+    install_sigterm_handler()
     opts = DemoOptions(out=args.out, data=args.data, events=args.events, users=args.users, rate=args.rate,
                        timeout_s=args.timeout, quiet=False)
     report = run_demo(settings, opts, say=lambda s: print(s, flush=True))

@@ -78,11 +78,22 @@ class Proc:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the demo process dies, however it dies (Linux prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def spawn(name: str, args: list[str], log_dir: Path) -> Proc:
     log = log_dir / f"{name}.log"
     fh = open(log, "ab")
     popen = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     fh.close()
     return Proc(name, popen, log)
 
