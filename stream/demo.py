@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream.broker import connect_or_start, free_port, port_open
+from stream.broker import connect_or_start, die_with_parent, free_port, port_open
 from stream.replay import ReplayOptions, ReplaySummary, replay_file
 from stream.settings import Settings
 from stream.synth import SynthConfig, write_file
@@ -78,22 +78,12 @@ class Proc:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the demo process dies, however it dies (Linux prctl)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def spawn(name: str, args: list[str], log_dir: Path) -> Proc:
     log = log_dir / f"{name}.log"
     fh = open(log, "ab")
     popen = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                             preexec_fn=die_with_parent if sys.platform == "linux" else None)
     fh.close()
     return Proc(name, popen, log)
 
