@@ -84,9 +84,12 @@ def test_frozen_copy_scores_but_never_learns(samples):
     assert frozen.metrics.retrievals_seen + frozen.metrics.conversions_seen == 128
 
 
-def test_online_learning_improves_prequential_hr(samples):
+def test_online_learning_improves_prequential_hr():
+    rows = generate(SynthConfig(users=40, events=6000, items=100, categories=10, seed=3))
+    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
+    samples = samples_from_events(events, sample_len=20)
     stream = [s for s in samples if s.kind == RETRIEVAL]
-    L = learner(metric_window=400)
+    L = learner(metric_window=400, lr=5e-3)
     # the whole catalogue has rows from the start, so first and last windows rank among the same items
     L.items.lookup([i for s in samples for i in [s.item_id, *s.graph.item_ids]], now=0)
     L.categories.lookup([c for s in samples for c in [s.category_id, *s.graph.category_ids]], now=0)
