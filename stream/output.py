@@ -61,6 +61,9 @@ class BatchedProducer:
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(enable_idempotence=True, **self._config)
+        sender_log = logging.getLogger("aiokafka.producer.sender")
+        level = sender_log.level
+        sender_log.setLevel(logging.CRITICAL)  # a refusal is handled below, not an error to log
         try:
             await self._producer.start()
         except KafkaError as exc:
@@ -69,6 +72,8 @@ class BatchedProducer:
             self._producer = AIOKafkaProducer(enable_idempotence=False, **self._config)
             self.idempotent = False
             await self._producer.start()
+        finally:
+            sender_log.setLevel(level)
 
     async def stop(self) -> None:
         if self._producer is not None:
