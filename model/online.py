@@ -29,11 +29,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.base import _rows
-from model.batching import Vocabs, collate
+from model.batching import Batch, Vocabs, collate
 from model.config import ModelConfig
 from model.device import cpu_threads, resolve_device
 from model.prequential import RollingMetrics, hit_and_ndcg
@@ -45,6 +43,11 @@ from stream.events import BEHAVIOR_CODE
 from stream.settings import Settings
 
 BUY = BEHAVIOR_CODE["buy"]
+
+
+def rows_of(batch: Batch, idx: torch.Tensor) -> Batch:
+    """The sub-batch of rows ``idx`` (same width)."""
+    return Batch(**{f.name: getattr(batch, f.name)[idx] for f in dataclasses.fields(batch)})
 
 
 class _Rows:
@@ -209,9 +212,9 @@ class OnlineLearner:
         return StepOutput(users=users, items=items, loss=loss, bought=bought, contexts=contexts)
 
     def score_and_learn(self, samples: Sequence[Sample]) -> float:
-        """One forward pass over the batch (+ replayed samples): the new samples are scored from it
-        *before* the optimizer step (prequential), then the loss of all rows is backpropagated.
-        Online training uses no dropout, so the training forward is also the scoring forward."""
+        """Score the new samples with the model as it is (prequential), then take one optimizer
+        step on them plus ``replay_share`` samples drawn from the reservoir. Uses only the model's
+        public API (``encode``, heads, ``loss``), so encoders can change beneath it."""
         k = 0
         if self.cfg.train and self.reservoir:
             k = int(round(len(samples) * self.cfg.replay_share / (1 - self.cfg.replay_share)))
@@ -219,17 +222,14 @@ class OnlineLearner:
         vocabs = self._vocabs()
         # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
         batch = collate(list(samples) + replay, vocabs, self.device, keys=vocabs.items)
-        self.model.train(self.cfg.train)
-        with torch.set_grad_enabled(self.cfg.train):
-            if self.cfg.train:
-                self.model.observe(batch)
-            states = self.model.encode(batch)  # [B + k, N, d]
-            new = torch.arange(len(samples), device=self.device)
-            with torch.no_grad():
-                self._score(_rows(batch, new), states[: len(samples)].detach())
-            if not self.cfg.train:
-                return float("nan")
-            loss = self._loss(batch, states)
+        new = rows_of(batch, torch.arange(len(samples), device=self.device))
+        self.model.eval()
+        with torch.no_grad():
+            self._score(new, self.model.encode(new))
+        if not self.cfg.train:
+            return float("nan")
+        self.model.train()
+        loss = self.model.loss(batch).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
@@ -239,30 +239,17 @@ class OnlineLearner:
         self.last_loss = float(loss.detach())
         return self.last_loss
 
-    def _loss(self, batch, states: torch.Tensor) -> torch.Tensor:
-        """Retrieval (sampled softmax + pointer) plus conversion BCE, from precomputed states."""
-        m = self.model
-        total = states.new_zeros(())
-        ret = (batch.kind == RETRIEVAL).nonzero().squeeze(1)
-        conv = (batch.kind == CONVERSION).nonzero().squeeze(1)
-        if len(ret):
-            total = total + m._retrieval_loss(batch, states, ret)
-        if len(conv):
-            logits = m.conversion_logits(_rows(batch, conv), states[conv])
-            total = total + m.cfg.conversion_weight * F.binary_cross_entropy_with_logits(logits, batch.label[conv])
-        return total
-
     def _score(self, batch, states: torch.Tensor) -> None:
         """Prequential scores into the rolling metrics: P(buy) of conversion rows, and the rank of
         each retrieval target among every item that has a row (full catalogue, pointer included)."""
         m = self.model
         conv = (batch.kind == CONVERSION).nonzero().squeeze(1)
         if len(conv):
-            probs = torch.sigmoid(m.conversion_logits(_rows(batch, conv), states[conv]))
+            probs = torch.sigmoid(m.conversion_logits(rows_of(batch, conv), states[conv]))
             self.metrics.add_conversion(probs.float().cpu().numpy(), batch.label[conv].cpu().numpy())
         ret = (batch.kind == RETRIEVAL).nonzero().squeeze(1)
         if len(ret):
-            sub = _rows(batch, ret)
+            sub = rows_of(batch, ret)
             n = m.cfg.n_items
             rows = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
             vectors, bias = m.item_vectors(rows, m.item_category[rows])
