@@ -1,0 +1,32 @@
+"""`tgastream demo` end to end with small settings: real processes, a report built from the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broker):
+    out = tmp_path / "report"
+    res = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "demo", "--out", str(out), "--events", "1500", "--users", "40",
+         "--rate", "1500", "--quiet", "--bootstrap", broker.bootstrap, "--dim", "16", "--heads", "2", "--layers", "1",
+         "--batch-size", "128", "--timeout", "400", "--partitions", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for png in ("online_metrics.png", "throughput.png", "freshness.png"):
+        assert (out / png).stat().st_size > 1000
+    assert report["events_replayed"] == 1500
+    assert report["events_processed"] == report["events_replayed"] - report["rejected"]
+    assert report["samples"] > 0 and report["trainer_samples"] == report["samples"]
+    assert report["train_steps"] > 0 and report["events_per_s"] > 0
+    assert 0.0 <= report["online"]["hr@10"] <= 1.0
+    assert report["freshness_p50_s"] is not None and 0 < report["freshness_p50_s"] <= report["freshness_p99_s"]
+    series = json.loads((out / "series.json").read_text())
+    assert series[-1]["events_applied"] == report["events_processed"]
+    assert "API: http://127.0.0.1:" in res.stdout
