@@ -194,13 +194,17 @@ class OnlineLearner:
 
     # -- one micro-batch ---------------------------------------------------------------------
 
-    def step(self, samples: Sequence[Sample]):
-        """Score (prequential), learn, and return the vectors to publish (a StepOutput)."""
+    def step(self, samples: Sequence[Sample], train_limit: int = 0):
+        """Score (prequential), learn, and return the vectors to publish (a StepOutput).
+
+        With ``train_limit`` > 0 a larger batch (a trainer catching up) is scored and published
+        whole but trained on a random ``train_limit`` of it: publishing stays fresh, training
+        cost per step stays bounded."""
         from stream.trainer import StepOutput
 
         now = max(s.event_ts for s in samples)
         self._assign_rows(samples, now)
-        loss = self.score_and_learn(samples)
+        loss = self.score_and_learn(samples, train_limit)
         if self.cfg.train and self.version % self.cfg.evict_every == 0:
             self._evict(now)
         users, contexts, bought = self.user_vectors(samples)
@@ -211,23 +215,26 @@ class OnlineLearner:
         items = self.item_vectors_of(touched)
         return StepOutput(users=users, items=items, loss=loss, bought=bought, contexts=contexts)
 
-    def score_and_learn(self, samples: Sequence[Sample]) -> float:
+    def score_and_learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
         """Score the new samples with the model as it is (prequential), then take one optimizer
         step on them plus ``replay_share`` samples drawn from the reservoir. Uses only the model's
         public API (``encode``, heads, ``loss``), so encoders can change beneath it."""
-        k = 0
-        if self.cfg.train and self.reservoir:
-            k = int(round(len(samples) * self.cfg.replay_share / (1 - self.cfg.replay_share)))
-        replay = self.rng.sample(self.reservoir, min(k, len(self.reservoir))) if k else []
         vocabs = self._vocabs()
         # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
-        batch = collate(list(samples) + replay, vocabs, self.device, keys=vocabs.items)
-        new = rows_of(batch, torch.arange(len(samples), device=self.device))
+        new = collate(samples, vocabs, self.device, keys=vocabs.items)
         self.model.eval()
         with torch.no_grad():
             self._score(new, self.model.encode(new))
         if not self.cfg.train:
             return float("nan")
+        train = list(samples)
+        if 0 < train_limit < len(train):
+            train = self.rng.sample(train, train_limit)
+        k = 0
+        if self.reservoir:
+            k = int(round(len(train) * self.cfg.replay_share / (1 - self.cfg.replay_share)))
+        replay = self.rng.sample(self.reservoir, min(k, len(self.reservoir))) if k else []
+        batch = collate(train + replay, vocabs, self.device, keys=vocabs.items)
         self.model.train()
         loss = self.model.loss(batch).loss
         self.optimizer.zero_grad(set_to_none=True)

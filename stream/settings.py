@@ -55,6 +55,7 @@ class Settings:
     heads: int = 2
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
+    burst: int = field(default=4, metadata={"help": "trainer: when behind, a micro-batch grows to burst × batch_size; all of it is scored and published, batch_size of it trained on"})
     lr: float = 1e-3
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=0.25, metadata={"help": "share of each step drawn from the replay reservoir"})
@@ -68,7 +69,7 @@ class Settings:
     seed: int = 0
 
     def validate(self) -> "Settings":
-        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size",
+        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst",
                      "checkpoint_every_steps"):
             _positive(name, getattr(self, name))
         if self.threads < 0:

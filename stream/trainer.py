@@ -120,6 +120,7 @@ class Trainer:
         self._stop = False
         self._last_ckpt = time.monotonic()
         self._recent: list[tuple[float, int]] = []  # (time, samples) for samples/s
+        self._behind = False  # the last micro-batch came full: take bigger ones until caught up
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -170,12 +171,14 @@ class Trainer:
         return consumer, tps
 
     def _next_batch(self, consumer: KafkaConsumer) -> list:
-        """Up to batch_size records, waiting at most max_wait_s once the first has arrived."""
+        """Up to batch_size records (burst × batch_size while behind: the last batch came full),
+        waiting at most max_wait_s once the first has arrived."""
+        limit = self.s.batch_size * (self.s.burst if self._behind else 1)
         records: list = []
         deadline = None
-        while len(records) < self.s.batch_size and not self._stop:
+        while len(records) < limit and not self._stop:
             timeout_ms = 100 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
-            polled = consumer.poll(timeout_ms, max_records=self.s.batch_size - len(records))
+            polled = consumer.poll(timeout_ms, max_records=limit - len(records))
             for tp in sorted(polled, key=lambda t: t.partition):
                 records.extend(polled[tp])
             if records and deadline is None:
@@ -184,6 +187,7 @@ class Trainer:
                 return records  # nothing yet: let the caller check idleness
             if time.monotonic() >= deadline:
                 break
+        self._behind = len(records) >= limit
         return records
 
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
@@ -224,7 +228,7 @@ class Trainer:
         for r in records:
             self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
         if samples:
-            out: StepOutput = self.learner.step(samples)
+            out: StepOutput = self.learner.step(samples, train_limit=self.s.batch_size)
             self.run.steps += 1
             self.run.samples += len(samples)
             for kind in ("retrieval", "conversion"):

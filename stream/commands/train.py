@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warm-start", type=Path, help="initialise from a model saved by `tgastream eval --save`")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_setting_flags(p, "bootstrap", "partitions", "samples_topic", "embeddings_topic", "data_dir", "device",
-                      "dim", "layers", "heads", "threads", "batch_size", "max_wait_s", "lr", "replay_share",
+                      "dim", "layers", "heads", "threads", "batch_size", "burst", "max_wait_s", "lr", "replay_share",
                       "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len")
 
 
