@@ -87,6 +87,23 @@ def wait_until(predicate, timeout_s: float, what: str, *workers: WorkerProcess) 
         time.sleep(0.3)
 
 
+def committed_offsets(settings: Settings) -> dict[int, int | None]:
+    """The worker group's committed offset (next offset to read) of every ``behavior-events`` partition.
+
+    A worker acknowledges an offset only once its effects (state on the changelog, samples) are
+    durable, so a committed offset past a record means its owner has applied it and persisted it.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=settings.consumer_group,
+                             enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(settings.events_topic, p), timeout_ms=10_000)
+                for p in range(settings.partitions)}
+    finally:
+        consumer.close(autocommit=False)
+
+
 def start_worker(settings: Settings, log_path: Path, *extra: str) -> WorkerProcess:
     """``python -m stream.cli worker`` for ``settings`` (its topics, data dir, group)."""
     port = free_port()
