@@ -11,13 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from stream.broker import connect_or_start, die_with_parent, free_port, port_open
+from stream.promscrape import scrape, total
 from stream.replay import ReplayOptions, ReplaySummary, replay_file
 from stream.settings import Settings
 from stream.synth import SynthConfig, write_file
@@ -34,25 +32,6 @@ class DemoOptions:
     rate: float = 1000.0
     timeout_s: float = 900.0
     quiet: bool = False
-
-
-def scrape(port: int) -> dict[str, float]:
-    """A process's /metrics as ``name{labels}`` → value; {} when it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def total(metrics: dict[str, float], name: str) -> float:
-    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 @dataclass

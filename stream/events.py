@@ -201,17 +201,26 @@ def _parse_number(text: str) -> float | int | Rejection:
         return _reject("bad_timestamp", f"timestamp {text[:40]!r} is not a number")
 
 
-def parse_taobao_csv(raw: bytes, source: str = "", now: float | None = None) -> Parsed:
-    """Parse one Taobao UserBehavior line: ``user_id,item_id,category_id,behavior_type,timestamp``."""
+def _csv_columns(raw: bytes, source: str, ts_col: int) -> tuple[list[str], float | int] | Rejection:
+    """The five columns of a CSV event line and its parsed timestamp column, or why not."""
     text = _decode(raw, source)
     if isinstance(text, Rejection):
         return text
     cols = text.rstrip("\r\n").split(",")
     if len(cols) != 5:
         return _reject("wrong_field_count", f"{len(cols)} fields, expected 5", raw, source)
-    ts = _parse_number(cols[4].strip())
+    ts = _parse_number(cols[ts_col].strip())
     if isinstance(ts, Rejection):
         return _with_raw(ts, raw, source)
+    return cols, ts
+
+
+def parse_taobao_csv(raw: bytes, source: str = "", now: float | None = None) -> Parsed:
+    """Parse one Taobao UserBehavior line: ``user_id,item_id,category_id,behavior_type,timestamp``."""
+    parsed = _csv_columns(raw, source, 4)
+    if isinstance(parsed, Rejection):
+        return parsed
+    cols, ts = parsed
     fields = {"user_id": cols[0], "item_id": cols[1], "category_id": cols[2], "behavior": cols[3], "ts": ts}
     return _with_raw(validate_fields(fields, now), raw, source)
 
@@ -224,15 +233,10 @@ def parse_retailrocket_csv(raw: bytes, source: str = "", now: float | None = Non
 
     RetailRocket has no category per event, so ``category_id`` is "0" (unknown), as DESIGN.md says.
     """
-    text = _decode(raw, source)
-    if isinstance(text, Rejection):
-        return text
-    cols = text.rstrip("\r\n").split(",")
-    if len(cols) != 5:
-        return _reject("wrong_field_count", f"{len(cols)} fields, expected 5", raw, source)
-    ts_ms = _parse_number(cols[0].strip())
-    if isinstance(ts_ms, Rejection):
-        return _with_raw(ts_ms, raw, source)
+    parsed = _csv_columns(raw, source, 0)
+    if isinstance(parsed, Rejection):
+        return parsed
+    cols, ts_ms = parsed
     ts = ts_ms / 1000.0 if isinstance(ts_ms, (int, float)) and math.isfinite(ts_ms) else ts_ms
     fields = {"user_id": cols[1], "item_id": cols[3], "category_id": "0", "behavior": cols[2], "ts": ts}
     return _with_raw(validate_fields(fields, now), raw, source)

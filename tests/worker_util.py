@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from stream.broker import free_port
+from stream.promscrape import scrape, total
 from stream.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,20 +26,10 @@ class WorkerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics as ``name{labels}`` → value ({} while the worker is not up)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return {}
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return scrape(self.port)
 
     def total(self, name: str) -> float:
-        return sum(v for k, v in self.metrics().items() if k == name or k.startswith(name + "{"))
+        return total(self.metrics(), name)
 
     def wait_up(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
