@@ -59,6 +59,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from model.online import OnlineConfig, OnlineLearner
     from model.prequential import RollingMetrics
     from state.samples import samples_from_events
+    from stream.plots import save_chart
 
     events, drift_ts = _events(args.users, args.events, args.seed, args.drift_at)
     samples = samples_from_events(events, settings.max_len, settings.sample_len, settings.conversion_window_s,
@@ -100,14 +101,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ys = np.array([c[idx] if c[idx] is not None else np.nan for c in curve], dtype=float)
         smooth = np.convolve(np.nan_to_num(ys), np.ones(5) / 5, mode="same")
         ax.plot(xs, smooth, label=label)
-    ax.set_xlabel("samples after the drift")
-    ax.set_ylabel("prequential HR@10 per batch (5-batch mean)")
-    ax.set_title("Online vs frozen after a preference drift")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out / "online_vs_frozen.png", dpi=110)
-    plt.close(fig)
+    save_chart(fig, ax, args.out / "online_vs_frozen.png", "samples after the drift",
+               "prequential HR@10 per batch (5-batch mean)", "Online vs frozen after a preference drift")
     print(f"plot: {args.out / 'online_vs_frozen.png'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

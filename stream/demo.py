@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.broker import connect_or_start, die_with_parent, free_port, port_open
+from stream.plots import save_chart
 from stream.promscrape import scrape, total
 from stream.replay import ReplayOptions, ReplaySummary, replay_file
 from stream.settings import Settings
@@ -245,37 +246,18 @@ def write_report(out: Path, report: dict, series: Series, history_path: Path) ->
         ht = [h["time"] - t0 for h in history]
         for key in ("hr@10", "auc"):
             ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history], label=f"online {key} (rolling)")
-    ax.set_xlabel("trainer time (s)")
-    ax.set_ylabel("prequential metric")
-    ax.set_title("Online metrics (test-then-train)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "online_metrics.png", dpi=110)
-    plt.close(fig)
+    save_chart(fig, ax, out / "online_metrics.png", "trainer time (s)", "prequential metric", "Online metrics (test-then-train)")
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, label in (("events_applied", "events applied/s (worker)"), ("trainer_samples", "samples trained/s")):
         vals = [r[key] for r in rows]
         rate = [0.0] + [(b - a) / max(t2 - t1, 1e-6) for a, b, t1, t2 in zip(vals, vals[1:], t, t[1:])]
         ax.plot(t, rate, label=label)
-    ax.set_xlabel("demo time (s)")
-    ax.set_ylabel("per second")
-    ax.set_title("Throughput")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
+    save_chart(fig, ax, out / "throughput.png", "demo time (s)", "per second", "Throughput")
 
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(t, [r["lag"] for r in rows], label="worker lag (records)")
     ax.plot(t, [max(0.0, r["samples_emitted"] - r["trainer_samples"]) for r in rows], label="trainer backlog (samples)")
-    ax.set_xlabel("demo time (s)")
-    ax.set_title(f"Freshness: p50 {report['freshness_p50_s'] or float('nan'):.2f}s, "
-                 f"p99 {report['freshness_p99_s'] or float('nan'):.2f}s (event arrival → vector published)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "freshness.png", dpi=110)
-    plt.close(fig)
+    title = (f"Freshness: p50 {report['freshness_p50_s'] or float('nan'):.2f}s, "
+             f"p99 {report['freshness_p99_s'] or float('nan'):.2f}s (event arrival → vector published)")
+    save_chart(fig, ax, out / "freshness.png", "demo time (s)", "records / samples behind", title)
