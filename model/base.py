@@ -9,7 +9,8 @@ The API the online trainer uses:
 
 - ``loss(batch)``: one scalar for a micro-batch mixing retrieval and conversion samples;
 - ``user_vectors(batch)`` [B, d] and ``item_vectors(rows, cats)`` ([M, d], bias [M]);
-- ``conversion_proba(batch)`` [B]: probability that each row's candidate (target) is bought;
+- ``conversion_proba(batch)`` [B]: probability that each row's candidate (target) is bought,
+  ``candidate_conversion_proba(batch, rows, cats, keys)`` [B, K] for K candidates per graph;
 - ``score_catalogue(batch, vectors, bias)`` [B, C]: full next-item scores incl. the pointer;
 - TGA adds ``refresh(cache, graph, total)``: per-node state caching, one new event at a time.
 """
@@ -62,8 +63,13 @@ class SequenceRecommender(nn.Module):
 
     # -- encoder -------------------------------------------------------------------------------
 
-    def encode(self, batch: Batch) -> torch.Tensor:
-        """Node states [B, N, d] (padding rows are arbitrary and masked downstream)."""
+    def encode(self, batch: Batch, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Node states [B, N, d] (padding rows are arbitrary and masked downstream); ``x`` are
+        the node inputs when already looked up (see :meth:`NodeEmbedding.lookup`)."""
+        return self.encode_nodes(batch, self.embed(batch) if x is None else x)
+
+    def encode_nodes(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+        """The encoder proper: node inputs [B, N, d] → node states [B, N, d]."""
         raise NotImplementedError
 
     # -- vectors and scores --------------------------------------------------------------------
@@ -79,11 +85,13 @@ class SequenceRecommender(nn.Module):
             return vectors, vectors.new_zeros(vectors.shape[:-1])
         return vectors, self.item_bias(rows).squeeze(-1)
 
-    def conversion_logits(self, batch: Batch, states: torch.Tensor | None = None) -> torch.Tensor:
+    def conversion_logits(self, batch: Batch, states: torch.Tensor | None = None,
+                          cand: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B] that each row's candidate (its target item) is bought."""
         if self.conversion_head is None:
             raise ValueError(f"{self.name} has no conversion head")
         states = self.encode(batch) if states is None else states
-        cand = self.embed.items(batch.target_item, batch.target_cat)  # [B, d]
+        cand = self.embed.items(batch.target_item, batch.target_cat) if cand is None else cand  # [B, d]
         same_item = batch.keys == batch.target_key.unsqueeze(1)  # [B, N]
         same_cat = (batch.cats == batch.target_cat.unsqueeze(1)) & (batch.target_cat.unsqueeze(1) > 0)
         return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat)
@@ -91,6 +99,18 @@ class SequenceRecommender(nn.Module):
     def conversion_proba(self, batch: Batch) -> torch.Tensor:
         """P(buy) of each row's candidate item [B]."""
         return torch.sigmoid(self.conversion_logits(batch))
+
+    @torch.no_grad()
+    def candidate_conversion_proba(self, batch: Batch, rows: torch.Tensor, cats: torch.Tensor,
+                                   keys: torch.Tensor) -> torch.Tensor:
+        """P(buy) of K candidates per graph [B, K] (rows/cats/keys [B, K]), encoding each graph once
+        (serving: "score these items for this user")."""
+        states = self.encode(batch)  # [B, N, d]
+        k = rows.shape[1]
+        rep = torch.arange(batch.size, device=rows.device).repeat_interleave(k)  # [B*K]
+        sub = batch.select(rep)
+        sub.target_item, sub.target_cat, sub.target_key = rows.reshape(-1), cats.reshape(-1), keys.reshape(-1)
+        return torch.sigmoid(self.conversion_logits(sub, states[rep])).view(-1, k)
 
     def score_catalogue(self, batch: Batch, vectors: torch.Tensor, bias: torch.Tensor,
                         states: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,46 +151,51 @@ class SequenceRecommender(nn.Module):
         """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch."""
         if self.training:
             self.observe(batch)
-        states = self.encode(batch)
         ret = (batch.kind == RETRIEVAL) if self.does_retrieval else torch.zeros_like(batch.kind, dtype=torch.bool)
         conv = (batch.kind == CONVERSION) if self.does_conversion else torch.zeros_like(ret)
+        n_ret, n_conv = int(ret.sum()), int(conv.sum())
+        n_uni = self.cfg.uniform_negatives if n_ret else 0
+        uni = torch.randint(1, max(self.cfg.n_items, 2), (n_uni,), device=batch.items.device)  # [U]
+        rows = torch.cat([batch.target_item, uni])  # every item vector the step needs: one lookup
+        x, vecs = self.embed.lookup(batch, rows, torch.cat([batch.target_cat, self.item_category[uni]]))
+        bias = self.item_bias(rows).squeeze(-1) if self.item_bias is not None else None  # [B + U]
+        states = self.encode(batch, x)
+        b = batch.size
         total = states.new_zeros(())
         r_loss = c_loss = float("nan")
-        n_ret, n_conv = int(ret.sum()), int(conv.sum())
         if n_ret:
-            lr = self._retrieval_loss(batch, states, ret.nonzero().squeeze(1))
+            idx = ret.nonzero().squeeze(1)
+            lr = self._retrieval_loss(_rows(batch, idx), states[idx], vecs[idx], bias[idx], uni, vecs[b:], bias[b:])
             total = total + lr
             r_loss = float(lr.detach())
         if n_conv:
             idx = conv.nonzero().squeeze(1)
-            logits = self.conversion_logits(_rows(batch, idx), states[idx])
+            logits = self.conversion_logits(_rows(batch, idx), states[idx], vecs[idx])
             lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx])
             total = total + self.cfg.conversion_weight * lc
             c_loss = float(lc.detach())
         return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
 
-    def _retrieval_loss(self, batch: Batch, states: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _retrieval_loss(self, sub: Batch, st: torch.Tensor, e_t: torch.Tensor, b_t: torch.Tensor,
+                        uni: torch.Tensor, e_u: torch.Tensor, b_u: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax over in-batch targets and uniform rows (logQ-corrected) plus the row's
+        own nodes (exact); sub/st are the R retrieval rows, e_t/b_t their targets' vectors/biases."""
         head = self._head()
-        sub = _rows(batch, idx)
-        st = states[idx]  # [R, N, d]
         u = head.user_vector(st, sub.mask, sub.last_index)  # [R, d]
         r = u.shape[0]
         t_rows, t_keys = sub.target_item, sub.target_key
-        e_t, b_t = self.item_vectors(t_rows, sub.target_cat)  # [R, d], [R]
-        n_uni = self.cfg.uniform_negatives
-        uni = torch.randint(1, max(self.cfg.n_items, 2), (n_uni,), device=u.device)  # [U]
-        e_u, b_u = self.item_vectors(uni, self.item_category[uni])
         # logQ: expected number of times a column is drawn as a negative for one row
         freq = self.item_counts / self.item_counts.sum().clamp(min=1.0)
         log_q_in = torch.log(((r - 1) * freq[t_rows]).clamp(min=1e-6))  # [R]
-        log_q_uni = torch.log(torch.tensor(n_uni / max(self.cfg.n_items - 1, 1), device=u.device))
+        log_q_uni = torch.log(torch.tensor(len(uni) / max(self.cfg.n_items - 1, 1), device=u.device))
         if not self.cfg.logq:
             log_q_in, log_q_uni = torch.zeros_like(log_q_in), torch.zeros_like(log_q_uni)
         s_in = self._catalogue_logits(u, e_t) + b_t  # [R, R]
         pos = s_in.diagonal()  # [R]
         same = t_keys.unsqueeze(1) == t_keys.unsqueeze(0)  # accidental hits (incl. the diagonal)
         neg_in = (s_in - log_q_in).masked_fill(same, float("-inf"))  # [R, R]
-        neg_uni = (self._catalogue_logits(u, e_u) + b_u - log_q_uni).masked_fill(uni.unsqueeze(0) == t_rows.unsqueeze(1), float("-inf"))
+        neg_uni = (self._catalogue_logits(u, e_u) + b_u - log_q_uni).masked_fill(
+            uni.unsqueeze(0) == t_rows.unsqueeze(1), float("-inf"))  # [R, U]
         parts_den = [pos.unsqueeze(1), neg_in, neg_uni]
         parts_num = [pos.unsqueeze(1)]
         if head.copy:
@@ -184,7 +209,5 @@ class SequenceRecommender(nn.Module):
 
 
 def _rows(batch: Batch, idx: torch.Tensor) -> Batch:
-    """The sub-batch of rows ``idx`` (same width)."""
-    return Batch(**{name: getattr(batch, name)[idx] for name in (
-        "items", "cats", "keys", "behaviors", "gaps", "mask", "lengths", "nbr", "etype", "kind",
-        "target_item", "target_cat", "target_key", "target_behavior", "label")})
+    """The sub-batch of rows ``idx`` (same width); kept for callers, see :meth:`Batch.select`."""
+    return batch.select(idx)

@@ -162,6 +162,10 @@ class Batch:
     def width(self) -> int:
         return self.items.shape[1]
 
+    def select(self, idx: torch.Tensor) -> "Batch":
+        """The sub-batch of rows ``idx`` (same width)."""
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
     @cached_property
     def flat_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Predecessors as rows of the flattened [B*N] node axis, shared by every layer:

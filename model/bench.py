@@ -116,6 +116,7 @@ def measure(spec: dict) -> dict:
 
     from model.batching import encode_samples, to_batch
     from model.device import resolve_device
+    from model.training import make_optimizer
 
     torch.manual_seed(0)
     device = resolve_device(spec["device"])
@@ -124,7 +125,7 @@ def measure(spec: dict) -> dict:
     samples = _synthetic_samples(spec["batch"], spec["length"], spec["items"], seed=1)
     enc = encode_samples(samples, vocabs)
     model = _build(spec).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, 1e-3)
     batch = to_batch(enc, device=device)
 
     def step() -> None:
@@ -191,7 +192,7 @@ def measure_refresh(spec: dict) -> list[dict]:
         append()
     tga = _build({**spec, "model": "tga"}).to(device).eval()
     sas = _build({**spec, "model": "sasrec"}).to(device).eval()
-    cache = tga.refresh(None, encode_graphs([graph.to_arrays()], vocabs), graph.total)
+    cache = tga.refresh(None, graph.to_arrays(), graph.total, vocabs)
 
     def timed(fn, n: int = 30) -> float:
         fn()
@@ -207,7 +208,7 @@ def measure_refresh(spec: dict) -> list[dict]:
 
     def incremental() -> None:
         nonlocal cache
-        cache = tga.refresh(cache, encode_graphs([graph.to_arrays()], vocabs), graph.total)
+        cache = tga.refresh(cache, graph.to_arrays(), graph.total, vocabs)
         tga.user_vector_from_cache(cache)
 
     def full(model):

@@ -35,7 +35,7 @@ class ModelConfig:
     n_edge_types: int = N_EDGE_TYPES + 1  # 48 transitions + self
     uniform_negatives: int = 256
     logq: bool = True  # correct sampled-softmax negatives by log(expected draws)
-    temperature: float = 0.0  # > 0: catalogue scores are cos(u, e_i) / temperature instead of u · e_i
+    temperature: float = 0.2  # > 0: catalogue scores are cos(u, e_i) / temperature; 0: plain u · e_i
     conversion_weight: float = 1.0
     impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive
 

@@ -14,5 +14,5 @@ class DIN(SequenceRecommender):
     name = "din"
     does_retrieval = False
 
-    def encode(self, batch: Batch) -> torch.Tensor:
-        return self.embed(batch)  # [B, N, d]
+    def encode_nodes(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+        return x  # [B, N, d]: no encoder

@@ -40,6 +40,19 @@ class NodeEmbedding(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.nodes(batch.items, batch.cats, batch.behaviors, batch.gaps)  # [B, N, d]
 
+    def lookup(self, batch: Batch, rows: torch.Tensor, cats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Node inputs [B, N, d] and item vectors of ``rows`` [M, d] from *one* lookup per table.
+
+        Every lookup of a table costs a dense [rows, d] gradient in the backward pass; a training
+        step that reads the item table once instead of four times is markedly faster on big
+        catalogues.
+        """
+        n = batch.items.numel()
+        it = self.item(torch.cat([batch.items.reshape(-1), rows]))  # [B*N + M, d]
+        ct = self.category(torch.cat([batch.cats.reshape(-1), cats]))
+        x = (it[:n] + ct[:n]).view(*batch.items.shape, -1) + self.behavior(batch.behaviors) + self.gap(batch.gaps)
+        return self.drop(self.norm(x)), it[n:] + ct[n:]
+
     def items(self, rows: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
         """Candidate item vectors e_i [..., d] (the retrieval/conversion item tower)."""
         return self.item(rows) + self.category(cats)

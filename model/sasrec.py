@@ -29,10 +29,10 @@ class SASRec(SequenceRecommender):
         self.layers = nn.ModuleList(
             CausalSelfAttentionLayer(cfg.dim, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.layers))
 
-    def encode(self, batch: Batch) -> torch.Tensor:
+    def encode_nodes(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(batch.width, device=batch.items.device)  # [N]
         back = (batch.lengths.unsqueeze(1) - 1 - pos).clamp(0, self.cfg.max_positions - 1)  # [B, N]
-        h = self.embed(batch) + self.position(back)  # [B, N, d]
+        h = x + self.position(back)  # [B, N, d]
         for layer in self.layers:
             h = layer(h)
         return h

@@ -17,26 +17,56 @@ import torch
 from torch import nn
 
 from model.base import SequenceRecommender
-from model.batching import Batch, EncodedSamples, to_batch
+from model.batching import Batch, Vocabs, encode_graphs
 from model.config import ModelConfig
 from model.tga_layer import TGALayer
+from state.graph import GraphArrays
 
 
 @dataclass
 class NodeCache:
-    """Per-node states of one user's graph window, kept between events.
+    """Per-node states of one user's graph window, kept between events (updated in place).
 
-    ``kv[l]`` [n, 2d] are the keys/values of layer l's inputs (what later nodes attend to) and
-    ``states`` [n, d] the last layer's outputs; node k of the cache is node k of the window of a
-    graph whose ``total`` (events ever appended) is ``total``.
+    Rows ``start .. start + size`` of the buffers are the window's nodes, oldest first:
+    ``kv[l]`` holds the keys/values of layer l's inputs (what later nodes attend to), ``out``
+    the last layer's outputs. ``total`` is the graph's event count when last refreshed. Buffers
+    have spare capacity, so appending a node and dropping the oldest are O(d) (amortised).
     """
 
     total: int
-    kv: list[torch.Tensor]
-    states: torch.Tensor
+    start: int
+    size: int
+    kv: list[torch.Tensor]  # per layer [capacity, 2d]
+    out: torch.Tensor  # [capacity, d]
 
     def __len__(self) -> int:
-        return self.states.shape[0]
+        return self.size
+
+    @property
+    def states(self) -> torch.Tensor:
+        """Last-layer node states of the window [n, d]."""
+        return self.out[self.start:self.start + self.size]
+
+    def keys_values(self, layer: int) -> torch.Tensor:
+        return self.kv[layer][self.start:self.start + self.size]
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more rows after the window: compact to the front, grow if needed."""
+        cap = self.out.shape[0]
+        if self.start + self.size + extra <= cap:
+            return
+        new_cap = max(cap, 2 * (self.size + extra))
+        live = slice(self.start, self.start + self.size)
+        self.kv = [_moved(t, live, new_cap) for t in self.kv]
+        self.out = _moved(self.out, live, new_cap)
+        self.start = 0
+
+
+def _moved(t: torch.Tensor, live: slice, cap: int) -> torch.Tensor:
+    out = t.new_zeros(cap, t.shape[1])
+    rows = t[live]
+    out[:rows.shape[0]] = rows
+    return out
 
 
 class TGA(SequenceRecommender):
@@ -48,46 +78,58 @@ class TGA(SequenceRecommender):
             TGALayer(cfg.dim, cfg.heads, cfg.n_edge_types, cfg.ffn_mult, cfg.dropout, cfg.impl)
             for _ in range(cfg.layers))
 
-    def encode(self, batch: Batch) -> torch.Tensor:
-        h = self.embed(batch)  # [B, N, d]
+    def encode_nodes(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+        h = x  # [B, N, d]
         nbr, etype = batch.flat_graph  # [B*N, 3] each
         for layer in self.layers:
             h = layer(h, nbr, etype)
         return h
 
     @torch.no_grad()
-    def refresh(self, cache: NodeCache | None, graph: EncodedSamples, total: int) -> NodeCache:
-        """States of the graph's window after new events, computing only the new nodes.
+    def refresh(self, cache: NodeCache | None, graph: GraphArrays, total: int, vocabs: Vocabs) -> NodeCache:
+        """Bring a user's cached node states up to date with their graph, computing new nodes only.
 
-        ``graph`` is the encoded window (one row, e.g. ``encode_graphs([g.to_arrays()], vocabs)``)
-        and ``total`` the graph's event count (``UserGraph.total``). Nodes that left the window
-        are dropped from the cache; nodes that arrived since ``cache.total`` are computed from
-        the cached states of their predecessors. With no eviction the result equals a full
-        recompute; after the window slides, cached nodes keep the states they had when their
-        now-evicted predecessors were still there (a full recompute would drop those edges).
+        ``graph`` is the current window (``UserGraph.to_arrays()``) and ``total`` its event count
+        (``UserGraph.total``). Nodes that left the window are dropped from the cache; the nodes
+        that arrived since ``cache.total`` are embedded (only their ids are looked up) and passed
+        through the layers against the cached keys/values of their predecessors: O(L · d²) per
+        new event, whatever the window length. With no eviction the result equals a full
+        recompute (tested); after the window slides, cached nodes keep the states they had when
+        their now-evicted predecessors were still there, where a recompute would drop those edges.
+        The cache is updated in place and returned (a new one when ``cache`` is None).
         """
-        n = int(graph.lengths[0])
-        new = total - (cache.total if cache is not None else total - n)
+        n = len(graph)
+        new = n if cache is None else total - cache.total
         if cache is None or new > n or new < 0:
-            cache, new = self._empty_cache(), n
-        evicted = len(cache) + new - n
-        kv = [t[evicted:] for t in cache.kv]
-        states = cache.states[evicted:]
+            cache, new = self._empty_cache(2 * n), n
+        evicted = cache.size + new - n
+        cache.start, cache.size, cache.total = cache.start + evicted, cache.size - evicted, total
         if new == 0:
-            return NodeCache(total, kv, states)
-        rows = to_batch(graph.take(slice(0, 1)), device=self.item_counts.device, width=n)
+            return cache
         sl = slice(n - new, n)
-        h = self.embed.nodes(rows.items[0, sl], rows.cats[0, sl], rows.behaviors[0, sl], rows.gaps[0, sl])  # [M, d]
-        nbr, etype = rows.nbr[0, sl, :3], rows.etype[0, sl, :3]  # [M, 3] local indices into the window
-        for layer_no, layer in enumerate(self.layers):
-            h, kv_new = layer.step(h, kv[layer_no], nbr, etype)
-            kv[layer_no] = torch.cat([kv[layer_no], kv_new])
-        return NodeCache(total, kv, torch.cat([states, h]))
-
-    def _empty_cache(self) -> NodeCache:
-        d = self.cfg.dim
+        part = GraphArrays(graph.items[sl], graph.categories[sl], graph.behaviors[sl], graph.ts[sl],
+                           graph.gap_buckets[sl], graph.neighbors[sl], graph.edge_types[sl])
+        enc = encode_graphs([part], vocabs)  # neighbors still index the whole window
         dev = self.item_counts.device
-        return NodeCache(0, [torch.zeros(0, 2 * d, device=dev) for _ in self.layers], torch.zeros(0, d, device=dev))
+
+        def t(a) -> torch.Tensor:
+            return torch.from_numpy(a[0].astype("int64")).to(dev)
+
+        h = self.embed.nodes(t(enc.items), t(enc.cats), t(enc.behaviors), t(enc.gaps))  # [M, d]
+        nbr, etype = t(enc.nbr), t(enc.etype)  # [M, 3] local indices into the window
+        cache.reserve(new)
+        end = cache.start + cache.size
+        for layer_no, layer in enumerate(self.layers):
+            h, kv_new = layer.step(h, cache.keys_values(layer_no), nbr, etype)
+            cache.kv[layer_no][end:end + new] = kv_new
+        cache.out[end:end + new] = h
+        cache.size += new
+        return cache
+
+    def _empty_cache(self, capacity: int) -> NodeCache:
+        d, cap = self.cfg.dim, max(capacity, 16)
+        dev = self.item_counts.device
+        return NodeCache(0, 0, 0, [torch.zeros(cap, 2 * d, device=dev) for _ in self.layers], torch.zeros(cap, d, device=dev))
 
     @torch.no_grad()
     def user_vector_from_cache(self, cache: NodeCache) -> torch.Tensor:

@@ -146,8 +146,13 @@ class TGALayer(nn.Module):
         idx = nbr4.clamp(min=0)
         cached = kv_cache[idx.clamp(max=max(n - 1, 0))] if n else kv_new.new_zeros(m, 4, 2 * d)  # [M, 4, 2d]
         g = torch.where((idx < n).unsqueeze(-1), cached, kv_new[(idx - n).clamp(min=0)])  # [M, 4, 2d]
-        g = g.view(m, 4, 2, self.heads, d // self.heads)
-        msg = attend(_heads(qkv_new[:, :d], self.heads), g[:, :, 0], g[:, :, 1], nbr4 >= 0, etype4,
-                     self.r_score, self.r_msg)  # [M, d]
+        # few rows: per-edge type vectors are cheaper than the [M, H, 49] type tables
+        types = etype4.clamp(min=0)
+        k = (g[..., :d] + self.r_score[types]).view(m, 4, self.heads, d // self.heads)  # [M, 4, H, dh]
+        v = (g[..., d:] + self.r_msg[types]).view(m, 4, self.heads, d // self.heads)
+        q = _heads(qkv_new[:, :d], self.heads).unsqueeze(1)  # [M, 1, H, dh]
+        scores = (q * k).sum(-1) / math.sqrt(d // self.heads)  # [M, 4, H]
+        alpha = scores.masked_fill(~(nbr4 >= 0).unsqueeze(-1), float("-inf")).softmax(1)
+        msg = (alpha.unsqueeze(-1) * v).sum(1).reshape(m, d)  # [M, d]
         out = self._update(h_new.unsqueeze(0), msg.unsqueeze(0)).squeeze(0)
         return out, kv_new

@@ -258,7 +258,7 @@ def test_incremental_refresh_equals_full_recompute(vocabs):
     for k, e in enumerate(ev):
         g.append_event(e)
         if k % 3 == 2 or k == len(ev) - 1:  # refresh after one or several new events
-            cache = model.refresh(cache, encode_graphs([g.to_arrays()], vocabs), g.total)
+            cache = model.refresh(cache, g.to_arrays(), g.total, vocabs)
     batch = to_batch(encode_graphs([g.to_arrays()], vocabs))
     with torch.no_grad():
         full = model.encode(batch)[0]
@@ -267,19 +267,24 @@ def test_incremental_refresh_equals_full_recompute(vocabs):
 
 
 def test_refresh_follows_a_sliding_window(vocabs):
+    """Past the window the oldest node is dropped and kept nodes keep their states (buffers are
+    compacted and grown on the way); the newest node is computed from its current window."""
     torch.manual_seed(0)
     model = TGA(_cfg()).eval()
     g = UserGraph(10)
     cache = None
-    for e in _events(25, seed=4):
+    for k, e in enumerate(_events(40, seed=4)):
+        before = None if cache is None else cache.states.clone()
         g.append_event(e)
-        cache = model.refresh(cache, encode_graphs([g.to_arrays()], vocabs), g.total)
-        assert len(cache) == len(g) and cache.total == g.total and all(len(kv) == len(g) for kv in cache.kv)
-    # the newest node is computed from the current window exactly as a full recompute does, as
-    # long as none of its (transitive) predecessors lost an edge: compare the very last node's
-    # first-layer keys/values, which depend on the node's own input only
+        cache = model.refresh(cache, g.to_arrays(), g.total, vocabs)
+        assert len(cache) == len(g) and cache.total == g.total
+        assert all(cache.keys_values(layer).shape[0] == len(g) for layer in range(2))
+        if before is not None:
+            kept = before[1:] if k >= 10 else before
+            torch.testing.assert_close(cache.states[:-1], kept)
+    fresh = model.refresh(None, g.to_arrays(), g.total, vocabs)  # a from-scratch cache of the window
     full = model.encode(to_batch(encode_graphs([g.to_arrays()], vocabs)))[0]
-    assert cache.states.shape == full.shape
+    torch.testing.assert_close(fresh.states, full, atol=1e-5, rtol=1e-5)
 
 
 def test_copy_scores_only_lift_items_of_the_users_graph(vocabs):
@@ -322,3 +327,18 @@ def test_auc_counts_ties_half():
     assert auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == 1.0
     assert auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
     assert auc(np.array([1, 1]), np.array([0.5, 0.6])) is None
+
+
+def test_candidate_scoring_equals_one_row_per_candidate(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg()).eval()
+    g = _graph(_events(15, seed=11))
+    cands = ["3", "5", "9"]
+    rows = [Sample(CONVERSION, "u", g, c, str(int(c) % N_CATS), 0, 0.0, 99.0) for c in cands]
+    keys = InMemoryVocab(str(i) for i in range(1, N_ITEMS))
+    one_each = model.conversion_proba(collate(rows, vocabs, keys=keys))
+    batch = collate(rows[:1], vocabs, keys=keys)
+    r = torch.from_numpy(vocabs.items.lookup(cands)).unsqueeze(0)
+    c = torch.from_numpy(vocabs.categories.lookup([str(int(x) % N_CATS) for x in cands])).unsqueeze(0)
+    k = torch.from_numpy(keys.lookup(cands)).unsqueeze(0)
+    torch.testing.assert_close(model.candidate_conversion_proba(batch, r, c, k)[0], one_each, atol=1e-6, rtol=1e-5)
