@@ -28,7 +28,7 @@ class ModelConfig:
     ffn_mult: int = 1  # SASRec's original point-wise FFN is d -> d -> d; 4 is the BERT habit
     dropout: float = 0.2
     copy: bool = True  # retrieval may point back at the user's own nodes (TGA default)
-    recency_buckets: int = 12  # log2 buckets of "nodes back from the newest" for the pointer
+    recency_buckets: int = 24  # pointer recency bias: nodes back from the newest, exact < 16, then log2
     max_positions: int = 8192  # SASRec's learned positions (distance from the newest node)
     n_behaviors: int = N_BEHAVIORS
     n_gap_buckets: int = N_GAP_BUCKETS
@@ -55,7 +55,7 @@ class ModelConfig:
 class TrainConfig:
     """Offline training budget; the same for every model compared in one run."""
 
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0

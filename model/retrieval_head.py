@@ -10,7 +10,7 @@ Pointer ("copy") over the user's graph: every node n is an extra candidate with 
 
     c_n = (W_p u) · (W_k h_n) / sqrt(d) + ρ[bucket(N - 1 - n)]
 
-(ρ: a learned recency bias by log2 distance from the newest node). Generating item i and copying
+(ρ: a learned recency bias by distance from the newest node: exact up to 16, then log2). Generating item i and copying
 a node holding item i are events of one softmax, so
 
     p(i) ∝ exp(s(i)) + Σ_{n : item_n = i} exp(c_n),   i.e.  logit(i) = logaddexp(s(i), LSE_{n: item_n = i} c_n).
@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 
-def recency_bucket(distance: torch.Tensor, n_buckets: int) -> torch.Tensor:
-    """0 for the newest node, then 1 + floor(log2(distance)), capped at n_buckets - 1."""
-    d = distance.clamp(min=0).float()
-    b = torch.where(d > 0, 1 + torch.floor(torch.log2(d.clamp(min=1))), torch.zeros_like(d))
-    return b.long().clamp(max=n_buckets - 1)
+def recency_bucket(distance: torch.Tensor, n_buckets: int, exact: int = 16) -> torch.Tensor:
+    """Distance ``d`` back from the newest node: d itself below ``exact``, then log2-spaced
+    (exact + floor(log2(d / exact))), capped at n_buckets - 1."""
+    d = distance.clamp(min=0)
+    far = exact + torch.floor(torch.log2(d.clamp(min=exact).float() / exact)).long()
+    return torch.where(d < exact, d, far).clamp(max=n_buckets - 1)
 
 
 class RetrievalHead(nn.Module):

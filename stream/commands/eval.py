@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="behavior log (Taobao CSV, JSON lines or RetailRocket events.csv)")
     p.add_argument("--models", default="tga,sasrec,din,pop,repeat",
                    help="comma-separated models (also: tga_nocopy, sasrec_copy ablations) (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=6, help="max training epochs, early-stopped on validation (default: 6)")
+    p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
     p.add_argument("--dim", type=int, default=None, help="embedding width (default: settings dim)")
