@@ -17,6 +17,11 @@ The faust contracts a batch handler must keep, and how:
 - a rebalance must not revoke a partition while its work is unfinished: :meth:`hold` registers an
   in-flight marker in the consumer's unacked set, so faust's revocation (``wait_empty``) waits
   until :meth:`release`;
+- acknowledgements do not outlive a revocation: faust forgets every revoked partition's acked
+  and committed offsets and, when it gets the partition back, re-delivers from the group's
+  committed offset; :attr:`BatchConsumer.revocations` counts revocations so the handler can drop
+  what it remembered about acknowledging them (else it would resume acking past a gap that faust
+  never commits over, and the group's offset would stay behind for good);
 - flow control: batches are only handed over while the consumer's flow is active and the
   generation has not changed since the fetch (during a rebalance they are dropped, then
   re-fetched from the committed offsets, as faust does).
@@ -54,6 +59,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_flight: InFlight | None = None
+        self.revocations = 0  # times partitions were revoked (every rebalance, under eager assignment)
 
     @property
     def _batch_handlers(self) -> Mapping[str, BatchHandler]:
@@ -91,6 +97,10 @@ class BatchConsumer(aiokafka_driver.Consumer):
             await self._batch_handlers[topic](part)
             for tp, recs in part.items():
                 self._read_offset[tp] = recs[-1].offset
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        self.revocations += 1  # before faust drops its bookkeeping of the revoked partitions
+        await super().on_partitions_revoked(revoked)
 
     # -- acknowledgements -------------------------------------------------------------------
 

@@ -99,6 +99,7 @@ class Pipeline:
         self._deliveries: list[Delivery] = []
         self._arrivals: list[tuple[float, int]] = []  # (monotonic arrival, records) not yet durable
         self._ack_next: dict[int, int] = {}  # partition → first offset not yet acknowledged
+        self._revocations = 0  # the consumer's revocation count that _ack_next belongs to
         self._loop_task: asyncio.Task | None = None
         self._failed: BaseException | None = None
 
@@ -147,6 +148,15 @@ class Pipeline:
             self._ack_next.pop(p, None)
         self.metrics.drop_partitions(partitions)
 
+    def _forget_acks_after_revocation(self) -> None:
+        """After a revocation faust re-delivers from the committed offsets and no longer knows what
+        was acknowledged: start acknowledging afresh from the next delivered record (what was
+        processed meanwhile is not acknowledged; it comes again and is recognised as applied)."""
+        assert self.consumer is not None
+        if self.consumer.revocations != self._revocations:
+            self._revocations = self.consumer.revocations
+            self._ack_next.clear()
+
     # -- the hot path -----------------------------------------------------------------------
 
     async def handle(self, batch: Mapping[TP, Sequence[Any]]) -> None:
@@ -160,6 +170,7 @@ class Pipeline:
             if self.totals.first_record_at is None:
                 self.totals.first_record_at = arrival
             n = 0
+            self._forget_acks_after_revocation()
             for tp, records in batch.items():
                 partition = tp.partition
                 if partition not in self._ack_next:
@@ -244,6 +255,7 @@ class Pipeline:
         for d in markers:
             self.store.partition(d.partition).set_changelog_offset(d.last_offset())
         processor.persisted(snap)
+        self._forget_acks_after_revocation()
         for partition, last in snap.offsets.items():  # 4. only now may faust commit the offsets
             first = self._ack_next.get(partition)
             if first is not None and last >= first:

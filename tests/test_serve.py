@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from state.serving import ServingStore, VectorRecord
-from stream.broker import free_port
+from stream.broker import die_with_parent, free_port
 
 
 def rec(vec, version=3) -> VectorRecord:
@@ -22,7 +22,8 @@ def rec(vec, version=3) -> VectorRecord:
 def _start(tmp_path: Path, store: Path, *extra: str):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--store", str(store), "--api-port", str(port),
-                             "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stream.broker import free_port
+from stream.broker import die_with_parent, free_port
 from stream.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def start_trainer(settings: Settings, data_dir: Path, log_path: Path, *extra: st
            "--metrics-port", str(free_port()), "--quiet", *SMALL_MODEL, *extra]
     log = open(log_path, "ab")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
     log.close()
     return proc
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from stream.broker import free_port
+from stream.broker import die_with_parent, free_port
 from stream.promscrape import scrape, total
 from stream.settings import Settings
 
@@ -103,7 +103,8 @@ def start_worker(settings: Settings, log_path: Path, *extra: str) -> WorkerProce
            "--metrics-port", str(port), "--progress", "2", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=die_with_parent)  # a killed test run leaves no worker behind
     log.close()
     return WorkerProcess(proc, port, log_path)
 
