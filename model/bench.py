@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refresh-lengths", type=_ints, default=[200, 1000], help="refresh rows (default: 200,1000)")
     p.add_argument("--steps-length", type=int, default=1000,
                    help="length of the implementation-steps table; 0 = skip (default: 1000)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every row this many times, interleaved, and report medians (default: 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of every measurement (default: 0 = torch's default)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: settings device)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
 
@@ -284,7 +288,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     base = {"batch": args.batch, "dim": args.dim or settings.dim, "layers": args.layers or settings.layers,
             "heads": args.heads or settings.heads, "ffn_mult": args.ffn_mult, "items": args.items,
-            "min_steps": args.min_steps, "min_seconds": args.min_seconds, "device": args.device or settings.device}
+            "min_steps": args.min_steps, "min_seconds": args.min_seconds, "device": args.device or settings.device,
+            "threads": args.threads}
     if base["dim"] % base["heads"]:
         raise CommandError(f"dim ({base['dim']}) must be divisible by heads ({base['heads']})")
     jobs: list[tuple[str, dict]] = []
@@ -298,22 +303,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for model, impl, label in STEPS:
             jobs.append(("step", {**base, "model": model, "impl": impl, "label": label, "length": args.steps_length}))
     t0 = time.perf_counter()
-    result: dict = {"device": None, "rows": [], "steps": [], "config": base}
-    bar = tqdm(jobs, desc="bench model", unit="row", disable=None)
-    for kind, spec in bar:
+    result: dict = {"device": None, "rows": [], "steps": [], "config": base | {"repeat": args.repeat}}
+    runs: list[list] = [[] for _ in jobs]
+    order = [j for _ in range(max(args.repeat, 1)) for j in range(len(jobs))]  # interleaved rounds
+    bar = tqdm(order, desc="bench model", unit="row", disable=None)
+    for j in bar:
+        kind, spec = jobs[j]
         bar.set_postfix_str(f"{spec.get('label', kind)} @ {spec['length']}")
         try:
-            if kind == "refresh":
-                result["rows"].extend(_child({**spec, "kind": "refresh"}))
-            elif kind == "row":
-                result["rows"].append(_child({**spec, "kind": "row"}))
-            else:
-                row = _child({**spec, "kind": "row"})
-                result["steps"].append({"step": spec["label"], "seq_len": spec["length"],
-                                        "train_samples_per_s": row["train_samples_per_s"]})
+            runs[j].append(_child({**spec, "kind": "refresh" if kind == "refresh" else "row"}))
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             raise CommandError(str(exc)) from None
-    result["device"] = _device_line(base["device"])
+    for (kind, spec), got in zip(jobs, runs):
+        if kind == "refresh":
+            result["rows"].extend(_median_rows(got))
+        elif kind == "row":
+            result["rows"].append(_median_rows([[r] for r in got])[0])
+        else:
+            row = _median_rows([[r] for r in got])[0]
+            result["steps"].append({"step": spec["label"], "seq_len": spec["length"],
+                                    "train_samples_per_s": row["train_samples_per_s"]})
+    result["device"] = _device_line(base["device"], args.threads)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["ratios"] = _ratios(result["rows"])
     print(format_tables(result))
@@ -323,6 +333,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _median_rows(runs: list[list[dict]]) -> list[dict]:
+    """Rows of repeated runs (each run a list of rows in the same order) → per-field medians."""
+    import statistics
+
+    out = []
+    for rows in zip(*runs):
+        row = dict(rows[0])
+        for key in ("train_samples_per_s", "infer_ms", "peak_mem_mb", "refresh_ms"):
+            vals = [r[key] for r in rows if r[key] is not None]
+            row[key] = round(statistics.median(vals), 3) if vals else None
+        out.append(row)
+    return out
 
 
 def _ratios(rows: list[dict]) -> dict:
@@ -337,15 +361,21 @@ def _ratios(rows: list[dict]) -> dict:
     return out
 
 
-def _device_line(setting: str) -> str:
+def _device_line(setting: str, threads: int = 0) -> str:
     import torch
 
     from model.device import describe, resolve_device
 
+    if threads:
+        torch.set_num_threads(threads)
     return describe(resolve_device(setting)) + f", torch {torch.__version__}"
 
 
 if __name__ == "__main__":
     _spec = json.loads(sys.argv[1])
+    if _spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(_spec["threads"])
     _out = measure_refresh(_spec) if _spec.get("kind") == "refresh" else measure(_spec)
     print(json.dumps(_out))
