@@ -74,6 +74,7 @@ class OnlineConfig:
     evict_every: int = 200  # steps between eviction sweeps
     chunk: int = 4096  # id map / table growth step
     metric_window: int = 5000
+    rank_budget: int = 2_000_000  # prequential ranking: (retrieval rows × catalogue items) per step at most
     train: bool = True  # False: a frozen model that only scores (the benchmark's baseline)
     seed: int = 0
 
@@ -159,8 +160,8 @@ class OnlineLearner:
             cats.extend(s.graph.category_ids)
             items.append(s.item_id)
             cats.append(s.category_id)
-        self.items.lookup(items, now)
-        self.categories.lookup(cats, now)
+        self.items.lookup(list(dict.fromkeys(items)), now)  # distinct ids, first-seen order
+        self.categories.lookup(list(dict.fromkeys(cats)), now)
         self._grow_tables()
 
     def _grow_tables(self) -> None:
@@ -194,17 +195,18 @@ class OnlineLearner:
 
     # -- one micro-batch ---------------------------------------------------------------------
 
-    def step(self, samples: Sequence[Sample], train_limit: int = 0):
+    def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0):
         """Score (prequential), learn, and return the vectors to publish (a StepOutput).
 
-        With ``train_limit`` > 0 a larger batch (a trainer catching up) is scored and published
-        whole but trained on a random ``train_limit`` of it: publishing stays fresh, training
-        cost per step stays bounded."""
+        With ``train_limit`` > 0 a larger batch (a trainer catching up) is published whole but
+        trained on a random ``train_limit`` of it, and with ``score_limit`` > 0 scored on a random
+        ``score_limit`` of it (an unbiased sample for the prequential metrics): publishing stays
+        fresh while the cost of a step stays bounded."""
         from stream.trainer import StepOutput
 
         now = max(s.event_ts for s in samples)
         self._assign_rows(samples, now)
-        loss = self.score_and_learn(samples, train_limit)
+        loss = self.score_and_learn(samples, train_limit, score_limit)
         if self.cfg.train and self.version % self.cfg.evict_every == 0:
             self._evict(now)
         users, contexts, bought = self.user_vectors(samples)
@@ -213,15 +215,22 @@ class OnlineLearner:
             if len(s.graph):
                 touched.setdefault(s.graph.item_ids[-1], s.graph.category_ids[-1])
         items = self.item_vectors_of(touched)
-        return StepOutput(users=users, items=items, loss=loss, bought=bought, contexts=contexts)
+        arrivals = [s.arrival_ts for s in samples if s.kind == RETRIEVAL and s.arrival_ts > 0]  # one per event
+        # users whose vector comes from a conversion sample's context, which ends at an older click
+        from_clicks = set(users) - {s.user_id for s in samples if s.kind == RETRIEVAL}
+        return StepOutput(users=users, items=items, loss=loss, bought=bought, contexts=contexts,
+                          arrivals=arrivals, from_clicks=from_clicks)
 
-    def score_and_learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
+    def score_and_learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> float:
         """Score the new samples with the model as it is (prequential), then take one optimizer
         step on them plus ``replay_share`` samples drawn from the reservoir. Uses only the model's
         public API (``encode``, heads, ``loss``), so encoders can change beneath it."""
         vocabs = self._vocabs()
+        scored = list(samples)
+        if 0 < score_limit < len(scored):
+            scored = self.rng.sample(scored, score_limit)
         # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
-        new = collate(samples, vocabs, self.device, keys=vocabs.items)
+        new = collate(scored, vocabs, self.device, keys=vocabs.items)
         self.model.eval()
         with torch.no_grad():
             self._score(new, self.model.encode(new))
@@ -248,16 +257,20 @@ class OnlineLearner:
 
     def _score(self, batch, states: torch.Tensor) -> None:
         """Prequential scores into the rolling metrics: P(buy) of conversion rows, and the rank of
-        each retrieval target among every item that has a row (full catalogue, pointer included)."""
+        retrieval targets among every item that has a row (full catalogue, pointer included); on a
+        large catalogue a random subset of the rows, ``rank_budget`` / catalogue size of them."""
         m = self.model
         conv = (batch.kind == CONVERSION).nonzero().squeeze(1)
         if len(conv):
             probs = torch.sigmoid(m.conversion_logits(rows_of(batch, conv), states[conv]))
             self.metrics.add_conversion(probs.float().cpu().numpy(), batch.label[conv].cpu().numpy())
         ret = (batch.kind == RETRIEVAL).nonzero().squeeze(1)
+        n = m.cfg.n_items
+        cap = max(16, self.cfg.rank_budget // n)  # full ranking costs O(catalogue) per row: bound it
+        if len(ret) > cap:
+            ret = ret[torch.as_tensor(sorted(self.rng.sample(range(len(ret)), cap)), device=ret.device)]
         if len(ret):
             sub = rows_of(batch, ret)
-            n = m.cfg.n_items
             rows = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
             vectors, bias = m.item_vectors(rows, m.item_category[rows])
             scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]

@@ -68,6 +68,8 @@ class StepOutput:
     loss: float
     bought: dict[str, list[str]] = field(default_factory=dict)
     contexts: dict[str, bytes] = field(default_factory=dict)
+    arrivals: list[float] = field(default_factory=list)  # arrival ts at a worker of every event in the batch
+    from_clicks: set[str] = field(default_factory=set)  # users whose context ends at an older click
 
 
 @dataclass
@@ -89,6 +91,13 @@ class TrainerRun:
             return None, None
         a = np.asarray(self.freshness)
         return float(np.quantile(a, 0.5)), float(np.quantile(a, 0.99))
+
+
+def _newer_published(serving: ServingStore, user_id: str, event_ts: float) -> bool:
+    """The user's published vector already reflects events after ``event_ts``: a vector from an
+    older context (a conversion sample's, which ends at its click) must not replace it."""
+    current = serving.user(user_id)
+    return current is not None and current.event_ts > event_ts
 
 
 def decode_samples(records: list, metrics: TrainerMetrics) -> list[Sample]:
@@ -228,7 +237,7 @@ class Trainer:
         for r in records:
             self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
         if samples:
-            out: StepOutput = self.learner.step(samples, train_limit=self.s.batch_size)
+            out: StepOutput = self.learner.step(samples, train_limit=self.s.batch_size, score_limit=self.s.batch_size)
             self.run.steps += 1
             self.run.samples += len(samples)
             for kind in ("retrieval", "conversion"):
@@ -255,14 +264,16 @@ class Trainer:
     def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
         now = time.time()
         version = self.learner.version
-        users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts, _arr) in out.users.items()}
+        users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts, _arr) in out.users.items()
+                 if u not in out.from_clicks or not _newer_published(serving, u, ev_ts)}
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
-        serving.write(users, items, bought=out.bought, contexts=out.contexts, model_version=version)
+        serving.write(users, items, bought={u: b for u, b in out.bought.items() if u in users},
+                      contexts={u: c for u, c in out.contexts.items() if u in users}, model_version=version)
         for u, rec in users.items():
             producer.send(self.s.embeddings_topic, key=b"user:" + u.encode(), value=rec.to_bytes())
         for i, rec in items.items():
             producer.send(self.s.embeddings_topic, key=b"item:" + i.encode(), value=rec.to_bytes())
-        fresh = [now - arr for (_v, _e, arr) in out.users.values() if arr > 0]
+        fresh = [now - arr for arr in out.arrivals]  # every event of the batch is in a vector now
         for f in fresh:
             self.metrics.freshness.observe(f)
         self.run.note_freshness(fresh)

@@ -30,7 +30,7 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
     ensure_app_topics(s.bootstrap, s)
     n = _produce_samples(s, 4000)
     data = tmp_path / "trainer"
-    args = ("--batch-size", "64", "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "4",
+    args = ("--batch-size", "64", "--burst", "2", "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "4",
             "--sample-len", "20")
     first = start_trainer(s, data, tmp_path / "t1.log", *args)
     deadline = time.monotonic() + 300
