@@ -231,9 +231,10 @@ def conversion_probs(model: SequenceRecommender, enc: EncodedSamples, idx: np.nd
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _validation_score(data: EvalData, device: torch.device, batch: int):
-    ret = np.flatnonzero(data.valid.kind == RETRIEVAL)
-    conv = np.flatnonzero(data.valid.kind == CONVERSION)
+def _validation_score(data: EvalData, device: torch.device, batch: int, cap: int = 0, seed: int = 0):
+    """Early-stopping score on the validation samples (at most ``cap`` of each kind, seeded)."""
+    ret = _subsample(np.flatnonzero(data.valid.kind == RETRIEVAL), cap, seed)
+    conv = _subsample(np.flatnonzero(data.valid.kind == CONVERSION), cap, seed)
 
     def score(model: SequenceRecommender) -> float:
         """Lower is better: -MRR of full ranking (what retrieval is judged by) + conversion logloss."""
@@ -253,7 +254,8 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
                     test_conv: np.ndarray, progress: bool = True) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(name, cfg, data).to(device)
-    validate = _validation_score(data, device, cfg.eval_batch) if len(data.valid) else None
+    validate = (_validation_score(data, device, cfg.eval_batch, cfg.max_test_cases, cfg.train.seed)
+                if len(data.valid) else None)
     res = fit(model, data.train, cfg.train, device, validate, desc=name, progress=progress)
     row = _empty_row()
     row["params"] = sum(p.numel() for p in model.parameters())

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from model.config import TrainConfig
 from model.evaluation import METRIC_KEYS, EvalConfig, build_data, repeat_ranks, run
@@ -19,12 +18,7 @@ from stream.synth import SynthConfig, write_file
 from tests.conftest import shared_data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="last share of the training period held out for early stopping (default: 0.1)")
     p.add_argument("--sample-len", type=int, default=None, help="context nodes per sample (default: settings sample_len)")
     p.add_argument("--max-train-samples", type=int, default=0, help="cap on training samples per epoch (default: 0 = all)")
-    p.add_argument("--max-test-cases", type=int, default=0, help="cap on test cases of each kind (default: 0 = all)")
+    p.add_argument("--max-test-cases", type=int, default=0, help="cap on test (and validation) cases of each kind (default: 0 = all)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: settings device)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: settings seed)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
