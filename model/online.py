@@ -122,6 +122,10 @@ def _reset_rows(param: nn.Parameter, rows: torch.Tensor, optimizer: torch.optim.
                 value[rows] = 0
 
 
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint written by a model of another shape or version than this process builds."""
+
+
 class OnlineLearner:
     """TGA plus its id maps, optimizer, replay reservoir and rolling prequential metrics."""
 
@@ -401,7 +405,11 @@ class OnlineLearner:
         # tables sized exactly as the saved id maps (whatever chunk this process would have used)
         self.model = TGA(dataclasses.replace(self.model.cfg, n_items=self.items.capacity,
                                              n_categories=self.categories.capacity)).to(self.device)
-        self.model.load_state_dict(torch.load(io.BytesIO(d["model"]), map_location=self.device))
+        try:
+            self.model.load_state_dict(torch.load(io.BytesIO(d["model"]), map_location=self.device))
+        except RuntimeError as exc:  # torch lists every mismatching tensor; the first says enough
+            detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+            raise IncompatibleCheckpoint(f"written by another model version or shape ({detail})") from None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.optimizer.load_state_dict(d["optimizer"])
         self.version, self.seen = d["version"], d["seen"]

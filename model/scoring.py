@@ -6,13 +6,16 @@ The API process loads the latest checkpoint read-only and reloads it when a newe
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
-from model.online import OnlineLearner
+from model.online import IncompatibleCheckpoint, OnlineLearner
 from state.checkpoint import list_checkpoints, load_latest
 from state.graph import UserGraph
 from stream.settings import Settings
+
+log = logging.getLogger("tgastream.scoring")
 
 
 class CheckpointScorer:
@@ -40,7 +43,14 @@ class CheckpointScorer:
             return
         shape = ck.get("settings", {})
         learner = OnlineLearner(self.settings.replace(**{k: v for k, v in shape.items() if k in ("dim", "layers", "heads")}))
-        learner.load_state_dict(ck["learner"])
+        try:
+            learner.load_state_dict(ck["learner"])
+        except IncompatibleCheckpoint as exc:
+            if self.learner is None:
+                raise IncompatibleCheckpoint(f"checkpoint in {self.dir} {exc}") from None
+            log.warning("keeping the loaded model: checkpoint %s %s", newest, exc)  # a running API stays up
+            self.loaded = newest
+            return
         self.learner, self.loaded = learner, newest
 
     @property

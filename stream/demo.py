@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,12 +83,34 @@ def _common(settings: Settings) -> list[str]:
     return ["--bootstrap", settings.bootstrap, "--partitions", str(settings.partitions)]
 
 
+def _metric(value: float | None) -> str:
+    """A rolling metric for the progress line; "–" while it is undefined (e.g. AUC with one class)."""
+    return "  –  " if value is None else f"{value:.3f}"
+
+
+def _clear_previous_run(data_dir: Path, logs: Path, say) -> None:
+    """A demo is one fresh run: state, checkpoints and logs of an earlier run in the same folder
+    belong to another broker's offsets (an embedded broker keeps nothing) and must not be resumed.
+    Only folders laid out by a demo are removed; anything else stops the demo."""
+    from stream.errors import CommandError
+
+    for folder, allowed in ((data_dir, {"worker", "trainer"}), (logs, None)):
+        if not folder.exists():
+            continue
+        names = {p.name for p in folder.iterdir()}
+        if allowed is not None and not names <= allowed or allowed is None and any(not n.endswith(".log") for n in names):
+            raise CommandError(f"{folder} exists and was not written by a demo: choose another --out")
+        say(f"removing the previous demo run's {folder}")
+        shutil.rmtree(folder)
+
+
 def run_demo(settings: Settings, opts: DemoOptions, say=print) -> dict:
     """Run everything, wait until the trainer has consumed every sample, write the report."""
     opts.out.mkdir(parents=True, exist_ok=True)
     logs = opts.out / "logs"
-    logs.mkdir(exist_ok=True)
     data_dir = opts.out / "data"
+    _clear_previous_run(data_dir, logs, say)
+    logs.mkdir()
     with connect_or_start(settings.bootstrap) as broker:
         settings = settings.replace(bootstrap=broker.bootstrap, data_dir=data_dir)
         say(f"broker: {broker.bootstrap}{' (embedded, memory only)' if broker.embedded else ''}")
@@ -181,7 +204,7 @@ def _drive(settings: Settings, opts: DemoOptions, log_path: Path, procs: list[Pr
             last_line = time.monotonic()
             say(f"[{row['t']:6.0f}s] events {row['events_applied']:>8,.0f}  samples {row['samples_emitted']:>8,.0f}  "
                 f"trained {row['trainer_samples']:>8,.0f}  steps {row['steps']:>6,.0f}  "
-                f"HR@10 {row['hr@10'] or 0:.3f}  AUC {row['auc'] or 0:.3f}  lag {row['lag']:,.0f}")
+                f"HR@10 {_metric(row['hr@10'])}  AUC {_metric(row['auc'])}  lag {row['lag']:,.0f}")
         if "error" in result:
             raise result["error"]
         if replay_done.is_set():

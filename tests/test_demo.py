@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,22 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broke
     series = json.loads((out / "series.json").read_text())
     assert series[-1]["events_applied"] == report["events_processed"]
     assert "API: http://127.0.0.1:" in res.stdout
+
+
+def test_a_rerun_clears_the_previous_demo_state_but_never_a_folder_it_did_not_write(tmp_path: Path):
+    from stream.demo import _clear_previous_run
+    from stream.errors import CommandError
+
+    data, logs = tmp_path / "data", tmp_path / "logs"
+    (data / "trainer" / "checkpoints").mkdir(parents=True)
+    (data / "worker").mkdir()
+    logs.mkdir()
+    (logs / "trainer.log").write_text("old run")
+    said = []
+    _clear_previous_run(data, logs, said.append)
+    assert not data.exists() and not logs.exists() and len(said) == 2
+
+    (data / "photos").mkdir(parents=True)  # not a demo's layout: refused, nothing removed
+    with pytest.raises(CommandError, match="not written by a demo"):
+        _clear_previous_run(data, logs, said.append)
+    assert (data / "photos").is_dir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.online import OnlineConfig, OnlineLearner
+from model.online import IncompatibleCheckpoint, OnlineConfig, OnlineLearner
 from state.samples import RETRIEVAL, samples_from_events
 from stream.events import BEHAVIORS, Event
 from stream.settings import Settings
@@ -101,3 +101,11 @@ def test_online_learning_improves_prequential_hr():
     L.metrics.ranks.clear()
     L.step(stream[-400:])
     assert L.online_metrics()["hr@10"] > first
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused_with_a_clear_error(samples):
+    L = learner()
+    L.step(samples[:64])
+    other = OnlineLearner(Settings(device="cpu", dim=32, heads=2, layers=1, sample_len=20), OnlineConfig(chunk=64))
+    with pytest.raises(IncompatibleCheckpoint, match="another model version or shape"):
+        other.load_state_dict(L.state_dict())

@@ -30,6 +30,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def scorer_for(settings: Settings):
     """The conversion scorer over the trainer's checkpoints (not ready until one exists)."""
+    from model.online import IncompatibleCheckpoint
     from model.scoring import load_scorer
+    from stream.errors import CommandError
 
-    return load_scorer(settings)
+    try:
+        return load_scorer(settings)
+    except IncompatibleCheckpoint as exc:
+        raise CommandError(f"{exc}; point --data-dir at the trainer that serves this model") from None

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import start_http_server
 
-    from model.online import OnlineLearner
+    from model.online import IncompatibleCheckpoint, OnlineLearner
     from stream.broker import connect_or_start
     from stream.errors import CommandError
     from stream.topics import ensure_app_topics
@@ -57,7 +57,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     trainer = Trainer(settings, handle.bootstrap, learner, metrics, publish_every=args.publish_every, progress=show)
     install_stop_handlers(trainer)
-    if trainer.restore():
+    try:
+        resumed = trainer.restore()
+    except IncompatibleCheckpoint as exc:
+        raise CommandError(f"checkpoint in {trainer.ckpt_dir} {exc}: use an empty --data-dir, or remove "
+                           "its checkpoints/ to start training afresh") from None
+    if resumed:
         print(f"\ntgastream train: resumed at step {trainer.run.steps}, offsets {trainer.offsets}", file=sys.stderr)
     run_ = trainer.serve_forever(idle_exit_s=args.idle_exit, max_samples=args.max_samples)
     p50, p99 = run_.freshness_quantiles()
