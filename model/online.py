@@ -25,7 +25,7 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from state.idmap import IdMap
 from state.samples import CONVERSION, RETRIEVAL, Sample
 from stream.events import BEHAVIOR_CODE
 from stream.settings import Settings
+
+if TYPE_CHECKING:
+    from stream.trainer import StepOutput
 
 BUY = BEHAVIOR_CODE["buy"]
 
@@ -199,9 +202,12 @@ class OnlineLearner:
 
     # -- one micro-batch ---------------------------------------------------------------------
 
-    def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0):
-        """Score (prequential), learn, and return the vectors to publish (a StepOutput).
+    def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0,
+             before_learning: Callable[["StepOutput"], None] | None = None) -> "StepOutput":
+        """Score (prequential), compute the vectors to publish, learn; returns them (a StepOutput).
 
+        ``before_learning(out)`` gets the vectors before the optimizer step, so a trainer can
+        publish them without waiting for it (they come from the model that scored the batch).
         With ``train_limit`` > 0 a larger batch (a trainer catching up) is published whole but
         trained on a random ``train_limit`` of it, and with ``score_limit`` > 0 scored on a random
         ``score_limit`` of it (an unbiased sample for the prequential metrics): publishing stays
@@ -210,9 +216,7 @@ class OnlineLearner:
 
         now = max(s.event_ts for s in samples)
         self._assign_rows(samples, now)
-        loss = self.score_and_learn(samples, train_limit, score_limit)
-        if self.cfg.train and self.version % self.cfg.evict_every == 0:
-            self._evict(now)
+        self.score(samples, score_limit)
         users, contexts, bought = self.user_vectors(samples)
         touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
         for s in samples:  # ... and each context's newest node (a user's first item is never a target)
@@ -222,13 +226,19 @@ class OnlineLearner:
         arrivals = [s.arrival_ts for s in samples if s.kind == RETRIEVAL and s.arrival_ts > 0]  # one per event
         # users whose vector comes from a conversion sample's context, which ends at an older click
         from_clicks = set(users) - {s.user_id for s in samples if s.kind == RETRIEVAL}
-        return StepOutput(users=users, items=items, loss=loss, bought=bought, contexts=contexts,
-                          arrivals=arrivals, from_clicks=from_clicks)
+        out = StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
+                         arrivals=arrivals, from_clicks=from_clicks)
+        if before_learning is not None:
+            before_learning(out)
+        out.loss = self.learn(samples, train_limit)
+        if self.cfg.train and self.version % self.cfg.evict_every == 0:
+            self._evict(now)
+        return out
 
-    def score_and_learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> float:
-        """Score the new samples with the model as it is (prequential), then take one optimizer
-        step on them plus ``replay_share`` samples drawn from the reservoir. Uses only the model's
-        public API (``encode``, heads, ``loss``), so encoders can change beneath it."""
+    @torch.no_grad()
+    def score(self, samples: Sequence[Sample], score_limit: int = 0) -> None:
+        """Score the new samples (a random ``score_limit`` of them) with the model as it is:
+        prequential test-then-train, into the rolling metrics."""
         vocabs = self._vocabs()
         scored = list(samples)
         if 0 < score_limit < len(scored):
@@ -236,10 +246,15 @@ class OnlineLearner:
         # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
         new = collate(scored, vocabs, self.device, keys=vocabs.items)
         self.model.eval()
-        with torch.no_grad():
-            self._score(new, self.model.encode(new))
+        self._score(new, self.model.encode(new))
+
+    def learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
+        """One optimizer step on the samples (a random ``train_limit`` of them) plus
+        ``replay_share`` drawn from the reservoir. Uses only the model's public API (``encode``,
+        heads, ``loss``), so encoders can change beneath it."""
         if not self.cfg.train:
             return float("nan")
+        vocabs = self._vocabs()
         train = list(samples)
         if 0 < train_limit < len(train):
             train = self.rng.sample(train, train_limit)

@@ -237,7 +237,10 @@ class Trainer:
         for r in records:
             self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
         if samples:
-            out: StepOutput = self.learner.step(samples, train_limit=self.s.batch_size, score_limit=self.s.batch_size)
+            publish = self.run.steps % self.publish_every == self.publish_every - 1
+            out: StepOutput = self.learner.step(  # vectors published before the optimizer step: fresher
+                samples, train_limit=self.s.batch_size, score_limit=self.s.batch_size,
+                before_learning=(lambda o: self._publish(o, producer, serving)) if publish else None)
             self.run.steps += 1
             self.run.samples += len(samples)
             for kind in ("retrieval", "conversion"):
@@ -246,8 +249,6 @@ class Trainer:
             self.metrics.steps.inc()
             self.metrics.loss.set(out.loss)
             self.metrics.model_version.set(self.learner.version)
-            if self.run.steps % self.publish_every == 0:
-                self._publish(out, producer, serving)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         now = time.monotonic()
         self._recent.append((now, len(samples)))
