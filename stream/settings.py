@@ -55,7 +55,7 @@ class Settings:
     heads: int = 2
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
-    burst: int = field(default=16, metadata={"help": "trainer: when behind, a micro-batch grows to burst × batch_size; all of it is published, a random batch_size of it scored and trained on"})
+    burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
     lr: float = 1e-3
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=0.25, metadata={"help": "share of each step drawn from the replay reservoir"})

@@ -129,7 +129,6 @@ class Trainer:
         self._stop = False
         self._last_ckpt = time.monotonic()
         self._recent: list[tuple[float, int]] = []  # (time, samples) for samples/s
-        self._behind = False  # the last micro-batch came full: take bigger ones until caught up
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -180,23 +179,26 @@ class Trainer:
         return consumer, tps
 
     def _next_batch(self, consumer: KafkaConsumer) -> list:
-        """Up to batch_size records (burst × batch_size while behind: the last batch came full),
-        waiting at most max_wait_s once the first has arrived."""
-        limit = self.s.batch_size * (self.s.burst if self._behind else 1)
+        """The next micro-batch: waits at most max_wait_s (from the first record) to gather
+        batch_size records; beyond that takes only what has already arrived, up to burst ×
+        batch_size (a trainer that fell behind catches up in big steps without waiting for more)."""
+        limit = self.s.batch_size * self.s.burst
         records: list = []
         deadline = None
         while len(records) < limit and not self._stop:
-            timeout_ms = 100 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
+            full = len(records) >= self.s.batch_size
+            timeout_ms = 0 if full else 100 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
             polled = consumer.poll(timeout_ms, max_records=limit - len(records))
+            got = 0
             for tp in sorted(polled, key=lambda t: t.partition):
                 records.extend(polled[tp])
+                got += len(polled[tp])
             if records and deadline is None:
                 deadline = time.monotonic() + self.s.max_wait_s
             if deadline is None:
                 return records  # nothing yet: let the caller check idleness
-            if time.monotonic() >= deadline:
+            if (full and not got) or time.monotonic() >= deadline:
                 break
-        self._behind = len(records) >= limit
         return records
 
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
