@@ -204,7 +204,7 @@ class OnlineLearner:
 
     def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0,
              before_learning: Callable[["StepOutput"], None] | None = None) -> "StepOutput":
-        """Score (prequential), compute the vectors to publish, learn; returns them (a StepOutput).
+        """Compute the vectors to publish, score (prequential), learn; returns them (a StepOutput).
 
         ``before_learning(out)`` gets the vectors before the optimizer step, so a trainer can
         publish them without waiting for it (they come from the model that scored the batch).
@@ -216,7 +216,6 @@ class OnlineLearner:
 
         now = max(s.event_ts for s in samples)
         self._assign_rows(samples, now)
-        self.score(samples, score_limit)
         users, contexts, bought = self.user_vectors(samples)
         touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
         for s in samples:  # ... and each context's newest node (a user's first item is never a target)
@@ -230,6 +229,7 @@ class OnlineLearner:
                          arrivals=arrivals, from_clicks=from_clicks)
         if before_learning is not None:
             before_learning(out)
+        self.score(samples, score_limit)  # still the model before this step's update: prequential
         out.loss = self.learn(samples, train_limit)
         if self.cfg.train and self.version % self.cfg.evict_every == 0:
             self._evict(now)
