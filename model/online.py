@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.batching import Batch, Vocabs, collate
+from model.batching import Vocabs, collate
 from model.config import ModelConfig
 from model.device import cpu_threads, resolve_device
 from model.prequential import RollingMetrics, hit_and_ndcg
@@ -46,11 +46,6 @@ if TYPE_CHECKING:
     from stream.trainer import StepOutput
 
 BUY = BEHAVIOR_CODE["buy"]
-
-
-def rows_of(batch: Batch, idx: torch.Tensor) -> Batch:
-    """The sub-batch of rows ``idx`` (same width)."""
-    return Batch(**{f.name: getattr(batch, f.name)[idx] for f in dataclasses.fields(batch)})
 
 
 class _Rows:
@@ -281,7 +276,7 @@ class OnlineLearner:
         m = self.model
         conv = (batch.kind == CONVERSION).nonzero().squeeze(1)
         if len(conv):
-            probs = torch.sigmoid(m.conversion_logits(rows_of(batch, conv), states[conv]))
+            probs = torch.sigmoid(m.conversion_logits(batch.select(conv), states[conv]))
             self.metrics.add_conversion(probs.float().cpu().numpy(), batch.label[conv].cpu().numpy())
         ret = (batch.kind == RETRIEVAL).nonzero().squeeze(1)
         n = m.cfg.n_items
@@ -289,7 +284,7 @@ class OnlineLearner:
         if len(ret) > cap:
             ret = ret[torch.as_tensor(sorted(self.rng.sample(range(len(ret)), cap)), device=ret.device)]
         if len(ret):
-            sub = rows_of(batch, ret)
+            sub = batch.select(ret)
             rows = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
             vectors, bias = m.item_vectors(rows, m.item_category[rows])
             scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
@@ -318,23 +313,21 @@ class OnlineLearner:
     # -- vectors ---------------------------------------------------------------------------
 
     @staticmethod
-    def current_graphs(samples: Sequence[Sample]) -> dict[str, tuple[UserGraph, float, float]]:
+    def current_graphs(samples: Sequence[Sample]) -> dict[str, tuple[UserGraph, float]]:
         """Each user's newest graph in the batch, *including* the event its sample targets:
-        user → (graph, newest event ts, newest arrival ts). Retrieval samples are preferred (their
-        context plus target is the whole graph); a conversion sample's context ends at its click."""
+        user → (graph, newest event ts). Retrieval samples are preferred (their context plus
+        target is the whole graph); a conversion sample's context ends at its click."""
         best: dict[str, tuple[tuple[bool, float], Sample]] = {}
-        arrival: dict[str, float] = {}
         for s in samples:
             key = (s.kind == RETRIEVAL, s.event_ts)
             if s.user_id not in best or key >= best[s.user_id][0]:
                 best[s.user_id] = (key, s)
-            arrival[s.user_id] = max(arrival.get(s.user_id, 0.0), s.arrival_ts)
         out = {}
         for uid, (_key, s) in best.items():
             g = s.graph.copy()
             if s.kind == RETRIEVAL:
                 g.append(s.item_id, s.category_id, s.behavior, s.event_ts)
-            out[uid] = (g, s.event_ts, arrival[uid])
+            out[uid] = (g, s.event_ts)
         return out
 
     @torch.no_grad()
@@ -347,7 +340,7 @@ class OnlineLearner:
         self.model.eval()
         batch = collate(pseudo, self._vocabs(), self.device)
         vecs = self.model.user_vectors(batch).float().cpu().numpy()  # [U, d]
-        users = {u: (vecs[k], graphs[u][1], graphs[u][2]) for k, u in enumerate(uids)}
+        users = {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
         contexts = {u: graphs[u][0].tail(self.settings.sample_len).to_bytes() for u in uids}
         bought = {}
         for u in uids:

@@ -143,9 +143,7 @@ class Pipeline:
     def on_partitions_changed(self, partitions: set[int]) -> None:
         """Rebalance: partitions revoked or newly assigned (their state may have changed elsewhere)."""
         if self.processor is not None:
-            self.processor.forget(partitions)
-        for p in partitions:
-            self._ack_next.pop(p, None)
+            self.processor.forget(partitions)  # (acknowledgements: every revocation clears them all)
         self.metrics.drop_partitions(partitions)
 
     def _forget_acks_after_revocation(self) -> None:

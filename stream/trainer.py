@@ -63,7 +63,7 @@ class TrainerMetrics:
 class StepOutput:
     """What one learner step gives the trainer to publish."""
 
-    users: dict[str, tuple[np.ndarray, float, float]]  # user → (vector [d], newest event ts, newest arrival ts)
+    users: dict[str, tuple[np.ndarray, float]]  # user → (vector [d], newest event ts)
     items: dict[str, np.ndarray]  # item → vector [d]
     loss: float
     bought: dict[str, list[str]] = field(default_factory=dict)
@@ -267,7 +267,7 @@ class Trainer:
     def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
         now = time.time()
         version = self.learner.version
-        users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts, _arr) in out.users.items()
+        users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts) in out.users.items()
                  if u not in out.from_clicks or not _newer_published(serving, u, ev_ts)}
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
         serving.write(users, items, bought={u: b for u, b in out.bought.items() if u in users},

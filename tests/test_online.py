@@ -34,7 +34,7 @@ def test_step_scores_before_learning_and_publishes_every_user_and_item(samples):
     assert set(out.users) == {s.user_id for s in batch}
     newest = {s.graph.item_ids[-1] for s in batch if len(s.graph)}
     assert {s.item_id for s in batch} <= set(out.items) <= {s.item_id for s in batch} | newest
-    vec, ev_ts, _arr = next(iter(out.users.values()))
+    vec, ev_ts = next(iter(out.users.values()))
     assert vec.shape == (16,) and vec.dtype == np.float32 and ev_ts > 0
 
 
