@@ -43,6 +43,17 @@ def _log(tmp_path: Path) -> Path:
     return path
 
 
+GAUGES = ("tgastream_partition_lag", "tgastream_pending_windows", "tgastream_store_bytes",
+          "tgastream_events_per_second")
+
+
+def _durable_everything(metrics: dict[str, float], applied: int) -> bool:
+    """Every valid event applied and at least one flush observed (it sets the latency and the gauges)."""
+    return (metrics.get("tgastream_events_applied_total", 0) >= applied
+            and metrics.get("tgastream_state_update_seconds_count", 0) > 0
+            and all(any(k.startswith(name) for k in metrics) for name in GAUGES))
+
+
 def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_settings, tmp_path):
     s = topic_settings
     path = _log(tmp_path)
@@ -58,7 +69,7 @@ def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_set
                               progress=False)
         total = summary.sent + len(WIRE_BAD) + s.partitions
         worker.wait_total("tgastream_events_consumed_total", total)
-        metrics = worker.metrics()
+        metrics = worker.wait_metrics(lambda m: _durable_everything(m, summary.sent), "every batch durable")
         assert worker.stop() == 0, worker.log()
     finally:
         if worker.proc.poll() is None:
@@ -94,8 +105,7 @@ def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_set
         assert metrics[f"tgastream_events_rejected_total{{reason={reason}}}"] >= 1
     assert sum(v for k, v in metrics.items() if k.startswith("tgastream_samples_emitted_total")) == expected.total()
     assert metrics["tgastream_state_update_seconds_count"] > 0
-    for name in ("tgastream_partition_lag", "tgastream_pending_windows", "tgastream_store_bytes",
-                 "tgastream_events_per_second"):
+    for name in GAUGES:
         assert any(k.startswith(name) for k in metrics), name
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 from stream.broker import die_with_parent, free_port
@@ -46,6 +47,22 @@ class WorkerProcess:
                 return value
             assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
             assert time.monotonic() < deadline, f"{name} reached {value}, not {at_least}:\n{self.log()}"
+            time.sleep(0.2)
+
+    def wait_metrics(self, condition: Callable[[dict[str, float]], bool], what: str,
+                     timeout_s: float = 60.0) -> dict[str, float]:
+        """Scrape until ``condition`` holds of one scrape, and return that scrape.
+
+        Wait for the very condition a test asserts: counters that move at process time (consumed)
+        run ahead of those that move when a flush makes the batch durable (update latency, gauges).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            metrics = self.metrics()
+            if metrics and condition(metrics):
+                return metrics
+            assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.log()}"
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 60.0) -> int:
