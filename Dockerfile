@@ -13,6 +13,8 @@ COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY state ./state
 COPY model ./model
+COPY core ./core
+COPY bench ./bench
 RUN pip install .
 
 RUN useradd --create-home --uid 10001 tgastream && mkdir -p /data && chown tgastream /data

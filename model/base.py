@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.batching import Batch
-from model.config import ModelConfig
-from model.conversion_head import ConversionHead
-from model.embedding import NodeEmbedding
-from model.retrieval_head import RetrievalHead, scatter_logsumexp
-from state.samples import CONVERSION, RETRIEVAL
+from tgastream.model.batching import Batch
+from tgastream.model.config import ModelConfig
+from tgastream.model.conversion_head import ConversionHead
+from tgastream.model.embedding import NodeEmbedding
+from tgastream.model.retrieval_head import RetrievalHead, scatter_logsumexp
+from tgastream.state.samples import CONVERSION, RETRIEVAL
 
 
 @dataclass

@@ -27,10 +27,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from model.config import SELF_EDGE_TYPE
-from model.vocab import BatchKeys, Vocab
-from state.graph import GraphArrays
-from state.samples import Sample
+from tgastream.model.config import SELF_EDGE_TYPE
+from tgastream.model.vocab import BatchKeys, Vocab
+from tgastream.state.graph import GraphArrays
+from tgastream.state.samples import Sample
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from state.graph import N_BEHAVIORS, N_EDGE_TYPES, N_GAP_BUCKETS
+from tgastream.state.graph import N_BEHAVIORS, N_EDGE_TYPES, N_GAP_BUCKETS
 
 SELF_EDGE_TYPE = N_EDGE_TYPES
 """Transition type of a node's edge to itself (the 4th slot of the neighbor index); 49 types in all."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from model.base import SequenceRecommender
-from model.batching import Batch
+from tgastream.model.base import SequenceRecommender
+from tgastream.model.batching import Batch
 
 
 class DIN(SequenceRecommender):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.batching import Batch
-from model.config import ModelConfig
+from tgastream.model.batching import Batch
+from tgastream.model.config import ModelConfig
 
 
 class NodeEmbedding(nn.Module):

@@ -33,20 +33,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.base import SequenceRecommender
-from model.batching import EncodedSamples, Vocabs, encode_samples, to_batch
-from model.config import ModelConfig, TrainConfig
-from model.device import resolve_device
-from model.din import DIN
-from model.metrics import auc, logloss, ranking_metrics, ranks_of_targets
-from model.sasrec import SASRec
-from model.tga import TGA
-from model.training import fit
-from model.vocab import InMemoryVocab
-from state.samples import CONVERSION, RETRIEVAL, Sample, UserState
-from stream.events import BEHAVIOR_CODE, Event
+from tgastream.model.base import SequenceRecommender
+from tgastream.model.batching import EncodedSamples, Vocabs, encode_samples, to_batch
+from tgastream.model.config import ModelConfig, TrainConfig
+from tgastream.model.device import resolve_device
+from tgastream.model.din import DIN
+from tgastream.model.metrics import auc, logloss, ranking_metrics, ranks_of_targets
+from tgastream.model.sasrec import SASRec
+from tgastream.model.tga import TGA
+from tgastream.model.training import fit
+from tgastream.model.vocab import InMemoryVocab
+from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState
+from tgastream.core.events import BEHAVIOR_CODE, Event
 
-REQUIRED_MODELS = ("tga", "sasrec", "pop", "repeat", "din")
 NEURAL = {"tga": (TGA, True), "tga_nocopy": (TGA, False), "sasrec": (SASRec, False),
           "sasrec_copy": (SASRec, True), "din": (DIN, False)}
 """Neural model keys → (class, pointer on). ``tga_nocopy`` and ``sasrec_copy`` are ablations."""

@@ -25,25 +25,23 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from model.batching import Vocabs, collate
-from model.config import ModelConfig
-from model.device import cpu_threads, resolve_device
-from model.prequential import RollingMetrics, hit_and_ndcg
-from model.tga import TGA
-from state.graph import UserGraph
-from state.idmap import IdMap
-from state.samples import CONVERSION, RETRIEVAL, Sample
-from stream.events import BEHAVIOR_CODE
-from stream.settings import Settings
-
-if TYPE_CHECKING:
-    from stream.trainer import StepOutput
+from tgastream.model.batching import Vocabs, collate
+from tgastream.model.config import ModelConfig
+from tgastream.model.learner import StepOutput
+from tgastream.model.device import cpu_threads, resolve_device
+from tgastream.model.prequential import RollingMetrics, hit_and_ndcg
+from tgastream.model.tga import TGA
+from tgastream.state.graph import UserGraph
+from tgastream.state.idmap import IdMap
+from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+from tgastream.core.events import BEHAVIOR_CODE
+from tgastream.core.settings import Settings
 
 BUY = BEHAVIOR_CODE["buy"]
 
@@ -197,18 +195,9 @@ class OnlineLearner:
 
     # -- one micro-batch ---------------------------------------------------------------------
 
-    def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0,
-             before_learning: Callable[["StepOutput"], None] | None = None) -> "StepOutput":
-        """Compute the vectors to publish, score (prequential), learn; returns them (a StepOutput).
-
-        ``before_learning(out)`` gets the vectors before the optimizer step, so a trainer can
-        publish them without waiting for it (they come from the model that scored the batch).
-        With ``train_limit`` > 0 a larger batch (a trainer catching up) is published whole but
-        trained on a random ``train_limit`` of it, and with ``score_limit`` > 0 scored on a random
-        ``score_limit`` of it (an unbiased sample for the prequential metrics): publishing stays
-        fresh while the cost of a step stays bounded."""
-        from stream.trainer import StepOutput
-
+    def vectors(self, samples: Sequence[Sample]) -> StepOutput:
+        """Give the batch's ids rows, and compute the vectors to publish with the model as it is:
+        each user's graph *including* its newest event, and every item the batch touches."""
         now = max(s.event_ts for s in samples)
         self._assign_rows(samples, now)
         users, contexts, bought = self.user_vectors(samples)
@@ -220,14 +209,17 @@ class OnlineLearner:
         arrivals = [s.arrival_ts for s in samples if s.kind == RETRIEVAL and s.arrival_ts > 0]  # one per event
         # users whose vector comes from a conversion sample's context, which ends at an older click
         from_clicks = set(users) - {s.user_id for s in samples if s.kind == RETRIEVAL}
-        out = StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
-                         arrivals=arrivals, from_clicks=from_clicks)
-        if before_learning is not None:
-            before_learning(out)
+        return StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
+                          arrivals=arrivals, from_clicks=from_clicks)
+
+    def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> StepOutput:
+        """Vectors, then prequential scoring, then learning: the trainer's order, in one call.
+
+        With ``train_limit`` > 0 a larger batch is trained on a random ``train_limit`` of it, and
+        with ``score_limit`` > 0 scored on a random ``score_limit`` of it."""
+        out = self.vectors(samples)
         self.score(samples, score_limit)  # still the model before this step's update: prequential
         out.loss = self.learn(samples, train_limit)
-        if self.cfg.train and self.version % self.cfg.evict_every == 0:
-            self._evict(now)
         return out
 
     @torch.no_grad()
@@ -267,6 +259,8 @@ class OnlineLearner:
         self.version += 1
         self._remember(samples)
         self.last_loss = float(loss.detach())
+        if self.version % self.cfg.evict_every == 0:
+            self._evict(max(s.event_ts for s in samples))
         return self.last_loss
 
     def _score(self, batch, states: torch.Tensor) -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.base import SequenceRecommender
-from model.batching import Batch
-from model.config import ModelConfig
-from model.sasrec_layer import CausalSelfAttentionLayer
+from tgastream.model.base import SequenceRecommender
+from tgastream.model.batching import Batch
+from tgastream.model.config import ModelConfig
+from tgastream.model.sasrec_layer import CausalSelfAttentionLayer
 
 
 class SASRec(SequenceRecommender):

@@ -10,10 +10,10 @@ import logging
 import time
 from pathlib import Path
 
-from model.online import IncompatibleCheckpoint, OnlineLearner
-from state.checkpoint import list_checkpoints, load_latest
-from state.graph import UserGraph
-from stream.settings import Settings
+from tgastream.model.online import IncompatibleCheckpoint, OnlineLearner
+from tgastream.state.checkpoint import list_checkpoints, load_latest
+from tgastream.state.graph import UserGraph
+from tgastream.core.settings import Settings
 
 log = logging.getLogger("tgastream.scoring")
 

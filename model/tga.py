@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.base import SequenceRecommender
-from model.batching import Batch, Vocabs, encode_graphs
-from model.config import ModelConfig
-from model.tga_layer import TGALayer
-from state.graph import GraphArrays
+from tgastream.model.base import SequenceRecommender
+from tgastream.model.batching import Batch, Vocabs, encode_graphs
+from tgastream.model.config import ModelConfig
+from tgastream.model.tga_layer import TGALayer
+from tgastream.state.graph import GraphArrays
 
 
 @dataclass

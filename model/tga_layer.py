@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from model import fused
+from tgastream.model import fused
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

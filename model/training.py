@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.base import SequenceRecommender
-from model.batching import EncodedSamples, to_batch
-from model.config import TrainConfig
-from state.samples import CONVERSION, RETRIEVAL
+from tgastream.model.base import SequenceRecommender
+from tgastream.model.batching import EncodedSamples, to_batch
+from tgastream.model.config import TrainConfig
+from tgastream.state.samples import CONVERSION, RETRIEVAL
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Real-time user features kept beside the graph (issue 5, item 6), published to ``user-features``.
+"""Real-time user features kept beside the graph, published to ``user-features``.
 
 Per user:
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Iterable
 
-from stream.events import BEHAVIORS
+from tgastream.core.events import BEHAVIORS
 
 FEATURES_VERSION = 1
 BUCKET_S = 60

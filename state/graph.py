@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from stream.events import BEHAVIOR_CODE, Event
+from tgastream.core.events import BEHAVIOR_CODE, Event
 
 N_VIEWS = 3
 N_BEHAVIORS = 4
@@ -57,7 +57,7 @@ class GraphArrays:
 
     items: list[str]  # external item ids [N]
     categories: list[str]  # external category ids [N]
-    behaviors: np.ndarray  # [N] int64, codes of stream.events.BEHAVIORS
+    behaviors: np.ndarray  # [N] int64, codes of tgastream.core.events.BEHAVIORS
     ts: np.ndarray  # [N] float64 event time, s
     gap_buckets: np.ndarray  # [N] int64 in [0, N_GAP_BUCKETS)
     neighbors: np.ndarray  # [N, 3] int64 local index of each view's predecessor, -1 = none

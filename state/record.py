@@ -15,9 +15,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from state.features import UserFeatures
-from state.samples import CONVERSION, Sample, UserState
-from stream.events import BEHAVIOR_CODE, Event
+from tgastream.state.features import UserFeatures
+from tgastream.state.samples import CONVERSION, Sample, UserState
+from tgastream.core.events import BEHAVIOR_CODE, Event
 
 RECORD_VERSION = 1
 _HEADER = struct.Struct("<BI")

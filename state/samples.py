@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from state.graph import UserGraph
-from stream.events import BEHAVIOR_CODE, Event
+from tgastream.state.graph import UserGraph
+from tgastream.core.events import BEHAVIOR_CODE, Event
 
 RETRIEVAL, CONVERSION = 0, 1
 SAMPLE_VERSION = 1

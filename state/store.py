@@ -18,7 +18,7 @@ exact key, scanned only when a partition is (re)assigned. The tuning follows fro
 
 Every write of a processing batch goes through one :class:`rocksdict.WriteBatch`, so a batch of
 user states lands atomically. Keys starting with ``\\n`` are internal (a user id can never contain
-a newline, :mod:`stream.events` rejects it) and are hidden from iteration.
+a newline, :mod:`tgastream.core.events` rejects it) and are hidden from iteration.
 """
 
 from __future__ import annotations

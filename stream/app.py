@@ -19,14 +19,14 @@ from typing import Any
 
 import faust
 
-from state.store import StateStore, StoreOptions
-from stream.batch_consumer import BatchConsumer, BatchHandler, BatchTransport
-from stream.metrics import WorkerMetrics
-from stream.output import BatchedProducer
-from stream.pipeline import Pipeline, PipelineConfig
-from stream.processor import ProcessorConfig
-from stream.settings import Settings
-from stream.topics import app_topics
+from tgastream.state.store import StateStore, StoreOptions
+from tgastream.stream.batch_consumer import BatchConsumer, BatchHandler, BatchTransport
+from tgastream.stream.metrics import WorkerMetrics
+from tgastream.stream.output import BatchedProducer
+from tgastream.stream.pipeline import Pipeline, PipelineConfig
+from tgastream.stream.processor import ProcessorConfig
+from tgastream.core.settings import Settings
+from tgastream.stream.topics import app_topics
 
 TABLE_NAME = "user-state"
 
@@ -126,7 +126,7 @@ def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | No
     pipeline = Pipeline(config, store, producer, metrics)
     app = WorkerApp(settings.consumer_group, batch_handlers={settings.events_topic: pipeline.handle},
                     **faust_config(settings, data_dir / "faust"))
-    from stream.table_store import StateTable
+    from tgastream.stream.table_store import StateTable
 
     table = StateTable(app, state=store, on_partitions_changed=pipeline.on_partitions_changed,
                        name=TABLE_NAME, partitions=settings.partitions, beacon=app.tables.beacon,

@@ -15,27 +15,27 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from stream.errors import CommandError
-from stream.settings import Settings, SettingsError, load_settings
+from tgastream.core.errors import CommandError
+from tgastream.core.settings import Settings, SettingsError, load_settings
 
 COMMANDS: dict[str, str] = {
-    "broker": "stream.commands.broker",
-    "synth": "stream.commands.synth",
-    "replay": "stream.commands.replay",
-    "bench": "stream.commands.bench",
-    "eval": "stream.commands.eval",
-    "serve": "stream.commands.serve",
-    "worker": "stream.commands.worker",
-    "train": "stream.commands.train",
-    "demo": "stream.commands.demo",
+    "broker": "tgastream.stream.commands.broker",
+    "synth": "tgastream.stream.commands.synth",
+    "replay": "tgastream.stream.commands.replay",
+    "bench": "tgastream.stream.commands.bench",
+    "eval": "tgastream.stream.commands.eval",
+    "serve": "tgastream.stream.commands.serve",
+    "worker": "tgastream.stream.commands.worker",
+    "train": "tgastream.stream.commands.train",
+    "demo": "tgastream.stream.commands.demo",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is shown as one line instead of a traceback."""
-    from stream.broker import BrokerError
-    from stream.topics import TopicError
+    from tgastream.stream.broker import BrokerError
+    from tgastream.stream.topics import TopicError
 
     return (CommandError, SettingsError, BrokerError, TopicError, FileNotFoundError, IsADirectoryError)
 

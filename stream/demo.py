@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stream.broker import connect_or_start, die_with_parent, free_port, port_open
-from stream.plots import save_chart
-from stream.promscrape import scrape, total
-from stream.replay import ReplayOptions, ReplaySummary, replay_file
-from stream.settings import Settings
-from stream.synth import SynthConfig, write_file
-from stream.topics import ensure_app_topics
+from tgastream.stream.broker import connect_or_start, die_with_parent, free_port, port_open
+from tgastream.stream.plots import save_chart
+from tgastream.stream.promscrape import scrape, total
+from tgastream.stream.replay import ReplayOptions, ReplaySummary, replay_file
+from tgastream.core.settings import Settings
+from tgastream.stream.synth import SynthConfig, write_file
+from tgastream.stream.topics import ensure_app_topics
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Proc:
 def spawn(name: str, args: list[str], log_dir: Path) -> Proc:
     log = log_dir / f"{name}.log"
     fh = open(log, "ab")
-    popen = subprocess.Popen([sys.executable, "-m", "stream.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+    popen = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
     fh.close()
@@ -92,7 +92,7 @@ def _clear_previous_run(data_dir: Path, logs: Path, say) -> None:
     """A demo is one fresh run: state, checkpoints and logs of an earlier run in the same folder
     belong to another broker's offsets (an embedded broker keeps nothing) and must not be resumed.
     Only folders laid out by a demo are removed; anything else stops the demo."""
-    from stream.errors import CommandError
+    from tgastream.core.errors import CommandError
 
     for folder, allowed in ((data_dir, {"worker", "trainer"}), (logs, None)):
         if not folder.exists():

@@ -28,11 +28,11 @@ from typing import Any, Mapping, Sequence
 
 from faust.types import TP
 
-from state.store import INTERNAL_PREFIX, StateStore
-from stream.batch_consumer import BatchConsumer
-from stream.metrics import LatencyLog, WorkerMetrics
-from stream.output import BatchedProducer, Delivery, TopicSink, delivered, key_partition
-from stream.processor import BatchStats, Processor, ProcessorConfig
+from tgastream.state.store import INTERNAL_PREFIX, StateStore
+from tgastream.stream.batch_consumer import BatchConsumer
+from tgastream.stream.metrics import LatencyLog, WorkerMetrics
+from tgastream.stream.output import BatchedProducer, Delivery, TopicSink, delivered, key_partition
+from tgastream.stream.processor import BatchStats, Processor, ProcessorConfig
 
 log = logging.getLogger(__name__)
 

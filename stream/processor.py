@@ -3,13 +3,13 @@
 Kafka-free and synchronous on purpose: the faust app (:mod:`stream.app`) feeds it whole fetched
 batches of one partition, it writes samples and rejects into an :class:`OutputSink`, and the app
 persists the users it changed (:meth:`Processor.snapshot`) on an interval. That split is what lets
-the worker run below faust's one-await-per-event layer (DESIGN.md §7, issue 5).
+the worker run below faust's one-await-per-event layer (DESIGN.md §7).
 
 Per record, in partition order:
 
 - the watermark control record (key ``__watermark__``) closes every open conversion window that
   ended at or before its event time (negative conversion samples);
-- anything else is validated (:func:`stream.events.parse_json`); a bad record goes to the DLQ
+- anything else is validated (:func:`tgastream.core.events.parse_json`); a bad record goes to the DLQ
   with its original bytes and a reason, and so does a record whose key is not its user id (the
   topic is keyed by user id: a user's state must live in one partition);
 - a valid event is applied to the user's :class:`~state.record.UserRecord` unless its offset is
@@ -32,11 +32,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from state.record import UserRecord, peek_pending
-from state.samples import CONVERSION, Sample
-from state.store import StateStore
-from stream.events import WATERMARK_KEY, Event, Rejection, parse_json, parse_watermark
-from stream.replay import dlq_headers
+from tgastream.state.record import UserRecord, peek_pending
+from tgastream.state.samples import CONVERSION, Sample
+from tgastream.state.store import StateStore
+from tgastream.core.events import WATERMARK_KEY, Event, Rejection, parse_json, parse_watermark
+from tgastream.stream.replay import dlq_headers
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Iterable
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from tqdm import tqdm
 
-from stream.events import WATERMARK_KEY, Event, Rejection, read_log, watermark_value
-from stream.settings import Settings
+from tgastream.core.events import WATERMARK_KEY, Event, Rejection, read_log, watermark_value
+from tgastream.core.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from state.serving import ServingStore
+from tgastream.state.serving import ServingStore
 
 MAX_K = 1000
 MAX_CANDIDATES = 1000

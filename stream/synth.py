@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from stream.events import TAOBAO_CODES
+from tgastream.core.events import TAOBAO_CODES
 
 START_TS = 1511568000  # 2017-11-25 00:00:00 UTC, the first day of the Taobao log
 

@@ -20,7 +20,7 @@ from faust.stores.base import SerializedStore
 from faust.streams import current_event
 from faust.types import TP, EventT
 
-from state.store import StateStore
+from tgastream.state.store import StateStore
 
 PartitionsCallback = Callable[[Set[int]], None]
 

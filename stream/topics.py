@@ -11,14 +11,11 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 
 class TopicError(RuntimeError):
     """A topic exists with the wrong shape, or could not be created; one-line message."""
-
-
-COMPACTED = {"embeddings", "user-features"}
 
 
 def app_topics(settings: Settings) -> dict[str, dict[str, str]]:

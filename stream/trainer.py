@@ -22,11 +22,12 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from state.checkpoint import load_latest, save_checkpoint, write_atomic
-from state.samples import Sample
-from state.serving import ServingStore, VectorRecord
-from stream.replay import make_producer
-from stream.settings import Settings
+from tgastream.model.learner import Learner, StepOutput
+from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
+from tgastream.state.samples import CONVERSION, Sample
+from tgastream.state.serving import ServingStore, VectorRecord
+from tgastream.stream.replay import make_producer
+from tgastream.core.settings import Settings
 
 log = logging.getLogger("tgastream.trainer")
 
@@ -57,19 +58,6 @@ class TrainerMetrics:
         self.idmap_size = Gauge("tgastream_idmap_size", "ids with an embedding row", ["kind"], registry=r)
         self.idmap_evictions = Gauge("tgastream_idmap_evictions", "id map rows evicted so far", ["kind"], registry=r)
         self.lag = Gauge("tgastream_trainer_lag", "samples on the topic not yet consumed (approximate on Tansu)", registry=r)
-
-
-@dataclass
-class StepOutput:
-    """What one learner step gives the trainer to publish."""
-
-    users: dict[str, tuple[np.ndarray, float]]  # user → (vector [d], newest event ts)
-    items: dict[str, np.ndarray]  # item → vector [d]
-    loss: float
-    bought: dict[str, list[str]] = field(default_factory=dict)
-    contexts: dict[str, bytes] = field(default_factory=dict)
-    arrivals: list[float] = field(default_factory=list)  # arrival ts at a worker of every event in the batch
-    from_clicks: set[str] = field(default_factory=set)  # users whose context ends at an older click
 
 
 @dataclass
@@ -114,7 +102,7 @@ def decode_samples(records: list, metrics: TrainerMetrics) -> list[Sample]:
 class Trainer:
     """Consume → learn → publish → checkpoint, until stopped or idle."""
 
-    def __init__(self, settings: Settings, bootstrap: str, learner, metrics: TrainerMetrics | None = None,
+    def __init__(self, settings: Settings, bootstrap: str, learner: Learner, metrics: TrainerMetrics | None = None,
                  publish_every: int = 1, progress: Callable[[dict], None] | None = None) -> None:
         self.s = settings
         self.bootstrap = bootstrap
@@ -239,15 +227,18 @@ class Trainer:
         for r in records:
             self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
         if samples:
-            publish = self.run.steps % self.publish_every == self.publish_every - 1
-            out: StepOutput = self.learner.step(  # vectors published before the optimizer step: fresher
-                samples, train_limit=self.s.batch_size, score_limit=self.s.batch_size,
-                before_learning=(lambda o: self._publish(o, producer, serving)) if publish else None)
+            # publish → score → learn: vectors go out before the optimizer step (fresher), and the
+            # prequential score is of the model that made them (test-then-train)
+            out = self.learner.vectors(samples)
+            if self.run.steps % self.publish_every == self.publish_every - 1:
+                self._publish(out, producer, serving)
+            self.learner.score(samples, score_limit=self.s.batch_size)
+            out.loss = self.learner.learn(samples, train_limit=self.s.batch_size)
             self.run.steps += 1
             self.run.samples += len(samples)
-            for kind in ("retrieval", "conversion"):
-                n = sum(1 for s in samples if (s.kind == 1) == (kind == "conversion"))
-                self.metrics.samples.labels(kind).inc(n)
+            conversions = sum(1 for s in samples if s.kind == CONVERSION)
+            self.metrics.samples.labels("conversion").inc(conversions)
+            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
             self.metrics.steps.inc()
             self.metrics.loss.set(out.loss)
             self.metrics.model_version.set(self.learner.version)

@@ -21,16 +21,16 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, TextIO
 
-from stream.app import StreamWorker, build_worker, changelog_topic, worker_topics
-from stream.metrics import MetricsServer, WorkerMetrics
-from stream.pipeline import PipelineTotals
-from stream.settings import Settings
-from stream.topics import ensure_topics
+from tgastream.stream.app import StreamWorker, build_worker, changelog_topic, worker_topics
+from tgastream.stream.metrics import MetricsServer, WorkerMetrics
+from tgastream.stream.pipeline import PipelineTotals
+from tgastream.core.settings import Settings
+from tgastream.stream.topics import ensure_topics
 
 log = logging.getLogger("tgastream.worker")
 
 QUIET_LOGGERS = ("faust", "mode", "aiokafka", "kafka",
-                 "stream.app", "stream.batch_consumer", "stream.table_store")  # faust services log here
+                 "tgastream.stream.app", "tgastream.stream.batch_consumer", "tgastream.stream.table_store")  # faust services log here
 
 
 @dataclass(frozen=True)

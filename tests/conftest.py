@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.broker import EmbeddedBroker
-from stream.settings import Settings
+from tgastream.stream.broker import EmbeddedBroker
+from tgastream.core.settings import Settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from state.record import UserRecord
-from state.samples import Sample, samples_from_events
-from state.store import StateStore
-from stream.events import Event, read_log
-from stream.replay import _ordered
+from tgastream.state.record import UserRecord
+from tgastream.state.samples import Sample, samples_from_events
+from tgastream.state.store import StateStore
+from tgastream.core.events import Event, read_log
+from tgastream.stream.replay import _ordered
 
 
 def replay_order(path: Path) -> list[Event]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from model.bench import format_tables, measure, measure_refresh
+from tgastream.bench.model import format_tables, measure, measure_refresh
 
 ROW_KEYS = {"model", "seq_len", "train_samples_per_s", "infer_ms", "peak_mem_mb"}
 SPEC = {"batch": 2, "dim": 16, "layers": 1, "heads": 2, "ffn_mult": 1, "items": 300, "min_steps": 1,
@@ -39,7 +39,7 @@ def test_measure_rows_have_the_agreed_keys():
 @pytest.mark.slow
 def test_bench_model_command_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "stream.cli", "bench", "model", "--lengths", "20,40", "--batch", "2",
+    res = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "model", "--lengths", "20,40", "--batch", "2",
                           "--dim", "16", "--items", "300", "--min-steps", "1", "--min-seconds", "0",
                           "--refresh-lengths", "20", "--steps-length", "20", "--json", str(out)],
                          capture_output=True, text=True, timeout=600)

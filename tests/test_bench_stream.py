@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from stream.bench_stream import VariantResult, _report, median_run, render
-from stream.cli import main
-from stream.settings import Settings
+from tgastream.bench.stream import VariantResult, _report, median_run, render
+from tgastream.stream.cli import main
+from tgastream.core.settings import Settings
 
 REQUIRED_KEYS = {"events_per_s", "reference_events_per_s", "ratio", "bare_take_events_per_s", "ratio_to_bare",
                  "update_p50_ms", "update_p99_ms", "state_bytes_per_user", "events"}

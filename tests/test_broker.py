@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from stream.broker import BrokerError, EmbeddedBroker, answers_metadata, connect_or_start, free_port
+from tgastream.stream.broker import BrokerError, EmbeddedBroker, answers_metadata, connect_or_start, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -39,7 +39,7 @@ def test_broker_dies_with_owner_on_exception_and_sigterm(tmp_path):
     pidfile = tmp_path / "pid"
     script = textwrap.dedent(f"""
         import sys, time
-        from stream.broker import EmbeddedBroker, install_sigterm_handler
+        from tgastream.stream.broker import EmbeddedBroker, install_sigterm_handler
         install_sigterm_handler()
         with EmbeddedBroker() as b:
             open({str(pidfile)!r}, "w").write(str(b.pid))

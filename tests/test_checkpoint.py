@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from state.checkpoint import list_checkpoints, load_latest, save_checkpoint, write_atomic
+from tgastream.state.checkpoint import list_checkpoints, load_latest, save_checkpoint, write_atomic
 
 
 def test_latest_checkpoint_is_loaded_and_old_ones_pruned(tmp_path):

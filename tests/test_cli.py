@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from stream.broker import free_port
-from stream.cli import COMMANDS
+from tgastream.stream.broker import free_port
+from tgastream.stream.cli import COMMANDS
 
 
 def tgastream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "tgastream.stream.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broker):
     out = tmp_path / "report"
     res = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "demo", "--out", str(out), "--events", "1500", "--users", "40",
+        [sys.executable, "-m", "tgastream.stream.cli", "demo", "--out", str(out), "--events", "1500", "--users", "40",
          "--rate", "1500", "--quiet", "--bootstrap", broker.bootstrap, "--dim", "16", "--heads", "2", "--layers", "1",
          "--batch-size", "128", "--timeout", "400", "--partitions", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -35,8 +35,8 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broke
 
 
 def test_a_rerun_clears_the_previous_demo_state_but_never_a_folder_it_did_not_write(tmp_path: Path):
-    from stream.demo import _clear_previous_run
-    from stream.errors import CommandError
+    from tgastream.stream.demo import _clear_previous_run
+    from tgastream.core.errors import CommandError
 
     data, logs = tmp_path / "data", tmp_path / "logs"
     (data / "trainer" / "checkpoints").mkdir(parents=True)

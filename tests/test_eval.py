@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.config import TrainConfig
-from model.evaluation import METRIC_KEYS, EvalConfig, build_data, repeat_ranks, run
-from state.samples import CONVERSION, RETRIEVAL
-from stream.cli import main
-from stream.events import load_events
-from stream.synth import SynthConfig, write_file
+from tgastream.model.config import TrainConfig
+from tgastream.model.evaluation import METRIC_KEYS, EvalConfig, build_data, repeat_ranks, run
+from tgastream.state.samples import CONVERSION, RETRIEVAL
+from tgastream.stream.cli import main
+from tgastream.core.events import load_events
+from tgastream.stream.synth import SynthConfig, write_file
 
 from tests.conftest import shared_data
 
@@ -74,7 +74,7 @@ def test_eval_rejects_an_unknown_model(log, capsys):
 
 
 def test_repeat_recent_reproduces_the_reference_figure():
-    """Issue 6: on taobao-users-10k, repeat-recent reaches HR@10 0.133 (2,000 cases), 0.357 on buys (42)."""
+    """On taobao-users-10k, repeat-recent reaches HR@10 0.133 (2,000 cases), 0.357 on buys (42)."""
     data = build_data(load_events(shared_data("taobao-users-10k.csv")), EvalConfig(), progress=False)
     idx = np.flatnonzero(data.test.kind == RETRIEVAL)
     ranks = repeat_ranks(data, idx)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.events import (
+from tgastream.core.events import (
     MAX_RECORD_BYTES, REASONS, Event, Rejection, detect_format, load_events, parse_json,
     parse_retailrocket_csv, parse_taobao_csv, read_log,
 )

@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.features import UserFeatures, build_features
+from tgastream.state.features import UserFeatures, build_features
 
 CLICK, FAV, CART, BUY = 0, 1, 2, 3
 T0 = 1_511_568_000.0  # a minute boundary

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.graph import (
+from tgastream.state.graph import (
     N_EDGE_TYPES, UserGraph, build_graph, edge_type, gap_bucket, reference_neighbors,
 )
-from stream.events import Event
+from tgastream.core.events import Event
 
 CLICK, FAV, CART, BUY = 0, 1, 2, 3
 

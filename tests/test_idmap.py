@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from state.idmap import IdMap, read_mirror
+from tgastream.state.idmap import IdMap, read_mirror
 
 
 def test_new_ids_get_distinct_rows_and_unknown_lookups_give_zero():

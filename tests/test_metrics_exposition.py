@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from stream.metrics import WorkerMetrics
-from stream.serve import ApiMetrics
-from stream.trainer import TrainerMetrics
+from tgastream.stream.metrics import WorkerMetrics
+from tgastream.stream.serve import ApiMetrics
+from tgastream.stream.trainer import TrainerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "tgastream.json"
 

@@ -1,4 +1,4 @@
-"""TGA, its baselines and batching: the behaviours the model must keep (DESIGN.md §4, issue 6)."""
+"""TGA, its baselines and batching: the behaviours the model must keep (DESIGN.md §4)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from model import fused
-from model.batching import Vocabs, collate, encode_graphs, encode_samples, to_batch
-from model.config import ModelConfig
-from model.din import DIN
-from model.metrics import auc, ranks_of_targets, ranking_metrics
-from model.sasrec import SASRec
-from model.tga import TGA
-from model.tga_layer import aggregate_naive, aggregate_reference
-from model.vocab import InMemoryVocab
-from state.graph import UserGraph
-from state.samples import CONVERSION, RETRIEVAL, Sample, samples_from_events
-from stream.events import Event
-from stream.synth import SynthConfig, generate
+from tgastream.model import fused
+from tgastream.model.batching import Vocabs, collate, encode_graphs, encode_samples, to_batch
+from tgastream.model.config import ModelConfig
+from tgastream.model.din import DIN
+from tgastream.model.metrics import auc, ranks_of_targets, ranking_metrics
+from tgastream.model.sasrec import SASRec
+from tgastream.model.tga import TGA
+from tgastream.model.tga_layer import aggregate_naive, aggregate_reference
+from tgastream.model.vocab import InMemoryVocab
+from tgastream.state.graph import UserGraph
+from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, samples_from_events
+from tgastream.core.events import Event
+from tgastream.stream.synth import SynthConfig, generate
 
 N_ITEMS, N_CATS = 60, 8
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.online import IncompatibleCheckpoint, OnlineConfig, OnlineLearner
-from state.samples import RETRIEVAL, samples_from_events
-from stream.events import BEHAVIORS, Event
-from stream.settings import Settings
-from stream.synth import SynthConfig, generate
+from tgastream.model.online import IncompatibleCheckpoint, OnlineConfig, OnlineLearner
+from tgastream.state.samples import RETRIEVAL, samples_from_events
+from tgastream.core.events import BEHAVIORS, Event
+from tgastream.core.settings import Settings
+from tgastream.stream.synth import SynthConfig, generate
 
 
 @pytest.fixture(scope="module")

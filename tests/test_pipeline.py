@@ -6,12 +6,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from state.samples import RETRIEVAL, Sample
-from state.serving import VectorRecord
-from stream.events import load_events
-from stream.replay import ReplayOptions, replay_file
-from stream.synth import SynthConfig, write_file
-from stream.topics import ensure_app_topics
+from tgastream.state.samples import RETRIEVAL, Sample
+from tgastream.state.serving import VectorRecord
+from tgastream.core.events import load_events
+from tgastream.stream.replay import ReplayOptions, replay_file
+from tgastream.stream.synth import SynthConfig, write_file
+from tgastream.stream.topics import ensure_app_topics
 from tests.kafka_util import read_topic
 from tests.trainer_util import history, start_trainer, stats
 from tests.worker_util import start_worker, wait_until

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.prequential import RollingMetrics, auc, hit_and_ndcg, logloss
+from tgastream.model.prequential import RollingMetrics, auc, hit_and_ndcg, logloss
 
 
 def test_auc_matches_pairwise_definition_with_ties():

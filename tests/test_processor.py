@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from state.record import UserRecord
-from state.samples import Sample
-from state.store import StateStore
-from stream.events import WATERMARK_KEY, Event, watermark_value
-from stream.processor import Processor, ProcessorConfig
-from stream.synth import SynthConfig, generate
+from tgastream.state.record import UserRecord
+from tgastream.state.samples import Sample
+from tgastream.state.store import StateStore
+from tgastream.core.events import WATERMARK_KEY, Event, watermark_value
+from tgastream.stream.processor import Processor, ProcessorConfig
+from tgastream.stream.synth import SynthConfig, generate
 from tests.stream_reference import comparable, offline_records, offline_sample_counter, sample_identity
 
 DAY = 86400.0

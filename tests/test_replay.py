@@ -7,10 +7,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from stream.events import WATERMARK_KEY, load_events, parse_json
-from stream.replay import ReplayOptions, copy_topic, make_producer, replay_file
-from stream.synth import SynthConfig, write_file
-from stream.topics import ensure_app_topics
+from tgastream.core.events import WATERMARK_KEY, load_events, parse_json
+from tgastream.stream.replay import ReplayOptions, copy_topic, make_producer, replay_file
+from tgastream.stream.synth import SynthConfig, write_file
+from tgastream.stream.topics import ensure_app_topics
 from tests.kafka_util import read_topic
 
 BAD_LINES = ["1,2,3,like,100", "1,2,3,pv", "1,2,3,pv,notatime", ",2,3,pv,100"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from state.samples import CONVERSION, RETRIEVAL, Sample, UserState, samples_from_events
-from stream.events import Event
+from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState, samples_from_events
+from tgastream.core.events import Event
 
 DAY = 86400.0
 

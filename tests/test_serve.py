@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from state.serving import ServingStore, VectorRecord
-from stream.broker import die_with_parent, free_port
+from tgastream.state.serving import ServingStore, VectorRecord
+from tgastream.stream.broker import die_with_parent, free_port
 
 
 def rec(vec, version=3) -> VectorRecord:
@@ -21,7 +21,7 @@ def rec(vec, version=3) -> VectorRecord:
 
 def _start(tmp_path: Path, store: Path, *extra: str):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "serve", "--store", str(store), "--api-port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", "serve", "--store", str(store), "--api-port", str(port),
                              "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}"
@@ -105,12 +105,12 @@ def test_metrics_count_requests(api):
 
 
 def test_score_uses_the_trainers_checkpoint(tmp_path: Path):
-    from model.online import OnlineConfig, OnlineLearner
-    from state.checkpoint import save_checkpoint
-    from state.samples import samples_from_events
-    from stream.events import BEHAVIORS, Event
-    from stream.settings import Settings
-    from stream.synth import SynthConfig, generate
+    from tgastream.model.online import OnlineConfig, OnlineLearner
+    from tgastream.state.checkpoint import save_checkpoint
+    from tgastream.state.samples import samples_from_events
+    from tgastream.core.events import BEHAVIORS, Event
+    from tgastream.core.settings import Settings
+    from tgastream.stream.synth import SynthConfig, generate
 
     rows = generate(SynthConfig(users=20, events=600, seed=2))
     events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]

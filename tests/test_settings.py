@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.settings import Settings, SettingsError, load_settings
+from tgastream.core.settings import Settings, SettingsError, load_settings
 
 
 def test_precedence_defaults_toml_env_flags(tmp_path: Path):

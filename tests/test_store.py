@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from state.store import OFFSET_KEY, StateStore, StoreOptions
+from tgastream.state.store import OFFSET_KEY, StateStore, StoreOptions
 
 
 def test_batched_write_puts_and_deletes_and_multi_get_keeps_order(tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stream.events import load_events
-from stream.synth import SynthConfig, generate, write_file
+from tgastream.core.events import load_events
+from tgastream.stream.synth import SynthConfig, generate, write_file
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import signal
 import time
 
-from state.samples import samples_from_events
-from stream.events import BEHAVIORS, Event
-from stream.replay import make_producer
-from stream.synth import SynthConfig, generate
-from stream.topics import ensure_app_topics
+from tgastream.state.samples import samples_from_events
+from tgastream.core.events import BEHAVIORS, Event
+from tgastream.stream.replay import make_producer
+from tgastream.stream.synth import SynthConfig, generate
+from tgastream.stream.topics import ensure_app_topics
 from tests.trainer_util import history, start_trainer, stats
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
-from state.samples import Sample
-from stream.events import WATERMARK_KEY
-from stream.replay import ReplayOptions, replay_file
-from stream.synth import SynthConfig, write_file
+from tgastream.state.samples import Sample
+from tgastream.core.events import WATERMARK_KEY
+from tgastream.stream.replay import ReplayOptions, replay_file
+from tgastream.stream.synth import SynthConfig, write_file
 from tests.kafka_util import read_topic
 from tests.stream_reference import (
     comparable, offline_records, offline_sample_counter, read_store, replay_order, sample_identity,
@@ -111,10 +111,10 @@ def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_set
 
 def test_local_state_ahead_of_the_changelog_is_dropped_at_start(topic_settings, tmp_path):
     """A broker restart (Tansu: memory only) recreates an empty changelog; stale local state goes."""
-    from state.store import StateStore
-    from stream.app import build_worker, worker_topics
-    from stream.topics import ensure_topics
-    from stream.worker import drop_stale_partitions
+    from tgastream.state.store import StateStore
+    from tgastream.stream.app import build_worker, worker_topics
+    from tgastream.stream.topics import ensure_topics
+    from tgastream.stream.worker import drop_stale_partitions
 
     s = topic_settings
     ensure_topics(s.bootstrap, worker_topics(s), s.partitions)

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from state.samples import Sample
-from stream.replay import ReplayOptions, ReplaySummary, replay_file
-from stream.synth import SynthConfig, write_file
+from tgastream.state.samples import Sample
+from tgastream.stream.replay import ReplayOptions, ReplaySummary, replay_file
+from tgastream.stream.synth import SynthConfig, write_file
 from tests.kafka_util import read_topic
 from tests.stream_reference import (
     comparable, offline_records, offline_sample_counter, read_store, replay_order, sample_identity,

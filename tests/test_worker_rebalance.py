@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-from state.record import UserRecord
-from state.samples import Sample
-from state.store import INTERNAL_PREFIX
-from stream.app import changelog_topic
-from stream.replay import ReplayOptions, replay_file
-from stream.synth import SynthConfig, write_file
+from tgastream.state.record import UserRecord
+from tgastream.state.samples import Sample
+from tgastream.state.store import INTERNAL_PREFIX
+from tgastream.stream.app import changelog_topic
+from tgastream.stream.replay import ReplayOptions, replay_file
+from tgastream.stream.synth import SynthConfig, write_file
 from tests.kafka_util import read_topic
 from tests.stream_reference import comparable, offline_records, offline_sample_counter, replay_order, sample_identity
 from tests.worker_util import committed_offsets, start_worker, wait_until

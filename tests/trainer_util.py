@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stream.broker import die_with_parent, free_port
-from stream.settings import Settings
+from tgastream.stream.broker import die_with_parent, free_port
+from tgastream.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ("--dim", "16", "--heads", "2", "--layers", "1", "--device", "cpu")
 
 
 def start_trainer(settings: Settings, data_dir: Path, log_path: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "stream.cli", "train", "--bootstrap", settings.bootstrap,
+    cmd = [sys.executable, "-m", "tgastream.stream.cli", "train", "--bootstrap", settings.bootstrap,
            "--partitions", str(settings.partitions), "--samples-topic", settings.samples_topic,
            "--embeddings-topic", settings.embeddings_topic, "--data-dir", str(data_dir),
            "--metrics-port", str(free_port()), "--quiet", *SMALL_MODEL, *extra]

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 
-from stream.broker import die_with_parent, free_port
-from stream.promscrape import scrape, total
-from stream.settings import Settings
+from tgastream.stream.broker import die_with_parent, free_port
+from tgastream.stream.promscrape import scrape, total
+from tgastream.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def committed_offsets(settings: Settings) -> dict[int, int | None]:
 def start_worker(settings: Settings, log_path: Path, *extra: str) -> WorkerProcess:
     """``python -m stream.cli worker`` for ``settings`` (its topics, data dir, group)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "stream.cli", "worker", "--bootstrap", settings.bootstrap,
+    cmd = [sys.executable, "-m", "tgastream.stream.cli", "worker", "--bootstrap", settings.bootstrap,
            "--partitions", str(settings.partitions), "--events-topic", settings.events_topic,
            "--dlq-topic", settings.dlq_topic, "--samples-topic", settings.samples_topic,
            "--features-topic", settings.features_topic, "--data-dir", str(settings.data_dir),

@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "run a benchmark: stream, model, online or freshness (each prints a table; --json writes it)"
 
 BENCHES: dict[str, str] = {
-    "stream": "stream.bench_stream",
-    "model": "model.bench",
-    "online": "model.bench_online",
-    "freshness": "stream.bench_freshness",
+    "stream": "tgastream.bench.stream",
+    "model": "tgastream.bench.model",
+    "online": "tgastream.bench.online",
+    "freshness": "tgastream.bench.freshness",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import OneLineParser
+    from tgastream.stream.cli import OneLineParser
 
     sub = p.add_subparsers(dest="bench", metavar="TARGET", parser_class=OneLineParser, required=True)
     for name, path in BENCHES.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "run the embedded Kafka-compatible broker (Tansu, memory only) in the foreground"
 
@@ -13,14 +13,14 @@ HELP = "run the embedded Kafka-compatible broker (Tansu, memory only) in the for
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=9092, help="loopback port to listen on (default: 9092; 0 = any free port)")
     p.add_argument("--no-topics", action="store_true", help="do not create the pipeline's topics at start")
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     add_setting_flags(p, "partitions")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.broker import EmbeddedBroker, install_sigterm_handler
-    from stream.topics import app_topics, ensure_app_topics
+    from tgastream.stream.broker import EmbeddedBroker, install_sigterm_handler
+    from tgastream.stream.topics import app_topics, ensure_app_topics
 
     install_sigterm_handler()
     with EmbeddedBroker(port=args.port) as broker:

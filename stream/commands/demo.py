@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "run broker, stream worker, trainer and API on one machine, replay a log, write a report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("--out", type=Path, default=Path("demo-report"), help="report folder (default: demo-report)")
     p.add_argument("--data", type=Path, help="replay this log instead of generating one (Taobao CSV, JSON lines, RetailRocket)")
@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.broker import install_sigterm_handler
-    from stream.demo import DemoOptions, run_demo
-    from stream.errors import CommandError
+    from tgastream.stream.broker import install_sigterm_handler
+    from tgastream.stream.demo import DemoOptions, run_demo
+    from tgastream.core.errors import CommandError
 
     if args.data is not None and not args.data.is_file():
         raise CommandError(f"no such file: {args.data}")

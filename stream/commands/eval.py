@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular and repeat-recent"
 
@@ -37,10 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from model.config import TrainConfig
-    from model.evaluation import EvalConfig, format_table, plot, run as run_eval
-    from stream.errors import CommandError
-    from stream.events import load_events
+    from tgastream.model.config import TrainConfig
+    from tgastream.model.evaluation import EvalConfig, format_table, plot, run as run_eval
+    from tgastream.core.errors import CommandError
+    from tgastream.core.events import load_events
 
     if not args.data.exists():
         raise CommandError(f"no such file: {args.data}")

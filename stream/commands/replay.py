@@ -8,14 +8,14 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from stream.events import FORMATS
-from stream.settings import Settings
+from tgastream.core.events import FORMATS
+from tgastream.core.settings import Settings
 
 HELP = "replay an event log file (or re-read a topic from a timestamp) into the events topic"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("file", nargs="?", type=Path, help="log file: JSON lines, Taobao CSV or RetailRocket events.csv (.gz ok)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto-detect)")
@@ -48,10 +48,10 @@ def parse_time(text: str) -> float:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.broker import connect_or_start, install_sigterm_handler
-    from stream.errors import CommandError
-    from stream.replay import ReplayOptions, copy_topic, replay_file, write_summary_json
-    from stream.topics import ensure_app_topics
+    from tgastream.stream.broker import connect_or_start, install_sigterm_handler
+    from tgastream.core.errors import CommandError
+    from tgastream.stream.replay import ReplayOptions, copy_topic, replay_file, write_summary_json
+    from tgastream.stream.topics import ensure_app_topics
 
     if (args.file is None) == (args.from_topic is None):
         raise CommandError("give exactly one of FILE or --from-topic")

@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "serve embeddings, recommendations and conversion scores over HTTP"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("--store", type=Path, help="serving RocksDB (default: DATA_DIR/serving)")
     add_setting_flags(p, "data_dir", "api_host", "api_port", "device")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.broker import install_sigterm_handler
-    from stream.serve import run_server
+    from tgastream.stream.broker import install_sigterm_handler
+    from tgastream.stream.serve import run_server
 
     install_sigterm_handler()
     store = args.store or Path(settings.data_dir) / "serving"
@@ -30,9 +30,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def scorer_for(settings: Settings):
     """The conversion scorer over the trainer's checkpoints (not ready until one exists)."""
-    from model.online import IncompatibleCheckpoint
-    from model.scoring import load_scorer
-    from stream.errors import CommandError
+    from tgastream.model.online import IncompatibleCheckpoint
+    from tgastream.model.scoring import load_scorer
+    from tgastream.core.errors import CommandError
 
     try:
         return load_scorer(settings)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "generate a seeded, realistic multi-behavior log in Taobao UserBehavior CSV format"
 
@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.errors import CommandError
-    from stream.synth import SynthConfig, write_file
+    from tgastream.core.errors import CommandError
+    from tgastream.stream.synth import SynthConfig, write_file
 
     cfg = SynthConfig(users=args.users, events=args.events, seed=args.seed, items=args.items,
                       categories=args.categories, days=args.days, drift_at=args.drift_at)

@@ -7,13 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "run the online trainer: consume training-samples, fine-tune TGA, publish embeddings"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("--idle-exit", type=float, default=0.0, metavar="S",
                    help="exit after S seconds without new samples (default: 0 = run until stopped)")
@@ -29,11 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import start_http_server
 
-    from model.online import IncompatibleCheckpoint, OnlineLearner
-    from stream.broker import connect_or_start
-    from stream.errors import CommandError
-    from stream.topics import ensure_app_topics
-    from stream.trainer import Trainer, TrainerMetrics, install_stop_handlers
+    from tgastream.model.online import IncompatibleCheckpoint, OnlineLearner
+    from tgastream.stream.broker import connect_or_start
+    from tgastream.core.errors import CommandError
+    from tgastream.stream.topics import ensure_app_topics
+    from tgastream.stream.trainer import Trainer, TrainerMetrics, install_stop_handlers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.warm_start is not None and not args.warm_start.is_file():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "run a stream worker: consume behavior-events, keep user graphs in RocksDB, emit training samples"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("--progress", type=float, default=10.0, metavar="S",
                    help="seconds between progress lines (default: 10; 0 = none)")
@@ -27,9 +27,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
     import logging
 
-    from stream.broker import connect_or_start
-    from stream.errors import CommandError
-    from stream.worker import WorkerOptions, configure_logging, run_worker, tune_gc
+    from tgastream.stream.broker import connect_or_start
+    from tgastream.core.errors import CommandError
+    from tgastream.stream.worker import WorkerOptions, configure_logging, run_worker, tune_gc
 
     if args.progress < 0 or args.max_seconds < 0:
         raise CommandError("--progress and --max-seconds must be >= 0")

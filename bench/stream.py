@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "events/s of a stream worker vs. a per-event faust table agent and a bare faust take() agent"
 
@@ -44,7 +44,7 @@ TAKE_N = 2000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("--input", type=Path, help="event log to replay (Taobao CSV, JSON lines, ...); "
                    "default: a seeded synthetic log of --synth-events events")
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from tqdm import tqdm
 
-    from stream.broker import connect_or_start, install_sigterm_handler
-    from stream.errors import CommandError
+    from tgastream.stream.broker import connect_or_start, install_sigterm_handler
+    from tgastream.core.errors import CommandError
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
@@ -128,7 +128,7 @@ def median_run(runs: list[VariantResult]) -> VariantResult:
 def _input(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
     if args.input is not None:
         return args.input, args.input.name
-    from stream.synth import SynthConfig, write_file
+    from tgastream.stream.synth import SynthConfig, write_file
 
     cfg = SynthConfig(users=args.synth_users, events=args.synth_events, seed=7)
     path = work / "synth.csv"
@@ -138,9 +138,9 @@ def _input(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
 
 def _load(s: Settings, path: Path, limit: int) -> int:
     """Replay the input into the bench's events topic; the number of records there."""
-    from stream.app import worker_topics
-    from stream.replay import ReplayOptions, replay_file
-    from stream.topics import ensure_topics
+    from tgastream.stream.app import worker_topics
+    from tgastream.stream.replay import ReplayOptions, replay_file
+    from tgastream.stream.topics import ensure_topics
 
     ensure_topics(s.bootstrap, worker_topics(s), s.partitions)
     summary = replay_file(s.bootstrap, s, ReplayOptions(path=path, order="time", limit=limit))
@@ -149,7 +149,7 @@ def _load(s: Settings, path: Path, limit: int) -> int:
 
 def _run_child(variant: str, s: Settings, n: int, work: Path, timeout: float) -> VariantResult:
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "stream.bench_stream", variant, "--records", str(n),
+    cmd = [sys.executable, "-m", "tgastream.bench.stream", variant, "--records", str(n),
            "--settings", json.dumps({**_settings_dict(s), "data_dir": str(work)})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -221,7 +221,7 @@ def render(report: dict[str, Any]) -> str:
 # -- child processes ------------------------------------------------------------------------
 
 def _child_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="stream.bench_stream")
+    p = argparse.ArgumentParser(prog="tgastream.bench.stream")
     p.add_argument("variant", choices=VARIANTS)
     p.add_argument("--records", type=int, required=True)
     p.add_argument("--settings", required=True)
@@ -232,7 +232,7 @@ def _child_main(argv: list[str]) -> int:
     import asyncio
     import logging
 
-    from stream.worker import configure_logging, tune_gc
+    from tgastream.stream.worker import configure_logging, tune_gc
 
     configure_logging(logging.WARNING)
     tune_gc()
@@ -247,7 +247,7 @@ def _child_main(argv: list[str]) -> int:
 
 
 async def _child_tgastream(s: Settings, n: int) -> dict[str, Any]:
-    from stream.worker import WorkerOptions, run_worker
+    from tgastream.stream.worker import WorkerOptions, run_worker
 
     s = s.replace(worker_group=f"bench-tgastream-{uuid.uuid4().hex[:6]}")
     totals = await run_worker(s, WorkerOptions(data_dir=s.data_dir, progress_s=0, stop_after_records=n,
@@ -266,7 +266,7 @@ async def _child_tgastream(s: Settings, n: int) -> dict[str, Any]:
 
 def _state_size(root: Path) -> tuple[int, int, int]:
     """Users, total bytes of their encoded records, and RocksDB bytes after a flush (on disk)."""
-    from state.store import StateStore
+    from tgastream.state.store import StateStore
 
     store = StateStore(root, "user-state")
     users = value_bytes = disk = 0
@@ -290,8 +290,8 @@ async def _child_reference(variant: str, s: Settings, n: int) -> dict[str, Any]:
 
     import faust
 
-    from stream.app import faust_config
-    from stream.topics import ensure_topics
+    from tgastream.stream.app import faust_config
+    from tgastream.stream.topics import ensure_topics
 
     group = f"bench-{variant}-{uuid.uuid4().hex[:6]}"
     conf = faust_config(s, s.data_dir / "faust")
@@ -308,7 +308,7 @@ async def _child_reference(variant: str, s: Settings, n: int) -> dict[str, Any]:
 
         @app.agent(topic)
         async def count_per_user(stream: Any) -> None:
-            async for event in stream.events():
+            async for event in tgastream.core.events():
                 if state["t0"] is None:
                     state["t0"] = time.monotonic()
                 counts[event.key] += 1

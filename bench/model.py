@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "TGA vs SASRec: train samples/s, inference latency, peak memory by sequence length; refresh cost"
 
@@ -65,8 +65,8 @@ def _synthetic_samples(n_seq: int, length: int, n_items: int, seed: int):
     same-category runs (so all three edge kinds occur), half retrieval, half conversion."""
     import numpy as np
 
-    from state.graph import UserGraph
-    from state.samples import CONVERSION, RETRIEVAL, Sample
+    from tgastream.state.graph import UserGraph
+    from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
 
     rng = np.random.default_rng(seed)
     out = []
@@ -85,8 +85,8 @@ def _synthetic_samples(n_seq: int, length: int, n_items: int, seed: int):
 
 
 def _vocabs(n_items: int):
-    from model.batching import Vocabs
-    from model.vocab import InMemoryVocab
+    from tgastream.model.batching import Vocabs
+    from tgastream.model.vocab import InMemoryVocab
 
     return Vocabs(InMemoryVocab(str(i) for i in range(1, n_items)), InMemoryVocab(str(c) for c in range(500)))
 
@@ -103,9 +103,9 @@ def _peak_rss_mb() -> float:
 
 
 def _build(spec: dict):
-    from model.config import ModelConfig
-    from model.sasrec import SASRec
-    from model.tga import TGA
+    from tgastream.model.config import ModelConfig
+    from tgastream.model.sasrec import SASRec
+    from tgastream.model.tga import TGA
 
     cfg = ModelConfig(n_items=spec["items"], n_categories=501, dim=spec["dim"], layers=spec["layers"],
                       heads=spec["heads"], ffn_mult=spec["ffn_mult"], dropout=0.0, copy=True,
@@ -118,9 +118,9 @@ def measure(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from model.batching import encode_samples, to_batch
-    from model.device import resolve_device
-    from model.training import make_optimizer
+    from tgastream.model.batching import encode_samples, to_batch
+    from tgastream.model.device import resolve_device
+    from tgastream.model.training import make_optimizer
 
     torch.manual_seed(0)
     device = resolve_device(spec["device"])
@@ -176,9 +176,9 @@ def measure_refresh(spec: dict) -> list[dict]:
     import numpy as np
     import torch
 
-    from model.batching import encode_graphs, to_batch
-    from model.device import resolve_device
-    from state.graph import UserGraph
+    from tgastream.model.batching import encode_graphs, to_batch
+    from tgastream.model.device import resolve_device
+    from tgastream.state.graph import UserGraph
 
     torch.manual_seed(0)
     device = resolve_device(spec["device"])
@@ -232,7 +232,7 @@ def measure_refresh(spec: dict) -> list[dict]:
 
 def _child(spec: dict, timeout: float = 900.0) -> dict | list:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, "-m", "model.bench", json.dumps(spec)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "tgastream.bench.model", json.dumps(spec)], capture_output=True, text=True,
                          timeout=timeout, env=env, cwd=Path(__file__).resolve().parents[1])
     if res.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({spec.get('label')}, {spec.get('length')}): "
@@ -284,7 +284,7 @@ STEPS = [("sasrec", "auto", "SASRec baseline (fused SDPA attention)"),
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from stream.errors import CommandError
+    from tgastream.core.errors import CommandError
 
     base = {"batch": args.batch, "dim": args.dim or settings.dim, "layers": args.layers or settings.layers,
             "heads": args.heads or settings.heads, "ffn_mult": args.ffn_mult, "items": args.items,
@@ -364,7 +364,7 @@ def _ratios(rows: list[dict]) -> dict:
 def _device_line(setting: str, threads: int = 0) -> str:
     import torch
 
-    from model.device import describe, resolve_device
+    from tgastream.model.device import describe, resolve_device
 
     if threads:
         torch.set_num_threads(threads)

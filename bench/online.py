@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "online vs frozen model on a stream whose preferences drift halfway (prequential HR@10, AUC)"
 
@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _events(users: int, n: int, seed: int, drift_at: float):
-    from stream.events import BEHAVIORS, Event
-    from stream.synth import SynthConfig, generate
+    from tgastream.core.events import BEHAVIORS, Event
+    from tgastream.stream.synth import SynthConfig, generate
 
     cfg = SynthConfig(users=users, events=n, seed=seed, drift_at=drift_at)
     rows = generate(cfg)
@@ -56,10 +56,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import matplotlib.pyplot as plt
     from tqdm import tqdm
 
-    from model.online import OnlineConfig, OnlineLearner
-    from model.prequential import RollingMetrics
-    from state.samples import samples_from_events
-    from stream.plots import save_chart
+    from tgastream.model.online import OnlineConfig, OnlineLearner
+    from tgastream.model.prequential import RollingMetrics
+    from tgastream.state.samples import samples_from_events
+    from tgastream.stream.plots import save_chart
 
     events, drift_ts = _events(args.users, args.events, args.seed, args.drift_at)
     samples = samples_from_events(events, settings.max_len, settings.sample_len, settings.conversion_window_s,

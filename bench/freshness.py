@@ -12,13 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from stream.settings import Settings
+from tgastream.core.settings import Settings
 
 HELP = "event-to-embedding freshness (p50/p99) at a sustained replay rate, worker + trainer"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags
 
     p.add_argument("--rate", type=float, default=2000.0, help="replay rate, events/s (default: 2000)")
     p.add_argument("--data", type=Path, help="log to replay (default: a generated one)")
@@ -31,9 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from stream.broker import install_sigterm_handler
-    from stream.demo import DemoOptions, run_demo
-    from stream.errors import CommandError
+    from tgastream.stream.broker import install_sigterm_handler
+    from tgastream.stream.demo import DemoOptions, run_demo
+    from tgastream.core.errors import CommandError
 
     if args.rate <= 0:
         raise CommandError("--rate must be > 0")

@@ -1,0 +1,1 @@
+"""Benchmarks (`tgastream bench NAME`): the top layer, free to use every other one."""
