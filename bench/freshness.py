@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.stream.broker import install_sigterm_handler
-    from tgastream.stream.demo import DemoOptions, run_demo
+    from tgastream.stream.demo import DemoConfig, run_demo
     from tgastream.core.errors import CommandError
 
     if args.rate <= 0:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.data is not None and not args.data.is_file():
         raise CommandError(f"no such file: {args.data}")
     install_sigterm_handler()
-    opts = DemoOptions(out=args.out, data=args.data, events=args.events, users=args.users, rate=args.rate,
+    opts = DemoConfig(out=args.out, data=args.data, events=args.events, users=args.users, rate=args.rate,
                        timeout_s=args.timeout, quiet=False)
     report = run_demo(settings, opts, say=lambda s: print(s, flush=True))
     result = {

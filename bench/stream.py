@@ -94,22 +94,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     tag = uuid.uuid4().hex[:8]
     with connect_or_start(settings.bootstrap) as broker, tempfile.TemporaryDirectory(prefix="tgabench-") as tmp:
         work = args.work_dir or Path(tmp)
-        s = settings.replace(bootstrap=broker.bootstrap, events_topic=f"bench-{tag}-events",
+        settings = settings.replace(bootstrap=broker.bootstrap, events_topic=f"bench-{tag}-events",
                              dlq_topic=f"bench-{tag}-dlq", samples_topic=f"bench-{tag}-samples",
                              features_topic=f"bench-{tag}-features", embeddings_topic=f"bench-{tag}-emb",
                              data_dir=work / "data")
         source, label = _input(args, work)
         print(f"broker {broker.bootstrap}{' (embedded)' if broker.embedded else ''}; input {label}", file=sys.stderr)
-        n = _load(s, source, args.limit)
+        n = _load(settings, source, args.limit)
         runs: dict[str, list[VariantResult]] = {v: [] for v in variants}
         plan = [(i, v) for i in range(args.repeat) for v in variants]  # interleaved: load drifts hit all alike
         for i, variant in tqdm(plan, desc="runs", unit="run", file=sys.stderr):
-            r = _run_child(variant, s, n, work / f"{variant}-{i}", args.timeout)
+            r = _run_child(variant, settings, n, work / f"{variant}-{i}", args.timeout)
             runs[variant].append(r)
             tqdm.write(f"  {variant:<14} {r.events:>9,} events in {r.seconds:6.1f} s = {r.events_per_s:>9,.0f}/s",
                        file=sys.stderr)
     results = {v: median_run(rs) for v, rs in runs.items()}
-    report = _report(results, n, label, s)
+    report = _report(results, n, label, settings)
     for v, rs in runs.items():
         report["variants"][v]["runs_events_per_s"] = [round(r.events_per_s, 1) for r in rs]
     print(render(report))
@@ -136,21 +136,21 @@ def _input(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
     return path, f"synth {cfg.events:,} events / {cfg.users:,} users (seed {cfg.seed})"
 
 
-def _load(s: Settings, path: Path, limit: int) -> int:
+def _load(settings: Settings, path: Path, limit: int) -> int:
     """Replay the input into the bench's events topic; the number of records there."""
     from tgastream.stream.app import worker_topics
-    from tgastream.stream.replay import ReplayOptions, replay_file
+    from tgastream.stream.replay import ReplayConfig, replay_file
     from tgastream.stream.topics import ensure_topics
 
-    ensure_topics(s.bootstrap, worker_topics(s), s.partitions)
-    summary = replay_file(s.bootstrap, s, ReplayOptions(path=path, order="time", limit=limit))
+    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
+    summary = replay_file(settings.bootstrap, settings, ReplayConfig(path=path, order="time", limit=limit))
     return summary.sent
 
 
-def _run_child(variant: str, s: Settings, n: int, work: Path, timeout: float) -> VariantResult:
+def _run_child(variant: str, settings: Settings, n: int, work: Path, timeout: float) -> VariantResult:
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "tgastream.bench.stream", variant, "--records", str(n),
-           "--settings", json.dumps({**_settings_dict(s), "data_dir": str(work)})]
+           "--settings", json.dumps({**_settings_dict(settings), "data_dir": str(work)})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -161,11 +161,11 @@ def _run_child(variant: str, s: Settings, n: int, work: Path, timeout: float) ->
     return VariantResult(variant, out.pop("events"), out.pop("seconds"), out.pop("cpu_s"), out)
 
 
-def _settings_dict(s: Settings) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in s.__dict__.items()}
+def _settings_dict(settings: Settings) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items()}
 
 
-def _report(results: dict[str, VariantResult], n: int, label: str, s: Settings) -> dict[str, Any]:
+def _report(results: dict[str, VariantResult], n: int, label: str, settings: Settings) -> dict[str, Any]:
     ours, table, take = results.get("tgastream"), results.get("table"), results.get("take")
 
     def ratio(a: VariantResult | None, b: VariantResult | None) -> float | None:
@@ -183,9 +183,9 @@ def _report(results: dict[str, VariantResult], n: int, label: str, s: Settings) 
         "state_bytes_per_user": extra.get("state_bytes_per_user"),
         "events": n,
         "input": label,
-        "partitions": s.partitions,
-        "worker_batch": s.worker_batch,
-        "worker_flush_s": s.worker_flush_s,
+        "partitions": settings.partitions,
+        "worker_batch": settings.worker_batch,
+        "worker_flush_s": settings.worker_flush_s,
         "variants": {v: {"events": r.events, "seconds": round(r.seconds, 3),
                          "events_per_s": round(r.events_per_s, 1), "cpu_s": round(r.cpu_s, 2), **r.extra}
                      for v, r in results.items()},
@@ -228,7 +228,7 @@ def _child_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     raw = json.loads(a.settings)
     raw["data_dir"] = Path(raw["data_dir"])
-    s = Settings(**raw).validate()
+    settings = Settings(**raw).validate()
     import asyncio
     import logging
 
@@ -238,22 +238,22 @@ def _child_main(argv: list[str]) -> int:
     tune_gc()
     cpu0 = time.process_time()
     if a.variant == "tgastream":
-        out = asyncio.run(_child_tgastream(s, a.records))
+        out = asyncio.run(_child_tgastream(settings, a.records))
     else:
-        out = asyncio.run(_child_reference(a.variant, s, a.records))
+        out = asyncio.run(_child_reference(a.variant, settings, a.records))
     out["cpu_s"] = time.process_time() - cpu0
     print(json.dumps(out), flush=True)
     return 0
 
 
-async def _child_tgastream(s: Settings, n: int) -> dict[str, Any]:
-    from tgastream.stream.worker import WorkerOptions, run_worker
+async def _child_tgastream(settings: Settings, n: int) -> dict[str, Any]:
+    from tgastream.stream.worker import WorkerConfig, run_worker
 
-    s = s.replace(worker_group=f"bench-tgastream-{uuid.uuid4().hex[:6]}")
-    totals = await run_worker(s, WorkerOptions(data_dir=s.data_dir, progress_s=0, stop_after_records=n,
+    settings = settings.replace(worker_group=f"bench-tgastream-{uuid.uuid4().hex[:6]}")
+    totals = await run_worker(settings, WorkerConfig(data_dir=settings.data_dir, progress_s=0, stop_after_records=n,
                                                serve_metrics=False))
     seconds = (totals.last_durable_at or 0) - (totals.first_record_at or 0)
-    users, value_bytes, disk = _state_size(s.data_dir / "state")
+    users, value_bytes, disk = _state_size(settings.data_dir / "state")
     return {"events": totals.records, "seconds": seconds,
             "update_p50_ms": round(1e3 * (totals.latency.percentile(0.5) or 0), 1),
             "update_p99_ms": round(1e3 * (totals.latency.percentile(0.99) or 0), 1),
@@ -284,7 +284,7 @@ def _state_size(root: Path) -> tuple[int, int, int]:
     return users, value_bytes, disk
 
 
-async def _child_reference(variant: str, s: Settings, n: int) -> dict[str, Any]:
+async def _child_reference(variant: str, settings: Settings, n: int) -> dict[str, Any]:
     """A plain faust app: the per-event table agent or the bare take() agent."""
     import asyncio
 
@@ -294,17 +294,17 @@ async def _child_reference(variant: str, s: Settings, n: int) -> dict[str, Any]:
     from tgastream.stream.topics import ensure_topics
 
     group = f"bench-{variant}-{uuid.uuid4().hex[:6]}"
-    conf = faust_config(s, s.data_dir / "faust")
+    conf = faust_config(settings, settings.data_dir / "faust")
     conf["store"] = "rocksdb://" if variant == "table-rocksdb" else "memory://"
-    (s.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     app = faust.App(group, **conf)
-    topic = app.topic(s.events_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                      value_serializer="raw", partitions=s.partitions)
+    topic = app.topic(settings.events_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", partitions=settings.partitions)
     state = {"n": 0, "t0": None, "t1": None}
     done = asyncio.Event()
     if variant.startswith("table"):
-        ensure_topics(s.bootstrap, {f"{group}-counts-changelog": {"cleanup.policy": "compact"}}, s.partitions)
-        counts = app.Table("counts", default=int, partitions=s.partitions, key_type=bytes, value_type=int)
+        ensure_topics(settings.bootstrap, {f"{group}-counts-changelog": {"cleanup.policy": "compact"}}, settings.partitions)
+        counts = app.Table("counts", default=int, partitions=settings.partitions, key_type=bytes, value_type=int)
 
         @app.agent(topic)
         async def count_per_user(stream: Any) -> None:

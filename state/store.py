@@ -38,7 +38,7 @@ OFFSET_KEY = INTERNAL_PREFIX + b"changelog-offset"
 
 
 @dataclass(frozen=True)
-class StoreOptions:
+class StoreConfig:
     """RocksDB tuning for the per-user state workload (see the module docstring for why)."""
 
     write_buffer_mb: int = 32
@@ -58,7 +58,7 @@ _COMPRESSION = {
 }
 
 
-def rocksdb_options(opts: StoreOptions, cache: Cache) -> Options:
+def rocksdb_options(opts: StoreConfig, cache: Cache) -> Options:
     """The rocksdict :class:`Options` for one partition database."""
     o = Options(raw_mode=True)
     o.create_if_missing(True)
@@ -149,10 +149,10 @@ class PartitionDB:
 class StateStore:
     """All partition databases of one table under ``root`` (``<root>/<name>-<partition>.db``)."""
 
-    def __init__(self, root: Path, name: str, options: StoreOptions | None = None) -> None:
+    def __init__(self, root: Path, name: str, options: StoreConfig | None = None) -> None:
         self.root = Path(root)
         self.name = name
-        self.options = options or StoreOptions()
+        self.options = options or StoreConfig()
         self._cache = Cache(self.options.block_cache_mb << 20)
         self._rocks_options = rocksdb_options(self.options, self._cache)
         self._dbs: dict[int, PartitionDB] = {}

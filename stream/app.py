@@ -19,7 +19,7 @@ from typing import Any
 
 import faust
 
-from tgastream.state.store import StateStore, StoreOptions
+from tgastream.state.store import StateStore, StoreConfig
 from tgastream.stream.batch_consumer import BatchConsumer, BatchHandler, BatchTransport
 from tgastream.stream.metrics import WorkerMetrics
 from tgastream.stream.output import BatchedProducer
@@ -108,7 +108,7 @@ class StreamWorker:
 
 
 def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | None = None,
-                 store_options: StoreOptions | None = None) -> StreamWorker:
+                 store_options: StoreConfig | None = None) -> StreamWorker:
     """Wire a worker for ``settings`` keeping its local state under ``data_dir``."""
     metrics = metrics or WorkerMetrics()
     (data_dir / "faust").mkdir(parents=True, exist_ok=True)

@@ -18,14 +18,14 @@ from pathlib import Path
 from tgastream.stream.broker import connect_or_start, die_with_parent, free_port, port_open
 from tgastream.stream.plots import save_chart
 from tgastream.stream.promscrape import scrape, total
-from tgastream.stream.replay import ReplayOptions, ReplaySummary, replay_file
+from tgastream.stream.replay import ReplayConfig, ReplaySummary, replay_file
 from tgastream.core.settings import Settings
 from tgastream.stream.synth import SynthConfig, write_file
 from tgastream.stream.topics import ensure_app_topics
 
 
 @dataclass(frozen=True)
-class DemoOptions:
+class DemoConfig:
     out: Path
     data: Path | None = None
     events: int = 20_000
@@ -104,7 +104,7 @@ def _clear_previous_run(data_dir: Path, logs: Path, say) -> None:
         shutil.rmtree(folder)
 
 
-def run_demo(settings: Settings, opts: DemoOptions, say=print) -> dict:
+def run_demo(settings: Settings, opts: DemoConfig, say=print) -> dict:
     """Run everything, wait until the trainer has consumed every sample, write the report."""
     opts.out.mkdir(parents=True, exist_ok=True)
     logs = opts.out / "logs"
@@ -156,7 +156,7 @@ def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0) -> N
             time.sleep(0.3)
 
 
-def _drive(settings: Settings, opts: DemoOptions, log_path: Path, procs: list[Proc], w_port: int, t_port: int,
+def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Proc], w_port: int, t_port: int,
            api_port: int, say) -> dict:
     worker, trainer, api = procs
     _wait_up([api], [api_port])
@@ -169,7 +169,7 @@ def _drive(settings: Settings, opts: DemoOptions, log_path: Path, procs: list[Pr
     def replay() -> None:
         try:
             result["replay"] = replay_file(settings.bootstrap, settings,
-                                           ReplayOptions(path=log_path, rate=opts.rate, watermark=True), progress=False)
+                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True), progress=False)
         except Exception as exc:  # surfaced below; the demo must still stop its processes
             result["error"] = exc
         finally:

@@ -22,7 +22,7 @@ from tgastream.core.settings import Settings
 
 
 @dataclass(frozen=True)
-class ReplayOptions:
+class ReplayConfig:
     """How to replay a log: order, pace and size."""
 
     path: Path
@@ -108,7 +108,7 @@ class Pacer:
             time.sleep(ahead)
 
 
-def replay_file(bootstrap: str, settings: Settings, opts: ReplayOptions, progress: bool = True) -> ReplaySummary:
+def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress: bool = True) -> ReplaySummary:
     """Send every valid event of ``opts.path`` to the events topic and every reject to the DLQ."""
     records = _ordered(read_log(opts.path, opts.fmt), opts.order)
     if opts.limit:

@@ -34,7 +34,7 @@ QUIET_LOGGERS = ("faust", "mode", "aiokafka", "kafka",
 
 
 @dataclass(frozen=True)
-class WorkerOptions:
+class WorkerConfig:
     """How long and how loudly a worker runs (defaults: until SIGTERM/SIGINT)."""
 
     data_dir: Path | None = None  # None: claim a slot under settings.data_dir
@@ -146,7 +146,7 @@ def summary_table(t: PipelineTotals, seconds: float) -> str:
     return "\n".join(f"{k:<{width}}  {v:>14}" for k, v in rows)
 
 
-async def run_worker(settings: Settings, options: WorkerOptions = WorkerOptions(),
+async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
                      on_started: Callable[[StreamWorker], None] | None = None,
                      out: TextIO | None = None) -> PipelineTotals:
     """Run one worker until SIGTERM/SIGINT (or an option's limit); returns its totals."""
@@ -198,7 +198,7 @@ async def run_worker(settings: Settings, options: WorkerOptions = WorkerOptions(
     return worker.pipeline.totals
 
 
-async def _supervise(worker: StreamWorker, options: WorkerOptions, stop: asyncio.Event, t0: float) -> None:
+async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.Event, t0: float) -> None:
     """Wait for a stop signal, a limit, a pipeline failure or a crashed app; log progress."""
     next_progress = t0 + options.progress_s
     totals = worker.pipeline.totals

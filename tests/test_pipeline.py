@@ -9,7 +9,7 @@ import numpy as np
 from tgastream.state.samples import RETRIEVAL, Sample
 from tgastream.state.serving import VectorRecord
 from tgastream.core.events import load_events
-from tgastream.stream.replay import ReplayOptions, replay_file
+from tgastream.stream.replay import ReplayConfig, replay_file
 from tgastream.stream.synth import SynthConfig, write_file
 from tgastream.stream.topics import ensure_app_topics
 from tests.kafka_util import read_topic
@@ -18,29 +18,29 @@ from tests.worker_util import start_worker, wait_until
 
 
 def test_replay_through_worker_and_trainer_publishes_every_user_and_item_and_learns(topic_settings, tmp_path):
-    s = topic_settings
+    settings = topic_settings
     log = tmp_path / "log.csv"
     write_file(SynthConfig(users=40, events=6000, items=100, categories=10, seed=3), log)
     events = load_events(log)
-    ensure_app_topics(s.bootstrap, s)
-    worker = start_worker(s, tmp_path / "worker.log")
+    ensure_app_topics(settings.bootstrap, settings)
+    worker = start_worker(settings, tmp_path / "worker.log")
     try:
         worker.wait_up()
-        replay_file(s.bootstrap, s, ReplayOptions(path=log, watermark=True), progress=False)
+        replay_file(settings.bootstrap, settings, ReplayConfig(path=log, watermark=True), progress=False)
         wait_until(lambda: worker.total("tgastream_events_applied_total") >= len(events), 180, "worker applied all", worker)
         emitted = worker.total("tgastream_samples_emitted_total")
     finally:
         worker.stop()
-    samples = [Sample.from_bytes(r.value) for r in read_topic(s.bootstrap, s.samples_topic, expected=int(emitted))]
+    samples = [Sample.from_bytes(r.value) for r in read_topic(settings.bootstrap, settings.samples_topic, expected=int(emitted))]
     assert len(samples) == emitted > 0
 
     data = tmp_path / "trainer"
-    trainer = start_trainer(s, data, tmp_path / "trainer.log", "--batch-size", "128", "--idle-exit", "4", "--lr", "0.005")
+    trainer = start_trainer(settings, data, tmp_path / "trainer.log", "--batch-size", "128", "--idle-exit", "4", "--lr", "0.005")
     assert trainer.wait(600) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
     st = stats(data)
     assert st["samples"] == len(samples)
 
-    records = read_topic(s.bootstrap, s.embeddings_topic, idle_s=1.0)
+    records = read_topic(settings.bootstrap, settings.embeddings_topic, idle_s=1.0)
     keys = {r.key.decode() for r in records}
     users_seen = {x.user_id for x in samples}
     items_seen = {x.item_id for x in samples} | {x.graph.item_ids[-1] for x in samples if len(x.graph)}

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tgastream.core.events import WATERMARK_KEY, load_events, parse_json
-from tgastream.stream.replay import ReplayOptions, copy_topic, make_producer, replay_file
+from tgastream.stream.replay import ReplayConfig, copy_topic, make_producer, replay_file
 from tgastream.stream.synth import SynthConfig, write_file
 from tgastream.stream.topics import ensure_app_topics
 from tests.kafka_util import read_topic
@@ -28,15 +28,15 @@ def _log_with_bad_lines(tmp_path: Path) -> tuple[Path, int]:
 
 
 def test_replay_round_trip_valid_to_topic_rejects_to_dlq_order_per_user(topic_settings, tmp_path):
-    s = topic_settings
+    settings = topic_settings
     path, n_good = _log_with_bad_lines(tmp_path)
-    ensure_app_topics(s.bootstrap, s)
-    summary = replay_file(s.bootstrap, s, ReplayOptions(path=path, order="file"), progress=False)
+    ensure_app_topics(settings.bootstrap, settings)
+    summary = replay_file(settings.bootstrap, settings, ReplayConfig(path=path, order="file"), progress=False)
     assert summary.sent == n_good
     assert sum(summary.rejected.values()) == len(BAD_LINES)
     assert summary.rejected == {"unknown_behavior": 1, "wrong_field_count": 1, "bad_timestamp": 1, "empty_field": 1}
 
-    records = read_topic(s.bootstrap, s.events_topic, expected=n_good)
+    records = read_topic(settings.bootstrap, settings.events_topic, expected=n_good)
     assert len(records) == n_good
     got_by_user = defaultdict(list)
     for r in records:
@@ -48,30 +48,30 @@ def test_replay_round_trip_valid_to_topic_rejects_to_dlq_order_per_user(topic_se
         want_by_user[ev.user_id].append(ev)
     assert got_by_user == want_by_user  # per-user order preserved, nothing lost or added
 
-    dlq = read_topic(s.bootstrap, s.dlq_topic, expected=len(BAD_LINES))
+    dlq = read_topic(settings.bootstrap, settings.dlq_topic, expected=len(BAD_LINES))
     assert sorted(r.value.decode() for r in dlq) == sorted(BAD_LINES)
     assert all(dict(r.headers)["reason"] and dict(r.headers)["source"].startswith(b"log.csv:") for r in dlq)
 
 
 def test_replay_rate_is_honoured_and_watermark_is_sent(topic_settings, tmp_path):
-    s = topic_settings
+    settings = topic_settings
     path = tmp_path / "x.csv"
     write_file(SynthConfig(users=20, events=400, seed=5), path)
-    ensure_app_topics(s.bootstrap, s)
-    summary = replay_file(s.bootstrap, s, ReplayOptions(path=path, rate=500, watermark=True), progress=False)
+    ensure_app_topics(settings.bootstrap, settings)
+    summary = replay_file(settings.bootstrap, settings, ReplayConfig(path=path, rate=500, watermark=True), progress=False)
     assert summary.sent == 400
     assert 0.7 <= summary.seconds and summary.events_per_s < 600
-    records = read_topic(s.bootstrap, s.events_topic, expected=400 + s.partitions)
+    records = read_topic(settings.bootstrap, settings.events_topic, expected=400 + settings.partitions)
     marks = [r for r in records if r.key == WATERMARK_KEY]
-    assert sorted(r.partition for r in marks) == list(range(s.partitions))
+    assert sorted(r.partition for r in marks) == list(range(settings.partitions))
     assert json.loads(marks[0].value)["watermark"] == max(e.ts for e in load_events(path))
 
 
 def test_copy_topic_since_skips_older_records(topic_settings):
-    s = topic_settings
-    ensure_app_topics(s.bootstrap, s)
-    src = s.events_topic
-    producer = make_producer(s.bootstrap)
+    settings = topic_settings
+    ensure_app_topics(settings.bootstrap, settings)
+    src = settings.events_topic
+    producer = make_producer(settings.bootstrap)
     for i in range(20):
         producer.send(src, key=b"u%d" % (i % 3), value=b"old-%d" % i)
     producer.flush()
@@ -81,8 +81,8 @@ def test_copy_topic_since_skips_older_records(topic_settings):
         producer.send(src, key=b"u%d" % (i % 3), value=b"new-%d" % i, headers=[("h", b"1")])
     producer.flush()
     producer.close()
-    summary = copy_topic(s.bootstrap, src, s.dlq_topic, since_ms, idle_s=1.0, progress=False)
+    summary = copy_topic(settings.bootstrap, src, settings.dlq_topic, since_ms, idle_s=1.0, progress=False)
     assert summary.copied == 15
-    copied = read_topic(s.bootstrap, s.dlq_topic, expected=15)
+    copied = read_topic(settings.bootstrap, settings.dlq_topic, expected=15)
     assert sorted(r.value for r in copied) == sorted(b"new-%d" % i for i in range(15))
     assert all(dict(r.headers) == {"h": b"1"} for r in copied)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tgastream.state.store import OFFSET_KEY, StateStore, StoreOptions
+from tgastream.state.store import OFFSET_KEY, StateStore, StoreConfig
 
 
 def test_batched_write_puts_and_deletes_and_multi_get_keeps_order(tmp_path):
@@ -17,7 +17,7 @@ def test_batched_write_puts_and_deletes_and_multi_get_keeps_order(tmp_path):
 
 
 def test_internal_keys_are_hidden_and_the_changelog_offset_survives_reopen(tmp_path):
-    store = StateStore(tmp_path, "t", StoreOptions(block_cache_mb=8))
+    store = StateStore(tmp_path, "t", StoreConfig(block_cache_mb=8))
     db = store.partition(3)
     db.write({b"user": b"x"})
     db.set_changelog_offset(41)

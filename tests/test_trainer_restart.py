@@ -26,13 +26,13 @@ def _produce_samples(settings, n_events: int) -> int:
 
 
 def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topic_settings, tmp_path):
-    s = topic_settings
-    ensure_app_topics(s.bootstrap, s)
-    n = _produce_samples(s, 4000)
+    settings = topic_settings
+    ensure_app_topics(settings.bootstrap, settings)
+    n = _produce_samples(settings, 4000)
     data = tmp_path / "trainer"
     args = ("--batch-size", "64", "--burst", "2", "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "4",
             "--sample-len", "20")
-    first = start_trainer(s, data, tmp_path / "t1.log", *args)
+    first = start_trainer(settings, data, tmp_path / "t1.log", *args)
     deadline = time.monotonic() + 300
     while not (data / "checkpoints").exists() or len(history(data)) < 23:  # past a checkpoint, not on one
         assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "t1.log").read_text()[-3000:]
@@ -41,7 +41,7 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
     first.wait(30)
     steps_before_kill = history(data)[-1]["step"]
 
-    second = start_trainer(s, data, tmp_path / "t2.log", *args)
+    second = start_trainer(settings, data, tmp_path / "t2.log", *args)
     assert second.wait(600) == 0, (tmp_path / "t2.log").read_text()[-3000:]
     log2 = (tmp_path / "t2.log").read_text()
     assert "resumed" in log2
@@ -53,6 +53,6 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
 
     # an uninterrupted run over the same topic ends with the same count
     clean = tmp_path / "clean"
-    third = start_trainer(s, clean, tmp_path / "t3.log", *args)
+    third = start_trainer(settings, clean, tmp_path / "t3.log", *args)
     assert third.wait(600) == 0
     assert stats(clean)["samples"] == n  # (step counts may differ: batches grow while the trainer is behind)

@@ -10,7 +10,7 @@ from kafka import KafkaProducer
 
 from tgastream.state.samples import Sample
 from tgastream.core.events import WATERMARK_KEY
-from tgastream.stream.replay import ReplayOptions, replay_file
+from tgastream.stream.replay import ReplayConfig, replay_file
 from tgastream.stream.synth import SynthConfig, write_file
 from tests.kafka_util import read_topic
 from tests.stream_reference import (
@@ -55,19 +55,19 @@ def _durable_everything(metrics: dict[str, float], applied: int) -> bool:
 
 
 def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_settings, tmp_path):
-    s = topic_settings
+    settings = topic_settings
     path = _log(tmp_path)
-    worker = start_worker(s, tmp_path / "worker.log")
+    worker = start_worker(settings, tmp_path / "worker.log")
     try:
         worker.wait_up()
-        producer = KafkaProducer(bootstrap_servers=s.bootstrap)
+        producer = KafkaProducer(bootstrap_servers=settings.bootstrap)
         for i, (key, value, _) in enumerate(WIRE_BAD):
-            producer.send(s.events_topic, key=key, value=value, partition=i % s.partitions)
+            producer.send(settings.events_topic, key=key, value=value, partition=i % settings.partitions)
         producer.flush()
         producer.close()
-        summary = replay_file(s.bootstrap, s, ReplayOptions(path=path, watermark=True, watermark_margin_s=DAY),
+        summary = replay_file(settings.bootstrap, settings, ReplayConfig(path=path, watermark=True, watermark_margin_s=DAY),
                               progress=False)
-        total = summary.sent + len(WIRE_BAD) + s.partitions
+        total = summary.sent + len(WIRE_BAD) + settings.partitions
         worker.wait_total("tgastream_events_consumed_total", total)
         metrics = worker.wait_metrics(lambda m: _durable_everything(m, summary.sent), "every batch durable")
         assert worker.stop() == 0, worker.log()
@@ -78,25 +78,25 @@ def test_worker_state_samples_features_and_dlq_match_the_offline_build(topic_set
     events = replay_order(path)
     mark = max(e.ts for e in events) + DAY
     want = offline_records(events, final_watermark=mark)
-    stored = read_store(worker_state_dir(s))
+    stored = read_store(worker_state_dir(settings))
     assert set(stored) == set(want)
     assert {u: comparable(r) for u, (_, r) in stored.items()} == {u: comparable(r) for u, r in want.items()}
 
     expected = offline_sample_counter(events, mark)
-    records = read_topic(s.bootstrap, s.samples_topic, expected=expected.total())
+    records = read_topic(settings.bootstrap, settings.samples_topic, expected=expected.total())
     got = Counter(sample_identity(Sample.from_bytes(r.value)) for r in records)
     assert got == expected  # every sample exactly once (no crash here)
     assert all(r.key == Sample.from_bytes(r.value).user_id.encode() for r in records)
     assert {r.partition for r in records if r.key == b"9"} <= {stored["9"][0]}  # samples stay on the user's partition
 
-    dlq = read_topic(s.bootstrap, s.dlq_topic, expected=len(FILE_BAD) + len(WIRE_BAD))
+    dlq = read_topic(settings.bootstrap, settings.dlq_topic, expected=len(FILE_BAD) + len(WIRE_BAD))
     got_bad = sorted((r.value or b"", dict(r.headers)["reason"].decode()) for r in dlq)
     want_bad = sorted([(line.encode(), None) for line in FILE_BAD] + [(v or b"", reason) for _, v, reason in WIRE_BAD],
                       key=lambda t: t[0])
     assert [v for v, _ in got_bad] == [v for v, _ in want_bad]
     assert Counter(r for _, r in got_bad if r in {x for *_, x in WIRE_BAD}) >= Counter(r for *_, r in WIRE_BAD)
 
-    features = read_topic(s.bootstrap, s.features_topic, expected=len(want))
+    features = read_topic(settings.bootstrap, settings.features_topic, expected=len(want))
     latest = {r.key.decode(): json.loads(r.value) for r in features}
     assert latest == {u: r.features.snapshot(u) for u, r in want.items()}
 
@@ -116,13 +116,13 @@ def test_local_state_ahead_of_the_changelog_is_dropped_at_start(topic_settings, 
     from tgastream.stream.topics import ensure_topics
     from tgastream.stream.worker import drop_stale_partitions
 
-    s = topic_settings
-    ensure_topics(s.bootstrap, worker_topics(s), s.partitions)
+    settings = topic_settings
+    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
     stale = StateStore(tmp_path / "w" / "state", "user-state")
     stale.partition(1).write({b"u": b"from another incarnation"})
     stale.partition(1).set_changelog_offset(500)
     stale.close()
-    worker = build_worker(s, tmp_path / "w")
+    worker = build_worker(settings, tmp_path / "w")
     try:
         assert drop_stale_partitions(worker) == [1]
         assert worker.store.partition(1).get(b"u") is None

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tgastream.state.samples import Sample
-from tgastream.stream.replay import ReplayOptions, ReplaySummary, replay_file
+from tgastream.stream.replay import ReplayConfig, ReplaySummary, replay_file
 from tgastream.stream.synth import SynthConfig, write_file
 from tests.kafka_util import read_topic
 from tests.stream_reference import (
@@ -23,25 +23,25 @@ DAY = 86400.0
 def test_kill9_mid_replay_then_restart_gives_the_no_crash_state(topic_settings, tmp_path, restart):
     """same_disk: the new worker reopens the killed one's RocksDB and replays the changelog tail;
     fresh_disk: it has nothing local and rebuilds every user from the changelog topic alone."""
-    s = topic_settings
+    settings = topic_settings
     path = tmp_path / "log.csv"
     write_file(SynthConfig(users=80, events=9000, seed=33, days=3), path)
-    first = start_worker(s, tmp_path / "first.log", "--worker-batch", "400")
+    first = start_worker(settings, tmp_path / "first.log", "--worker-batch", "400")
     summary: list[ReplaySummary] = []
     replay = threading.Thread(target=lambda: summary.append(replay_file(
-        s.bootstrap, s, ReplayOptions(path=path, rate=1500, watermark=True, watermark_margin_s=DAY), progress=False)))
+        settings.bootstrap, settings, ReplayConfig(path=path, rate=1500, watermark=True, watermark_margin_s=DAY), progress=False)))
     try:
         first.wait_up()
         replay.start()
         first.wait_total("tgastream_events_consumed_total", 3500)
         first.wait_total("tgastream_state_update_seconds_count", 2)  # some state durable (RocksDB + changelog)
         first.kill9()  # mid-replay: some state durable, some only in memory, offsets partly committed
-        second_settings = s if restart == "same_disk" else s.replace(data_dir=tmp_path / "fresh")
+        second_settings = settings if restart == "same_disk" else settings.replace(data_dir=tmp_path / "fresh")
         second = start_worker(second_settings, tmp_path / "second.log")
         try:
             replay.join(120)
             assert summary and summary[0].sent == 9000
-            second.wait_total("tgastream_watermarks_total", s.partitions)  # the last record of every partition
+            second.wait_total("tgastream_watermarks_total", settings.partitions)  # the last record of every partition
             redelivered = second.total("tgastream_events_redelivered_total")
             assert second.stop() == 0, second.log()
         finally:
@@ -61,7 +61,7 @@ def test_kill9_mid_replay_then_restart_gives_the_no_crash_state(topic_settings, 
     assert not mismatched, f"{len(mismatched)} users differ from the no-crash state (re-delivered {redelivered})"
 
     expected = offline_sample_counter(events, mark)
-    records = read_topic(s.bootstrap, s.samples_topic, expected=expected.total())
+    records = read_topic(settings.bootstrap, settings.samples_topic, expected=expected.total())
     got = Counter(sample_identity(Sample.from_bytes(r.value)) for r in records)
     assert set(got) == set(expected)  # no sample lost, none invented ...
     assert all(got[k] >= n for k, n in expected.items())  # ... a few may repeat (at-least-once)

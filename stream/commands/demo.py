@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.stream.broker import install_sigterm_handler
-    from tgastream.stream.demo import DemoOptions, run_demo
+    from tgastream.stream.demo import DemoConfig, run_demo
     from tgastream.core.errors import CommandError
 
     if args.data is not None and not args.data.is_file():
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--rate must be > 0")
     install_sigterm_handler()
     print("tgastream demo: settings\n" + settings.describe(), flush=True)
-    opts = DemoOptions(out=args.out, data=args.data, events=args.events, users=args.users, seed=args.seed,
+    opts = DemoConfig(out=args.out, data=args.data, events=args.events, users=args.users, seed=args.seed,
                        rate=args.rate, timeout_s=args.timeout, quiet=args.quiet)
     report = run_demo(settings, opts, say=lambda s: print(s, flush=True))
     width = max(len(k) for k in report)

@@ -50,7 +50,7 @@ def parse_time(text: str) -> float:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.stream.broker import connect_or_start, install_sigterm_handler
     from tgastream.core.errors import CommandError
-    from tgastream.stream.replay import ReplayOptions, copy_topic, replay_file, write_summary_json
+    from tgastream.stream.replay import ReplayConfig, copy_topic, replay_file, write_summary_json
     from tgastream.stream.topics import ensure_app_topics
 
     if (args.file is None) == (args.from_topic is None):
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             summary = copy_topic(broker.bootstrap, args.from_topic, dest, int(since * 1000), progress=not args.quiet)
             print(json.dumps(summary.to_json()))
             return 0
-        opts = ReplayOptions(path=args.file, fmt=args.format, order=args.order, rate=args.rate,
+        opts = ReplayConfig(path=args.file, fmt=args.format, order=args.order, rate=args.rate,
                              speedup=args.speedup, limit=args.limit, watermark=args.watermark,
                              watermark_margin_s=settings.conversion_window_s)  # past every open window
         summary = replay_file(broker.bootstrap, settings, opts, progress=not args.quiet)

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from tgastream.stream.broker import connect_or_start
     from tgastream.core.errors import CommandError
-    from tgastream.stream.worker import WorkerOptions, configure_logging, run_worker, tune_gc
+    from tgastream.stream.worker import WorkerConfig, configure_logging, run_worker, tune_gc
 
     if args.progress < 0 or args.max_seconds < 0:
         raise CommandError("--progress and --max-seconds must be >= 0")
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     broker = connect_or_start(settings.bootstrap, allow_embedded=False)
     settings = settings.replace(bootstrap=broker.bootstrap)
     print("tgastream worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
-    options = WorkerOptions(progress_s=0.0 if args.quiet else args.progress, max_seconds=args.max_seconds)
+    options = WorkerConfig(progress_s=0.0 if args.quiet else args.progress, max_seconds=args.max_seconds)
     try:
         asyncio.run(run_worker(settings, options, out=sys.stdout))
     except RuntimeError as exc:
