@@ -3,12 +3,18 @@
 A reader never sees a half-written checkpoint: ``latest`` returns the newest file that loads,
 skipping (and reporting) any that do not. Files are ``ckpt-<step:012d>.pt``; the newest ``keep``
 are kept.
+
+Checkpoints hold plain data only (tensors, numbers, strings, bytes, lists, tuples, dicts) and are
+loaded with ``torch.load(weights_only=True)``: a file that would need arbitrary unpickling (which
+can run code) is refused, so write access to the checkpoint directory is not code execution in
+the trainer or the API that read it.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +22,10 @@ from typing import Any, Callable
 import torch
 
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+
+
+class CheckpointRefused(ValueError):
+    """A checkpoint file holds more than plain data (loading it could run code); it is not loaded."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,8 +72,18 @@ def load_latest(directory: Path, map_location: str | torch.device = "cpu",
     """The newest checkpoint that loads, or None when there is none."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # a truncated or corrupt file: fall back to an older one
+            return load_checkpoint(path, map_location)
+        except Exception as exc:  # truncated, corrupt or refused: fall back to an older one
             if on_bad:
                 on_bad(path, exc)
     return None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """One checkpoint file, plain data only; :class:`CheckpointRefused` for anything else."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointRefused(f"{path} refused: it holds more than plain tensors and containers, "
+                                f"and loading it could run code ({first[:200]})") from None
