@@ -48,6 +48,7 @@ class Settings:
     worker_cache_users: int = field(default=200_000, metadata={"help": "stream worker: users kept decoded in memory"})
     standby_replicas: int = field(default=0, metadata={"help": "stream worker: standby copies of each state partition on other workers"})
     rebalance_timeout_s: float = field(default=3.0, metadata={"help": "consumer group rebalance timeout; keep short on Tansu (DESIGN.md §7)"})
+    stop_timeout_s: float = field(default=8.0, metadata={"help": "longest graceful stop (persist, commit, leave the group) after SIGTERM before a worker exits without waiting for the broker; nothing not durable is committed; 0 = wait forever"})
     # model / trainer
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dim: int = 64
@@ -78,6 +79,8 @@ class Settings:
             _positive(name, getattr(self, name))
         for name in ("worker_batch", "worker_flush_s", "worker_cache_users", "rebalance_timeout_s"):
             _positive(name, getattr(self, name))
+        if self.stop_timeout_s < 0:
+            raise SettingsError(f"stop_timeout_s must be >= 0, got {self.stop_timeout_s}")
         if self.standby_replicas < 0:
             raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
         if not 0.0 <= self.replay_share < 1.0:

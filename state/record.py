@@ -80,6 +80,19 @@ def peek_offset(data: bytes) -> int:
     return _STATE_HEADER.unpack_from(data, _HEADER.size)[1]
 
 
+def supersedes(incoming: bytes | None, current: bytes | None) -> bool:
+    """Whether a changelog value may replace the stored one: not when it is an older state.
+
+    A user's state is a function of the events applied to it, and its offset says how far it got,
+    so a state with a lower offset is an older one, e.g. an unacknowledged changelog write left by
+    a worker that died mid-flush, read back after the new owner had gone further. Equal offsets
+    (a watermark changes state without an event) and deletions follow changelog order.
+    """
+    if incoming is None or current is None or not incoming or not current:
+        return True
+    return peek_offset(incoming) >= peek_offset(current)
+
+
 def peek_pending(data: bytes) -> int:
     """Number of open conversion windows, read from the header only."""
     return _STATE_HEADER.unpack_from(data, _HEADER.size)[2]

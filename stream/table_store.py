@@ -20,7 +20,8 @@ from faust.stores.base import SerializedStore
 from faust.streams import current_event
 from faust.types import TP, EventT
 
-from tgastream.state.store import StateStore
+from tgastream.state.record import supersedes
+from tgastream.state.store import INTERNAL_PREFIX, StateStore
 
 PartitionsCallback = Callable[[Set[int]], None]
 
@@ -47,15 +48,21 @@ class TableStore(SerializedStore):
 
     def apply_changelog_batch(self, batch: Iterable[EventT], to_key: Callable[[Any], Any],
                               to_value: Callable[[Any], Any]) -> None:
-        """Write changelog records (recovery, standby) per partition in one batch each."""
+        """Write changelog records (recovery, standby) per partition in one batch each; a user's
+        record never replaces a newer one (:func:`state.record.supersedes`)."""
         puts: dict[int, dict[bytes, Optional[bytes]]] = {}
         last: dict[TP, int] = {}
         for event in batch:
             msg = event.message
             if msg.key is None:
                 continue
-            puts.setdefault(msg.partition, {})[msg.key] = msg.value
             last[msg.tp] = max(msg.offset, last.get(msg.tp, -1))
+            p_puts = puts.setdefault(msg.partition, {})
+            if not msg.key.startswith(INTERNAL_PREFIX):
+                current = p_puts[msg.key] if msg.key in p_puts else self.state_store.partition(msg.partition).get(msg.key)
+                if not supersedes(msg.value, current):
+                    continue
+            p_puts[msg.key] = msg.value
         for partition, p_puts in puts.items():
             self.state_store.partition(partition).write(p_puts)
         for tp, offset in last.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, TextIO
 
+from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.app import StreamWorker, build_worker, changelog_topic, worker_topics
 from tgastream.stream.metrics import MetricsServer, WorkerMetrics
 from tgastream.stream.pipeline import PipelineTotals
@@ -42,6 +43,7 @@ class WorkerConfig:
     stop_after_records: int = 0  # stop once this many records are durable (benchmarks, tests)
     max_seconds: float = 0.0  # stop after this long (0 = no limit)
     serve_metrics: bool = True
+    stop_timeout_s: float = 0.0  # > 0: a graceful stop that takes longer ends the process (StopDeadline)
 
 
 @dataclass
@@ -185,7 +187,8 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
-        await worker.stop()
+        with StopDeadline(options.stop_timeout_s, "worker"):
+            await worker.stop()
         if server is not None:
             server.close()
         if slot is not None:
