@@ -65,6 +65,7 @@ class Settings:
     # serving / metrics
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    api_token: str = field(default="", metadata={"help": "bearer token every API route but /healthz requires; empty = none (never printed)", "secret": True})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics listens on (0.0.0.0 in containers)"})
     seed: int = 0
@@ -108,7 +109,12 @@ class Settings:
 
     def describe(self) -> str:
         """One line per setting, for printing at start."""
-        return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in fields(self))
+        return "\n".join(f"  {f.name} = {_shown(f, getattr(self, f.name))}" for f in fields(self))
+
+
+def _shown(f: dataclasses.Field, value: Any) -> Any:
+    """A setting's value as printed: secrets never appear in logs."""
+    return ("***" if value else "") if f.metadata.get("secret") else value
 
 
 def _is_host_port(text: str) -> bool:

@@ -2,13 +2,17 @@
 
 Routes: ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{id}/recommendations?k=10``,
 ``POST /v1/score``, ``GET /healthz``, ``GET /metrics``. Errors are JSON ``{"error": ...}`` with a
-4xx/5xx status. The store is opened as a RocksDB secondary and caught up at most every
+4xx/5xx status, for every failure: bad input, unknown routes and methods, oversized bodies, and
+an unexpected exception (500, logged). With a token set, every route but ``/healthz`` requires
+``Authorization: Bearer <token>``. The store is opened as a RocksDB secondary and caught up at most every
 ``refresh_s`` seconds, so the API follows the trainer's writes without blocking it.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +22,15 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from tgastream.core.events import MAX_ID_CHARS  # the stream rejects longer ids: none can be stored
 from tgastream.state.serving import ServingStore
 
 MAX_K = 1000
 MAX_CANDIDATES = 1000
+MAX_BODY_BYTES = 1024 * 1024
+OPEN_ROUTES = frozenset({"/healthz"})  # answered without the token: liveness probes carry none
+
+log = logging.getLogger("tgastream.api")
 
 
 class Scorer(Protocol):
@@ -76,9 +85,24 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _authorized(request: web.Request, token: str) -> bool:
+    given = request.headers.get("Authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def _user_id(request: web.Request) -> str | web.Response:
+    """The path's user id, or the JSON error for one no user can have."""
+    uid = request.match_info["user_id"]
+    if len(uid) > MAX_ID_CHARS:
+        return _error(400, f"user id longer than {MAX_ID_CHARS} characters")
+    return uid  # percent-escapes that are not UTF-8 stay escaped: an id no user has (404)
+
+
 def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: float = 0.5,
-              registry: CollectorRegistry | None = None, extra_metrics: Callable[[], bytes] | None = None) -> web.Application:
-    """The aiohttp application. ``scorer`` is None when no model checkpoint is available yet."""
+              registry: CollectorRegistry | None = None, extra_metrics: Callable[[], bytes] | None = None,
+              token: str = "") -> web.Application:
+    """The aiohttp application. ``scorer`` is None when no model checkpoint is available yet;
+    a non-empty ``token`` guards every route but /healthz."""
     registry = registry or CollectorRegistry()
     metrics = ApiMetrics(registry)
     index = ItemIndex(store)
@@ -95,9 +119,16 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         start = time.perf_counter()
         try:
-            response = await handler(request)
+            if token and request.path not in OPEN_ROUTES and not _authorized(request, token):
+                response = _error(401, "missing or wrong bearer token")
+                response.headers["WWW-Authenticate"] = "Bearer"
+            else:
+                response = await handler(request)
         except web.HTTPException as exc:
             response = _error(exc.status, exc.reason or "error")
+        except Exception:  # a bug must cost one request, not the server
+            log.exception("%s %s failed", request.method, request.path)
+            response = _error(500, "internal error")
         metrics.requests.labels(route, str(response.status)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
@@ -109,7 +140,9 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
 
     async def embedding(request: web.Request) -> web.Response:
         fresh()
-        uid = request.match_info["user_id"]
+        uid = _user_id(request)
+        if isinstance(uid, web.Response):
+            return uid
         rec = store.user(uid)
         if rec is None:
             return _error(404, f"unknown user {uid!r}")
@@ -118,10 +151,12 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
 
     async def recommendations(request: web.Request) -> web.Response:
         fresh()
-        uid = request.match_info["user_id"]
+        uid = _user_id(request)
+        if isinstance(uid, web.Response):
+            return uid
         raw_k = request.query.get("k", "10")
         try:
-            k = int(raw_k)
+            k = int(raw_k[:20]) if len(raw_k) <= 20 else MAX_K + 1  # no 10⁶-digit int parsing
         except ValueError:
             return _error(400, f"k must be an integer, got {raw_k!r}")
         if not 1 <= k <= MAX_K:
@@ -161,7 +196,7 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
         body = generate_latest(registry) + (extra_metrics() if extra_metrics else b"")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(middlewares=[observe], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[observe], client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/users/{user_id}/embedding", embedding)
     app.router.add_get("/v1/users/{user_id}/recommendations", recommendations)
@@ -177,6 +212,8 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
     uid = body.get("user_id")
     if isinstance(uid, bool) or not isinstance(uid, (str, int)) or not str(uid).strip():
         return "user_id (string or int) is required"
+    if len(str(uid)) > MAX_ID_CHARS:
+        return f"user_id longer than {MAX_ID_CHARS} characters"
     items = body.get("items")
     if not isinstance(items, list) or not items:
         return "items must be a non-empty list"
@@ -190,6 +227,8 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
             iid, cat = it, "0"
         if isinstance(iid, bool) or not isinstance(iid, (str, int)) or not str(iid).strip():
             return "each item needs an item_id (string or int)"
+        if len(str(iid)) > MAX_ID_CHARS or len(str(cat)) > MAX_ID_CHARS:
+            return f"ids longer than {MAX_ID_CHARS} characters"
         if isinstance(cat, bool) or not isinstance(cat, (str, int)):
             return "category_id must be a string or int"
         out.append((str(iid), str(cat)))
@@ -197,13 +236,13 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
 
 
 def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = None,
-               print_address: Callable[[str], None] = print) -> None:
+               print_address: Callable[[str], None] = print, token: str = "") -> None:
     """Serve until interrupted (blocking)."""
     if not (store_path / "CURRENT").exists():
         ServingStore(store_path).close()  # an empty store until the trainer writes one
     secondary = store_path.parent / f"{store_path.name}.reader-{port}"
     store = ServingStore.reader(store_path, secondary)
-    app = build_app(store, scorer)
+    app = build_app(store, scorer, token=token)
     print_address(f"API listening on http://{host}:{port}")
     try:
         web.run_app(app, host=host, port=port, print=None, handle_signals=True)

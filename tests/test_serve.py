@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,11 +20,11 @@ def rec(vec, version=3) -> VectorRecord:
     return VectorRecord(version, 1511658000.0, time.time(), np.asarray(vec, dtype=np.float32))
 
 
-def _start(tmp_path: Path, store: Path, *extra: str):
+def _start(tmp_path: Path, store: Path, *extra: str, env: dict[str, str] | None = None):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", "serve", "--store", str(store), "--api-port", str(port),
                              "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=die_with_parent)
+                            env={**os.environ, **(env or {})}, preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:

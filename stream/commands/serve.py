@@ -24,7 +24,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     install_sigterm_handler()
     store = args.store or Path(settings.data_dir) / "serving"
     print(f"tgastream serve: store {store}")
-    run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True))
+    run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
+               token=settings.api_token)
     return 0
 
 
