@@ -25,9 +25,10 @@ from tgastream.state.graph import UserGraph
 from tgastream.core.events import BEHAVIOR_CODE, Event
 
 RETRIEVAL, CONVERSION = 0, 1
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2  # 2: + source identity (generation, partition, offset, seq); 1 is still read
 STATE_VERSION = 1
 _SAMPLE_HEADER = struct.Struct("<BBBfdd")  # version, kind, target behavior, label, event ts, arrival ts
+_SOURCE = struct.Struct("<IiqI")  # generation, source partition, source offset, seq (version 2 on)
 _STATE_HEADER = struct.Struct("<BqI")  # version, last offset, pending count
 _PENDING = struct.Struct("<dQ")  # click ts, click seq
 
@@ -55,10 +56,22 @@ class Sample:
     label: float  # conversion: 1 bought / 0 not; retrieval: 1
     event_ts: float  # event time of the target event (conversion: of the click)
     arrival_ts: float = 0.0  # wall-clock time the triggering event reached the worker (freshness)
+    # identity: the source record that produced it (``offset`` -1: none, e.g. an offline sample),
+    # and its place among that record's samples; equal for a re-delivered copy of the same sample
+    generation: int = 0  # of the source topic (0 until re-created topics are told apart)
+    partition: int = -1
+    offset: int = -1
+    seq: int = 0
+
+    @property
+    def source(self) -> tuple[int, int]:
+        """The stream the identity is ordered in: (generation, source partition)."""
+        return self.generation, self.partition
 
     def to_bytes(self) -> bytes:
         return b"".join((
             _SAMPLE_HEADER.pack(SAMPLE_VERSION, self.kind, self.behavior, self.label, self.event_ts, self.arrival_ts),
+            _SOURCE.pack(self.generation, self.partition, self.offset, self.seq),
             _pack_str(self.user_id), _pack_str(self.item_id), _pack_str(self.category_id),
             self.graph.to_bytes(),
         ))
@@ -67,13 +80,47 @@ class Sample:
     def from_bytes(cls, data: bytes) -> "Sample":
         data = bytes(data)
         version, kind, behavior, label, event_ts, arrival_ts = _SAMPLE_HEADER.unpack_from(data, 0)
-        if version != SAMPLE_VERSION:
+        if version not in (1, SAMPLE_VERSION):
             raise ValueError(f"sample encoding version {version} is not supported")
         off = _SAMPLE_HEADER.size
+        source = (0, -1, -1, 0)
+        if version >= 2:
+            source = _SOURCE.unpack_from(data, off)
+            off += _SOURCE.size
         user, off = _unpack_str(data, off)
         item, off = _unpack_str(data, off)
         cat, off = _unpack_str(data, off)
-        return cls(kind, user, UserGraph.from_bytes(data[off:]), item, cat, behavior, label, event_ts, arrival_ts)
+        return cls(kind, user, UserGraph.from_bytes(data[off:]), item, cat, behavior, label, event_ts, arrival_ts,
+                   *source)
+
+
+class RedeliveryGuard:
+    """Which samples were trained already, by their identity: the trainer's twin of the worker's
+    per-user offset guard. A source partition's samples reach the trainer in the order they were
+    made, and a worker that re-processes records after a failover re-emits their samples with the
+    same (offset, seq): one at or below the highest seen of its source is a re-delivery."""
+
+    def __init__(self, seen: dict[tuple[int, int], tuple[int, int]] | None = None) -> None:
+        self.seen: dict[tuple[int, int], tuple[int, int]] = dict(seen or {})
+
+    def admit(self, sample: Sample) -> bool:
+        """True for a new sample (and remember it); False for a re-delivered one. Samples without
+        an identity (offset -1) are always new."""
+        if sample.offset < 0:
+            return True
+        key, mark = sample.source, (sample.offset, sample.seq)
+        last = self.seen.get(key)
+        if last is not None and mark <= last:
+            return False
+        self.seen[key] = mark
+        return True
+
+    def state_dict(self) -> dict:
+        return {"seen": [[g, p, o, s] for (g, p), (o, s) in self.seen.items()]}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "RedeliveryGuard":
+        return cls({(g, p): (o, s) for g, p, o, s in d.get("seen", [])})
 
 
 @dataclass

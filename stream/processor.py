@@ -94,6 +94,13 @@ class Snapshot:
         return sum(len(p) for p in self.puts.values())
 
 
+def _identify(samples: list[Sample], partition: int, offset: int, first_seq: int = 0) -> list[Sample]:
+    """Stamp each sample with the source record that produced it (its identity, for the trainer)."""
+    for k, s in enumerate(samples):
+        s.partition, s.offset, s.seq = partition, offset, first_seq + k
+    return samples
+
+
 def sample_kind(s: Sample) -> str:
     if s.kind == CONVERSION:
         return "conversion_pos" if s.label > 0.5 else "conversion_neg"
@@ -178,7 +185,7 @@ class Processor:
                 continue
             try:
                 samples = user.apply(parsed, offset, window_s, sample_len, now)
-                encoded = [(s, s.to_bytes()) for s in samples]
+                encoded = [(s, s.to_bytes()) for s in _identify(samples, partition, offset)]
             except Exception as exc:  # a bug, never bad input: keep the worker and the user sound
                 self._poisoned(partition, uid, rec, exc, stats)
                 continue
@@ -238,13 +245,15 @@ class Processor:
         self._log.setdefault(partition, []).append((rec.offset, ts))
         cfg = self.config
         dirty = self._dirty.setdefault(partition, {})
+        seq = 0  # one sequence over every user's negatives: they share the watermark's offset
         for uid in list(self._pending[partition]):
             user = self._load(partition, uid)
             samples = user.expire(ts, cfg.window_s, cfg.sample_len, now)
             if not samples:
                 continue
             ukey = uid.encode()
-            for s in samples:
+            for s in _identify(samples, partition, rec.offset, seq):
+                seq += 1
                 data = s.to_bytes()
                 self.sink.sample(partition, ukey, data)
                 stats.samples[sample_kind(s)] += 1

@@ -109,6 +109,20 @@ def test_state_and_samples_equal_the_offline_build(store):
     assert {u: comparable(fresh.record(int(u) % 2, u)) for u in want} == {u: comparable(r) for u, r in want.items()}
 
 
+def test_every_emitted_sample_has_a_distinct_identity_from_its_source_record(store):
+    events = synth_events(users=20, events=1500, seed=9)
+    parts = to_partitions(events)
+    add_watermark(parts, max(e.ts for e in events) + DAY)
+    sink = ListSink()
+    run(Processor(store, ProcessorConfig(), sink), parts, batch=200)
+    samples = [(p, Sample.from_bytes(v)) for p, _, v in sink.samples]
+    assert all(s.partition == p and s.offset >= 0 for p, s in samples)
+    ids = [(s.partition, s.offset, s.seq) for _, s in samples]
+    assert len(set(ids)) == len(ids)
+    watermark_negatives = [s for p, s in samples if s.offset == len(parts[p]) - 1]
+    assert watermark_negatives and all(s.label == 0.0 for s in watermark_negatives)
+
+
 def test_redelivered_records_change_nothing_and_emit_nothing(store):
     events = synth_events(users=20, events=1500, seed=5)
     parts = to_partitions(events)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState, samples_from_events
+from tgastream.state.samples import (
+    _SAMPLE_HEADER, _SOURCE, CONVERSION, RETRIEVAL, RedeliveryGuard, Sample, UserState, samples_from_events,
+)
 from tgastream.core.events import Event
 
 DAY = 86400.0
@@ -68,3 +70,31 @@ def test_offline_samples_count_matches_events():
     out = samples_from_events(events, final_watermark=10 * DAY)
     kinds = sorted((s.user_id, s.kind, s.label) for s in out)
     assert kinds == [("1", 0, 1.0), ("1", 1, 1.0), ("2", 0, 1.0), ("2", 1, 0.0), ("2", 1, 0.0)]
+
+
+def test_a_sample_carries_its_source_identity_and_version_1_is_still_read():
+    st = UserState.new("u", 30)
+    st.apply(ev("A", "click", 0), 0, DAY, 10)
+    (s,) = st.apply(ev("B", "click", 10), 1, DAY, 10)
+    s.generation, s.partition, s.offset, s.seq = 3, 2, 41, 1
+    back = Sample.from_bytes(s.to_bytes())
+    assert (back.generation, back.partition, back.offset, back.seq) == (3, 2, 41, 1) and back.source == (3, 2)
+    v1 = bytes([1]) + s.to_bytes()[1:_SAMPLE_HEADER.size] + s.to_bytes()[_SAMPLE_HEADER.size + _SOURCE.size:]
+    old = Sample.from_bytes(v1)  # written before identities: no identity, same content
+    assert (old.offset, old.item_id, old.graph) == (-1, "B", s.graph)
+
+
+def test_the_guard_admits_each_identity_once_per_source_and_survives_a_checkpoint():
+    def sample(partition, offset, seq, generation=0):
+        return Sample(RETRIEVAL, "u", UserState.new("u", 5).graph, "i", "c", 0, 1.0, 0.0, 0.0,
+                      generation, partition, offset, seq)
+
+    guard = RedeliveryGuard()
+    assert [guard.admit(sample(0, 5, k)) for k in (0, 1)] == [True, True]
+    assert guard.admit(sample(1, 2, 0))  # another source partition: its own order
+    assert not guard.admit(sample(0, 5, 1)) and not guard.admit(sample(0, 4, 7))  # re-deliveries
+    assert guard.admit(sample(0, 6, 0)) and guard.admit(sample(0, 3, 0, generation=1))  # a new generation
+    restored = RedeliveryGuard.from_state_dict(guard.state_dict())
+    assert not restored.admit(sample(0, 6, 0)) and restored.admit(sample(0, 6, 1))
+    offline = sample(-1, -1, 0)
+    assert guard.admit(offline) and guard.admit(offline)  # no identity: never a re-delivery
