@@ -22,6 +22,7 @@ from tgastream.core.events import BEHAVIOR_CODE, Event
 RECORD_VERSION = 1
 _HEADER = struct.Struct("<BI")
 _STATE_HEADER = struct.Struct("<BqI")  # mirrors state.samples: version, last offset, pending count
+_GENERATION = struct.Struct("<I")  # mirrors state.samples: source generation, from state version 2
 
 
 @dataclass
@@ -40,11 +41,11 @@ class UserRecord:
         return self.state.offset
 
     def apply(self, ev: Event, offset: int | None, window_s: float, sample_len: int,
-              arrival_ts: float = 0.0) -> list[Sample]:
+              arrival_ts: float = 0.0, generation: int = 0) -> list[Sample]:
         """Apply one event to the state and features; the samples it produced (none if re-delivered)."""
-        if offset is not None and offset <= self.state.offset:
+        if offset is not None and self.state.holds(generation, offset):
             return []
-        samples = self.state.apply(ev, offset, window_s, sample_len, arrival_ts)
+        samples = self.state.apply(ev, offset, window_s, sample_len, arrival_ts, generation)
         self.features.observe(ev.category_id, BEHAVIOR_CODE[ev.behavior], ev.ts)
         self.observe_samples(samples)
         return samples
@@ -80,16 +81,27 @@ def peek_offset(data: bytes) -> int:
     return _STATE_HEADER.unpack_from(data, _HEADER.size)[1]
 
 
-def supersedes(incoming: bytes | None, current: bytes | None) -> bool:
+def peek_generation(data: bytes) -> int:
+    """Source generation of the last event applied, read from the header only (0 before version 2)."""
+    version = _STATE_HEADER.unpack_from(data, _HEADER.size)[0]
+    return _GENERATION.unpack_from(data, _HEADER.size + _STATE_HEADER.size)[0] if version >= 2 else 0
+
+
+def supersedes(incoming: bytes | None, current: bytes | None, generation: int | None = None) -> bool:
     """Whether a changelog value may replace the stored one: not when it is an older state.
 
     A user's state is a function of the events applied to it, and its offset says how far it got,
-    so a state with a lower offset is an older one, e.g. an unacknowledged changelog write left by
-    a worker that died mid-flush, read back after the new owner had gone further. Equal offsets
-    (a watermark changes state without an event) and deletions follow changelog order.
+    so a state with a lower offset of the same source generation is an older one, e.g. an
+    unacknowledged changelog write left by a worker that died mid-flush, read back after the new
+    owner had gone further. Across generations, a state of the current ``generation`` (when known)
+    is never replaced by one of another. Equal offsets (a watermark changes state without an event),
+    other generations and deletions follow changelog order.
     """
     if incoming is None or current is None or not incoming or not current:
         return True
+    g_in, g_cur = peek_generation(incoming), peek_generation(current)
+    if g_in != g_cur:
+        return not (generation is not None and g_cur == generation)
     return peek_offset(incoming) >= peek_offset(current)
 
 

@@ -26,10 +26,11 @@ from tgastream.core.events import BEHAVIOR_CODE, Event
 
 RETRIEVAL, CONVERSION = 0, 1
 SAMPLE_VERSION = 2  # 2: + source identity (generation, partition, offset, seq); 1 is still read
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + the source generation after the header of 1 (which is still read)
 _SAMPLE_HEADER = struct.Struct("<BBBfdd")  # version, kind, target behavior, label, event ts, arrival ts
 _SOURCE = struct.Struct("<IiqI")  # generation, source partition, source offset, seq (version 2 on)
 _STATE_HEADER = struct.Struct("<BqI")  # version, last offset, pending count
+_GENERATION = struct.Struct("<I")  # source generation (version 2 on), right after the header
 _PENDING = struct.Struct("<dQ")  # click ts, click seq
 
 
@@ -135,12 +136,19 @@ class Pending:
 
 @dataclass
 class UserState:
-    """A user's graph, open conversion windows and the offset of the last event applied."""
+    """A user's graph, open conversion windows and where the last event applied came from: the
+    source generation (the events topic's incarnation) and offset. Offsets order events only
+    within one generation: a re-created topic starts again at 0 and its events are all new."""
 
     user_id: str
     graph: UserGraph
     pending: dict[str, Pending] = field(default_factory=dict)  # item → window, in click order
     offset: int = -1
+    generation: int = 0
+
+    def holds(self, generation: int, offset: int) -> bool:
+        """Whether the event at (generation, offset) is already applied (a re-delivery)."""
+        return generation == self.generation and offset <= self.offset
 
     @classmethod
     def new(cls, user_id: str, max_len: int) -> "UserState":
@@ -167,12 +175,12 @@ class UserState:
         return out
 
     def apply(self, ev: Event, offset: int | None, window_s: float, sample_len: int,
-              arrival_ts: float = 0.0) -> list[Sample]:
+              arrival_ts: float = 0.0, generation: int = 0) -> list[Sample]:
         """Apply one event; returns the samples it produces. An offset at or below the last applied
-        one is a re-delivery and changes nothing (exactly-once state on an at-least-once stream)."""
-        if offset is not None:
-            if offset <= self.offset:
-                return []
+        one of the same generation is a re-delivery and changes nothing (exactly-once state on an
+        at-least-once stream)."""
+        if offset is not None and self.holds(generation, offset):
+            return []
         out = self.expire(ev.ts, window_s, sample_len, arrival_ts)
         beh = BEHAVIOR_CODE[ev.behavior]
         if len(self.graph):
@@ -187,12 +195,13 @@ class UserState:
         if ev.behavior == "click" and ev.item_id not in self.pending:
             self.pending[ev.item_id] = Pending(ev.item_id, ev.category_id, ev.ts, self.graph.total - 1)
         if offset is not None:
-            self.offset = offset
+            self.offset, self.generation = offset, generation
         return out
 
     def to_bytes(self) -> bytes:
-        """Versioned encoding: header (offset, pending count), pending windows, then the graph."""
-        parts = [_STATE_HEADER.pack(STATE_VERSION, self.offset, len(self.pending)), _pack_str(self.user_id)]
+        """Versioned encoding: header (offset, pending count), generation, pending windows, graph."""
+        parts = [_STATE_HEADER.pack(STATE_VERSION, self.offset, len(self.pending)), _GENERATION.pack(self.generation),
+                 _pack_str(self.user_id)]
         for p in self.pending.values():
             parts += [_PENDING.pack(p.click_ts, p.seq), _pack_str(p.item_id), _pack_str(p.category_id)]
         parts.append(self.graph.to_bytes())
@@ -202,9 +211,13 @@ class UserState:
     def from_bytes(cls, data: bytes) -> "UserState":
         data = bytes(data)
         version, offset, n = _STATE_HEADER.unpack_from(data, 0)
-        if version != STATE_VERSION:
+        if version not in (1, STATE_VERSION):
             raise ValueError(f"user state encoding version {version} is not supported")
         off = _STATE_HEADER.size
+        generation = 0
+        if version >= 2:
+            (generation,) = _GENERATION.unpack_from(data, off)
+            off += _GENERATION.size
         user, off = _unpack_str(data, off)
         pending: dict[str, Pending] = {}
         for _ in range(n):
@@ -213,7 +226,7 @@ class UserState:
             item, off = _unpack_str(data, off)
             cat, off = _unpack_str(data, off)
             pending[item] = Pending(item, cat, click_ts, seq)
-        return cls(user, UserGraph.from_bytes(data[off:]), pending, offset)
+        return cls(user, UserGraph.from_bytes(data[off:]), pending, offset, generation)
 
 
 def samples_from_events(events: Iterable[Event], max_len: int = 200, sample_len: int = 50,

@@ -35,6 +35,8 @@ INTERNAL_PREFIX = b"\n"
 
 OFFSET_KEY = INTERNAL_PREFIX + b"changelog-offset"
 """Last changelog offset whose write this database holds (recovery resumes after it)."""
+CHANGELOG_ID_KEY = INTERNAL_PREFIX + b"changelog-id"
+"""Topic id (generation) of the changelog that offset belongs to."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,10 @@ class StoreStats:
 class PartitionDB:
     """One partition's database: point reads, atomic batched writes, iteration over user keys."""
 
-    def __init__(self, path: Path, options: Options) -> None:
+    def __init__(self, path: Path, options: Options, changelog_id: str | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.current_changelog_id = changelog_id  # recorded with every changelog offset set
         self._db: Rdict | None = Rdict(str(path), options=options)
 
     @property
@@ -132,7 +135,20 @@ class PartitionDB:
         return int(raw) if raw is not None else None
 
     def set_changelog_offset(self, offset: int) -> None:
-        self.db.put(OFFSET_KEY, str(offset).encode())
+        """Record that this database holds the changelog up to ``offset`` (of the current changelog id)."""
+        puts = {OFFSET_KEY: str(offset).encode()}
+        if self.current_changelog_id:
+            puts[CHANGELOG_ID_KEY] = self.current_changelog_id.encode()
+        self.write(puts)
+
+    def changelog_id(self) -> str | None:
+        """Id of the changelog generation this database mirrors (None: not recorded)."""
+        raw = self.db.get(CHANGELOG_ID_KEY)
+        return raw.decode() if raw is not None else None
+
+    def reset_changelog_position(self, changelog_id: str) -> None:
+        """Mirror ``changelog_id`` from its start: the next recovery replays all of it."""
+        self.write({CHANGELOG_ID_KEY: changelog_id.encode(), OFFSET_KEY: None})
 
     def stats(self) -> StoreStats:
         db = self.db
@@ -149,9 +165,11 @@ class PartitionDB:
 class StateStore:
     """All partition databases of one table under ``root`` (``<root>/<name>-<partition>.db``)."""
 
-    def __init__(self, root: Path, name: str, options: StoreConfig | None = None) -> None:
+    def __init__(self, root: Path, name: str, options: StoreConfig | None = None,
+                 changelog_id: str | None = None) -> None:
         self.root = Path(root)
         self.name = name
+        self.changelog_id = changelog_id  # the changelog generation this process writes
         self.options = options or StoreConfig()
         self._cache = Cache(self.options.block_cache_mb << 20)
         self._rocks_options = rocksdb_options(self.options, self._cache)
@@ -164,8 +182,13 @@ class StateStore:
         """The database of ``partition``, opened on first use."""
         db = self._dbs.get(partition)
         if db is None:
-            db = self._dbs[partition] = PartitionDB(self.path(partition), self._rocks_options)
+            db = self._dbs[partition] = PartitionDB(self.path(partition), self._rocks_options, self.changelog_id)
         return db
+
+    def local_partitions(self) -> list[int]:
+        """Partitions with a database on disk, open or not."""
+        prefix = f"{self.name}-"
+        return sorted(int(p.name[len(prefix):-3]) for p in self.root.glob(f"{prefix}*.db"))
 
     def is_open(self, partition: int) -> bool:
         return partition in self._dbs

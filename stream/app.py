@@ -13,17 +13,18 @@ with the configured partition count before the app starts (:func:`worker_topics`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
 
 from tgastream.state.store import StateStore, StoreConfig
+from tgastream.stream.generations import Generations
 from tgastream.stream.batch_consumer import BatchConsumer, BatchHandler, BatchTransport
 from tgastream.stream.metrics import WorkerMetrics
 from tgastream.stream.output import BatchedProducer
-from tgastream.stream.pipeline import Pipeline, PipelineConfig
+from tgastream.stream.pipeline import Pipeline, PipelineConfig, PipelineTotals
 from tgastream.stream.processor import ProcessorConfig
 from tgastream.core.settings import Settings
 from tgastream.stream.topics import app_topics
@@ -79,13 +80,15 @@ def faust_config(settings: Settings, datadir: Path) -> dict[str, Any]:
 
 @dataclass
 class StreamWorker:
-    """A configured (not yet started) worker: faust app, state store, pipeline, metrics."""
+    """A configured (not yet started) worker: faust app, state store, pipeline, metrics, and the
+    topic generations it was built for."""
 
     app: WorkerApp
     store: StateStore
     pipeline: Pipeline
     metrics: WorkerMetrics
     settings: Settings
+    generations: Generations = field(default_factory=lambda: Generations(None, None))
 
     @property
     def consumer(self) -> BatchConsumer:
@@ -108,11 +111,14 @@ class StreamWorker:
 
 
 def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | None = None,
-                 store_options: StoreConfig | None = None) -> StreamWorker:
-    """Wire a worker for ``settings`` keeping its local state under ``data_dir``."""
+                 store_options: StoreConfig | None = None, generations: Generations | None = None,
+                 totals: PipelineTotals | None = None) -> StreamWorker:
+    """Wire a worker for ``settings`` keeping its local state under ``data_dir``, for the topic
+    ``generations`` it starts with (None: unknown, generation 0)."""
     metrics = metrics or WorkerMetrics()
+    generations = generations or Generations(None, None)
     (data_dir / "faust").mkdir(parents=True, exist_ok=True)
-    store = StateStore(data_dir / "state", TABLE_NAME, store_options)
+    store = StateStore(data_dir / "state", TABLE_NAME, store_options, changelog_id=generations.changelog_id)
     config = PipelineConfig(
         events_topic=settings.events_topic, samples_topic=settings.samples_topic,
         dlq_topic=settings.dlq_topic, features_topic=settings.features_topic,
@@ -121,17 +127,19 @@ def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | No
                                   window_s=settings.conversion_window_s,
                                   max_cached_users=settings.worker_cache_users, topic=settings.events_topic),
         flush_s=settings.worker_flush_s,
+        generation=generations.source,
     )
     producer = BatchedProducer(settings.bootstrap, client_id=f"{settings.consumer_group}-worker")
-    pipeline = Pipeline(config, store, producer, metrics)
+    pipeline = Pipeline(config, store, producer, metrics, totals)
     app = WorkerApp(settings.consumer_group, batch_handlers={settings.events_topic: pipeline.handle},
                     **faust_config(settings, data_dir / "faust"))
     from tgastream.stream.table_store import StateTable
 
     table = StateTable(app, state=store, on_partitions_changed=pipeline.on_partitions_changed,
+                       generation=generations.source if generations.events_id else None,
                        name=TABLE_NAME, partitions=settings.partitions, beacon=app.tables.beacon,
                        help="per-user graph, pending labels, features and last source offset")
     app.tables.add(table)
     app.topics.add(app.topic(settings.events_topic, key_type=bytes, value_type=bytes,
                              key_serializer="raw", value_serializer="raw", partitions=settings.partitions))
-    return StreamWorker(app, store, pipeline, metrics, settings)
+    return StreamWorker(app, store, pipeline, metrics, settings, generations)

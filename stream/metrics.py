@@ -57,6 +57,9 @@ class WorkerMetrics:
         self.store_bytes = Gauge("tgastream_store_bytes", "RocksDB size (SST files + memtables)",
                                  ["partition"], registry=r)
         self.store_users = Gauge("tgastream_store_users", "Users in RocksDB (estimate)", ["partition"], registry=r)
+        self.generations = Counter("tgastream_topic_generations_total",
+                                   "Topics found re-created (a new generation) while running; the worker restarted on it",
+                                   ["topic"], registry=r)
         self.cached_users = Gauge("tgastream_cached_users", "Users held decoded in memory", registry=r)
         self._rate = RateWindow(10.0)
 

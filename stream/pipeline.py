@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Any, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from faust.types import TP
 
@@ -50,6 +50,8 @@ class PipelineConfig:
     processor: ProcessorConfig
     flush_s: float = 0.5
     max_dirty_users: int = 50_000
+    generation: int = 0  # of the events topic (stream/generations.py)
+    generation_gap_s: float = 1.0  # a batch after this long without one is checked for a new generation
 
 
 @dataclass
@@ -85,12 +87,12 @@ class Pipeline:
     """Batch handler of the events topic and the persist loop of one worker process."""
 
     def __init__(self, config: PipelineConfig, store: StateStore, producer: BatchedProducer,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, totals: PipelineTotals | None = None) -> None:
         self.config = config
         self.store = store
         self.producer = producer
         self.metrics = metrics or WorkerMetrics()
-        self.totals = PipelineTotals()
+        self.totals = totals or PipelineTotals()  # shared by a worker's incarnations
         self.consumer: BatchConsumer | None = None
         self.processor: Processor | None = None
         self._feature_partitions = 0
@@ -102,6 +104,9 @@ class Pipeline:
         self._revocations = 0  # the consumer's revocation count that _ack_next belongs to
         self._loop_task: asyncio.Task | None = None
         self._failed: BaseException | None = None
+        self.generation_check: Callable[[], Awaitable[str | None]] | None = None  # → a re-created topic or None
+        self.recreated: str | None = None  # set when a batch came from another generation: restart the worker
+        self._last_batch_at = monotonic()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -116,7 +121,7 @@ class Pipeline:
         self._feature_partitions = await self.producer.partition_count(cfg.features_topic)
         self._features_same = self._feature_partitions == n_events
         sink = TopicSink(self.producer, cfg.samples_topic, cfg.dlq_topic, n_samples == n_events, n_samples, n_dlq)
-        self.processor = Processor(self.store, cfg.processor, sink)
+        self.processor = Processor(self.store, cfg.processor, sink, cfg.generation)
         self._loop_task = asyncio.ensure_future(self._persist_loop())
 
     async def drain(self) -> None:
@@ -146,6 +151,23 @@ class Pipeline:
             self.processor.forget(partitions)  # (acknowledgements: every revocation clears them all)
         self.metrics.drop_partitions(partitions)
 
+    async def _same_generation(self) -> bool:
+        """Before the first batch after a gap in fetching (a broker restart or a topic re-created
+        causes one), make sure the events topic is still of this worker's generation: records of a
+        new one must never be applied under the old generation's offsets. On a change, leave the
+        batch unapplied and unacknowledged for the worker's next incarnation."""
+        now, last = monotonic(), self._last_batch_at
+        self._last_batch_at = now
+        if self.generation_check is None or now - last < self.config.generation_gap_s:
+            return True
+        topic = await self.generation_check()
+        if topic is not None:
+            self.recreated = topic
+            log.warning("a batch of %s after %.1f s without one comes from a new generation of %s: "
+                        "not applied; the worker restarts on it", self.config.events_topic, now - last, topic)
+            return False
+        return True
+
     def _forget_acks_after_revocation(self) -> None:
         """After a revocation faust re-delivers from the committed offsets and no longer knows what
         was acknowledged: start acknowledging afresh from the next delivered record (what was
@@ -160,8 +182,10 @@ class Pipeline:
     async def handle(self, batch: Mapping[TP, Sequence[Any]]) -> None:
         """Batch handler: apply fetched records of the events topic (per partition, in order)."""
         assert self.processor is not None and self.consumer is not None
-        if self._failed is not None:
+        if self._failed is not None or self.recreated is not None:
             return  # nothing can be made durable any more: leave the records for the next worker
+        if not await self._same_generation():
+            return
         async with self._lock:
             arrival = monotonic()
             wall = time.time()

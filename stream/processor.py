@@ -94,10 +94,11 @@ class Snapshot:
         return sum(len(p) for p in self.puts.values())
 
 
-def _identify(samples: list[Sample], partition: int, offset: int, first_seq: int = 0) -> list[Sample]:
+def _identify(samples: list[Sample], generation: int, partition: int, offset: int, first_seq: int = 0
+              ) -> list[Sample]:
     """Stamp each sample with the source record that produced it (its identity, for the trainer)."""
     for k, s in enumerate(samples):
-        s.partition, s.offset, s.seq = partition, offset, first_seq + k
+        s.generation, s.partition, s.offset, s.seq = generation, partition, offset, first_seq + k
     return samples
 
 
@@ -110,10 +111,11 @@ def sample_kind(s: Sample) -> str:
 class Processor:
     """Applies batches of raw records to per-user records held in a :class:`StateStore`."""
 
-    def __init__(self, store: StateStore, config: ProcessorConfig, sink: OutputSink) -> None:
+    def __init__(self, store: StateStore, config: ProcessorConfig, sink: OutputSink, generation: int = 0) -> None:
         self.store = store
         self.config = config
         self.sink = sink
+        self.generation = generation  # of the source topic: offsets order events only within one
         self._cache: dict[int, dict[str, UserRecord]] = {}
         self._dirty: dict[int, dict[str, UserRecord]] = {}
         self._pending: dict[int, dict[str, int]] = {}  # partition → user → open windows
@@ -161,7 +163,7 @@ class Processor:
         pending, applied = self._pending[partition], self._log.setdefault(partition, [])
         sink_sample = self.sink.sample
         cfg = self.config
-        window_s, sample_len = cfg.window_s, cfg.sample_len
+        window_s, sample_len, generation = cfg.window_s, cfg.sample_len, self.generation
         for rec in records:
             key, value, offset = rec.key, rec.value, rec.offset
             if key == WATERMARK_KEY:
@@ -180,12 +182,12 @@ class Processor:
                              "must be keyed by user id so each user's events share a partition", stats)
                 continue
             user = cache.get(uid) or self._load(partition, uid)
-            if offset <= user.state.offset:
+            if user.state.holds(generation, offset):
                 stats.skipped += 1
                 continue
             try:
-                samples = user.apply(parsed, offset, window_s, sample_len, now)
-                encoded = [(s, s.to_bytes()) for s in _identify(samples, partition, offset)]
+                samples = user.apply(parsed, offset, window_s, sample_len, now, generation)
+                encoded = [(s, s.to_bytes()) for s in _identify(samples, generation, partition, offset)]
             except Exception as exc:  # a bug, never bad input: keep the worker and the user sound
                 self._poisoned(partition, uid, rec, exc, stats)
                 continue
@@ -252,7 +254,7 @@ class Processor:
             if not samples:
                 continue
             ukey = uid.encode()
-            for s in _identify(samples, partition, rec.offset, seq):
+            for s in _identify(samples, self.generation, partition, rec.offset, seq):
                 seq += 1
                 data = s.to_bytes()
                 self.sink.sample(partition, ukey, data)
@@ -279,7 +281,7 @@ class Processor:
         for offset, item in self._log.get(partition, []):
             if isinstance(item, Event):
                 if item.user_id == uid:
-                    user.apply(item, offset, cfg.window_s, cfg.sample_len)
+                    user.apply(item, offset, cfg.window_s, cfg.sample_len, generation=self.generation)
             else:
                 user.expire(item, cfg.window_s, cfg.sample_len)
         self._cache[partition][uid] = user

@@ -30,10 +30,11 @@ class TableStore(SerializedStore):
     """faust ``StoreT`` over a :class:`StateStore` (raw bytes keys and values)."""
 
     def __init__(self, url: Any, app: Any, table: Any, *, state: StateStore,
-                 on_partitions_changed: PartitionsCallback, **kwargs: Any) -> None:
+                 on_partitions_changed: PartitionsCallback, generation: int | None = None, **kwargs: Any) -> None:
         super().__init__(url, app, table, **kwargs)
         self.state_store = state
         self._on_partitions_changed = on_partitions_changed
+        self.generation = generation  # of the source: a user's state of it is never replaced
 
     # -- recovery and rebalancing -----------------------------------------------------------
 
@@ -60,7 +61,7 @@ class TableStore(SerializedStore):
             p_puts = puts.setdefault(msg.partition, {})
             if not msg.key.startswith(INTERNAL_PREFIX):
                 current = p_puts[msg.key] if msg.key in p_puts else self.state_store.partition(msg.partition).get(msg.key)
-                if not supersedes(msg.value, current):
+                if not supersedes(msg.value, current, self.generation):
                     continue
             p_puts[msg.key] = msg.value
         for partition, p_puts in puts.items():
@@ -149,13 +150,15 @@ class StateTable(faust.Table):
     """A faust Table stored in a :class:`StateStore` (keys and values are raw bytes)."""
 
     def __init__(self, app: Any, *, state: StateStore, on_partitions_changed: PartitionsCallback,
-                 **kwargs: Any) -> None:
+                 generation: int | None = None, **kwargs: Any) -> None:
         self._state = state
         self._on_partitions_changed = on_partitions_changed
+        self._generation = generation
         super().__init__(app, key_type=bytes, value_type=bytes, **kwargs)
 
     def _new_store(self) -> TableStore:
         return TableStore("tgastream://", self.app, self, state=self._state,
-                          on_partitions_changed=self._on_partitions_changed, table_name=self.name,
+                          on_partitions_changed=self._on_partitions_changed, generation=self._generation,
+                          table_name=self.name,
                           key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw", options=self.options)

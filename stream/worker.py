@@ -21,7 +21,10 @@ from pathlib import Path
 from time import monotonic
 from typing import Callable, TextIO
 
+from faust.exceptions import ConsistencyError
+
 from tgastream.stream.deadline import StopDeadline
+from tgastream.stream.generations import changed_or_none, changed_surely, read_generations, reseed_changelog
 from tgastream.stream.app import StreamWorker, build_worker, changelog_topic, worker_topics
 from tgastream.stream.metrics import MetricsServer, WorkerMetrics
 from tgastream.stream.pipeline import PipelineTotals
@@ -44,6 +47,7 @@ class WorkerConfig:
     max_seconds: float = 0.0  # stop after this long (0 = no limit)
     serve_metrics: bool = True
     stop_timeout_s: float = 0.0  # > 0: a graceful stop that takes longer ends the process (StopDeadline)
+    generation_check_s: float = 2.0  # how often the topic ids are compared (0: never)
 
 
 @dataclass
@@ -86,10 +90,10 @@ def drop_stale_partitions(worker: StreamWorker) -> list[int]:
 
     store = worker.store
     local = {}
-    for path in sorted(store.root.glob(f"{store.name}-*.db")):
-        partition = int(path.name[len(store.name) + 1:-3])
-        offset = store.partition(partition).changelog_offset()
-        if offset is not None:
+    for partition in store.local_partitions():
+        db = store.partition(partition)
+        offset = db.changelog_offset()
+        if offset is not None and db.changelog_id() is None:  # else generations tell (reseed_changelog)
             local[partition] = offset
     if not local:
         return []
@@ -151,8 +155,12 @@ def summary_table(t: PipelineTotals, seconds: float) -> str:
 async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
                      on_started: Callable[[StreamWorker], None] | None = None,
                      out: TextIO | None = None) -> PipelineTotals:
-    """Run one worker until SIGTERM/SIGINT (or an option's limit); returns its totals."""
-    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
+    """Run one worker until SIGTERM/SIGINT (or an option's limit); returns its totals.
+
+    When a topic it depends on is re-created (a new generation: a Tansu broker restart re-creates
+    every topic), the worker restarts its faust app in-process on the new generation instead of
+    dying (stream/generations.py); ``tgastream_topic_generations_total`` counts these.
+    """
     slot = None
     if options.data_dir is None:
         slot = claim_slot(Path(settings.data_dir) / "workers" / settings.consumer_group)
@@ -160,8 +168,8 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
     else:
         data_dir = options.data_dir
     metrics = WorkerMetrics()
+    totals = PipelineTotals()
     server: MetricsServer | None = None
-    worker = build_worker(settings, data_dir, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -170,40 +178,76 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     t0 = monotonic()
+    failure: str | None = None
     try:
         if options.serve_metrics:
             server = metrics.serve(settings.metrics_host, settings.metrics_port)
             log.info("metrics on %s", server.url)
-        log.info("worker of group %s on %s, state in %s", settings.consumer_group, settings.bootstrap, data_dir)
-        drop_stale_partitions(worker)
-        await worker.start()
-        gc.freeze()  # faust, aiokafka and our wiring live for the whole process: keep them out of GC scans
-        if on_started is not None:
-            on_started(worker)
-        await _supervise(worker, options, stop, t0)
+        while True:
+            worker = await _start_incarnation(settings, data_dir, metrics, totals)
+            if on_started is not None:
+                on_started(worker)
+            try:
+                outcome = await _supervise(worker, options, stop, t0)
+            finally:
+                with StopDeadline(options.stop_timeout_s, "worker"):
+                    await worker.stop()
+            if worker.pipeline.failed is not None:
+                failure = str(worker.pipeline.failed)
+            elif outcome.startswith("recreated:"):
+                metrics.generations.labels(outcome.split(":", 1)[1]).inc()
+                log.warning("topic %s was re-created (new generation): restarting the worker on it",
+                            outcome.split(":", 1)[1])
+                continue
+            elif outcome.startswith("failed:"):
+                failure = outcome.split(":", 1)[1]
+            break
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
-        with StopDeadline(options.stop_timeout_s, "worker"):
-            await worker.stop()
         if server is not None:
             server.close()
         if slot is not None:
             slot.close()
     seconds = monotonic() - t0
     if out is not None:
-        print(summary_table(worker.pipeline.totals, seconds), file=out, flush=True)
-    if worker.pipeline.failed is not None:
-        raise RuntimeError(f"worker stopped: {worker.pipeline.failed}") from worker.pipeline.failed
-    return worker.pipeline.totals
+        print(summary_table(totals, seconds), file=out, flush=True)
+    if failure is not None:
+        raise RuntimeError(f"worker stopped: {failure}")
+    return totals
 
 
-async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.Event, t0: float) -> None:
-    """Wait for a stop signal, a limit, a pipeline failure or a crashed app; log progress."""
+async def _start_incarnation(settings: Settings, data_dir: Path, metrics: WorkerMetrics,
+                             totals: PipelineTotals) -> StreamWorker:
+    """Topics, generations, local state made consistent with the changelog, then a started worker."""
+    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
+    changelog = changelog_topic(settings)
+    generations = await asyncio.to_thread(read_generations, settings.bootstrap, settings.events_topic, changelog)
+    worker = build_worker(settings, data_dir, metrics, generations=generations, totals=totals)
+    log.info("worker of group %s on %s, state in %s (events generation %08x)", settings.consumer_group,
+             settings.bootstrap, data_dir, generations.source)
+    if generations.changelog_id:
+        await asyncio.to_thread(reseed_changelog, worker.store, settings.bootstrap, changelog, generations.changelog_id)
+    drop_stale_partitions(worker)
+    worker.pipeline.generation_check = lambda: changed_surely(
+        settings.bootstrap, settings.events_topic, changelog, generations)
+    await worker.start()
+    gc.freeze()  # faust, aiokafka and our wiring live for the whole process: keep them out of GC scans
+    return worker
+
+
+async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.Event, t0: float) -> str:
+    """Wait for a stop signal, a limit, a pipeline failure, a crashed app or a re-created topic;
+    log progress. Returns why it stopped: ``stop``, ``limit``, ``failed:<why>`` or
+    ``recreated:<topic>``."""
+    settings = worker.settings
+    changelog = changelog_topic(settings)
     next_progress = t0 + options.progress_s
+    next_check = monotonic() + options.generation_check_s
+    check: asyncio.Future | None = None
     totals = worker.pipeline.totals
     while not stop.is_set():
         try:
@@ -211,13 +255,27 @@ async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.
         except asyncio.TimeoutError:
             pass
         now = monotonic()
+        if check is not None and check.done():
+            topic, check = check.result(), None
+            if topic is not None:
+                return f"recreated:{topic}"
+        if check is None and options.generation_check_s and now >= next_check:
+            check = asyncio.ensure_future(asyncio.to_thread(
+                changed_or_none, settings.bootstrap, settings.events_topic, changelog, worker.generations))
+            next_check = now + options.generation_check_s
+        if worker.pipeline.recreated is not None:
+            return f"recreated:{worker.pipeline.recreated}"
         if worker.pipeline.failed is not None or worker.app.crashed:
-            log.error("worker failed: %s", worker.pipeline.failed or worker.app.crash_reason)
-            return
+            reason = worker.pipeline.failed or worker.app.crash_reason
+            if isinstance(reason, ConsistencyError):  # faust found the changelog behind its state
+                return f"recreated:{changelog}"
+            log.error("worker failed: %s", reason)
+            return f"failed:{reason}"
         if options.stop_after_records and totals.records_durable >= options.stop_after_records:
-            return
+            return "limit"
         if options.max_seconds and now - t0 >= options.max_seconds:
-            return
+            return "limit"
         if options.progress_s and now >= next_progress:
             log.info(progress_line(totals, now - t0, worker))
             next_progress = now + options.progress_s
+    return "stop"
