@@ -94,6 +94,8 @@ def compile_flags(target: str) -> list[str]:
 
 def library_path(target: str) -> Path:
     """The cached library for this source, flags and architecture (and CPU, for ``native``)."""
+    if not SOURCE.is_file():
+        raise FusedUnavailable(f"the kernel source {SOURCE} is missing from the installed package")
     flags = compile_flags(target)
     cpu = " ".join(sorted(_cpu_flags())) if target == "native" else ""
     key = SOURCE.read_bytes() + " ".join(flags).encode() + platform.machine().encode() + cpu.encode()
