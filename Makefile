@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow test-wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(ARGS)
+
+# the built wheel in a fresh virtualenv, outside the checkout: doctor --require-fused + a small demo
+test-wheel:
+	.ci/wheel-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache tgastream-data

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "worker": "tgastream.stream.commands.worker",
     "train": "tgastream.stream.commands.train",
     "demo": "tgastream.stream.commands.demo",
+    "doctor": "tgastream.stream.commands.doctor",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 
