@@ -192,8 +192,8 @@ def test_bad_records_go_to_the_dlq_with_their_bytes_and_reason_and_stop_nothing(
 class ExplodingRecord(UserRecord):
     """A user record whose apply half-runs, then raises, for item "BOOM" (stands for a bug)."""
 
-    def apply(self, ev, offset, window_s, sample_len, arrival_ts=0.0):
-        samples = super().apply(ev, offset, window_s, sample_len, arrival_ts)
+    def apply(self, ev, offset, window_s, sample_len, arrival_ts=0.0, generation=0):
+        samples = super().apply(ev, offset, window_s, sample_len, arrival_ts, generation)
         if ev.item_id == "BOOM":
             raise RuntimeError("simulated bug")
         return samples
