@@ -56,9 +56,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import matplotlib.pyplot as plt
     from tqdm import tqdm
 
-    from tgastream.model.online import OnlineConfig, OnlineLearner
+    from tgastream.model.online import OnlineLearner
     from tgastream.model.prequential import RollingMetrics
     from tgastream.state.samples import samples_from_events
+    from tgastream.stream.configs import online_config, online_model_config
     from tgastream.stream.plots import save_chart
 
     events, drift_ts = _events(args.users, args.events, args.seed, args.drift_at)
@@ -67,8 +68,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     samples.sort(key=lambda s: s.event_ts)  # the order a live stream delivers them (by event time)
     first = [s for s in samples if s.event_ts < drift_ts]
     second = [s for s in samples if s.event_ts >= drift_ts]
-    s = settings.replace(device=args.device, lr=args.lr)
-    learner = OnlineLearner(s, OnlineConfig(lr=args.lr, replay_share=s.replay_share, metric_window=10**9))
+    settings = settings.replace(device=args.device, lr=args.lr)
+    learner = OnlineLearner(online_model_config(settings), online_config(settings, metric_window=10**9))
     t0 = time.perf_counter()
     bs = args.batch_size
     for k in tqdm(range(0, len(first), bs), desc="first half (online)", unit="batch"):

@@ -14,6 +14,16 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "TGASTREAM_"
 
+# Defaults shared by Settings and the component configs that need one (written here only).
+MAX_LEN = 200  # events kept per user graph
+SAMPLE_LEN = 50  # graph nodes carried by a training sample
+CONVERSION_WINDOW_S = 86_400.0  # click → buy conversion window (event time)
+DIM = 64  # model width
+LAYERS = 2  # encoder layers
+HEADS = 2  # attention heads
+LR = 1e-3  # online learning rate
+REPLAY_SHARE = 0.25  # share of each online step drawn from the replay reservoir
+
 
 class SettingsError(ValueError):
     """A configuration value is invalid; the message is one line meant for the user."""
@@ -38,9 +48,9 @@ class Settings:
     features_topic: str = "user-features"
     # state
     data_dir: Path = field(default=Path("tgastream-data"), metadata={"help": "where RocksDB stores, checkpoints and reports live"})
-    max_len: int = field(default=200, metadata={"help": "events kept per user graph"})
-    sample_len: int = field(default=50, metadata={"help": "graph nodes carried by a training sample"})
-    conversion_window_s: float = field(default=86400.0, metadata={"help": "click → buy conversion window (event time)"})
+    max_len: int = field(default=MAX_LEN, metadata={"help": "events kept per user graph"})
+    sample_len: int = field(default=SAMPLE_LEN, metadata={"help": "graph nodes carried by a training sample"})
+    conversion_window_s: float = field(default=CONVERSION_WINDOW_S, metadata={"help": "click → buy conversion window (event time)"})
     # stream workers
     worker_group: str = field(default="", metadata={"help": "consumer group (faust app id) of stream workers; empty = tgastream-<events_topic>"})
     worker_batch: int = field(default=5000, metadata={"help": "stream worker: most records fetched and applied per batch"})
@@ -51,15 +61,15 @@ class Settings:
     stop_timeout_s: float = field(default=8.0, metadata={"help": "longest graceful stop (persist, commit, leave the group) after SIGTERM before a worker exits without waiting for the broker; nothing not durable is committed; 0 = wait forever"})
     # model / trainer
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
+    dim: int = DIM
+    layers: int = LAYERS
+    heads: int = HEADS
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
-    lr: float = 1e-3
+    lr: float = LR
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
-    replay_share: float = field(default=0.25, metadata={"help": "share of each step drawn from the replay reservoir"})
+    replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_every_steps: int = 200
     checkpoint_every_s: float = 60.0
     # serving / metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tgastream.core.settings import DIM, HEADS, LAYERS, LR, REPLAY_SHARE, SAMPLE_LEN
 from tgastream.state.graph import N_BEHAVIORS, N_EDGE_TYPES, N_GAP_BUCKETS
 
 SELF_EDGE_TYPE = N_EDGE_TYPES
@@ -22,9 +23,9 @@ class ModelConfig:
 
     n_items: int
     n_categories: int
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
+    dim: int = DIM
+    layers: int = LAYERS
+    heads: int = HEADS
     ffn_mult: int = 1  # SASRec's original point-wise FFN is d -> d -> d; 4 is the BERT habit
     dropout: float = 0.2
     copy: bool = True  # retrieval may point back at the user's own nodes (TGA default)
@@ -62,3 +63,23 @@ class TrainConfig:
     patience: int = 2  # epochs without validation improvement before stopping
     seed: int = 0
     max_train_samples: int = 0  # 0 = all; else a seeded subsample per epoch budget
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Online learning (model/online.py): step, replay, id rows, metrics, and where it runs.
+    The model's shape is its :class:`ModelConfig`."""
+
+    lr: float = LR
+    replay_share: float = REPLAY_SHARE
+    reservoir: int = 20_000
+    idle_ttl_s: float = 7 * 86400.0  # evict id rows unused for this long (event time)
+    evict_every: int = 200  # steps between eviction sweeps
+    chunk: int = 4096  # id map / table growth step
+    metric_window: int = 5000
+    rank_budget: int = 2_000_000  # prequential ranking: (retrieval rows × catalogue items) per step at most
+    train: bool = True  # False: a frozen model that only scores (the benchmark's baseline)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = cores - 1 (at least 1)
+    sample_len: int = SAMPLE_LEN  # graph nodes of a published user context

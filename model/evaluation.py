@@ -45,6 +45,7 @@ from tgastream.model.training import fit
 from tgastream.model.vocab import InMemoryVocab
 from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState
 from tgastream.core.events import BEHAVIOR_CODE, Event
+from tgastream.core.settings import CONVERSION_WINDOW_S, DIM, HEADS, LAYERS, MAX_LEN, SAMPLE_LEN
 
 NEURAL = {"tga": (TGA, True), "tga_nocopy": (TGA, False), "sasrec": (SASRec, False),
           "sasrec_copy": (SASRec, True), "din": (DIN, False)}
@@ -59,15 +60,15 @@ BUY = BEHAVIOR_CODE["buy"]
 class EvalConfig:
     split: float = 0.8
     valid_share: float = 0.1
-    max_len: int = 200
-    sample_len: int = 50
-    window_s: float = 86400.0
-    pop_window_s: float = 86400.0
+    max_len: int = MAX_LEN
+    sample_len: int = SAMPLE_LEN
+    window_s: float = CONVERSION_WINDOW_S  # click → buy conversion window
+    pop_window_s: float = 86_400.0  # most-popular baseline: events counted over the last day
     k: int = 10
     models: tuple[str, ...] = ("tga", "sasrec", "din", "pop", "repeat")
-    dim: int = 64
-    layers: int = 2
-    heads: int = 2
+    dim: int = DIM
+    layers: int = LAYERS
+    heads: int = HEADS
     ffn_mult: int = 1
     dropout: float = 0.2
     model_overrides: tuple[tuple[str, object], ...] = ()  # extra ModelConfig fields, e.g. (("logq", False),)
@@ -240,7 +241,7 @@ def _validation_score(data: EvalData, device: torch.device, batch: int, cap: int
         total = 0.0
         if model.does_retrieval and len(ret):
             ranks = retrieval_ranks(model, data, data.valid, ret, device, batch)
-            total -= float((1.0 / ranks).mean())
+            total -= ranking_metrics(ranks)["mrr"]
         if model.does_conversion and len(conv):
             p = conversion_probs(model, data.valid, conv, device, batch)
             total += logloss(data.valid.label[conv], p) or 0.0

@@ -36,6 +36,7 @@ from tgastream.state.record import UserRecord, peek_pending
 from tgastream.state.samples import CONVERSION, Sample
 from tgastream.state.store import StateStore
 from tgastream.core.events import WATERMARK_KEY, Event, Rejection, parse_json, parse_watermark
+from tgastream.core.settings import CONVERSION_WINDOW_S, MAX_LEN, SAMPLE_LEN
 from tgastream.stream.replay import dlq_headers
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ class OutputSink(Protocol):
 
 @dataclass(frozen=True)
 class ProcessorConfig:
-    max_len: int = 200
-    sample_len: int = 50
-    window_s: float = 86400.0
+    max_len: int = MAX_LEN
+    sample_len: int = SAMPLE_LEN
+    window_s: float = CONVERSION_WINDOW_S
     max_cached_users: int = 200_000
     topic: str = "behavior-events"  # for the DLQ 'source' header
 

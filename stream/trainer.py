@@ -1,7 +1,7 @@
 """The online trainer's Kafka side: micro-batches from ``training-samples``, published embeddings,
 atomic checkpoints with the consumed offsets (DESIGN.md §5).
 
-The learning itself (prequential scoring, optimizer step, vectors) is :class:`model.online.OnlineLearner`;
+The learning itself (vectors, prequential scoring, optimizer step) is a :class:`model.learner.Learner`;
 this module only moves bytes. The trainer assigns itself every partition (no consumer group: no
 rebalance waits on Tansu, one trainer per topic) and owns its offsets: they live in the checkpoint,
 next to the model that learned from exactly those samples. A restart loads the newest good
@@ -104,7 +104,7 @@ class Trainer:
 
     def __init__(self, settings: Settings, bootstrap: str, learner: Learner, metrics: TrainerMetrics | None = None,
                  publish_every: int = 1, progress: Callable[[dict], None] | None = None) -> None:
-        self.s = settings
+        self.settings = settings
         self.bootstrap = bootstrap
         self.learner = learner
         self.metrics = metrics or TrainerMetrics()
@@ -141,7 +141,6 @@ class Trainer:
             "offsets": dict(self.offsets),
             "run": {"samples": self.run.samples, "steps": self.run.steps,
                     "published_users": self.run.published_users, "published_items": self.run.published_items},
-            "settings": {"dim": self.s.dim, "layers": self.s.layers, "heads": self.s.heads},
         })
         self._last_ckpt = time.monotonic()
         self.learner.after_checkpoint(self.dir, self.run.steps)
@@ -153,13 +152,13 @@ class Trainer:
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None,
                                  max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_wait_ms=100)
         deadline = time.monotonic() + 30
-        parts = consumer.partitions_for_topic(self.s.samples_topic)
+        parts = consumer.partitions_for_topic(self.settings.samples_topic)
         while not parts and time.monotonic() < deadline:
             time.sleep(0.2)
-            parts = consumer.partitions_for_topic(self.s.samples_topic)
+            parts = consumer.partitions_for_topic(self.settings.samples_topic)
         if not parts:
-            raise RuntimeError(f"topic {self.s.samples_topic} does not exist on {self.bootstrap}")
-        tps = [TopicPartition(self.s.samples_topic, p) for p in sorted(parts)]
+            raise RuntimeError(f"topic {self.settings.samples_topic} does not exist on {self.bootstrap}")
+        tps = [TopicPartition(self.settings.samples_topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         begin = consumer.beginning_offsets(tps)
         for tp in tps:
@@ -170,11 +169,11 @@ class Trainer:
         """The next micro-batch: waits at most max_wait_s (from the first record) to gather
         batch_size records; beyond that takes only what has already arrived, up to burst ×
         batch_size (a trainer that fell behind catches up in big steps without waiting for more)."""
-        limit = self.s.batch_size * self.s.burst
+        limit = self.settings.batch_size * self.settings.burst
         records: list = []
         deadline = None
         while len(records) < limit and not self._stop:
-            full = len(records) >= self.s.batch_size
+            full = len(records) >= self.settings.batch_size
             timeout_ms = 0 if full else 100 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
             polled = consumer.poll(timeout_ms, max_records=limit - len(records))
             got = 0
@@ -182,7 +181,7 @@ class Trainer:
                 records.extend(polled[tp])
                 got += len(polled[tp])
             if records and deadline is None:
-                deadline = time.monotonic() + self.s.max_wait_s
+                deadline = time.monotonic() + self.settings.max_wait_s
             if deadline is None:
                 return records  # nothing yet: let the caller check idleness
             if (full and not got) or time.monotonic() >= deadline:
@@ -232,8 +231,8 @@ class Trainer:
             out = self.learner.vectors(samples)
             if self.run.steps % self.publish_every == self.publish_every - 1:
                 self._publish(out, producer, serving)
-            self.learner.score(samples, score_limit=self.s.batch_size)
-            out.loss = self.learner.learn(samples, train_limit=self.s.batch_size)
+            self.learner.score(samples, score_limit=self.settings.batch_size)
+            out.loss = self.learner.learn(samples, train_limit=self.settings.batch_size)
             self.run.steps += 1
             self.run.samples += len(samples)
             conversions = sum(1 for s in samples if s.kind == CONVERSION)
@@ -264,9 +263,9 @@ class Trainer:
         serving.write(users, items, bought={u: b for u, b in out.bought.items() if u in users},
                       contexts={u: c for u, c in out.contexts.items() if u in users}, model_version=version)
         for u, rec in users.items():
-            producer.send(self.s.embeddings_topic, key=b"user:" + u.encode(), value=rec.to_bytes())
+            producer.send(self.settings.embeddings_topic, key=b"user:" + u.encode(), value=rec.to_bytes())
         for i, rec in items.items():
-            producer.send(self.s.embeddings_topic, key=b"item:" + i.encode(), value=rec.to_bytes())
+            producer.send(self.settings.embeddings_topic, key=b"item:" + i.encode(), value=rec.to_bytes())
         fresh = [now - arr for arr in out.arrivals]  # every event of the batch is in a vector now
         for f in fresh:
             self.metrics.freshness.observe(f)
@@ -279,8 +278,8 @@ class Trainer:
     def _housekeeping(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
         since = time.monotonic() - self._last_ckpt
         self.metrics.checkpoint_age.set(since)
-        if self.run.steps and (since >= self.s.checkpoint_every_s
-                               or self.run.steps % self.s.checkpoint_every_steps == 0 and since > 1.0):
+        if self.run.steps and (since >= self.settings.checkpoint_every_s
+                               or self.run.steps % self.settings.checkpoint_every_steps == 0 and since > 1.0):
             self.checkpoint()
             self.write_stats()
         for kind, size, ev in self.learner.idmap_stats():

@@ -304,25 +304,6 @@ def test_model_runs_on_synthetic_log_samples(vocabs):
     assert torch.isfinite(model.loss(collate(s[:64], v)).loss)
 
 
-# -- metrics -------------------------------------------------------------------------------------
-
-
-def test_ranks_are_mid_ranks_and_respect_candidates():
-    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
-    assert ranks_of_targets(scores, torch.tensor([1])).item() == 3.0  # tied with two others: 2, 3, 4
-    cand = torch.tensor([[True, True, False, False, True]])
-    assert ranks_of_targets(scores, torch.tensor([1]), cand).item() == 2.0
-    assert ranks_of_targets(scores, torch.tensor([2]), cand).item() == 4.0  # not a candidate: a miss
-    m = ranking_metrics(np.array([1.0, 2.0, 11.0]), k=10)
-    assert m["hr"] == pytest.approx(2 / 3) and m["mrr"] == pytest.approx((1 + 0.5 + 1 / 11) / 3)
-
-
-def test_auc_counts_ties_half():
-    assert auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == 1.0
-    assert auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
-    assert auc(np.array([1, 1]), np.array([0.5, 0.6])) is None
-
-
 def test_candidate_scoring_equals_one_row_per_candidate(vocabs):
     torch.manual_seed(0)
     model = TGA(_cfg()).eval()

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tgastream.model.online import IncompatibleCheckpoint, OnlineConfig, OnlineLearner
+from tgastream.model.config import ModelConfig, OnlineConfig
+from tgastream.model.inference import IncompatibleCheckpoint, InferenceModel
+from tgastream.model.online import OnlineLearner
 from tgastream.state.samples import RETRIEVAL, samples_from_events
 from tgastream.core.events import BEHAVIORS, Event
-from tgastream.core.settings import Settings
 from tgastream.stream.synth import SynthConfig, generate
 
 
@@ -20,9 +21,14 @@ def samples():
     return samples_from_events(events, sample_len=20, final_watermark=events[-1].ts + 2 * 86400)
 
 
-def learner(**over) -> OnlineLearner:
-    s = Settings(device="cpu", dim=16, heads=2, layers=1, sample_len=20)
-    return OnlineLearner(s, OnlineConfig(chunk=64, reservoir=200, **over))
+def shape(**over) -> ModelConfig:
+    """A small online model (tables are sized by the learner's id maps)."""
+    return ModelConfig(n_items=1, n_categories=1, **{"dim": 16, "heads": 2, "layers": 1, "dropout": 0.0, **over})
+
+
+def learner(model_cfg: ModelConfig | None = None, **over) -> OnlineLearner:
+    cfg = OnlineConfig(**{"device": "cpu", "sample_len": 20, "chunk": 64, "reservoir": 200, **over})
+    return OnlineLearner(model_cfg or shape(), cfg)
 
 
 def test_step_scores_before_learning_and_publishes_every_user_and_item(samples):
@@ -42,17 +48,18 @@ def test_tables_and_optimizer_state_grow_in_chunks(samples):
     L = learner()
     for k in range(0, 1024, 128):
         L.step(samples[k:k + 128])
-    assert L.items.capacity > 64 and L.items.capacity % 64 == 0
-    assert L.model.embed.item.weight.shape[0] == L.items.capacity == L.model.cfg.n_items
+    items = L.rows.items
+    assert items.capacity > 64 and items.capacity % 64 == 0
+    assert L.model.embed.item.weight.shape[0] == items.capacity == L.model.cfg.n_items
     assert L.optimizer.state[L.model.embed.item.weight]["exp_avg"].shape == L.model.embed.item.weight.shape
-    assert L.model.item_bias.weight.shape[0] == L.items.capacity
+    assert L.model.item_bias.weight.shape[0] == items.capacity
 
 
 def test_idle_rows_are_evicted_and_reset(samples):
     L = learner(idle_ttl_s=1.0, evict_every=1)
     L.step(samples[:64])
     L.step(samples[-64:])  # event time jumps far ahead: rows of the first batch go idle
-    assert L.items.evictions > 0
+    assert L.rows.items.evictions > 0
 
 
 def test_state_dict_round_trip_gives_identical_scores(samples):
@@ -91,9 +98,9 @@ def test_online_learning_improves_prequential_hr():
     stream = [s for s in samples if s.kind == RETRIEVAL]
     L = learner(metric_window=400, lr=5e-3)
     # the whole catalogue has rows from the start, so first and last windows rank among the same items
-    L.items.lookup([i for s in samples for i in [s.item_id, *s.graph.item_ids]], now=0)
-    L.categories.lookup([c for s in samples for c in [s.category_id, *s.graph.category_ids]], now=0)
-    L._grow_tables()
+    L.rows.items.lookup([i for s in samples for i in [s.item_id, *s.graph.item_ids]], now=0)
+    L.rows.categories.lookup([c for s in samples for c in [s.category_id, *s.graph.category_ids]], now=0)
+    L.rows.grow_tables(L.model, L.optimizer)
     L.step(stream[:400])  # the untrained model's score on the first 400
     first = L.online_metrics()["hr@10"]
     for k in range(400, len(stream) - 400, 200):
@@ -106,6 +113,34 @@ def test_online_learning_improves_prequential_hr():
 def test_a_checkpoint_of_another_model_shape_is_refused_with_a_clear_error(samples):
     L = learner()
     L.step(samples[:64])
-    other = OnlineLearner(Settings(device="cpu", dim=32, heads=2, layers=1, sample_len=20), OnlineConfig(chunk=64))
+    other = learner(shape(dim=32))
     with pytest.raises(IncompatibleCheckpoint, match="another model version or shape"):
         other.load_state_dict(L.state_dict())
+
+
+def test_online_ranks_count_ties_as_mid_ranks_like_offline(samples):
+    L = learner(shape(copy=False))  # no pointer: the catalogue scores alone rank the target
+    batch = [s for s in samples[:256] if s.kind == RETRIEVAL]
+    L.vectors(batch)  # gives every item a row
+    with torch.no_grad():  # every item vector 0, no bias: each target is tied with the whole catalogue
+        L.model.embed.item.weight.zero_()
+        L.model.embed.category.weight.zero_()
+        L.model.item_bias.weight.zero_()
+    L.score(batch)
+    n = len(L.rows.items)
+    assert n > 40
+    assert set(L.metrics.ranks) == {1.0 + (n - 1) / 2.0}  # mid-rank, not first
+    assert L.online_metrics()["hr@10"] == 0.0 and L.batch_hr == 0.0
+
+
+def test_inference_model_loads_only_the_model_part_and_scores_like_the_learner(samples):
+    L = learner()
+    for k in range(0, 256, 128):
+        L.step(samples[k:k + 128])
+    served = InferenceModel.from_state(L.state_dict(), torch.device("cpu"))
+    assert not served.model.training and not hasattr(served, "optimizer")
+    assert served.model.cfg == L.model.cfg
+    ctx = samples[300].graph
+    cands = [(s.item_id, s.category_id) for s in samples[300:306]] + [("never-seen", "nor-this")]
+    assert np.allclose(served.conversion_proba(ctx, cands), L.conversion_proba(ctx, cands))
+    assert served.conversion_proba(ctx, []) == []

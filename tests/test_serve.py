@@ -106,18 +106,18 @@ def test_metrics_count_requests(api):
 
 
 def test_score_uses_the_trainers_checkpoint(tmp_path: Path):
-    from tgastream.model.online import OnlineConfig, OnlineLearner
+    from tgastream.model.config import ModelConfig, OnlineConfig
+    from tgastream.model.online import OnlineLearner
     from tgastream.state.checkpoint import save_checkpoint
     from tgastream.state.samples import samples_from_events
     from tgastream.core.events import BEHAVIORS, Event
-    from tgastream.core.settings import Settings
     from tgastream.stream.synth import SynthConfig, generate
 
     rows = generate(SynthConfig(users=20, events=600, seed=2))
     events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
     samples = samples_from_events(events, sample_len=20)
-    settings = Settings(device="cpu", dim=16, heads=2, layers=1, sample_len=20)
-    learner = OnlineLearner(settings, OnlineConfig(chunk=64))
+    learner = OnlineLearner(ModelConfig(n_items=1, n_categories=1, dim=16, heads=2, layers=1, dropout=0.0),
+                            OnlineConfig(device="cpu", sample_len=20, chunk=64))
     out = learner.step(samples[:200])
     writer = ServingStore(tmp_path / "serving")
     writer.write(users={}, items={}, contexts=out.contexts, model_version=1)
@@ -126,8 +126,7 @@ def test_score_uses_the_trainers_checkpoint(tmp_path: Path):
     try:
         assert httpx.get(base + "/healthz").json()["scorer"] is False
         assert httpx.post(base + "/v1/score", json={"user_id": "1", "items": ["5"]}).status_code == 503
-        save_checkpoint(tmp_path / "checkpoints", 1, {"learner": learner.state_dict(), "offsets": {},
-                                                      "settings": {"dim": 16, "layers": 1, "heads": 2}})
+        save_checkpoint(tmp_path / "checkpoints", 1, {"learner": learner.state_dict(), "offsets": {}})
         uid = next(iter(out.contexts))
         body = {"user_id": uid, "items": [{"item_id": samples[0].item_id, "category_id": samples[0].category_id}, "nope"]}
         deadline = time.monotonic() + 30

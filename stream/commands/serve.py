@@ -31,11 +31,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def scorer_for(settings: Settings):
     """The conversion scorer over the trainer's checkpoints (not ready until one exists)."""
-    from tgastream.model.online import IncompatibleCheckpoint
-    from tgastream.model.scoring import load_scorer
+    import torch
+
+    from tgastream.model.device import cpu_threads
+    from tgastream.model.inference import IncompatibleCheckpoint
+    from tgastream.model.scoring import CheckpointScorer
     from tgastream.core.errors import CommandError
 
+    device = "cpu" if settings.device == "auto" else settings.device  # the API scores small batches
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(cpu_threads(settings.threads))
     try:
-        return load_scorer(settings)
+        return CheckpointScorer(Path(settings.data_dir) / "checkpoints", device, settings.sample_len)
     except IncompatibleCheckpoint as exc:
         raise CommandError(f"{exc}; point --data-dir at the trainer that serves this model") from None

@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import start_http_server
 
-    from tgastream.model.online import IncompatibleCheckpoint, OnlineLearner
+    from tgastream.model.inference import IncompatibleCheckpoint
+    from tgastream.model.online import OnlineLearner
+    from tgastream.stream.configs import online_config, online_model_config
     from tgastream.stream.broker import connect_or_start
     from tgastream.core.errors import CommandError
     from tgastream.stream.topics import ensure_app_topics
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print("tgastream train: settings\n" + settings.describe(), file=sys.stderr)
     handle = connect_or_start(settings.bootstrap, allow_embedded=False)
     ensure_app_topics(handle.bootstrap, settings)
-    learner = OnlineLearner(settings)
+    learner = OnlineLearner(online_model_config(settings), online_config(settings))
     if args.warm_start is not None:
         learner.warm_start(args.warm_start)
     metrics = TrainerMetrics()

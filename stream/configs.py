@@ -1,0 +1,25 @@
+"""Component configs built from the one :class:`Settings` (the commands' side of the layers).
+
+model/ never sees ``Settings``: its components take these explicit configs, built here for the
+train, serve and bench commands.
+"""
+
+from __future__ import annotations
+
+from tgastream.core.settings import Settings
+from tgastream.model.config import ModelConfig, OnlineConfig
+
+
+def online_model_config(settings: Settings) -> ModelConfig:
+    """The online model's shape (no dropout). The learner sizes the tables by its id maps, so
+    ``n_items`` / ``n_categories`` here are placeholders."""
+    return ModelConfig(n_items=1, n_categories=1, dim=settings.dim, layers=settings.layers, heads=settings.heads,
+                       dropout=0.0)
+
+
+def online_config(settings: Settings, **changes) -> OnlineConfig:
+    """Online learning as configured (``changes`` override fields that are not settings)."""
+    return OnlineConfig(**{"lr": settings.lr, "replay_share": settings.replay_share, "seed": settings.seed,
+                           "device": settings.device, "threads": settings.threads,
+                           "sample_len": settings.sample_len, **changes})
+
