@@ -35,6 +35,7 @@ class Learner(Protocol):
     device: torch.device
     version: int  # optimizer steps taken (the model version of published vectors)
     last_loss: float
+    last_replayed: int  # reservoir samples mixed into the last step
 
     def vectors(self, samples: Sequence[Sample]) -> StepOutput: ...
 

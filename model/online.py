@@ -87,6 +87,7 @@ class OnlineLearner:
         self.reservoir = Reservoir(cfg.reservoir)
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
+        self.last_replayed = 0  # reservoir samples in the last step
         self.batch_hr: float | None = None  # HR@10 of the last batch alone (not rolling)
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -148,6 +149,7 @@ class OnlineLearner:
         if self.reservoir.samples:
             k = int(round(len(train) * self.cfg.replay_share / (1 - self.cfg.replay_share)))
         replay = self.reservoir.draw(k, self.rng)
+        self.last_replayed = len(replay)
         batch = collate(train + replay, vocabs, self.device, keys=vocabs.items)
         self.model.train()
         loss = self.model.loss(batch).loss

@@ -129,7 +129,8 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print) -> dict:
                               "--metrics-port", str(t_port), "--quiet", "--device", settings.device,
                               "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
-                              "--sample-len", str(settings.sample_len)], logs),
+                              "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy],
+                  logs),
         ]
         try:
             _wait_up(procs, [w_port, t_port])
@@ -194,6 +195,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             "samples_emitted": total(wm, "tgastream_samples_emitted_total"),
             "lag": total(wm, "tgastream_partition_lag"),
             "trainer_samples": total(tm, "tgastream_trainer_samples_total"),
+            "trainer_trained": total(tm, "tgastream_trainer_samples_trained_total"),
             "steps": total(tm, "tgastream_trainer_steps_total"),
             "hr@10": tm.get("tgastream_online_metric{metric=hr@10}"),
             "auc": tm.get("tgastream_online_metric{metric=auc}"),
@@ -203,14 +205,16 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         if not opts.quiet and time.monotonic() - last_line >= 2.0:
             last_line = time.monotonic()
             say(f"[{row['t']:6.0f}s] events {row['events_applied']:>8,.0f}  samples {row['samples_emitted']:>8,.0f}  "
-                f"trained {row['trainer_samples']:>8,.0f}  steps {row['steps']:>6,.0f}  "
+                f"published {row['trainer_samples']:>8,.0f}  trained {row['trainer_trained']:>8,.0f}  "
+                f"steps {row['steps']:>6,.0f}  "
                 f"HR@10 {_metric(row['hr@10'])}  AUC {_metric(row['auc'])}  lag {row['lag']:,.0f}")
         if "error" in result:
             raise result["error"]
         if replay_done.is_set():
             summary: ReplaySummary = result["replay"]
             done = (row["events_applied"] >= summary.sent and row["samples_emitted"] > 0
-                    and row["trainer_samples"] >= row["samples_emitted"])
+                    and row["trainer_samples"] >= row["samples_emitted"]
+                    and (settings.train_policy == "bounded" or row["trainer_trained"] >= row["samples_emitted"]))
             settled = settled + 1 if done else 0
             if settled >= 3:
                 break
@@ -234,7 +238,11 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         "freshness_p99_s": trainer_stats.get("freshness_p99_s"),
         "events_per_s": round(replay_summary.events_per_s, 1),
         "trainer_samples": int(trainer_stats.get("samples", final["trainer_samples"])),
+        "trained": int(trainer_stats.get("trained", final["trainer_trained"])),
+        "trained_share": trainer_stats.get("trained_share"),
+        "train_policy": settings.train_policy,
         "trainer_samples_per_s": _busy_rate(series.rows, "trainer_samples"),
+        "trained_samples_per_s": _busy_rate(series.rows, "trainer_trained"),
         "device": trainer_stats.get("device"),
         "seconds": round(time.time() - start, 1),
         "api": f"http://127.0.0.1:{api_port}",
@@ -272,7 +280,9 @@ def write_report(out: Path, report: dict, series: Series, history_path: Path) ->
     save_chart(fig, ax, out / "online_metrics.png", "trainer time (s)", "prequential metric", "Online metrics (test-then-train)")
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for key, label in (("events_applied", "events applied/s (worker)"), ("trainer_samples", "samples trained/s")):
+    for key, label in (("events_applied", "events applied/s (worker)"),
+                       ("trainer_samples", "samples published/s (trainer head)"),
+                       ("trainer_trained", "samples trained/s (new, each once)")):
         vals = [r[key] for r in rows]
         rate = [0.0] + [(b - a) / max(t2 - t1, 1e-6) for a, b, t1, t2 in zip(vals, vals[1:], t, t[1:])]
         ax.plot(t, rate, label=label)
@@ -280,7 +290,8 @@ def write_report(out: Path, report: dict, series: Series, history_path: Path) ->
 
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(t, [r["lag"] for r in rows], label="worker lag (records)")
-    ax.plot(t, [max(0.0, r["samples_emitted"] - r["trainer_samples"]) for r in rows], label="trainer backlog (samples)")
+    ax.plot(t, [max(0.0, r["samples_emitted"] - r["trainer_samples"]) for r in rows], label="samples not yet published")
+    ax.plot(t, [max(0.0, r["samples_emitted"] - r["trainer_trained"]) for r in rows], label="samples not yet trained")
     title = (f"Freshness: p50 {report['freshness_p50_s'] or float('nan'):.2f}s, "
              f"p99 {report['freshness_p99_s'] or float('nan'):.2f}s (event arrival → vector published)")
     save_chart(fig, ax, out / "freshness.png", "demo time (s)", "records / samples behind", title)

@@ -1,17 +1,27 @@
 """The online trainer's Kafka side: micro-batches from ``training-samples``, published embeddings,
-atomic checkpoints with the consumed offsets (DESIGN.md §5).
+atomic checkpoints with the trained offsets (DESIGN.md §5).
 
 The learning itself (vectors, prequential scoring, optimizer step) is a :class:`model.learner.Learner`;
 this module only moves bytes. The trainer assigns itself every partition (no consumer group: no
 rebalance waits on Tansu, one trainer per topic) and owns its offsets: they live in the checkpoint,
-next to the model that learned from exactly those samples. A restart loads the newest good
-checkpoint and seeks to its offsets, so no batch is skipped or counted twice.
+next to the model that learned from exactly those samples.
+
+Two positions per partition, ``train_policy`` ``all`` (the default): the *head* consumer reads the
+newest samples, and their users' and items' vectors are published at once (then scored,
+prequentially); the *training* consumer follows behind and trains every new sample once, one
+optimizer step of at most ``batch_size`` per loop. A trainer that is slower than the stream lets
+training lag (``tgastream_trainer_backlog``) while publishing stays fresh. With ``bounded`` a step
+trains a random ``batch_size`` of what the head read and the rest is never trained (its share is
+reported). Either way a re-delivered sample (same identity as one already trained, e.g. re-emitted
+by a worker after a failover) is skipped (:class:`state.samples.RedeliveryGuard`), and a restart
+resumes from the checkpoint's trained offsets with its guard and trained log (stream/trained_log.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,10 +34,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
-from tgastream.state.samples import CONVERSION, Sample
+from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
 from tgastream.state.serving import ServingStore, VectorRecord
-from tgastream.stream.replay import make_producer
 from tgastream.core.settings import Settings
+from tgastream.stream.deadline import StopDeadline
+from tgastream.stream.generations import topic_ids
+from tgastream.stream.replay import make_producer
+from tgastream.stream.trained_log import TrainedLog
 
 log = logging.getLogger("tgastream.trainer")
 
@@ -43,7 +56,18 @@ class TrainerMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.steps = Counter("tgastream_trainer_steps", "optimizer steps taken", registry=r)
-        self.samples = Counter("tgastream_trainer_samples", "samples consumed", ["kind"], registry=r)
+        self.samples = Counter("tgastream_trainer_samples", "samples consumed (read by the head: published, scored)",
+                               ["kind"], registry=r)
+        self.trained = Counter("tgastream_trainer_samples_trained",
+                               "new samples that reached an optimizer step (each once)", registry=r)
+        self.replayed = Counter("tgastream_trainer_samples_replayed",
+                                "reservoir samples mixed into optimizer steps (not new)", registry=r)
+        self.redelivered = Counter("tgastream_trainer_samples_redelivered",
+                                   "samples skipped because one of the same identity was trained already", registry=r)
+        self.backlog = Gauge("tgastream_trainer_backlog", "samples consumed, not yet trained", registry=r)
+        self.trained_share = Gauge("tgastream_trainer_trained_share", "trained / consumed samples", registry=r)
+        self.generations = Counter("tgastream_topic_generations_total",
+                                   "topics found re-created (a new generation) while running", ["topic"], registry=r)
         self.bad_samples = Counter("tgastream_trainer_bad_samples", "undecodable sample records skipped", registry=r)
         self.step_seconds = Histogram("tgastream_trainer_step_seconds", "time of one micro-batch (score + step + publish)",
                                       registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5))
@@ -64,11 +88,23 @@ class TrainerMetrics:
 class TrainerRun:
     """Counters of one trainer process, also saved in checkpoints (so restarts continue them)."""
 
-    samples: int = 0
+    samples: int = 0  # consumed by the head (published, scored)
     steps: int = 0
+    trained: int = 0  # new samples that reached an optimizer step
+    replayed: int = 0  # reservoir samples mixed into steps
+    redelivered: int = 0  # skipped as already trained
     published_users: int = 0
     published_items: int = 0
     freshness: list[float] = field(default_factory=list)  # recent values (bounded) for quantiles
+
+    COUNTERS = ("samples", "steps", "trained", "replayed", "redelivered", "published_users", "published_items")
+
+    def counters(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.COUNTERS}
+
+    @property
+    def trained_share(self) -> float | None:
+        return self.trained / self.samples if self.samples else None
 
     def note_freshness(self, values: list[float], keep: int = 20000) -> None:
         self.freshness.extend(values)
@@ -88,19 +124,21 @@ def _newer_published(serving: ServingStore, user_id: str, event_ts: float) -> bo
     return current is not None and current.event_ts > event_ts
 
 
-def decode_samples(records: list, metrics: TrainerMetrics) -> list[Sample]:
-    """Decode sample records; a record that does not decode is counted and skipped, never fatal."""
+def decode_samples(records: list, metrics: TrainerMetrics, count_bad: bool = True) -> list[Sample]:
+    """Decode sample records; a record that does not decode is counted (once: by the head) and
+    skipped, never fatal."""
     out = []
     for r in records:
         try:
             out.append(Sample.from_bytes(r.value))
         except Exception:  # any corrupt bytes: the topic is ours, but a trainer must not die on one record
-            metrics.bad_samples.inc()
+            if count_bad:
+                metrics.bad_samples.inc()
     return out
 
 
 class Trainer:
-    """Consume → learn → publish → checkpoint, until stopped or idle."""
+    """Consume → publish → score → learn → checkpoint, until stopped or idle."""
 
     def __init__(self, settings: Settings, bootstrap: str, learner: Learner, metrics: TrainerMetrics | None = None,
                  publish_every: int = 1, progress: Callable[[dict], None] | None = None) -> None:
@@ -113,9 +151,16 @@ class Trainer:
         self.dir = Path(settings.data_dir)
         self.ckpt_dir = self.dir / "checkpoints"
         self.run = TrainerRun()
-        self.offsets: dict[int, int] = {}  # partition → next offset to consume
+        self.offsets: dict[int, int] = {}  # partition → next offset to train (the checkpoint's)
+        self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
+        self.guard = RedeliveryGuard()
+        self.trained_log = TrainedLog(self.dir / "trained-samples.log")
+        self.rng = random.Random(settings.seed)
+        self.samples_topic_id: str | None = None
         self._stop = False
         self._last_ckpt = time.monotonic()
+        self._last_batch_at = time.monotonic()
+        self._head_batches = 0
         self._recent: list[tuple[float, int]] = []  # (time, samples) for samples/s
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -123,15 +168,24 @@ class Trainer:
     def stop(self, *_: object) -> None:
         self._stop = True
 
+    @property
+    def bounded(self) -> bool:
+        return self.settings.train_policy == "bounded"
+
     def restore(self) -> bool:
-        """Load the newest good checkpoint (model, optimizer, id maps, offsets, counters)."""
+        """Load the newest good checkpoint (model, optimizer, id maps, trained offsets, guard, counters)."""
         ck = load_latest(self.ckpt_dir, on_bad=lambda p, e: log.warning("skipping unreadable checkpoint %s: %s", p, e))
         if ck is None:
+            self.trained_log.truncate(0)  # nothing trained survives without a checkpoint
             return False
         self.learner.load_state_dict(ck["learner"])
         self.offsets = {int(p): int(o) for p, o in ck["offsets"].items()}
+        self.head = dict(self.offsets)  # what was published after the checkpoint is published again
+        self.guard = RedeliveryGuard.from_state_dict(ck.get("guard", {}))
+        self.trained_log.truncate(int(ck.get("trained_log_bytes", 0)))
+        self.samples_topic_id = ck.get("samples_topic_id")
         run = ck.get("run", {})
-        self.run = TrainerRun(**{k: run[k] for k in ("samples", "steps", "published_users", "published_items") if k in run})
+        self.run = TrainerRun(**{k: run[k] for k in TrainerRun.COUNTERS if k in run})
         log.info("resumed from checkpoint step %d at offsets %s", ck["step"], self.offsets)
         return True
 
@@ -139,17 +193,22 @@ class Trainer:
         path = save_checkpoint(self.ckpt_dir, self.run.steps, {
             "learner": self.learner.state_dict(),
             "offsets": dict(self.offsets),
-            "run": {"samples": self.run.samples, "steps": self.run.steps,
-                    "published_users": self.run.published_users, "published_items": self.run.published_items},
+            "guard": self.guard.state_dict(),
+            "trained_log_bytes": self.trained_log.size(),
+            "samples_topic_id": self.samples_topic_id,
+            # consumed as of the trained offsets: the head's lead is read (and counted) again on a restart
+            "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
         })
         self._last_ckpt = time.monotonic()
         self.learner.after_checkpoint(self.dir, self.run.steps)
         return path
 
-    # -- loop --------------------------------------------------------------------------------
+    # -- consumers ---------------------------------------------------------------------------
 
-    def _consumer(self) -> tuple[KafkaConsumer, list[TopicPartition]]:
+    def _consumer(self, positions: dict[int, int]) -> tuple[KafkaConsumer, list[TopicPartition]]:
+        """A consumer of every samples partition, at ``positions`` (else the beginning)."""
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None,
+                                 auto_offset_reset="earliest",  # a position past the end: a re-created topic
                                  max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_wait_ms=100)
         deadline = time.monotonic() + 30
         parts = consumer.partitions_for_topic(self.settings.samples_topic)
@@ -160,99 +219,207 @@ class Trainer:
             raise RuntimeError(f"topic {self.settings.samples_topic} does not exist on {self.bootstrap}")
         tps = [TopicPartition(self.settings.samples_topic, p) for p in sorted(parts)]
         consumer.assign(tps)
-        begin = consumer.beginning_offsets(tps)
-        for tp in tps:
-            consumer.seek(tp, max(self.offsets.get(tp.partition, 0), begin[tp]))
+        self._seek(consumer, tps, positions)
         return consumer, tps
 
-    def _next_batch(self, consumer: KafkaConsumer) -> list:
+    @staticmethod
+    def _seek(consumer: KafkaConsumer, tps: list[TopicPartition], positions: dict[int, int]) -> None:
+        begin = consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(positions.get(tp.partition, 0), begin[tp]))
+
+    def _next_batch(self, consumer: KafkaConsumer, wait: bool = True) -> list:
         """The next micro-batch: waits at most max_wait_s (from the first record) to gather
         batch_size records; beyond that takes only what has already arrived, up to burst ×
-        batch_size (a trainer that fell behind catches up in big steps without waiting for more)."""
+        batch_size (a trainer that fell behind catches up in big steps without waiting for more).
+        ``wait`` False: only what has arrived (training has a backlog to work on meanwhile)."""
         limit = self.settings.batch_size * self.settings.burst
         records: list = []
         deadline = None
         while len(records) < limit and not self._stop:
             full = len(records) >= self.settings.batch_size
-            timeout_ms = 0 if full else 100 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
+            idle_ms = 100 if wait else 0
+            timeout_ms = 0 if full else idle_ms if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
             polled = consumer.poll(timeout_ms, max_records=limit - len(records))
             got = 0
             for tp in sorted(polled, key=lambda t: t.partition):
                 records.extend(polled[tp])
                 got += len(polled[tp])
             if records and deadline is None:
-                deadline = time.monotonic() + self.settings.max_wait_s
+                deadline = time.monotonic() + (self.settings.max_wait_s if wait else 0.0)
             if deadline is None:
                 return records  # nothing yet: let the caller check idleness
             if (full and not got) or time.monotonic() >= deadline:
                 break
         return records
 
+    # -- loop --------------------------------------------------------------------------------
+
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
-        """Run until stopped (SIGTERM/SIGINT), idle for ``idle_exit_s`` (0 = never) or ``max_samples``."""
+        """Run until stopped (SIGTERM/SIGINT), idle for ``idle_exit_s`` (0 = never) or ``max_samples``
+        consumed (and, with ``train_policy`` all, trained)."""
         producer = make_producer(self.bootstrap, linger_ms=5)
         self.dir.mkdir(parents=True, exist_ok=True)
         serving = ServingStore(self.dir / "serving")
         self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
-        consumer, tps = self._consumer()
+        self._check_samples_generation()
+        head, tps = self._consumer(self.head or self.offsets)
+        trainer = None if self.bounded else self._consumer(self.offsets)[0]
         last_data = time.monotonic()
         try:
             while not self._stop:
-                records = self._next_batch(consumer)
+                backlog = self.backlog()
+                records = [] if max_samples and self.run.samples >= max_samples else \
+                    self._next_batch(head, wait=not backlog)
                 now = time.monotonic()
-                if not records:
-                    self._housekeeping(consumer, tps)
+                if records and not self._same_generation(head, trainer, tps):
+                    records = []
+                if records:
+                    last_data = now
+                    self._head_step(records, producer, serving)
+                if trainer is not None and self.backlog():
+                    last_data = now
+                    self._train_step(trainer)
+                self._housekeeping(head, tps)
+                if not records and not self.backlog():
                     if idle_exit_s and now - last_data >= idle_exit_s:
                         break
-                    continue
-                last_data = now
-                self._step(records, producer, serving)
-                self._housekeeping(consumer, tps)
-                if max_samples and self.run.samples >= max_samples:
-                    break
+                    if max_samples and self.run.samples >= max_samples:
+                        break
         finally:
-            self.checkpoint()
-            self.write_stats()
-            producer.flush()
-            producer.close()
-            consumer.close()
-            serving.close()
-            self._history.close()
+            with StopDeadline(self.settings.stop_timeout_s, "trainer"):  # the checkpoint is local; Kafka may be gone
+                self.checkpoint()
+                self.write_stats()
+                producer.flush(timeout=max(1.0, self.settings.stop_timeout_s / 2))
+                producer.close(timeout=1.0)
+                head.close()
+                if trainer is not None:
+                    trainer.close()
+                serving.close()
+                self._history.close()
+                self.trained_log.close()
         return self.run
 
-    def _step(self, records: list, producer: KafkaProducer, serving: ServingStore) -> None:
+    def backlog(self) -> int:
+        """Samples consumed by the head, not yet through the training consumer."""
+        if self.bounded:
+            return 0
+        return sum(max(0, h - self.offsets.get(p, 0)) for p, h in self.head.items())
+
+    def _head_step(self, records: list, producer: KafkaProducer, serving: ServingStore) -> None:
+        """Publish the vectors of a batch, score it (prequential); with ``bounded``, learn from it too."""
         t0 = time.perf_counter()
         samples = decode_samples(records, self.metrics)
         for r in records:
-            self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
+            self.head[r.partition] = max(self.head.get(r.partition, 0), r.offset + 1)
         if samples:
-            # publish → score → learn: vectors go out before the optimizer step (fresher), and the
-            # prequential score is of the model that made them (test-then-train)
+            # publish → score → learn: vectors go out before any optimizer step on them (fresher),
+            # and the prequential score is of the model that made them (test-then-train)
             out = self.learner.vectors(samples)
-            if self.run.steps % self.publish_every == self.publish_every - 1:
+            self._head_batches += 1
+            if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving)
             self.learner.score(samples, score_limit=self.settings.batch_size)
-            out.loss = self.learner.learn(samples, train_limit=self.settings.batch_size)
-            self.run.steps += 1
             self.run.samples += len(samples)
             conversions = sum(1 for s in samples if s.kind == CONVERSION)
             self.metrics.samples.labels("conversion").inc(conversions)
             self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
-            self.metrics.steps.inc()
-            self.metrics.loss.set(out.loss)
-            self.metrics.model_version.set(self.learner.version)
+            if self.bounded:
+                fresh = self._admit(samples)
+                if len(fresh) > self.settings.batch_size:
+                    fresh = self.rng.sample(fresh, self.settings.batch_size)
+                self._learn(fresh)
+        if self.bounded:
+            self.offsets = dict(self.head)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
-        now = time.monotonic()
-        self._recent.append((now, len(samples)))
-        self._recent = [(t, n) for t, n in self._recent if now - t <= 60]
-        span = max(now - self._recent[0][0], 1e-3)
-        self.metrics.samples_per_s.set(sum(n for _, n in self._recent) / span if len(self._recent) > 1 else 0.0)
+        self._note_rate(len(samples))
+
+    def _train_step(self, trainer: KafkaConsumer) -> None:
+        """One optimizer step on the next (at most ``batch_size``) samples behind the head."""
+        polled = trainer.poll(200, max_records=self.settings.batch_size)
+        records: list = []
+        for tp in sorted(polled, key=lambda t: t.partition):
+            recs = polled[tp]
+            kept = [r for r in recs if r.offset < self.head.get(tp.partition, 0)]  # never ahead of the head
+            if len(kept) < len(recs):  # read past what was published: come back for those later
+                trainer.seek(tp, recs[len(kept)].offset)
+            records.extend(kept)
+        for r in records:
+            self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
+        self._learn(self._admit(decode_samples(records, self.metrics, count_bad=False)))
+
+    def _admit(self, samples: list[Sample]) -> list[Sample]:
+        """The samples not trained before (re-deliveries counted and dropped)."""
+        fresh = [s for s in samples if self.guard.admit(s)]
+        skipped = len(samples) - len(fresh)
+        if skipped:
+            self.run.redelivered += skipped
+            self.metrics.redelivered.inc(skipped)
+        return fresh
+
+    def _learn(self, samples: list[Sample]) -> None:
+        if not samples:
+            return
+        loss = self.learner.learn(samples)
+        self.trained_log.append(samples)
+        self.run.steps += 1
+        self.run.trained += len(samples)
+        self.run.replayed += self.learner.last_replayed
+        self.metrics.trained.inc(len(samples))
+        self.metrics.replayed.inc(self.learner.last_replayed)
+        self.metrics.steps.inc()
+        self.metrics.loss.set(loss)
+        self.metrics.model_version.set(self.learner.version)
         online = self.learner.online_metrics()
         for name, value in online.items():
             if value is not None:
                 self.metrics.online.labels(name).set(value)
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
-                                        "loss": self.learner.last_loss, **online}) + "\n")
+                                        "trained": self.run.trained, "loss": loss, **online}) + "\n")
+
+    def _note_rate(self, n: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, n))
+        self._recent = [(t, k) for t, k in self._recent if now - t <= 60]
+        span = max(now - self._recent[0][0], 1e-3)
+        self.metrics.samples_per_s.set(sum(k for _, k in self._recent) / span if len(self._recent) > 1 else 0.0)
+
+    # -- re-created topics ---------------------------------------------------------------------
+
+    def _samples_id(self) -> str | None:
+        return topic_ids(self.bootstrap, [self.settings.samples_topic])[self.settings.samples_topic]
+
+    def _check_samples_generation(self) -> bool:
+        """Whether the samples topic was re-created (a new id, e.g. after a broker restart) since
+        the offsets were taken; if so, both positions start again from its beginning, since every
+        offset referred to the old topic. A broker that does not answer tells nothing (False)."""
+        try:
+            current = self._samples_id()
+        except Exception:  # no answer: ask again later
+            return False
+        previous, self.samples_topic_id = self.samples_topic_id, current or self.samples_topic_id
+        if current is None or previous is None or current == previous:
+            return False
+        log.warning("topic %s was re-created (new generation): reading it from its beginning",
+                    self.settings.samples_topic)
+        self.metrics.generations.labels(self.settings.samples_topic).inc()
+        self.offsets, self.head = {}, {}
+        return True
+
+    def _same_generation(self, head: KafkaConsumer, trainer: KafkaConsumer | None,
+                         tps: list[TopicPartition]) -> bool:
+        """Before a batch that follows a gap in fetching (a broker restart causes one), make sure
+        the samples topic was not re-created; if it was, drop the batch and rewind both consumers."""
+        now, last = time.monotonic(), self._last_batch_at
+        self._last_batch_at = now
+        if now - last < 1.0:
+            return True
+        if not self._check_samples_generation():
+            return True
+        for consumer in (head, trainer):
+            if consumer is not None:
+                self._seek(consumer, tps, {})
+        return False
 
     def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
         now = time.time()
@@ -276,6 +443,9 @@ class Trainer:
         self.metrics.published.labels("item").inc(len(items))
 
     def _housekeeping(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
+        self.metrics.backlog.set(self.backlog())
+        if self.run.trained_share is not None:
+            self.metrics.trained_share.set(self.run.trained_share)
         since = time.monotonic() - self._last_ckpt
         self.metrics.checkpoint_age.set(since)
         if self.run.steps and (since >= self.settings.checkpoint_every_s
@@ -296,6 +466,9 @@ class Trainer:
     def stats(self) -> dict:
         p50, p99 = self.run.freshness_quantiles()
         return {"samples": self.run.samples, "steps": self.run.steps, "model_version": self.learner.version,
+                "trained": self.run.trained, "trained_share": self.run.trained_share, "backlog": self.backlog(),
+                "replayed": self.run.replayed, "redelivered": self.run.redelivered,
+                "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,
                 "device": str(self.learner.device), "time": time.time()}

@@ -26,6 +26,7 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broke
     assert report["events_replayed"] == 1500
     assert report["events_processed"] == report["events_replayed"] - report["rejected"]
     assert report["samples"] > 0 and report["trainer_samples"] == report["samples"]
+    assert report["trained"] == report["samples"] and report["trained_share"] == 1.0  # every sample trained once
     assert report["train_steps"] > 0 and report["events_per_s"] > 0
     assert 0.0 <= report["online"]["hr@10"] <= 1.0
     assert report["freshness_p50_s"] is not None and 0 < report["freshness_p50_s"] <= report["freshness_p99_s"]

@@ -39,6 +39,8 @@ def test_replay_through_worker_and_trainer_publishes_every_user_and_item_and_lea
     assert trainer.wait(600) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
     st = stats(data)
     assert st["samples"] == len(samples)
+    assert st["trained"] == len(samples) and st["trained_share"] == 1.0  # train_policy all: every sample once
+    assert st["backlog"] == 0 and st["redelivered"] == 0
 
     records = read_topic(settings.bootstrap, settings.embeddings_topic, idle_s=1.0)
     keys = {r.key.decode() for r in records}
@@ -46,13 +48,13 @@ def test_replay_through_worker_and_trainer_publishes_every_user_and_item_and_lea
     items_seen = {x.item_id for x in samples} | {x.graph.item_ids[-1] for x in samples if len(x.graph)}
     assert {f"user:{u}" for u in users_seen} <= keys
     assert {f"item:{i}" for i in items_seen} <= keys
-    # the model version rises: per partition, in offset order, never down; a step publishes before
-    # its optimizer update, so the last vectors come from the model of step count - 1 updates
+    # the model version rises: per partition, in offset order, never down; vectors are published
+    # as samples arrive, before the optimizer steps on them (training may lag behind publishing)
     by_partition = defaultdict(list)
     for r in records:
         by_partition[r.partition].append(VectorRecord.from_bytes(r.value).model_version)
     assert all(v == sorted(v) for v in by_partition.values())
-    assert max(max(v) for v in by_partition.values()) == st["steps"] - 1 > 0
+    assert 0 < max(max(v) for v in by_partition.values()) <= st["steps"] - 1
 
     # the model learns online: the training loss of the last quarter of steps is below the first's.
     # (Prequential HR@10 is logged per batch too, but on a stream this short it is dominated by the

@@ -1,34 +1,47 @@
-"""kill -9 the trainer mid-stream: it resumes from its checkpoint and counts every sample once."""
+"""kill -9 the trainer mid-stream: it resumes from its checkpoint, counts every sample once and
+trains every sample exactly once in the lineage of its final model; re-delivered copies of samples
+(a worker re-emitting after a failover) are never trained again."""
 
 from __future__ import annotations
 
 import signal
 import time
+import zlib
 
 from tgastream.state.samples import samples_from_events
 from tgastream.core.events import BEHAVIORS, Event
 from tgastream.stream.replay import make_producer
 from tgastream.stream.synth import SynthConfig, generate
 from tgastream.stream.topics import ensure_app_topics
+from tgastream.stream.trained_log import read_trained
 from tests.trainer_util import history, start_trainer, stats
 
 
-def _produce_samples(settings, n_events: int) -> int:
+def _produce_samples(settings, n_events: int, redeliver: int = 300) -> set[tuple]:
+    """Samples with identities as a worker stamps them (partition, offset, seq), the first
+    ``redeliver`` of every partition sent twice (the second time after the rest); their identities."""
     rows = generate(SynthConfig(users=40, events=n_events, items=300, seed=9))
     events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
     samples = samples_from_events(events, sample_len=20, final_watermark=events[-1].ts + 2 * 86400)
-    producer = make_producer(settings.bootstrap)
+    by_partition: dict[int, list] = {}
     for smp in samples:
-        producer.send(settings.samples_topic, key=smp.user_id.encode(), value=smp.to_bytes())
+        p = zlib.crc32(smp.user_id.encode()) % settings.partitions
+        smp.partition, smp.offset = p, len(by_partition.setdefault(p, []))
+        by_partition[p].append(smp)
+    producer = make_producer(settings.bootstrap)
+    for p, smps in by_partition.items():
+        for smp in smps + smps[:redeliver]:
+            producer.send(settings.samples_topic, key=smp.user_id.encode(), value=smp.to_bytes(), partition=p)
     producer.flush()
     producer.close()
-    return len(samples)
+    return {(0, s.partition, s.offset, 0) for s in samples}
 
 
 def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topic_settings, tmp_path):
     settings = topic_settings
     ensure_app_topics(settings.bootstrap, settings)
-    n = _produce_samples(settings, 4000)
+    identities = _produce_samples(settings, 4000)
+    n = len(identities)
     data = tmp_path / "trainer"
     args = ("--batch-size", "64", "--burst", "2", "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "4",
             "--sample-len", "20")
@@ -46,7 +59,10 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
     log2 = (tmp_path / "t2.log").read_text()
     assert "resumed" in log2
     st = stats(data)
-    assert st["samples"] == n  # every sample once: re-read after the checkpoint, not double-counted
+    assert st["samples"] == n + st["redelivered"]  # every record once: re-read after the checkpoint, not double-counted
+    assert st["trained"] == n and st["redelivered"] == 4 * 300  # each sample trained once, no copy
+    trained = read_trained(data / "trained-samples.log")
+    assert sorted(trained) == sorted(identities)  # the final model's lineage trained each exactly once
     steps_logged = [x["step"] for x in history(data)]
     assert len(steps_logged) > st["steps"]  # the steps after the last checkpoint ran twice: resumed, not restarted
     assert steps_before_kill < st["steps"]
@@ -55,4 +71,5 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
     clean = tmp_path / "clean"
     third = start_trainer(settings, clean, tmp_path / "t3.log", *args)
     assert third.wait(600) == 0
-    assert stats(clean)["samples"] == n  # (step counts may differ: batches grow while the trainer is behind)
+    assert stats(clean)["trained"] == n  # (step counts may differ: batches grow while the trainer is behind)
+    assert sorted(read_trained(clean / "trained-samples.log")) == sorted(identities)

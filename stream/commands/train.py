@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_setting_flags(p, "bootstrap", "partitions", "samples_topic", "embeddings_topic", "data_dir", "device",
                       "dim", "layers", "heads", "threads", "batch_size", "burst", "max_wait_s", "lr", "replay_share",
-                      "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len")
+                      "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len",
+                      "train_policy", "stop_timeout_s")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -54,7 +55,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     def show(stats: dict) -> None:
         if not args.quiet:
             online = stats["online"]
-            print(f"\rsamples {stats['samples']:>9,}  steps {stats['steps']:>7,}  "
+            share = stats["trained_share"]
+            print(f"\rsamples {stats['samples']:>9,}  trained {stats['trained']:>9,} "
+                  f"({'–' if share is None else f'{share:.0%}'})  backlog {stats['backlog']:>7,}  steps {stats['steps']:>7,}  "
                   f"hr@10 {online.get('hr@10') or 0:.3f}  auc {online.get('auc') or 0:.3f}", end="", file=sys.stderr)
 
     trainer = Trainer(settings, handle.bootstrap, learner, metrics, publish_every=args.publish_every, progress=show)
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"\ntgastream train: resumed at step {trainer.run.steps}, offsets {trainer.offsets}", file=sys.stderr)
     run_ = trainer.serve_forever(idle_exit_s=args.idle_exit, max_samples=args.max_samples)
     p50, p99 = run_.freshness_quantiles()
-    print(f"\ntgastream train: done. samples {run_.samples:,}, steps {run_.steps:,}, "
+    print(f"\ntgastream train: done. samples {run_.samples:,}, trained {run_.trained:,}, "
+          f"re-delivered (skipped) {run_.redelivered:,}, steps {run_.steps:,}, "
           f"freshness p50 {p50 or 0:.3f}s p99 {p99 or 0:.3f}s", file=sys.stderr)
     server.shutdown()
     return 0
