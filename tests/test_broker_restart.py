@@ -1,7 +1,8 @@
-"""A broker restart under a running worker (Tansu keeps topics in memory: every topic comes back
-empty, with a new id). The worker stays up, keeps every user's state (it re-seeds the new
-changelog from local state) and applies every event of the re-created source once: none skipped
-as "already applied" because of offsets that start again at 0."""
+"""A broker restart under a running worker and trainer (Tansu keeps topics in memory: every topic
+comes back empty, with a new id). Both stay up; the worker keeps every user's state (it re-seeds
+the new changelog from local state) and applies every event of the re-created source once: none
+skipped as "already applied" because of offsets that start again at 0; the trainer trains every
+sample of the new samples topic once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from tgastream.stream.broker import EmbeddedBroker, free_port
 from tgastream.stream.replay import ReplayConfig, replay_file
 from tests.stream_reference import comparable, offline_records, read_store, replay_order
 from tests.test_stop_deadline import DAY, _time_ordered_halves
-from tests.worker_util import start_worker, worker_state_dir
+from tests.trainer_util import start_trainer
+from tests.worker_util import start_worker, wait_until, worker_state_dir
+from tgastream.stream.promscrape import scrape, total
 
 
 def test_a_worker_survives_a_broker_restart_and_applies_every_later_event_once(tmp_path):
@@ -22,22 +25,40 @@ def test_a_worker_survives_a_broker_restart_and_applies_every_later_event_once(t
     broker = EmbeddedBroker(port=port, log_path=tmp_path / "tansu-1.log").start()
     settings = Settings(bootstrap=broker.bootstrap, partitions=4, data_dir=tmp_path / "data")
     worker = start_worker(settings, tmp_path / "worker.log")
+    trainer_port = free_port()
+    trainer = start_trainer(settings, tmp_path / "trainer", tmp_path / "trainer.log", "--batch-size", "128",
+                            "--metrics-port", str(trainer_port))
     restarted = None
+
+    def trained() -> float:
+        return total(scrape(trainer_port), "tgastream_trainer_samples_trained_total")
+
+    def all_trained() -> bool:
+        return 0 < worker.total("tgastream_samples_emitted_total") == trained()
+
     try:
         worker.wait_up()
         sent = replay_file(settings.bootstrap, settings, ReplayConfig(path=first), progress=False).sent
         worker.wait_total("tgastream_events_applied_total", sent)
         worker.wait_total("tgastream_state_update_seconds_count", 1)
+        wait_until(all_trained, 180, "the trainer trained every sample", worker)
         os.killpg(broker.pid, signal.SIGKILL)  # every topic, offset and group is gone with it
         broker.stop()
         restarted = EmbeddedBroker(port=port, log_path=tmp_path / "tansu-2.log").start()
         later = replay_file(settings.bootstrap, settings,
                             ReplayConfig(path=second, watermark=True, watermark_margin_s=DAY), progress=False).sent
         worker.wait_total("tgastream_watermarks_total", settings.partitions, timeout_s=180)
+        wait_until(all_trained, 180, "the trainer trained every sample after the restart", worker)
+        assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
+        trainer_metrics = scrape(trainer_port)
         metrics = worker.metrics()
         assert worker.proc.poll() is None, worker.log()  # the same process all along
         assert worker.stop() == 0, worker.log()
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(30) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
     finally:
+        if trainer.poll() is None:
+            trainer.kill()
         if worker.proc.poll() is None:
             worker.kill9()
         if restarted is not None:
@@ -47,6 +68,8 @@ def test_a_worker_survives_a_broker_restart_and_applies_every_later_event_once(t
     assert metrics["tgastream_events_applied_total"] == sent + later  # every later event applied once
     assert metrics["tgastream_events_redelivered_total"] == 0  # none skipped as seen before
     assert sum(v for k, v in metrics.items() if k.startswith("tgastream_topic_generations_total{")) >= 1
+    assert total(trainer_metrics, "tgastream_topic_generations_total") >= 1  # it noticed the new samples topic
+    assert total(trainer_metrics, "tgastream_trainer_samples_redelivered_total") == 0
     events = replay_order(path)
     want = offline_records(events, final_watermark=max(e.ts for e in events) + DAY)
     stored = read_store(worker_state_dir(settings))
