@@ -7,9 +7,9 @@ rebalance waits on Tansu, one trainer per topic) and owns its offsets: they live
 next to the model that learned from exactly those samples.
 
 Two positions per partition, ``train_policy`` ``all`` (the default): the *head* consumer reads the
-newest samples, and their users' and items' vectors are published at once (then scored,
-prequentially); the *training* consumer follows behind and trains every new sample once, one
-optimizer step of at most ``batch_size`` per loop. A trainer that is slower than the stream lets
+newest samples, and their users' and items' vectors are published at once; the *training* consumer
+follows behind and, one step of at most ``batch_size`` per loop, scores each new sample with the
+model as it is (prequential: test, then train) and trains on it, once. A trainer that is slower than the stream lets
 training lag (``tgastream_trainer_backlog``) while publishing stays fresh. With ``bounded`` a step
 trains a random ``batch_size`` of what the head read and the rest is never trained (its share is
 reported). Either way a re-delivered sample (same identity as one already trained, e.g. re-emitted
@@ -307,19 +307,17 @@ class Trainer:
         return sum(max(0, h - self.offsets.get(p, 0)) for p, h in self.head.items())
 
     def _head_step(self, records: list, producer: KafkaProducer, serving: ServingStore) -> None:
-        """Publish the vectors of a batch, score it (prequential); with ``bounded``, learn from it too."""
+        """Publish the vectors of a batch; with ``bounded``, score and learn from it too."""
         t0 = time.perf_counter()
         samples = decode_samples(records, self.metrics)
         for r in records:
             self.head[r.partition] = max(self.head.get(r.partition, 0), r.offset + 1)
         if samples:
-            # publish → score → learn: vectors go out before any optimizer step on them (fresher),
-            # and the prequential score is of the model that made them (test-then-train)
+            # publish → score → learn: vectors go out before any optimizer step on them (fresher)
             out = self.learner.vectors(samples)
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving)
-            self.learner.score(samples, score_limit=self.settings.batch_size)
             self.run.samples += len(samples)
             conversions = sum(1 for s in samples if s.kind == CONVERSION)
             self.metrics.samples.labels("conversion").inc(conversions)
@@ -358,8 +356,11 @@ class Trainer:
         return fresh
 
     def _learn(self, samples: list[Sample]) -> None:
+        """Score the samples with the model as it is (prequential: none of them was trained on
+        yet), then take one optimizer step on them."""
         if not samples:
             return
+        self.learner.score(samples, score_limit=self.settings.batch_size)
         loss = self.learner.learn(samples)
         self.trained_log.append(samples)
         self.run.steps += 1
