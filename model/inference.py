@@ -46,7 +46,7 @@ def load_model(d: dict, cfg: ModelConfig, device: torch.device) -> tuple[TGA, Em
     model = TGA(dataclasses.replace(cfg, n_items=rows.items.capacity, n_categories=rows.categories.capacity))
     model = model.to(device)
     try:
-        model.load_state_dict(torch.load(io.BytesIO(d["model"]), map_location=device))
+        model.load_state_dict(torch.load(io.BytesIO(d["model"]), map_location=device, weights_only=True))
     except RuntimeError as exc:  # torch lists every mismatching tensor; the first says enough
         detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
         raise IncompatibleCheckpoint(f"written by another model version or shape ({detail})") from None

@@ -36,6 +36,7 @@ from tgastream.model.metrics import ranking_metrics, ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
 from tgastream.model.tga import TGA
+from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
 from tgastream.core.events import BEHAVIOR_CODE
@@ -302,5 +303,6 @@ class OnlineLearner:
         self.rows.sync_to(data_dir, step)
 
     def warm_start(self, path: Path) -> None:
-        """Initialise from a learner state saved earlier (``state_dict()`` written with torch.save)."""
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        """Initialise from a learner state saved earlier (``state_dict()`` written with torch.save);
+        plain data only, like a checkpoint (a file that could run code is refused)."""
+        self.load_state_dict(load_checkpoint(path, self.device))

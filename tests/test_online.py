@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from tgastream.state.checkpoint import CheckpointRefused
+
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.inference import IncompatibleCheckpoint, InferenceModel
 from tgastream.model.online import OnlineLearner
@@ -78,6 +80,26 @@ def test_state_dict_round_trip_gives_identical_scores(samples):
     b = twin.step(probe)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
     assert L.online_metrics() == twin.online_metrics()
+
+
+def test_warm_start_loads_a_saved_learner_state_and_refuses_one_that_could_run_code(samples, tmp_path):
+    L = learner()
+    L.step(samples[:128])
+    saved = tmp_path / "learner.pt"
+    torch.save(L.state_dict(), saved)
+    twin = learner()
+    twin.warm_start(saved)
+    ctx, cands = samples[300].graph, [(s.item_id, s.category_id) for s in samples[300:305]]
+    assert np.allclose(L.conversion_proba(ctx, cands), twin.conversion_proba(ctx, cands))
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"learner": CraftedPayload()}, crafted)
+    with pytest.raises(CheckpointRefused):
+        learner().warm_start(crafted)
+
+
+class CraftedPayload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
 
 
 def test_frozen_copy_scores_but_never_learns(samples):

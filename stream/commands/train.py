@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit after S seconds without new samples (default: 0 = run until stopped)")
     p.add_argument("--max-samples", type=int, default=0, help="exit after this many samples (default: 0 = no limit)")
     p.add_argument("--publish-every", type=int, default=1, help="publish vectors every k steps (default: 1)")
-    p.add_argument("--warm-start", type=Path, help="initialise from a model saved by `tgastream eval --save`")
+    p.add_argument("--warm-start", type=Path, help="initialise from a learner state file (a checkpoint's 'learner' entry saved with torch.save)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_setting_flags(p, "bootstrap", "partitions", "samples_topic", "embeddings_topic", "data_dir", "device",
                       "dim", "layers", "heads", "threads", "batch_size", "burst", "max_wait_s", "lr", "replay_share",
