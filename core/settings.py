@@ -71,6 +71,7 @@ class Settings:
     lr: float = LR
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
+    checkpoint_dir: str = field(default="", metadata={"help": "where the trainer writes checkpoints and API replicas read the scoring model (a shared volume); empty = DATA_DIR/checkpoints"})
     checkpoint_every_steps: int = 200
     checkpoint_every_s: float = 60.0
     # serving / metrics
@@ -111,6 +112,11 @@ class Settings:
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"{name} must be a port number, got {getattr(self, name)}")
         return self
+
+    @property
+    def checkpoints(self) -> Path:
+        """The checkpoint directory: ``checkpoint_dir``, else ``data_dir/checkpoints``."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.data_dir) / "checkpoints"
 
     @property
     def consumer_group(self) -> str:

@@ -1,13 +1,15 @@
 """Published embeddings: the record format of the ``embeddings`` topic and the serving RocksDB.
 
-The trainer is the only writer of a serving store; API processes open it as a RocksDB *secondary*
-instance and catch up with the writer's log, so they see new vectors within a refresh interval
-without ever blocking the writer.
+Two ways to fill one: the trainer writes its own (API processes beside it open that as a RocksDB
+*secondary* instance and catch up with the writer's log), and an API replica anywhere materializes
+the compacted ``embeddings`` topic into a store of its own (stream/materialize.py), which records
+the topic offsets it holds in the same batches.
 
-Keys: ``user:<id>`` / ``item:<id>`` (the same keys as on the compacted ``embeddings`` topic),
+Keys (the same on the ``embeddings`` topic): ``user:<id>`` / ``item:<id>`` (vectors),
 ``bought:<user id>`` (items the user bought, newline-separated, for excluding them from
-recommendations), ``context:<user id>`` (the user's latest context graph, for conversion scoring),
-and ``meta:model_version``.
+recommendations), ``context:<user id>`` (the user's latest context graph, for conversion scoring);
+in the store only: ``meta:model_version``, and for a materialized store ``meta:offset:<partition>``
+and ``meta:topic_id``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ def item_key(item_id: str) -> bytes:
     return b"item:" + item_id.encode()
 
 
+def bought_key(user_id: str) -> bytes:
+    return b"bought:" + user_id.encode()
+
+
+def context_key(user_id: str) -> bytes:
+    return b"context:" + user_id.encode()
+
+
+def bought_value(items: Iterable[str]) -> bytes:
+    return "\n".join(sorted(set(items))).encode()
+
+
 def _options() -> Options:
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
@@ -96,12 +110,45 @@ class ServingStore:
         for iid, rec in items.items():
             wb.put(item_key(iid), rec.to_bytes())
         for uid, its in (bought or {}).items():
-            wb.put(b"bought:" + uid.encode(), "\n".join(sorted(set(its))).encode())
+            wb.put(bought_key(uid), bought_value(its))
         for uid, ctx in (contexts or {}).items():
-            wb.put(b"context:" + uid.encode(), ctx)
+            wb.put(context_key(uid), ctx)
         if model_version is not None:
             wb.put(b"meta:model_version", str(model_version).encode())
         self._db.write(wb)
+
+    def write_raw(self, puts: list[tuple[bytes, bytes | None]], offsets: dict[int, int]) -> None:
+        """Records of the embeddings topic as they are (None deletes), with the next offset of
+        each partition they cover, in one atomic batch."""
+        wb = WriteBatch(raw_mode=True)
+        for key, value in puts:
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+        for partition, offset in offsets.items():
+            wb.put(b"meta:offset:%d" % partition, str(offset).encode())
+        self._db.write(wb)
+
+    def offsets(self) -> dict[int, int]:
+        """Next offset to read of each topic partition this store holds (materialized stores)."""
+        return {int(k[len(b"meta:offset:"):]): int(v) for k, v in self._scan(b"meta:offset:")}
+
+    def source_id(self) -> str | None:
+        raw = self._db.get(b"meta:topic_id")
+        return raw.decode() if raw else None
+
+    def set_source(self, topic_id: str) -> None:
+        """A new generation of the topic: remember its id and forget the old one's offsets."""
+        wb = WriteBatch(raw_mode=True)
+        for key, _ in list(self._scan(b"meta:offset:")):
+            wb.delete(key)
+        wb.put(b"meta:topic_id", topic_id.encode())
+        self._db.write(wb)
+
+    def note_model_version(self, version: int) -> None:
+        if version > self.model_version():
+            self._db.put(b"meta:model_version", str(version).encode())
 
     def user(self, user_id: str) -> VectorRecord | None:
         raw = self._db.get(user_key(user_id))
@@ -112,11 +159,11 @@ class ServingStore:
         return None if raw is None else VectorRecord.from_bytes(raw)
 
     def bought(self, user_id: str) -> set[str]:
-        raw = self._db.get(b"bought:" + user_id.encode())
+        raw = self._db.get(bought_key(user_id))
         return set(raw.decode().split("\n")) if raw else set()
 
     def context(self, user_id: str) -> bytes | None:
-        return self._db.get(b"context:" + user_id.encode())
+        return self._db.get(context_key(user_id))
 
     def model_version(self) -> int:
         raw = self._db.get(b"meta:model_version")

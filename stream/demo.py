@@ -134,12 +134,11 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print) -> dict:
         ]
         try:
             _wait_up(procs, [w_port, t_port])
-            store = data_dir / "trainer" / "serving"
-            deadline = time.monotonic() + 60
-            while not (store / "CURRENT").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)  # the trainer creates the serving store; the API opens it as a reader
-            procs.append(spawn("api", ["serve", "--data-dir", str(data_dir / "trainer"), "--api-port", str(api_port),
-                                       "--device", "cpu"], logs))
+            # the API as a replica would run anywhere: its own data dir, fed by the embeddings topic,
+            # scoring with the newest checkpoint in the trainer's checkpoint directory
+            procs.append(spawn("api", ["serve", *_common(settings), "--data-dir", str(data_dir / "api"),
+                                       "--checkpoint-dir", str(data_dir / "trainer" / "checkpoints"),
+                                       "--api-port", str(api_port), "--device", "cpu"], logs))
             return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say)
         finally:
             for p in reversed(procs):

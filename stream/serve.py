@@ -10,6 +10,7 @@ an unexpected exception (500, logged). With a token set, every route but ``/heal
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from tgastream.core.events import MAX_ID_CHARS  # the stream rejects longer ids: none can be stored
 from tgastream.state.serving import ServingStore
+from tgastream.stream.materialize import LiveItemIndex, TopicMaterializer
 
 MAX_K = 1000
 MAX_CANDIDATES = 1000
@@ -100,12 +102,14 @@ def _user_id(request: web.Request) -> str | web.Response:
 
 def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: float = 0.5,
               registry: CollectorRegistry | None = None, extra_metrics: Callable[[], bytes] | None = None,
-              token: str = "") -> web.Application:
+              token: str = "", materializer: TopicMaterializer | None = None) -> web.Application:
     """The aiohttp application. ``scorer`` is None when no model checkpoint is available yet;
-    a non-empty ``token`` guards every route but /healthz."""
+    a non-empty ``token`` guards every route but /healthz. With a ``materializer`` the app follows
+    the embeddings topic into ``store`` and its item index while it runs; without one ``store`` is
+    the trainer's (a secondary reader) and the item index is reloaded per model version."""
     registry = registry or CollectorRegistry()
     metrics = ApiMetrics(registry)
-    index = ItemIndex(store)
+    index = materializer.index if materializer is not None else ItemIndex(store)
     last_catch_up = [0.0]
 
     def fresh() -> None:
@@ -135,8 +139,13 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
 
     async def healthz(request: web.Request) -> web.Response:
         fresh()
-        return web.json_response({"status": "ok", "model_version": store.model_version(),
-                                  "scorer": scorer is not None and getattr(scorer, "ready", True)})
+        body = {"status": "ok", "model_version": store.model_version(),
+                "scorer": scorer is not None and getattr(scorer, "ready", True)}
+        if materializer is not None:
+            body["source"] = {"topic": materializer.topic, "records": materializer.records,
+                              "bad_records": materializer.bad_records, "caught_up": materializer.caught_up,
+                              "error": materializer.error}
+        return web.json_response(body)
 
     async def embedding(request: web.Request) -> web.Response:
         fresh()
@@ -202,6 +211,17 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
     app.router.add_get("/v1/users/{user_id}/recommendations", recommendations)
     app.router.add_post("/v1/score", score)
     app.router.add_get("/metrics", metrics_route)
+    if materializer is not None:
+        async def follow_topic(app: web.Application):
+            task = asyncio.ensure_future(materializer.run())
+            yield
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+        app.cleanup_ctx.append(follow_topic)
     return app
 
 
@@ -236,13 +256,21 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
 
 
 def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = None,
-               print_address: Callable[[str], None] = print, token: str = "") -> None:
-    """Serve until interrupted (blocking)."""
-    if not (store_path / "CURRENT").exists():
-        ServingStore(store_path).close()  # an empty store until the trainer writes one
-    secondary = store_path.parent / f"{store_path.name}.reader-{port}"
-    store = ServingStore.reader(store_path, secondary)
-    app = build_app(store, scorer, token=token)
+               print_address: Callable[[str], None] = print, token: str = "",
+               topic: tuple[str, str] | None = None) -> None:
+    """Serve until interrupted (blocking). With ``topic`` (bootstrap, embeddings topic) the API
+    materializes that topic into its own store at ``store_path``; without, ``store_path`` is the
+    trainer's serving store, read as a secondary."""
+    materializer = None
+    if topic is not None:
+        store = ServingStore(store_path)  # this replica's own: it is the only writer
+        materializer = TopicMaterializer(topic[0], topic[1], store, LiveItemIndex.from_store(store))
+    else:
+        if not (store_path / "CURRENT").exists():
+            ServingStore(store_path).close()  # an empty store until the trainer writes one
+        secondary = store_path.parent / f"{store_path.name}.reader-{port}"
+        store = ServingStore.reader(store_path, secondary)
+    app = build_app(store, scorer, token=token, materializer=materializer)
     print_address(f"API listening on http://{host}:{port}")
     try:
         web.run_app(app, host=host, port=port, print=None, handle_signals=True)

@@ -35,7 +35,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
 from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
-from tgastream.state.serving import ServingStore, VectorRecord
+from tgastream.state.serving import (
+    ServingStore, VectorRecord, bought_key, bought_value, context_key, item_key, user_key,
+)
 from tgastream.core.settings import Settings
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
@@ -149,7 +151,7 @@ class Trainer:
         self.publish_every = max(1, publish_every)
         self.progress = progress
         self.dir = Path(settings.data_dir)
-        self.ckpt_dir = self.dir / "checkpoints"
+        self.ckpt_dir = settings.checkpoints
         self.run = TrainerRun()
         self.offsets: dict[int, int] = {}  # partition → next offset to train (the checkpoint's)
         self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
@@ -428,12 +430,18 @@ class Trainer:
         users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts) in out.users.items()
                  if u not in out.from_clicks or not _newer_published(serving, u, ev_ts)}
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
-        serving.write(users, items, bought={u: b for u, b in out.bought.items() if u in users},
-                      contexts={u: c for u, c in out.contexts.items() if u in users}, model_version=version)
+        bought = {u: b for u, b in out.bought.items() if u in users}
+        contexts = {u: c for u, c in out.contexts.items() if u in users}
+        serving.write(users, items, bought=bought, contexts=contexts, model_version=version)
+        topic = self.settings.embeddings_topic  # the changelog of every API replica's serving table
         for u, rec in users.items():
-            producer.send(self.settings.embeddings_topic, key=b"user:" + u.encode(), value=rec.to_bytes())
+            producer.send(topic, key=user_key(u), value=rec.to_bytes())
         for i, rec in items.items():
-            producer.send(self.settings.embeddings_topic, key=b"item:" + i.encode(), value=rec.to_bytes())
+            producer.send(topic, key=item_key(i), value=rec.to_bytes())
+        for u, b in bought.items():
+            producer.send(topic, key=bought_key(u), value=bought_value(b))
+        for u, c in contexts.items():
+            producer.send(topic, key=context_key(u), value=c)
         fresh = [now - arr for arr in out.arrivals]  # every event of the batch is in a vector now
         for f in fresh:
             self.metrics.freshness.observe(f)

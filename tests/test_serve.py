@@ -20,9 +20,11 @@ def rec(vec, version=3) -> VectorRecord:
     return VectorRecord(version, 1511658000.0, time.time(), np.asarray(vec, dtype=np.float32))
 
 
-def _start(tmp_path: Path, store: Path, *extra: str, env: dict[str, str] | None = None):
+def _start(tmp_path: Path, store: Path | None, *extra: str, env: dict[str, str] | None = None):
+    """`tgastream serve` on a free port: over the trainer's ``store``, or (None) fed by the topic."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", "serve", "--store", str(store), "--api-port", str(port),
+    source = ["--store", str(store)] if store is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", "serve", *source, "--api-port", str(port),
                              "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}"

@@ -13,19 +13,31 @@ HELP = "serve embeddings, recommendations and conversion scores over HTTP"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tgastream.stream.cli import add_setting_flags
 
-    p.add_argument("--store", type=Path, help="serving RocksDB (default: DATA_DIR/serving)")
-    add_setting_flags(p, "data_dir", "api_host", "api_port", "device")
+    p.add_argument("--store", type=Path,
+                   help="read this trainer's serving RocksDB (a secondary reader beside the trainer) instead of "
+                        "materializing the embeddings topic into DATA_DIR/api-serving (the default)")
+    add_setting_flags(p, "bootstrap", "partitions", "embeddings_topic", "data_dir", "checkpoint_dir", "api_host", "api_port",
+                      "device")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from tgastream.stream.broker import install_sigterm_handler
+    from tgastream.stream.broker import connect_or_start, install_sigterm_handler
     from tgastream.stream.serve import run_server
+    from tgastream.stream.topics import ensure_app_topics
 
     install_sigterm_handler()
-    store = args.store or Path(settings.data_dir) / "serving"
-    print(f"tgastream serve: store {store}")
+    topic = None
+    if args.store is not None:
+        store = args.store
+        print(f"tgastream serve: the trainer's store {store}")
+    else:
+        broker = connect_or_start(settings.bootstrap, allow_embedded=False)
+        ensure_app_topics(broker.bootstrap, settings)
+        store = Path(settings.data_dir) / "api-serving"
+        topic = (broker.bootstrap, settings.embeddings_topic)
+        print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
     run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
-               token=settings.api_token)
+               token=settings.api_token, topic=topic)
     return 0
 
 
@@ -42,6 +54,6 @@ def scorer_for(settings: Settings):
     if torch.device(device).type == "cpu":
         torch.set_num_threads(cpu_threads(settings.threads))
     try:
-        return CheckpointScorer(Path(settings.data_dir) / "checkpoints", device, settings.sample_len)
+        return CheckpointScorer(settings.checkpoints, device, settings.sample_len)
     except IncompatibleCheckpoint as exc:
         raise CommandError(f"{exc}; point --data-dir at the trainer that serves this model") from None
