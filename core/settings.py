@@ -69,6 +69,7 @@ class Settings:
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = LR
+    republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_dir: str = field(default="", metadata={"help": "where the trainer writes checkpoints and API replicas read the scoring model (a shared volume); empty = DATA_DIR/checkpoints"})

@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from tgastream.state.graph import UserGraph
 from tgastream.state.samples import Sample
 
 
@@ -27,6 +28,7 @@ class StepOutput:
     contexts: dict[str, bytes] = field(default_factory=dict)
     arrivals: list[float] = field(default_factory=list)  # arrival ts at a worker of every event in the batch
     from_clicks: set[str] = field(default_factory=set)  # users whose context ends at an older click
+    item_categories: dict[str, str] = field(default_factory=dict)  # item → category, of ``items``
 
 
 class Learner(Protocol):
@@ -38,6 +40,10 @@ class Learner(Protocol):
     last_replayed: int  # reservoir samples mixed into the last step
 
     def vectors(self, samples: Sequence[Sample]) -> StepOutput: ...
+
+    def user_vectors_of(self, graphs: dict[str, tuple[UserGraph, float]]) -> dict[str, tuple[np.ndarray, float]]: ...
+
+    def item_vectors_of(self, items: dict[str, str]) -> dict[str, np.ndarray]: ...
 
     def score(self, samples: Sequence[Sample], score_limit: int = 0) -> None: ...
 

@@ -109,7 +109,8 @@ class OnlineLearner:
         # users whose vector comes from a conversion sample's context, which ends at an older click
         from_clicks = set(users) - {s.user_id for s in samples if s.kind == RETRIEVAL}
         return StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
-                          arrivals=arrivals, from_clicks=from_clicks)
+                          arrivals=arrivals, from_clicks=from_clicks,
+                          item_categories={i: touched[i] for i in items})
 
     def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> StepOutput:
         """Vectors, then prequential scoring, then learning: the trainer's order, in one call.
@@ -220,11 +221,7 @@ class OnlineLearner:
         if not graphs:
             return {}, {}, {}
         uids = list(graphs)
-        pseudo = [Sample(RETRIEVAL, u, graphs[u][0], "", "", 0, 1.0, graphs[u][1]) for u in uids]
-        self.model.eval()
-        batch = collate(pseudo, self.rows.vocabs(), self.device)
-        vecs = self.model.user_vectors(batch).float().cpu().numpy()  # [U, d]
-        users = {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
+        users = self.user_vectors_of(graphs)
         contexts = {u: graphs[u][0].tail(self.cfg.sample_len).to_bytes() for u in uids}
         bought = {}
         for u in uids:
@@ -233,6 +230,18 @@ class OnlineLearner:
             if b:
                 bought[u] = b
         return users, contexts, bought
+
+    @torch.no_grad()
+    def user_vectors_of(self, graphs: dict[str, tuple[UserGraph, float]]) -> dict[str, tuple[np.ndarray, float]]:
+        """Vector [d] of each user's graph (user → (graph, newest event ts)), with the model as it is."""
+        if not graphs:
+            return {}
+        uids = list(graphs)
+        pseudo = [Sample(RETRIEVAL, u, graphs[u][0], "", "", 0, 1.0, graphs[u][1]) for u in uids]
+        self.model.eval()
+        batch = collate(pseudo, self.rows.vocabs(), self.device)
+        vecs = self.model.user_vectors(batch).float().cpu().numpy()  # [U, d]
+        return {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
 
     @torch.no_grad()
     def item_vectors_of(self, items: dict[str, str]) -> dict[str, np.ndarray]:

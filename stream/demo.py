@@ -240,6 +240,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         "trained": int(trainer_stats.get("trained", final["trainer_trained"])),
         "trained_share": trainer_stats.get("trained_share"),
         "train_policy": settings.train_policy,
+        "version_lag": trainer_stats.get("version_lag"),
         "trainer_samples_per_s": _busy_rate(series.rows, "trainer_samples"),
         "trained_samples_per_s": _busy_rate(series.rows, "trainer_trained"),
         "device": trainer_stats.get("device"),

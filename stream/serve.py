@@ -75,7 +75,9 @@ def top_k(user: np.ndarray, ids: list[str], matrix: np.ndarray, k: int, exclude:
     """The k items with the highest dot product with ``user``, skipping ``exclude``."""
     if not ids:
         return []
-    scores = matrix @ user  # [I]
+    # [I]; einsum runs one thread without BLAS: a GEMV is memory-bound, and OpenBLAS's threads
+    # (which the API cannot size once numpy is loaded) fight over the cores under concurrent load
+    scores = np.einsum("ij,j->i", matrix, user)
     want = min(len(ids), k + len(exclude))
     top = np.argpartition(-scores, want - 1)[:want] if want < len(ids) else np.arange(len(ids))
     top = top[np.argsort(-scores[top], kind="stable")]

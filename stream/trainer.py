@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
+from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
 from tgastream.state.serving import (
     ServingStore, VectorRecord, bought_key, bought_value, context_key, item_key, user_key,
@@ -42,6 +43,7 @@ from tgastream.core.settings import Settings
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
 from tgastream.stream.replay import make_producer
+from tgastream.stream.republish import Published
 from tgastream.stream.trained_log import TrainedLog
 
 log = logging.getLogger("tgastream.trainer")
@@ -68,6 +70,12 @@ class TrainerMetrics:
                                    "samples skipped because one of the same identity was trained already", registry=r)
         self.backlog = Gauge("tgastream_trainer_backlog", "samples consumed, not yet trained", registry=r)
         self.trained_share = Gauge("tgastream_trainer_trained_share", "trained / consumed samples", registry=r)
+        self.republished = Counter("tgastream_embeddings_republished",
+                                   "vectors published again with a newer model (one embedding space)", ["kind"],
+                                   registry=r)
+        self.version_lag = Gauge("tgastream_published_version_lag",
+                                 "model versions the oldest vector still published is behind the current model",
+                                 registry=r)
         self.generations = Counter("tgastream_topic_generations_total",
                                    "topics found re-created (a new generation) while running", ["topic"], registry=r)
         self.bad_samples = Counter("tgastream_trainer_bad_samples", "undecodable sample records skipped", registry=r)
@@ -156,6 +164,8 @@ class Trainer:
         self.offsets: dict[int, int] = {}  # partition → next offset to train (the checkpoint's)
         self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
         self.guard = RedeliveryGuard()
+        self.published = Published()  # what the re-publish sweep may refresh
+        self._last_republish = time.monotonic()
         self.trained_log = TrainedLog(self.dir / "trained-samples.log")
         self.rng = random.Random(settings.seed)
         self.samples_topic_id: str | None = None
@@ -282,6 +292,8 @@ class Trainer:
                 if trainer is not None and self.backlog():
                     last_data = now
                     self._train_step(trainer)
+                if self.settings.republish_rate:
+                    self._republish(producer, serving)
                 self._housekeeping(head, tps)
                 if not records and not self.backlog():
                     if idle_exit_s and now - last_data >= idle_exit_s:
@@ -432,7 +444,44 @@ class Trainer:
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
         bought = {u: b for u, b in out.bought.items() if u in users}
         contexts = {u: c for u, c in out.contexts.items() if u in users}
-        serving.write(users, items, bought=bought, contexts=contexts, model_version=version)
+        self._send(users, items, bought, contexts, producer, serving)
+        for u, rec in users.items():
+            if u in contexts:
+                self.published.user(u, version, contexts[u], rec.event_ts)
+        for i in items:
+            self.published.item(i, version, out.item_categories.get(i, "0"))
+        fresh = [now - arr for arr in out.arrivals]  # every event of the batch is in a vector now
+        for f in fresh:
+            self.metrics.freshness.observe(f)
+        self.run.note_freshness(fresh)
+
+    def _republish(self, producer: KafkaProducer, serving: ServingStore) -> None:
+        """Publish again, with the current model, vectors an older one made (bounded rate)."""
+        now = time.monotonic()
+        budget = int(self.settings.republish_rate * min(now - self._last_republish, 5.0))
+        if budget < 2:
+            return
+        self._last_republish = now
+        version = self.learner.version
+        stale_users, stale_items = self.published.stale(version, budget)
+        if stale_users or stale_items:
+            wall = time.time()
+            graphs = {u: (UserGraph.from_bytes(ctx), ts) for u, (ctx, ts) in stale_users.items()}
+            users = {u: VectorRecord(version, ts, wall, vec) for u, (vec, ts) in self.learner.user_vectors_of(graphs).items()}
+            items = {i: VectorRecord(version, wall, wall, vec) for i, vec in self.learner.item_vectors_of(stale_items).items()}
+            self._send(users, items, {}, {}, producer, serving)
+            for u, (ctx, ts) in stale_users.items():
+                self.published.user(u, version, ctx, ts)
+            for i, cat in stale_items.items():
+                self.published.item(i, version, cat)  # (an evicted item keeps no row: dropped next time)
+            self.metrics.republished.labels("user").inc(len(users))
+            self.metrics.republished.labels("item").inc(len(items))
+        self.metrics.version_lag.set(self.published.version_lag(version))
+
+    def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
+              contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore) -> None:
+        """Vectors (and bought items, contexts) to the serving store and the embeddings topic."""
+        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.learner.version)
         topic = self.settings.embeddings_topic  # the changelog of every API replica's serving table
         for u, rec in users.items():
             producer.send(topic, key=user_key(u), value=rec.to_bytes())
@@ -442,10 +491,6 @@ class Trainer:
             producer.send(topic, key=bought_key(u), value=bought_value(b))
         for u, c in contexts.items():
             producer.send(topic, key=context_key(u), value=c)
-        fresh = [now - arr for arr in out.arrivals]  # every event of the batch is in a vector now
-        for f in fresh:
-            self.metrics.freshness.observe(f)
-        self.run.note_freshness(fresh)
         self.run.published_users += len(users)
         self.run.published_items += len(items)
         self.metrics.published.labels("user").inc(len(users))
@@ -477,6 +522,7 @@ class Trainer:
         return {"samples": self.run.samples, "steps": self.run.steps, "model_version": self.learner.version,
                 "trained": self.run.trained, "trained_share": self.run.trained_share, "backlog": self.backlog(),
                 "replayed": self.run.replayed, "redelivered": self.run.redelivered,
+                "version_lag": self.published.version_lag(self.learner.version),
                 "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,

@@ -1,0 +1,26 @@
+"""The re-publish sweep's bookkeeping: oldest publishes first, bounded, only vectors of older models."""
+
+from __future__ import annotations
+
+from tgastream.stream.republish import Published
+
+
+def test_stale_vectors_come_oldest_first_within_the_budget_and_only_from_older_models():
+    p = Published(capacity=100)
+    for k in range(5):
+        p.user(f"u{k}", version=k, context=b"c%d" % k, event_ts=float(k))
+        p.item(f"i{k}", version=k, category="c")
+    users, items = p.stale(current=3, budget=4)
+    assert list(users) == ["u0", "u1"] and list(items) == ["i0", "i1"]  # half the budget each, oldest first
+    users, items = p.stale(current=3, budget=100)
+    assert list(users) == ["u0", "u1", "u2"] and list(items) == ["i0", "i1", "i2"]  # versions 3, 4 are current
+    assert p.version_lag(4) == 4
+    p.user("u0", version=4, context=b"c0", event_ts=0.0)  # re-published: moves to the back
+    assert list(p.stale(current=4, budget=100)[0]) == ["u1", "u2", "u3"] and p.version_lag(4) == 4  # i0 still old
+
+
+def test_the_bookkeeping_is_bounded():
+    p = Published(capacity=3)
+    for k in range(10):
+        p.user(f"u{k}", version=k, context=b"", event_ts=0.0)
+    assert list(p.users) == ["u7", "u8", "u9"]
