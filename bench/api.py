@@ -212,7 +212,7 @@ async def _wait_ready(session, base: str, proc: subprocess.Popen, log_path: Path
 
 
 async def _load(base: str, plan, clients: int, max_seconds: float, headers: dict[str, str], proc, log_path: Path,
-                on_start, halfway: threading.Event, bar) -> tuple[list[Outcome], float]:
+                on_start, halfway: threading.Event, bar) -> tuple[list[Outcome], float, dict[str, int]]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=clients, limit_per_host=clients)
@@ -244,7 +244,25 @@ async def _load(base: str, plan, clients: int, max_seconds: float, headers: dict
                 bar.update(1)
 
         await asyncio.gather(*(client() for _ in range(clients)))
-        return outcomes, time.monotonic() - start
+        seconds = time.monotonic() - start
+        return outcomes, seconds, await _server_counts(session)
+
+
+async def _server_counts(session) -> dict[str, int]:
+    """The server's own count of the /v1 requests it answered, by status class (from /metrics)."""
+    import aiohttp
+
+    counts: Counter = Counter()
+    try:
+        async with session.get("/metrics") as r:
+            text = await r.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return {}
+    for line in text.splitlines():
+        if line.startswith("tgastream_api_requests_total{") and 'route="/v1/' in line:
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[f"{status[0]}xx"] += int(float(line.rsplit(" ", 1)[1]))
+    return dict(sorted(counts.items()))
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -329,7 +347,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                   f"writer: {TICK_USERS} users + {TICK_ITEMS} items per {TICK_S * 1000:.0f} ms", flush=True)
             with tqdm(total=len(plan), desc="bench api", unit="req", file=sys.stderr, disable=None,
                       mininterval=0.5) as bar:
-                outcomes, seconds = asyncio.run(_load(base, plan, args.clients, args.max_seconds, headers, proc,
+                outcomes, seconds, server_counts = asyncio.run(_load(base, plan, args.clients, args.max_seconds, headers, proc,
                                                       log_path, on_start, halfway, bar))
         finally:
             stop.set()
@@ -353,7 +371,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               "writer": {"batches": stats.batches, "vectors": stats.vectors, "last_model_version": stats.model_version,
                          "checkpoint_2_at_s": None if stats.checkpoint_at_s is None else round(stats.checkpoint_at_s, 2)},
               "transport_error_kinds": dict(Counter(o.error for o in outcomes if o.status == 0)),
-              "server_tracebacks": tracebacks}
+              "server_counted": server_counts, "server_tracebacks": tracebacks}
 
     print(f"\n{'route':<16} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'2xx':>7} {'4xx':>6} {'5xx':>5} {'transport':>9}")
     for name, s in [*by_route.items(), ("all", result)]:
@@ -363,6 +381,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
           f"{args.clients} clients; writer: {stats.batches} batches ({stats.vectors:,} vectors, model version "
           f"1 → {stats.model_version}), checkpoint 2 at "
           f"{'-' if stats.checkpoint_at_s is None else f'{stats.checkpoint_at_s:.1f} s'}")
+    answered = Counter(f"{o.status // 100}xx" for o in outcomes if o.status)
+    print(f"server's own count (/metrics) of /v1 answers: "
+          f"{', '.join(f'{k} {v:,}' for k, v in server_counts.items()) or 'unavailable'}"
+          f"{'' if server_counts == dict(answered) else f' (client received: {dict(sorted(answered.items()))})'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -26,6 +30,7 @@ def test_bench_api_small_run_has_no_server_errors(tmp_path: Path):
     assert all(set(s) >= {"requests", "p50_ms", "p99_ms", "server_errors"} for s in r["by_route"].values())
     assert 0 < r["p50_ms"] <= r["p99_ms"] and r["requests_per_s"] > 0
     assert r["client_errors"] < 300 * 0.2  # the unknown users' 404s only (5 % of embedding + recommendations)
+    assert r["server_counted"] == {k: v for k, v in {"2xx": r["ok"], "4xx": r["client_errors"]}.items() if v}
     assert r["writer"]["batches"] >= 0 and r["writer"]["last_model_version"] >= 1
 
 
@@ -34,3 +39,31 @@ def test_bench_api_rejects_bad_flags():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "--clients must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_api_stops_the_server_on_ctrl_c(tmp_path: Path):
+    proc = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", "bench", "api", "--requests", "1000000",
+                             "--clients", "4", "--items", "200", "--users", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:  # "serving on http://127.0.0.1:PORT (pid N); ..."
+            if m := re.search(r"\(pid (\d+)\)", line):
+                server = int(m.group(1))
+                break
+            assert time.monotonic() < deadline
+        else:
+            raise AssertionError("the bench never started a server")
+        time.sleep(1)  # under load now (or still loading the checkpoint: either way it must stop)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            raise AssertionError(f"tgastream serve (pid {server}) outlived the bench")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
