@@ -7,8 +7,8 @@ learner. Then ``--clients`` concurrent aiohttp clients send ``--requests`` reque
 40 % recommendations (k=10), 20 % score (20 candidates), 5 % of them for unknown users (a 404 on
 embedding and recommendations: client errors, expected). Meanwhile a writer thread plays the
 trainer: every 100 ms one batch of new user and item vectors, a few bought lists and a bumped
-model version (so the API catches up and reloads its item matrix all along), and once, halfway,
-a new checkpoint (so the scorer reloads). Latency is measured by the client, request sent to body
+model version (so the API catches up and reloads its item matrix all along), and once, halfway
+(half the requests answered or half of ``--max-seconds`` gone, whichever comes first), a new checkpoint (so the scorer reloads). Latency is measured by the client, request sent to body
 read. The target is 0 server errors (5xx) and 0 transport errors.
 """
 
@@ -62,6 +62,7 @@ class Outcome:
     status: int  # 0 = transport error
     ms: float
     error: str = ""
+    at: float = 0.0  # seconds into the load when it completed
 
 
 @dataclass
@@ -239,7 +240,8 @@ async def _load(base: str, plan, clients: int, max_seconds: float, headers: dict
                     out = Outcome(route, 0, 0.0, type(exc).__name__)
                 out.ms = (time.perf_counter() - t0) * 1000.0
                 outcomes.append(out)
-                if len(outcomes) * 2 >= len(plan):
+                out.at = time.monotonic() - start
+                if len(outcomes) * 2 >= len(plan) or out.at * 2 >= max_seconds:
                     halfway.set()
                 bar.update(1)
 
@@ -285,6 +287,14 @@ def _summary(outs: list[Outcome], seconds: float) -> dict:
         "transport_errors": sum(o.status == 0 for o in outs),
         "requests_per_s": round(len(outs) / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _by_third(outs: list[Outcome], seconds: float) -> list[float]:
+    """Requests/s completed in each third of the load (a server slowing down as the store grows shows here)."""
+    if seconds <= 0:
+        return []
+    counts = Counter(min(int(o.at * 3 / seconds), 2) for o in outs)
+    return [round(counts[k] / (seconds / 3), 1) for k in range(3)]
 
 
 def _fmt(x: float | None) -> str:
@@ -371,7 +381,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               "writer": {"batches": stats.batches, "vectors": stats.vectors, "last_model_version": stats.model_version,
                          "checkpoint_2_at_s": None if stats.checkpoint_at_s is None else round(stats.checkpoint_at_s, 2)},
               "transport_error_kinds": dict(Counter(o.error for o in outcomes if o.status == 0)),
-              "server_counted": server_counts, "server_tracebacks": tracebacks}
+              "requests_per_s_by_third": _by_third(outcomes, seconds), "server_counted": server_counts, "server_tracebacks": tracebacks}
 
     print(f"\n{'route':<16} {'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'2xx':>7} {'4xx':>6} {'5xx':>5} {'transport':>9}")
     for name, s in [*by_route.items(), ("all", result)]:
@@ -381,6 +391,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
           f"{args.clients} clients; writer: {stats.batches} batches ({stats.vectors:,} vectors, model version "
           f"1 → {stats.model_version}), checkpoint 2 at "
           f"{'-' if stats.checkpoint_at_s is None else f'{stats.checkpoint_at_s:.1f} s'}")
+    print(f"requests/s by third of the run: {' / '.join(f'{x:,.0f}' for x in result['requests_per_s_by_third'])}")
     answered = Counter(f"{o.status // 100}xx" for o in outcomes if o.status)
     print(f"server's own count (/metrics) of /v1 answers: "
           f"{', '.join(f'{k} {v:,}' for k, v in server_counts.items()) or 'unavailable'}"
