@@ -7,13 +7,14 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = "run a benchmark: stream, model, online or freshness (each prints a table; --json writes it)"
+HELP = "run a benchmark: stream, model, online, freshness or api (each prints a table; --json writes it)"
 
 BENCHES: dict[str, str] = {
     "stream": "tgastream.bench.stream",
     "model": "tgastream.bench.model",
     "online": "tgastream.bench.online",
     "freshness": "tgastream.bench.freshness",
+    "api": "tgastream.bench.api",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
