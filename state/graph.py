@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tgastream.core.events import BEHAVIOR_CODE, Event
+from tgastream.core.settings import MAX_LEN
 
 N_VIEWS = 3
 N_BEHAVIORS = 4
@@ -72,7 +73,7 @@ class UserGraph:
 
     __slots__ = ("max_len", "total", "_items", "_cats", "_beh", "_ts", "_dist", "_last_item", "_last_cat", "_arrays")
 
-    def __init__(self, max_len: int = 200) -> None:
+    def __init__(self, max_len: int = MAX_LEN) -> None:
         if max_len < 1 or max_len > 65535:
             raise ValueError(f"max_len must be in [1, 65535], got {max_len}")
         self.max_len = max_len
@@ -263,7 +264,7 @@ class UserGraph:
         return f"UserGraph(n={len(self)}, total={self.total}, max_len={self.max_len})"
 
 
-def build_graph(events: Iterable[Event], max_len: int = 200) -> UserGraph:
+def build_graph(events: Iterable[Event], max_len: int = MAX_LEN) -> UserGraph:
     """From scratch: the graph of one user's events, in the order given."""
     g = UserGraph(max_len)
     for ev in events:

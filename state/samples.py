@@ -23,6 +23,7 @@ from typing import Iterable
 
 from tgastream.state.graph import UserGraph
 from tgastream.core.events import BEHAVIOR_CODE, Event
+from tgastream.core.settings import CONVERSION_WINDOW_S, MAX_LEN, SAMPLE_LEN
 
 RETRIEVAL, CONVERSION = 0, 1
 SAMPLE_VERSION = 2  # 2: + source identity (generation, partition, offset, seq); 1 is still read
@@ -229,8 +230,8 @@ class UserState:
         return cls(user, UserGraph.from_bytes(data[off:]), pending, offset, generation)
 
 
-def samples_from_events(events: Iterable[Event], max_len: int = 200, sample_len: int = 50,
-                        window_s: float = 86400.0, final_watermark: float | None = None) -> list[Sample]:
+def samples_from_events(events: Iterable[Event], max_len: int = MAX_LEN, sample_len: int = SAMPLE_LEN,
+                        window_s: float = CONVERSION_WINDOW_S, final_watermark: float | None = None) -> list[Sample]:
     """Offline: every sample a worker would emit for these events (each user's in the order given),
     then, with ``final_watermark``, the negatives of windows still open at that event time."""
     states: dict[str, UserState] = {}

@@ -9,6 +9,7 @@ from tgastream.state.record import UserRecord
 from tgastream.state.samples import Sample, samples_from_events
 from tgastream.state.store import StateStore
 from tgastream.core.events import Event, read_log
+from tgastream.core.settings import CONVERSION_WINDOW_S, MAX_LEN, SAMPLE_LEN
 from tgastream.stream.replay import _ordered
 
 
@@ -17,7 +18,8 @@ def replay_order(path: Path) -> list[Event]:
     return [r for r in _ordered(read_log(path), "time") if isinstance(r, Event)]
 
 
-def offline_records(events: list[Event], max_len: int = 200, sample_len: int = 50, window_s: float = 86400.0,
+def offline_records(events: list[Event], max_len: int = MAX_LEN, sample_len: int = SAMPLE_LEN,
+                    window_s: float = CONVERSION_WINDOW_S,
                     final_watermark: float | None = None) -> dict[str, UserRecord]:
     """Every user's record built from scratch (each user's events in the order given)."""
     users: dict[str, UserRecord] = {}
