@@ -69,6 +69,7 @@ class Settings:
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = LR
+    drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
     republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
@@ -93,6 +94,8 @@ class Settings:
             _positive(name, getattr(self, name))
         for name in ("worker_batch", "worker_flush_s", "worker_cache_users", "rebalance_timeout_s"):
             _positive(name, getattr(self, name))
+        if not 0.0 < self.drift_delta < 1.0:
+            raise SettingsError(f"drift_delta must be in (0, 1), got {self.drift_delta}")
         if self.train_policy not in ("all", "bounded"):
             raise SettingsError(f"train_policy must be all or bounded, got {self.train_policy!r}")
         if self.stop_timeout_s < 0:

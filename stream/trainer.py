@@ -32,6 +32,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tgastream.model.drift import LossDrift
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
 from tgastream.state.graph import UserGraph
@@ -70,6 +71,7 @@ class TrainerMetrics:
                                    "samples skipped because one of the same identity was trained already", registry=r)
         self.backlog = Gauge("tgastream_trainer_backlog", "samples consumed, not yet trained", registry=r)
         self.trained_share = Gauge("tgastream_trainer_trained_share", "trained / consumed samples", registry=r)
+        self.drift = Counter("tgastream_drift_detected", "changes in the training loss found by ADWIN", registry=r)
         self.republished = Counter("tgastream_embeddings_republished",
                                    "vectors published again with a newer model (one embedding space)", ["kind"],
                                    registry=r)
@@ -165,6 +167,7 @@ class Trainer:
         self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
         self.guard = RedeliveryGuard()
         self.published = Published()  # what the re-publish sweep may refresh
+        self.drift = LossDrift(settings.drift_delta)
         self._last_republish = time.monotonic()
         self.trained_log = TrainedLog(self.dir / "trained-samples.log")
         self.rng = random.Random(settings.seed)
@@ -385,12 +388,17 @@ class Trainer:
         self.metrics.steps.inc()
         self.metrics.loss.set(loss)
         self.metrics.model_version.set(self.learner.version)
+        drifted = self.drift.update(loss)
+        if drifted:
+            self.metrics.drift.inc()
+            log.warning("drift: the training loss changed at step %d (ADWIN; mean since then %.4f)",
+                        self.run.steps, self.drift.mean)
         online = self.learner.online_metrics()
         for name, value in online.items():
             if value is not None:
                 self.metrics.online.labels(name).set(value)
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
-                                        "trained": self.run.trained, "loss": loss, **online}) + "\n")
+                                        "trained": self.run.trained, "loss": loss, "drift": drifted, **online}) + "\n")
 
     def _note_rate(self, n: int) -> None:
         now = time.monotonic()
