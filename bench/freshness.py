@@ -48,12 +48,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "achieved_events_per_s": report["events_per_s"],
         "freshness_p50_s": report["freshness_p50_s"], "freshness_p99_s": report["freshness_p99_s"],
         "trainer_samples_per_s": report["trainer_samples_per_s"], "samples": report["samples"],
+        "trained_share": report["trained_share"], "train_policy": report["train_policy"],
         "device": report["device"], "data": str(args.data) if args.data else "synth",
     }
-    print(f"\n{'rate':>8} {'events':>8} {'achieved/s':>11} {'fresh p50':>10} {'fresh p99':>10} {'trainer samples/s':>18}  device")
+    share = result["trained_share"]
+    print(f"\n{'rate':>8} {'events':>8} {'achieved/s':>11} {'fresh p50':>10} {'fresh p99':>10} {'trainer samples/s':>18} "
+          f"{'trained':>8}  device")
     print(f"{args.rate:>8.0f} {result['events']:>8,} {result['achieved_events_per_s']:>11,.0f} "
           f"{(result['freshness_p50_s'] or float('nan')):>9.2f}s {(result['freshness_p99_s'] or float('nan')):>9.2f}s "
-          f"{result['trainer_samples_per_s']:>18,.0f}  {result['device']}")
+          f"{result['trainer_samples_per_s']:>18,.0f} {'–' if share is None else f'{share:.0%}':>8}  {result['device']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
