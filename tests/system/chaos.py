@@ -79,12 +79,12 @@ class Fault:
     pause_s: float = 0.0  # pause_broker: how long
     pick: float = 0.0  # which worker (a fraction of the live list, seeded)
     # filled in as it runs
-    done_at_s: float | None = None
+    started_at_s: float | None = None
     detail: str = ""
 
     def describe(self) -> str:
         what = f"{self.kind}" + (f" {self.pause_s:.0f}s" if self.kind == "pause_broker" else "")
-        ran = f" (ran at {self.done_at_s:6.1f}s: {self.detail})" if self.done_at_s is not None else ""
+        ran = f" (ran at {self.started_at_s:6.1f}s: {self.detail})" if self.started_at_s is not None else ""
         return f"t={self.at_s:6.1f}s  {what}{ran}"
 
 
@@ -337,8 +337,8 @@ class ChaosRun:
                 while time.monotonic() - self.t0 < fault.at_s:
                     self._reap()
                     time.sleep(0.2)
+                fault.started_at_s = time.monotonic() - self.t0
                 fault.detail = self._inject(fault)
-                fault.done_at_s = time.monotonic() - self.t0
                 self.say(f"  fault {fault.describe()}")
             for t in threads:
                 while t.is_alive():
@@ -393,7 +393,7 @@ class ChaosRun:
         self.trainer.send_signal(signal.SIGTERM)
         code = self.trainer.wait(60)
         self.exit_codes.append(f"trainer final SIGTERM: exit {code}")
-        self.trainer = self._start_trainer("--idle-exit", "10")
+        self.trainer = self._start_trainer("--idle-exit", "6")
         code = self.trainer.wait(cfg.drain_s)
         self.exit_codes.append(f"trainer drain: exit {code}")
         assert code == 0, (self.root / f"trainer-{self.trainer_starts}.log").read_text()[-3000:]
@@ -497,7 +497,7 @@ class ChaosRun:
             "user vectors": len(vectors), "workers started": len(self.all_workers),
             "trainer starts": self.trainer_starts, "exits": self.exit_codes,
         }
-        return Outcome(verdict=verdict, faults=sum(f.done_at_s is not None for f in self.schedule),
+        return Outcome(verdict=verdict, faults=sum(f.started_at_s is not None for f in self.schedule),
                        events=sent + len(bad_lines) + len(wire_values), lost=lost, duplicate_samples=duplicates,
                        trained_twice=trained_twice, missing=missing, extra=extra, figures=figures,
                        schedule=[f.describe() for f in self.schedule])
