@@ -29,6 +29,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -89,19 +90,23 @@ class Fault:
 
 
 def make_schedule(cfg: ChaosConfig) -> list[Fault]:
-    """``cfg.faults`` faults spread over the replay, seeded: the same config gives the same schedule."""
+    """``cfg.faults`` faults spread over the replay, seeded: the same config gives the same schedule.
+
+    A fault starts a seeded gap after the one before it has ended (a broker pause lasts its
+    ``pause_s``), so faults do not run into each other and all fall within the replay."""
     rng = random.Random(cfg.seed)
     kinds = list(cfg.kinds[: cfg.faults])
     while len(kinds) < cfg.faults:
         kinds.append(rng.choice(cfg.kinds))
     rng.shuffle(kinds)
+    pauses = [round(rng.uniform(*cfg.pause_s), 1) if k == "pause_broker" else 0.0 for k in kinds]
     span = cfg.events / cfg.rate
-    step = span / (cfg.faults + 1)
-    out = []
-    for i, kind in enumerate(kinds):
-        at = step * (i + 1) + rng.uniform(-0.3, 0.3) * step
-        out.append(Fault(round(at, 1), kind, pause_s=round(rng.uniform(*cfg.pause_s), 1) if kind == "pause_broker" else 0.0,
-                         pick=rng.random()))
+    base = max(2.0, (span - sum(pauses)) / (cfg.faults + 1))
+    out, at = [], 0.0
+    for kind, pause, in zip(kinds, pauses):
+        at += base * rng.uniform(0.6, 1.4)
+        out.append(Fault(round(at, 1), kind, pause_s=pause, pick=rng.random()))
+        at += pause
     return out
 
 
@@ -192,6 +197,7 @@ class ChaosRun:
         self.trainer_dir = self.root / "trainer"
         self.trainer_starts = 0
         self.exit_codes: list[str] = []
+        self.unexpected: list[str] = []  # processes that exited without being told to (restarted, as a supervisor would)
         self.t0 = 0.0
         self.paused = False
 
@@ -218,11 +224,12 @@ class ChaosRun:
         for w in list(self.live):
             if w.proc.poll() is not None:
                 self.live.remove(w)
-                self.exit_codes.append(f"{self._name(w)} died by itself: exit {w.proc.returncode}")
+                self.unexpected.append(f"{self._name(w)} exited by itself: exit {w.proc.returncode} ({w.log_path.name})")
                 self.say(f"  !! {self._name(w)} exited by itself ({w.proc.returncode}); starting a replacement")
                 self._start_worker()
         if self.trainer is not None and self.trainer.poll() is not None:
-            self.exit_codes.append(f"trainer died by itself: exit {self.trainer.returncode}")
+            self.unexpected.append(f"trainer exited by itself: exit {self.trainer.returncode} "
+                                   f"(trainer-{self.trainer_starts}.log)")
             self.say(f"  !! the trainer exited by itself ({self.trainer.returncode}); restarting it")
             self.trainer = self._start_trainer()
 
@@ -366,8 +373,13 @@ class ChaosRun:
             self._reap()
             time.sleep(1.0)
         self.say(f"  workers committed every record at {time.monotonic() - self.t0:.0f}s")
+        for w in self.live:  # all at once: each may take its stop deadline
+            w.proc.send_signal(signal.SIGTERM)
         for w in list(self.live):
-            code = w.stop(60)
+            try:
+                code = w.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{self._name(w)} did not stop on SIGTERM:\n{w.log()}")
             self.exit_codes.append(f"{self._name(w)} final SIGTERM: exit {code}")
             self.live.remove(w)
 
@@ -496,6 +508,7 @@ class ChaosRun:
             "DLQ records": len(dlq), "DLQ duplicates": len(dlq) - len(dlq_values),
             "user vectors": len(vectors), "workers started": len(self.all_workers),
             "trainer starts": self.trainer_starts, "exits": self.exit_codes,
+            "unexpected exits (restarted)": self.unexpected,
         }
         return Outcome(verdict=verdict, faults=sum(f.started_at_s is not None for f in self.schedule),
                        events=sent + len(bad_lines) + len(wire_values), lost=lost, duplicate_samples=duplicates,
