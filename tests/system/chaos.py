@@ -182,6 +182,87 @@ def _short(items, n: int = 10) -> str:
     return f"{len(items)} [{head}{', ...' if len(items) > n else ''}]"
 
 
+class Ledger:
+    """What is missing and what is extra, by kind, and how many records were lost: the checks of
+    the verifier that need no broker (so they are tested on their own: tests/system/test_verifier.py)."""
+
+    def __init__(self, missing: dict | None = None, extra: dict | None = None, lost: int = 0) -> None:
+        self.missing = {} if missing is None else missing
+        self.extra = {} if extra is None else extra
+        self.lost = lost
+
+    def states(self, stored: dict[str, tuple[int, object]], want: dict[str, object]) -> None:
+        """Every user's stored record (``read_store``) equal to the offline build (``comparable``)."""
+        gone, invented = set(want) - set(stored), set(stored) - set(want)
+        differ = {u for u in set(want) & set(stored) if comparable(stored[u][1]) != comparable(want[u])}
+        if gone:
+            self.missing["user states"] = _short(gone)
+        if invented:
+            self.extra["user states"] = _short(invented)
+        if differ:
+            self.missing["user states equal to the offline build (these differ)"] = _short(differ)
+        self.lost += len(gone) + len(differ)
+
+    def samples(self, values: list[bytes], expected: Counter) -> tuple[dict[tuple, tuple], int]:
+        """Sample records deduplicated by identity (generation, partition, offset, seq) against the
+        offline samples (``sample_identity`` counts): none missing, none invented, one sample per
+        identity. The distinct identities (→ content) and how many records were duplicates."""
+        by_id: dict[tuple, tuple] = {}
+        conflicting = set()
+        for value in values:
+            s = Sample.from_bytes(value)
+            ident = (s.generation, s.partition, s.offset, s.seq)
+            content = sample_identity(s)
+            if ident in by_id and by_id[ident] != content:
+                conflicting.add(ident)
+            by_id.setdefault(ident, content)
+        got = Counter(by_id.values())
+        short, over = expected - got, got - expected
+        if short:  # (kind, user, item, event_ts) of each
+            self.missing["samples"] = _short([(k[0], k[1], k[2], k[6]) for k in short.elements()])
+        if over:
+            self.extra["samples (distinct identities beyond the offline set)"] = _short(
+                [(k[0], k[1], k[2], k[6]) for k in over.elements()])
+        if conflicting:
+            self.extra["samples: one identity, two different samples"] = _short(conflicting)
+        self.lost += short.total()
+        return by_id, len(values) - len(by_id)
+
+    def dlq(self, values: list[bytes | None], want: list[bytes]) -> int:
+        """Every bad record on the dead-letter topic (copies allowed, counted); the copies."""
+        got = Counter(v or b"" for v in values)
+        gone, unknown = set(want) - set(got), set(got) - set(want)
+        if gone:
+            self.missing["bad records on the DLQ"] = _short(v[:60] for v in gone)
+        if unknown:
+            self.extra["DLQ records that are no bad record of ours"] = _short(v[:60] for v in unknown)
+        self.lost += len(gone)
+        return len(values) - len(got)
+
+    def trained(self, trained: list[tuple], distinct: set[tuple]) -> int:
+        """The trained log holds every distinct identity exactly once; how many were trained twice."""
+        counts = Counter(trained)
+        twice = sum(n - 1 for n in counts.values() if n > 1)
+        untrained, unknown = distinct - set(counts), set(counts) - distinct
+        if twice:
+            self.extra["samples trained twice"] = _short([k for k, n in counts.items() if n > 1])
+        if untrained:
+            self.missing["samples never trained"] = _short(untrained)
+        if unknown:
+            self.extra["trained identities not on the samples topic"] = _short(unknown)
+        self.lost += len(untrained)
+        return twice
+
+    def vectors(self, vectors: set[str], users: set[str], with_samples: set[str]) -> None:
+        """Every user with an event has a vector (told apart: users without a sample to train on)."""
+        none = users - vectors
+        if none & with_samples:
+            self.missing["user vectors (users with samples)"] = _short(none & with_samples)
+        if none - with_samples:
+            self.missing["user vectors (users without a sample: nothing to train on)"] = _short(none - with_samples)
+        self.lost += len(none)
+
+
 class ChaosRun:
     def __init__(self, cfg: ChaosConfig, root: Path, say=print) -> None:
         self.cfg, self.root, self.say = cfg, Path(root), say
@@ -315,6 +396,38 @@ class ChaosRun:
                 self.trainer.wait(30)
             self.broker.stop()
 
+    def _verification_worker(self, mark: float, attempts: int = 3, patience_s: float = 90.0) -> Settings:
+        """Start a worker on a fresh data dir, send a watermark to every partition and wait until it
+        has processed them (so it holds every partition, rebuilt from the changelog); stop it. A
+        worker that does not get there in ``patience_s`` is reported (unexpected) and replaced."""
+        for attempt in range(1, attempts + 1):
+            verify_settings = self.settings.replace(data_dir=self.root / f"verify-{attempt}")
+            verifier = start_worker(verify_settings, self.root / f"verify-{attempt}.log")
+            try:
+                verifier.wait_up(120)
+                producer = make_producer(self.settings.bootstrap)
+                send_watermarks(producer, self.settings.events_topic, mark)
+                producer.flush()
+                producer.close()
+                deadline = time.monotonic() + patience_s
+                while verifier.total("tgastream_watermarks_total") < self.cfg.partitions:
+                    assert verifier.proc.poll() is None, f"verification worker exited:\n{verifier.log()}"
+                    if time.monotonic() > deadline:
+                        last = [ln for ln in verifier.log().splitlines() if "kafka" not in ln][-1:]
+                        self.unexpected.append(f"verification worker {attempt} processed nothing in {patience_s:.0f}s "
+                                               f"after start (killed, replaced); its last line: {last}")
+                        self.say(f"  !! {self.unexpected[-1]}")
+                        break
+                    time.sleep(0.3)
+                else:
+                    assert verifier.stop(60) == 0, verifier.log()
+                    return verify_settings
+            finally:
+                if verifier.proc.poll() is None:
+                    verifier.kill9()
+        raise AssertionError(f"no verification worker processed the watermarks in {attempts} attempts: "
+                             f"{self.unexpected}")
+
     def _run(self, path: Path, bad_lines: list[str], wire_values: list[bytes]) -> Outcome:
         cfg, settings = self.cfg, self.settings
         for _ in range(cfg.workers):
@@ -385,21 +498,9 @@ class ChaosRun:
 
         # a fresh verification worker alone in the group rebuilds every partition from the changelog;
         # a second watermark (same time: changes nothing) per partition says when it is processing
-        verify_settings = settings.replace(data_dir=self.root / "verify")
-        verifier = start_worker(verify_settings, self.root / "verify.log")
-        try:
-            verifier.wait_up(120)
-            producer = make_producer(settings.bootstrap)
-            events = replay_order(path)
-            mark = max(e.ts for e in events) + DAY
-            send_watermarks(producer, settings.events_topic, mark)
-            producer.flush()
-            producer.close()
-            verifier.wait_total("tgastream_watermarks_total", cfg.partitions, timeout_s=180)
-            assert verifier.stop(60) == 0, verifier.log()
-        finally:
-            if verifier.proc.poll() is None:
-                verifier.kill9()
+        events = replay_order(path)
+        mark = max(e.ts for e in events) + DAY
+        verify_settings = self._verification_worker(mark)
 
         # the trainer: stop it (SIGTERM checkpoints), then one more on its data dir trains what is left and exits idle
         self.trainer.send_signal(signal.SIGTERM)
@@ -418,94 +519,42 @@ class ChaosRun:
     def verify(self, path: Path, events, mark: float, sent: int, bad_lines: list[str], wire_values: list[bytes],
                verify_settings: Settings) -> Outcome:
         settings = self.settings
-        missing: dict[str, str] = {}
-        extra: dict[str, str] = {}
-        lost = 0
+        ledger = Ledger()
 
         # state
         want = offline_records(events, final_watermark=mark)
-        stored = read_store(worker_state_dir(verify_settings))
-        gone = set(want) - set(stored)
-        invented = set(stored) - set(want)
-        differ = {u for u in set(want) & set(stored) if comparable(stored[u][1]) != comparable(want[u])}
-        if gone:
-            missing["user states"] = _short(gone)
-        if invented:
-            extra["user states"] = _short(invented)
-        if differ:
-            missing["user states equal to the offline build (these differ)"] = _short(differ)
-        lost += len(gone) + len(differ)
+        ledger.states(read_store(worker_state_dir(verify_settings)), want)
 
         # samples: deduplicate by identity, compare by content
         offline = samples_from_events(events, window_s=settings.conversion_window_s, final_watermark=mark)
         expected = Counter(sample_identity(s) for s in offline)
         records = read_topic(settings.bootstrap, settings.samples_topic, expected=expected.total(), idle_s=3.0,
                              timeout_s=180)
-        by_id: dict[tuple, tuple] = {}
-        conflicting = set()
-        for r in records:
-            s = Sample.from_bytes(r.value)
-            ident = (s.generation, s.partition, s.offset, s.seq)
-            content = sample_identity(s)
-            if ident in by_id and by_id[ident] != content:
-                conflicting.add(ident)
-            by_id.setdefault(ident, content)
-        duplicates = len(records) - len(by_id)
-        got = Counter(by_id.values())
-        short = expected - got
-        over = got - expected
-        if short:
-            missing["samples"] = _short([(k[0], k[1], k[2], k[6]) for k in short.elements()])
-        if over:
-            extra["samples (distinct identities beyond the offline set)"] = _short([(k[0], k[1], k[2], k[6]) for k in over.elements()])
-        if conflicting:
-            extra["samples: one identity, two different samples"] = _short(conflicting)
-        lost += short.total()
+        by_id, duplicates = ledger.samples([r.value for r in records], expected)
 
         # DLQ: every bad record there
-        dlq = read_topic(settings.bootstrap, settings.dlq_topic, expected=len(bad_lines) + len(wire_values), idle_s=2.0)
-        dlq_values = Counter(r.value or b"" for r in dlq)
-        want_bad = Counter([line.encode() for line in bad_lines] + wire_values)
-        bad_missing = set(want_bad) - set(dlq_values)
-        bad_extra = set(dlq_values) - set(want_bad)
-        if bad_missing:
-            missing["bad records on the DLQ"] = _short(v[:60] for v in bad_missing)
-        if bad_extra:
-            extra["DLQ records that are no bad record of ours"] = _short(v[:60] for v in bad_extra)
-        lost += len(bad_missing)
+        want_bad = [line.encode() for line in bad_lines] + wire_values
+        dlq = read_topic(settings.bootstrap, settings.dlq_topic, expected=len(want_bad), idle_s=2.0)
+        dlq_duplicates = ledger.dlq([r.value for r in dlq], want_bad)
 
         # trainer: the lineage of the final model trained every distinct identity exactly once
-        trained = Counter(read_trained(self.trainer_dir / "trained-samples.log"))
-        trained_twice = sum(n - 1 for n in trained.values() if n > 1)
-        untrained = set(by_id) - set(trained)
-        unknown = set(trained) - set(by_id)
-        if trained_twice:
-            extra["samples trained twice"] = _short([k for k, n in trained.items() if n > 1])
-        if untrained:
-            missing["samples never trained"] = _short(untrained)
-        if unknown:
-            extra["trained identities not on the samples topic"] = _short(unknown)
-        lost += len(untrained)
+        trained = read_trained(self.trainer_dir / "trained-samples.log")
+        trained_twice = ledger.trained(trained, set(by_id))
 
         # embeddings: every user with an event has a vector
         emb = read_topic(settings.bootstrap, settings.embeddings_topic, idle_s=2.0)
         vectors = {r.key.decode()[5:] for r in emb if r.key and r.key.startswith(b"user:")}
         users = {e.user_id for e in events}
-        with_samples = {s.user_id for s in offline}
-        no_vector = users - vectors
-        if no_vector & with_samples:
-            missing["user vectors (users with samples)"] = _short(no_vector & with_samples)
-        if no_vector - with_samples:
-            missing["user vectors (users without a sample: nothing to train on)"] = _short(no_vector - with_samples)
-        lost += len(no_vector)
+        ledger.vectors(vectors, users, {s.user_id for s in offline})
+        missing, extra, lost = ledger.missing, ledger.extra, ledger.lost
 
         problems = bool(missing or extra or trained_twice)
         verdict = "RECORDS-MISSING-OR-EXTRA" if problems else VERDICT_OK
         figures = {
             "valid events sent": sent, "bad records": len(bad_lines) + len(wire_values),
             "users": len(users), "samples expected": expected.total(), "sample records on the topic": len(records),
-            "distinct sample identities": len(by_id), "trained (log entries)": trained.total(),
-            "DLQ records": len(dlq), "DLQ duplicates": len(dlq) - len(dlq_values),
+            "distinct sample identities": len(by_id), "trained (log entries)": len(trained),
+            "DLQ records": len(dlq), "DLQ duplicates": dlq_duplicates,
             "user vectors": len(vectors), "workers started": len(self.all_workers),
             "trainer starts": self.trainer_starts, "exits": self.exit_codes,
             "unexpected exits (restarted)": self.unexpected,

@@ -26,6 +26,8 @@ def test_chaos_short(tmp_path, chaos_json, capsys):
     with capsys.disabled():
         print(f"\nchaos short: {outcome.verdict}; faults {outcome.faults}, events {outcome.events}, lost {outcome.lost}, "
               f"duplicate samples {outcome.duplicate_samples}, trained twice {outcome.trained_twice} ({chaos_json})")
+        for line in outcome.figures["unexpected exits (restarted)"]:
+            print(f"chaos short: unexpected: {line}")
     assert outcome.faults == 3
     _check(outcome)
 
