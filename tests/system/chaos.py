@@ -38,7 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tgastream.core.settings import Settings
+from tgastream.state.record import UserRecord
 from tgastream.state.samples import Sample, samples_from_events
+from tgastream.state.store import StateStore
 from tgastream.stream.broker import EmbeddedBroker
 from tgastream.stream.replay import ReplayConfig, ReplaySummary, make_producer, replay_file, send_watermarks
 from tgastream.stream.synth import SynthConfig, write_file
@@ -180,6 +182,32 @@ def _short(items, n: int = 10) -> str:
     items = sorted(items, key=repr)
     head = ", ".join(repr(x)[:120] for x in items[:n])
     return f"{len(items)} [{head}{', ...' if len(items) > n else ''}]"
+
+
+def read_final_owner_stores(settings: Settings) -> dict[str, tuple[int, UserRecord]]:
+    """user → (partition, record) from the stopped workers' own stores: each partition from the
+    slot whose copy of it went furthest on the changelog (its final owner)."""
+    slots = sorted((Path(settings.data_dir) / "workers" / settings.consumer_group).glob("*/state"))
+    best: dict[int, tuple[int, Path]] = {}
+    for root in slots:
+        store = StateStore(root, "user-state")
+        try:
+            for db in root.glob("user-state-*.db"):
+                p = int(db.name[len("user-state-"):-3])
+                off = store.partition(p).changelog_offset()
+                if off is not None and off > best.get(p, (-1, root))[0]:
+                    best[p] = (off, root)
+        finally:
+            store.close()
+    out: dict[str, tuple[int, UserRecord]] = {}
+    for p, (_, root) in sorted(best.items()):
+        store = StateStore(root, "user-state")
+        try:
+            for key, value in store.partition(p).items():
+                out[key.decode()] = (p, UserRecord.from_bytes(value))
+        finally:
+            store.close()
+    return out
 
 
 class Ledger:
@@ -396,7 +424,7 @@ class ChaosRun:
                 self.trainer.wait(30)
             self.broker.stop()
 
-    def _verification_worker(self, mark: float, attempts: int = 3, patience_s: float = 90.0) -> Settings:
+    def _verification_worker(self, mark: float, attempts: int = 2, patience_s: float = 45.0) -> Settings | None:
         """Start a worker on a fresh data dir, send a watermark to every partition and wait until it
         has processed them (so it holds every partition, rebuilt from the changelog); stop it. A
         worker that does not get there in ``patience_s`` is reported (unexpected) and replaced."""
@@ -425,8 +453,10 @@ class ChaosRun:
             finally:
                 if verifier.proc.poll() is None:
                     verifier.kill9()
-        raise AssertionError(f"no verification worker processed the watermarks in {attempts} attempts: "
-                             f"{self.unexpected}")
+        self.unexpected.append(f"no verification worker processed the watermarks in {attempts} attempts: user "
+                               "states read from the stopped workers' stores instead (each partition from its final owner)")
+        self.say(f"  !! {self.unexpected[-1]}")
+        return None
 
     def _run(self, path: Path, bad_lines: list[str], wire_values: list[bytes]) -> Outcome:
         cfg, settings = self.cfg, self.settings
@@ -517,13 +547,14 @@ class ChaosRun:
     # -- the verifier --------------------------------------------------------------------------------
 
     def verify(self, path: Path, events, mark: float, sent: int, bad_lines: list[str], wire_values: list[bytes],
-               verify_settings: Settings) -> Outcome:
+               verify_settings: Settings | None) -> Outcome:
         settings = self.settings
         ledger = Ledger()
 
         # state
         want = offline_records(events, final_watermark=mark)
-        ledger.states(read_store(worker_state_dir(verify_settings)), want)
+        ledger.states(read_store(worker_state_dir(verify_settings)) if verify_settings is not None
+                      else read_final_owner_stores(settings), want)
 
         # samples: deduplicate by identity, compare by content
         offline = samples_from_events(events, window_s=settings.conversion_window_s, final_watermark=mark)
