@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-wheel clean
+.PHONY: install demo test test-slow test-chaos test-wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(ARGS)
+
+# fault injection over the whole pipeline (tests/system): prints the fault schedule, the verdict
+# (ALL-RECORDS-DELIVERED or what is missing/extra) and a JSON summary (ARGS="--chaos-json PATH")
+test-chaos: $(STAMP)
+	$(PY) -m pytest -m slow tests/system $(ARGS)
 
 # the built wheel in a fresh virtualenv, outside the checkout: doctor --require-fused + a small demo
 test-wheel:
