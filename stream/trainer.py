@@ -26,10 +26,11 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tgastream.model.drift import LossDrift
@@ -48,6 +49,8 @@ from tgastream.stream.republish import Published
 from tgastream.stream.trained_log import TrainedLog
 
 log = logging.getLogger("tgastream.trainer")
+
+T = TypeVar("T")
 
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -273,13 +276,14 @@ class Trainer:
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
         """Run until stopped (SIGTERM/SIGINT), idle for ``idle_exit_s`` (0 = never) or ``max_samples``
         consumed (and, with ``train_policy`` all, trained)."""
-        producer = make_producer(self.bootstrap, linger_ms=5)
+        producer = self._until_connected(lambda: make_producer(self.bootstrap, linger_ms=5), "the producer")
         self.dir.mkdir(parents=True, exist_ok=True)
         serving = ServingStore(self.dir / "serving")
         self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
         self._check_samples_generation()
-        head, tps = self._consumer(self.head or self.offsets)
-        trainer = None if self.bounded else self._consumer(self.offsets)[0]
+        head, tps = self._until_connected(lambda: self._consumer(self.head or self.offsets), "the head consumer")
+        trainer = None if self.bounded else \
+            self._until_connected(lambda: self._consumer(self.offsets)[0], "the training consumer")
         last_data = time.monotonic()
         try:
             while not self._stop:
@@ -316,6 +320,19 @@ class Trainer:
                 self._history.close()
                 self.trained_log.close()
         return self.run
+
+    def _until_connected(self, connect: Callable[[], T], what: str, timeout_s: float = 300.0) -> T:
+        """``connect()``, again every few seconds while the broker does not answer (it may be
+        restarting or paused), for up to ``timeout_s``; then the last error stands."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return connect()
+            except (KafkaError, OSError) as exc:
+                if time.monotonic() >= deadline or self._stop:
+                    raise
+                log.warning("connecting %s to %s failed (%s); retrying", what, self.bootstrap, exc)
+                time.sleep(2.0)
 
     def backlog(self) -> int:
         """Samples consumed by the head, not yet through the training consumer."""
