@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import shutil
+import io
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,10 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)  # `kill -USR1 <pid>`: what is it waiting on?
+    except (NotImplementedError, RuntimeError):
+        pass
     t0 = monotonic()
     failure: str | None = None
     try:
@@ -218,6 +223,14 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
     if failure is not None:
         raise RuntimeError(f"worker stopped: {failure}")
     return totals
+
+
+def dump_tasks() -> None:
+    """Log every asyncio task's stack: where a worker that seems stuck is waiting."""
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(file=buf)
+        log.warning("%s", buf.getvalue())
 
 
 async def _start_incarnation(settings: Settings, data_dir: Path, metrics: WorkerMetrics,

@@ -442,8 +442,11 @@ class ChaosRun:
                     assert verifier.proc.poll() is None, f"verification worker exited:\n{verifier.log()}"
                     if time.monotonic() > deadline:
                         last = [ln for ln in verifier.log().splitlines() if "kafka" not in ln][-1:]
+                        verifier.proc.send_signal(signal.SIGUSR1)  # the worker logs what each task waits on
+                        time.sleep(1.0)
                         self.unexpected.append(f"verification worker {attempt} processed nothing in {patience_s:.0f}s "
-                                               f"after start (killed, replaced); its last line: {last}")
+                                               f"after start (killed, replaced; task dump in {verifier.log_path}); "
+                                               f"its last line: {last}")
                         self.say(f"  !! {self.unexpected[-1]}")
                         break
                     time.sleep(0.3)
