@@ -8,13 +8,21 @@ from pathlib import Path
 
 from tgastream.core.settings import Settings
 
-HELP = "offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular and repeat-recent"
+HELP = ("offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular, repeat-recent and "
+        "co-visitation, seed means with user-bootstrap intervals")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="behavior log (Taobao CSV, JSON lines or RetailRocket events.csv)")
-    p.add_argument("--models", default="tga,sasrec,din,pop,repeat",
-                   help="comma-separated models (also: tga_nocopy, sasrec_copy ablations) (default: %(default)s)")
+    p.add_argument("--models", default="tga,sasrec,sasrec_copy,din,pop,repeat,covisit,repeat_covisit",
+                   help="comma-separated models (also: covisit, repeat_covisit baselines; tga_nocopy, sasrec_copy ablations) "
+                        "(default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="train every neural model on seeds SEED+1 .. SEED+N and report mean ± sd (default: 0 = one run on SEED)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="user-bootstrap resamples for the 95%% intervals, 0 = none (default: %(default)s)")
+    p.add_argument("--conversion-weight", type=float, default=None,
+                   help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
@@ -58,6 +66,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                               seed=settings.seed if args.seed is None else args.seed,
                               max_train_samples=args.max_train_samples),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
+            seeds=args.seeds, bootstrap=args.bootstrap,
+            model_overrides=(() if args.conversion_weight is None else (("conversion_weight", args.conversion_weight),)),
         ).validate()
         if cfg.dim % cfg.heads:
             raise ValueError(f"dim ({cfg.dim}) must be divisible by heads ({cfg.heads})")
