@@ -75,6 +75,8 @@ class EvalConfig:
     seeds: int = 0  # 0: one run on train.seed; N: neural models on seeds train.seed + 1 .. + N, mean ± sd
     bootstrap: int = 1000  # user-bootstrap resamples for the 95% intervals (0 = none)
     covisit: CovisitConfig = field(default_factory=CovisitConfig)
+    on_validation: bool = False  # score the validation share instead of the test period (for choosing
+    # settings: the test period is never looked at); neural models then train a fixed number of epochs
     dim: int = DIM
     layers: int = LAYERS
     heads: int = HEADS
@@ -116,6 +118,7 @@ class EvalData:
     first_seen: np.ndarray  # [C] time of each item's first event: it is a candidate strictly after
     event_users: np.ndarray  # [E] user code (0..U-1) of every event
     test_users: np.ndarray  # [S_test] user code of every test sample
+    valid_users: np.ndarray  # [S_valid] user code of every validation sample
     split_ts: float
     fit_ts: float
     info: dict
@@ -206,8 +209,9 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
     user_code = {u: k for k, u in enumerate(states)}
     event_users = np.fromiter((user_code[e.user_id] for e in events), dtype=np.int64, count=n)
     test_users = np.array([user_code[u] for u in out["test"].users], dtype=np.int64)
+    valid_users = np.array([user_code[u] for u in out["valid"].users], dtype=np.int64)
     return EvalData(enc["train"], enc["valid"], test, vocabs, catalogue_rows, catalogue_cats, ts, event_keys,
-                    first_seen, event_users, test_users, split_ts, fit_ts, info)
+                    first_seen, event_users, test_users, valid_users, split_ts, fit_ts, info)
 
 
 # -- neural models ------------------------------------------------------------------------------
@@ -311,7 +315,7 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
     torch.manual_seed(seed)
     model = build_model(name, cfg, data).to(device)
     validate = (_validation_score(data, device, cfg.eval_batch, cfg.max_test_cases, cfg.train.seed)
-                if len(data.valid) else None)
+                if len(data.valid) and not cfg.on_validation else None)
     res = fit(model, data.train, replace(cfg.train, seed=seed), device, validate, desc=f"{name} s{seed}",
               progress=progress)
     out = ModelOutput(_empty_row())
@@ -456,6 +460,13 @@ def _subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(idx, limit, replace=False))
 
 
+def validation_as_test(data: EvalData) -> EvalData:
+    """The data with the validation share in place of the test period (choosing settings without
+    ever scoring the test period); co-visitation then counts events before ``fit_ts`` only."""
+    return replace(data, test=data.valid, test_users=data.valid_users, split_ts=data.fit_ts,
+                   info=data.info | {"scored": "validation share [fit_ts, split_ts)"})
+
+
 def seeds_of(cfg: EvalConfig) -> list[int]:
     """Training seeds of the neural models: ``train.seed`` alone, or ``train.seed + 1 .. + seeds``."""
     return [cfg.train.seed] if cfg.seeds <= 0 else [cfg.train.seed + k for k in range(1, cfg.seeds + 1)]
@@ -536,6 +547,8 @@ def run(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) -> dict
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = build_data(events, cfg, progress)
+    if cfg.on_validation:
+        data = validation_as_test(data)
     test_ret = _subsample(np.flatnonzero(data.test.kind == RETRIEVAL), cfg.max_test_cases, cfg.train.seed)
     test_conv = _subsample(np.flatnonzero(data.test.kind == CONVERSION), cfg.max_test_cases, cfg.train.seed)
     cases = TestCases.of(data, test_ret, test_conv)

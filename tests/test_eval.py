@@ -144,3 +144,13 @@ def test_covisitation_baseline_learns_only_from_the_training_period(log):
     repeat = repeat_ranks(data, idx)
     hit = repeat <= 10
     assert (blend[hit] == repeat[hit]).all()  # the blend keeps repeat-recent's own-item order on top
+
+
+def test_on_validation_scores_the_validation_share_and_never_the_test_period(log):
+    events = load_events(log)
+    cfg = EvalConfig(models=("repeat", "covisit"), bootstrap=0, on_validation=True)
+    data = build_data(events, cfg, progress=False)
+    result = run(events, cfg, progress=False)
+    assert result["data"]["scored"].startswith("validation")
+    assert result["test_cases"]["retrieval"] == int((data.valid.kind == RETRIEVAL).sum())
+    assert result["test_cases"]["conversion"] == int((data.valid.kind == CONVERSION).sum())

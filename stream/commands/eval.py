@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train every neural model on seeds SEED+1 .. SEED+N and report mean ± sd (default: 0 = one run on SEED)")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="user-bootstrap resamples for the 95%% intervals, 0 = none (default: %(default)s)")
+    p.add_argument("--on-validation", action="store_true",
+                   help="score the validation share instead of the test period (to choose settings; fixed epochs)")
     p.add_argument("--conversion-weight", type=float, default=None,
                    help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                               seed=settings.seed if args.seed is None else args.seed,
                               max_train_samples=args.max_train_samples),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
-            seeds=args.seeds, bootstrap=args.bootstrap,
+            seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
             model_overrides=(() if args.conversion_weight is None else (("conversion_weight", args.conversion_weight),)),
         ).validate()
         if cfg.dim % cfg.heads:
