@@ -654,7 +654,7 @@ def plot(result: dict, path) -> None:
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         if key in ("auc", "gauc"):
-            ax.set_ylim(0.4, 0.8)
+            ax.set_ylim(0.3, 0.9)
     tc = result["test_cases"]
     fig.suptitle(f"time-ordered split: {tc['retrieval']:,} next events, {tc['buy']} buys, {tc['conversion']:,} "
                  f"conversion clicks; seeds {result.get('seeds')}; bars 95% user-bootstrap intervals", fontsize=10)
