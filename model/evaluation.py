@@ -628,6 +628,42 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(result: dict) -> str:
+    """README-ready Markdown: one row per model (seed mean ± sd, 95% interval below the figure
+    where there is one), the paired comparisons, and the case counts."""
+    cols = [("auc", "conversion AUC"), ("gauc", "GAUC"), ("hr@10", "HR@10"), ("hr@10_repeat", "HR@10 repeat"),
+            ("hr@10_novel", "HR@10 novel"), ("buy_hr@10", "HR@10 buys"), ("ndcg@10", "NDCG@10"), ("mrr", "MRR")]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, m in result["models"].items():
+        cells = []
+        for key, _ in cols:
+            if m.get(key) is None:
+                cells.append("–")
+                continue
+            text = f"{m[key]:.3f}"
+            sd = m.get("sd", {}).get(key)
+            if sd and len(m.get("seeds", [])) > 1:
+                text += f" ± {sd:.3f}"
+            ci = m.get("ci", {}).get(key)
+            if ci:
+                text += f"<br>[{ci[0]:.3f}, {ci[1]:.3f}]"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("comparisons"):
+        lines += ["", "| paired comparison (same resampled users) | value | 95% interval |", "|---|---:|---:|"]
+        for label, c in result["comparisons"].items():
+            v = "–" if c["value"] is None else f"{c['value']:.3f}"
+            ci = "–" if not c["ci"] else f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
+            lines.append(f"| {label} | {v} | {ci} |")
+    tc = result["test_cases"]
+    lines += ["", f"{tc['retrieval']:,} next events ranked over {result['data']['items']:,} items "
+              f"({tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets, "
+              f"{tc['buy']:,} buys); {tc['conversion']:,} conversion clicks ({result['data']['conversion_positives']:,} "
+              f"bought) of {tc.get('users', 0):,} users. Neural models: mean ± sd over seeds {result.get('seeds')}; "
+              f"[95% user-bootstrap interval, {result['config'].get('bootstrap')} resamples]."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path) -> None:
     """Metrics of every model side by side (one panel per metric, 95% intervals as error bars) as a PNG."""
     import matplotlib

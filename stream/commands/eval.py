@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.model.config import TrainConfig
-    from tgastream.model.evaluation import EvalConfig, format_table, plot, run as run_eval
+    from tgastream.model.evaluation import EvalConfig, format_markdown, format_table, plot, run as run_eval
     from tgastream.core.errors import CommandError
     from tgastream.core.events import load_events
 
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        args.json.with_suffix(".md").write_text(format_markdown(result))
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     png = args.png or (args.json.with_suffix(".png") if args.json else Path("eval.png"))
     plot(result, png)
     print(f"wrote {png}  (total {result['seconds']:.0f}s)")
