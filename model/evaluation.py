@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -38,7 +38,9 @@ from tgastream.model.batching import EncodedSamples, Vocabs, encode_samples, to_
 from tgastream.model.config import ModelConfig, TrainConfig
 from tgastream.model.device import resolve_device
 from tgastream.model.din import DIN
-from tgastream.model.metrics import auc, logloss, ranking_metrics, ranks_of_targets
+from tgastream.model.covisit import Covisitation, CovisitConfig, rank_from_scores, repeat_covisit_scores
+from tgastream.model.metrics import (auc, bootstrap_interval, bootstrap_user_weights, gauc_of, group_aucs, hit_rate,
+                                     logloss, ranking_metrics, ranks_of_targets, weighted_auc)
 from tgastream.model.sasrec import SASRec
 from tgastream.model.tga import TGA
 from tgastream.model.training import fit
@@ -50,9 +52,13 @@ from tgastream.core.settings import CONVERSION_WINDOW_S, DIM, HEADS, LAYERS, MAX
 NEURAL = {"tga": (TGA, True), "tga_nocopy": (TGA, False), "sasrec": (SASRec, False),
           "sasrec_copy": (SASRec, True), "din": (DIN, False)}
 """Neural model keys → (class, pointer on). ``tga_nocopy`` and ``sasrec_copy`` are ablations."""
-ALL_MODELS = ("tga", "sasrec", "din", "pop", "repeat", "tga_nocopy", "sasrec_copy")
-METRIC_KEYS = ("auc", "logloss", "hr@10", "ndcg@10", "mrr", "buy_hr@10", "buy_ndcg@10",
-               "train_samples_per_s", "params")
+BASELINES = ("pop", "repeat", "covisit", "repeat_covisit")
+ALL_MODELS = ("tga", "sasrec", "din", "pop", "repeat", "tga_nocopy", "sasrec_copy", "covisit", "repeat_covisit")
+METRIC_KEYS = ("auc", "gauc", "logloss", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
+               "buy_ndcg@10", "train_samples_per_s", "params")
+SEED_METRICS = ("auc", "gauc", "logloss", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
+                "buy_ndcg@10")
+"""Metrics averaged over seeds (the top level of a model's JSON) with their sd under ``sd``."""
 BUY = BEHAVIOR_CODE["buy"]
 
 
@@ -65,7 +71,12 @@ class EvalConfig:
     window_s: float = CONVERSION_WINDOW_S  # click → buy conversion window
     pop_window_s: float = 86_400.0  # most-popular baseline: events counted over the last day
     k: int = 10
-    models: tuple[str, ...] = ("tga", "sasrec", "din", "pop", "repeat")
+    models: tuple[str, ...] = ("tga", "sasrec", "sasrec_copy", "din", "pop", "repeat", "covisit", "repeat_covisit")
+    seeds: int = 0  # 0: one run on train.seed; N: neural models on seeds train.seed + 1 .. + N, mean ± sd
+    bootstrap: int = 1000  # user-bootstrap resamples for the 95% intervals (0 = none)
+    covisit: CovisitConfig = field(default_factory=CovisitConfig)
+    on_validation: bool = False  # score the validation share instead of the test period (for choosing
+    # settings: the test period is never looked at); neural models then train a fixed number of epochs
     dim: int = DIM
     layers: int = LAYERS
     heads: int = HEADS
@@ -85,6 +96,8 @@ class EvalConfig:
         unknown = [m for m in self.models if m not in ALL_MODELS]
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
+        if self.seeds < 0 or self.bootstrap < 0:
+            raise ValueError("seeds and bootstrap must be >= 0")
         if self.sample_len > self.max_len:
             raise ValueError("sample_len must be <= max_len")
         return self
@@ -103,6 +116,9 @@ class EvalData:
     event_ts: np.ndarray  # [E] every event's time, sorted
     event_keys: np.ndarray  # [E] catalogue key (index + 1) of every event's item
     first_seen: np.ndarray  # [C] time of each item's first event: it is a candidate strictly after
+    event_users: np.ndarray  # [E] user code (0..U-1) of every event
+    test_users: np.ndarray  # [S_test] user code of every test sample
+    valid_users: np.ndarray  # [S_valid] user code of every validation sample
     split_ts: float
     fit_ts: float
     info: dict
@@ -115,9 +131,11 @@ class _Encoder:
         self.vocabs, self.keys, self.chunk = vocabs, keys, chunk
         self.pending: list[Sample] = []
         self.parts: list[EncodedSamples] = []
+        self.users: list[str] = []  # user of every sample added, in order
 
     def add(self, s: Sample) -> None:
         self.pending.append(s)
+        self.users.append(s.user_id)
         if len(self.pending) >= self.chunk:
             self.flush()
 
@@ -188,8 +206,12 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
     event_keys = catalogue.lookup([e.item_id for e in events])
     first_seen = np.full(len(items), np.inf)
     np.minimum.at(first_seen, event_keys - 1, ts)
+    user_code = {u: k for k, u in enumerate(states)}
+    event_users = np.fromiter((user_code[e.user_id] for e in events), dtype=np.int64, count=n)
+    test_users = np.array([user_code[u] for u in out["test"].users], dtype=np.int64)
+    valid_users = np.array([user_code[u] for u in out["valid"].users], dtype=np.int64)
     return EvalData(enc["train"], enc["valid"], test, vocabs, catalogue_rows, catalogue_cats, ts, event_keys,
-                    first_seen, split_ts, fit_ts, info)
+                    first_seen, event_users, test_users, valid_users, split_ts, fit_ts, info)
 
 
 # -- neural models ------------------------------------------------------------------------------
@@ -250,27 +272,62 @@ def _validation_score(data: EvalData, device: torch.device, batch: int, cap: int
     return score
 
 
-def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.device, test_ret: np.ndarray,
-                    test_conv: np.ndarray, progress: bool = True) -> dict:
-    torch.manual_seed(cfg.train.seed)
+@dataclass
+class ModelOutput:
+    """One model's test outcomes on one seed, aligned with the run's :class:`TestCases`."""
+
+    row: dict  # the metrics of this run (plus params, speed, epochs)
+    ranks: np.ndarray | None = None  # [R] mid-ranks of the retrieval targets (None: no retrieval)
+    probs: np.ndarray | None = None  # [K] conversion probabilities of the clicks (None: no conversion)
+
+
+@dataclass
+class TestCases:
+    """The test samples every model is judged on, and the user of each (for GAUC and the bootstrap)."""
+
+    ret: np.ndarray  # [R] test rows of next-event (retrieval) cases
+    conv: np.ndarray  # [K] test rows of conversion clicks
+    buy: np.ndarray  # [R] bool: the next event is a buy
+    repeat: np.ndarray  # [R] bool: the target item is already in the user's context
+    ret_users: np.ndarray  # [R] user codes
+    conv_users: np.ndarray  # [K] user codes
+    labels: np.ndarray  # [K] conversion labels
+    n_users: int  # user codes are 0 .. n_users - 1
+
+    @classmethod
+    def of(cls, data: EvalData, ret: np.ndarray, conv: np.ndarray) -> "TestCases":
+        t = data.test
+        repeat = np.array([t.target_key[i] in t.keys[i, :t.lengths[i]] for i in ret], dtype=bool)
+        return cls(ret, conv, t.target_behavior[ret] == BUY, repeat, data.test_users[ret], data.test_users[conv],
+                   t.label[conv], int(data.event_users.max()) + 1)
+
+    def counts(self) -> dict:
+        return {"retrieval": int(len(self.ret)), "buy": int(self.buy.sum()), "conversion": int(len(self.conv)),
+                "retrieval_repeat": int(self.repeat.sum()), "retrieval_novel": int((~self.repeat).sum()),
+                "conversion_positives": int((self.labels > 0).sum()),
+                "users": int(len(np.unique(np.concatenate([self.ret_users, self.conv_users])))),
+                "conversion_users": int(len(np.unique(self.conv_users)))}
+
+
+def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.device, cases: TestCases,
+                    seed: int, progress: bool = True) -> ModelOutput:
+    """Train ``name`` on seed ``seed`` (early-stopped on the validation share) and score the test cases."""
+    torch.manual_seed(seed)
     model = build_model(name, cfg, data).to(device)
     validate = (_validation_score(data, device, cfg.eval_batch, cfg.max_test_cases, cfg.train.seed)
-                if len(data.valid) else None)
-    res = fit(model, data.train, cfg.train, device, validate, desc=name, progress=progress)
-    row = _empty_row()
-    row["params"] = sum(p.numel() for p in model.parameters())
-    row["train_samples_per_s"] = round(res.samples_per_s, 1)
-    row["epochs"] = res.epochs
-    row["best_epoch"] = res.best_epoch
-    row["train_seconds"] = round(res.seconds, 1)
+                if len(data.valid) and not cfg.on_validation else None)
+    res = fit(model, data.train, replace(cfg.train, seed=seed), device, validate, desc=f"{name} s{seed}",
+              progress=progress)
+    out = ModelOutput(_empty_row())
     if model.does_retrieval:
-        ranks = retrieval_ranks(model, data, data.test, test_ret, device, cfg.eval_batch)
-        row.update(_ranking_row(ranks, data.test.target_behavior[test_ret] == BUY, cfg.k))
-    if model.does_conversion and len(test_conv):
-        p = conversion_probs(model, data.test, test_conv, device, cfg.eval_batch)
-        y = data.test.label[test_conv]
-        row["auc"], row["logloss"] = auc(y, p), logloss(y, p)
-    return row
+        out.ranks = retrieval_ranks(model, data, data.test, cases.ret, device, cfg.eval_batch)
+    if model.does_conversion and len(cases.conv):
+        out.probs = conversion_probs(model, data.test, cases.conv, device, cfg.eval_batch)
+    out.row.update(_case_row(out, cases, cfg.k))
+    out.row.update(params=sum(p.numel() for p in model.parameters()), train_samples_per_s=round(res.samples_per_s, 1),
+                   epochs=res.epochs, best_epoch=res.best_epoch, train_seconds=round(res.seconds, 1),
+                   valid_history=res.history)
+    return out
 
 
 # -- non-neural baselines -----------------------------------------------------------------------
@@ -323,6 +380,46 @@ def repeat_ranks(data: EvalData, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+
+
+def covisitation_of(data: EvalData, cfg: CovisitConfig) -> Covisitation:
+    """Co-visitation counted on the training period only (every event before ``split_ts``)."""
+    before = data.event_ts < data.split_ts
+    users, keys = data.event_users[before], data.event_keys[before].astype(np.int64)
+    order = np.argsort(users, kind="mergesort")  # per user, time order kept
+    bounds = np.flatnonzero(np.diff(users[order])) + 1
+    return Covisitation(cfg).fit(part.tolist() for part in np.split(keys[order], bounds) if len(part))
+
+
+def covisit_ranks(data: EvalData, idx: np.ndarray, covisit: Covisitation, blend: bool = False) -> np.ndarray:
+    """Co-visitation baseline (``blend``: repeat-recent first, co-visitation fills) as full-catalogue
+    mid-ranks of the targets of test rows ``idx``."""
+    seen_order = np.sort(data.first_seen)
+    t = data.test
+    out = np.empty(len(idx))
+    for o, i in enumerate(idx):
+        ctx = t.keys[i, :t.lengths[i]].tolist()
+        scores = repeat_covisit_scores(ctx, covisit) if blend else covisit.scores(ctx)
+        ts = t.event_ts[i]
+        target = int(t.target_key[i])
+        out[o] = rank_from_scores(scores, target, int(np.searchsorted(seen_order, ts, side="left")),
+                                  bool(data.first_seen[target - 1] < ts),
+                                  lambda key: data.first_seen[key - 1] < ts)
+    return out
+
+
+def baseline_output(name: str, cfg: EvalConfig, data: EvalData, cases: TestCases) -> ModelOutput:
+    if name == "pop":
+        ranks = popularity_ranks(data, cases.ret, cfg.pop_window_s)
+    elif name == "repeat":
+        ranks = repeat_ranks(data, cases.ret)
+    else:
+        ranks = covisit_ranks(data, cases.ret, covisitation_of(data, cfg.covisit), blend=name == "repeat_covisit")
+    out = ModelOutput(_empty_row(), ranks=ranks)
+    out.row.update(_case_row(out, cases, cfg.k))
+    return out
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -335,43 +432,149 @@ def _ranking_row(ranks: np.ndarray, buy: np.ndarray, k: int) -> dict:
     return {f"hr@{k}": a["hr"], f"ndcg@{k}": a["ndcg"], "mrr": a["mrr"], f"buy_hr@{k}": b["hr"], f"buy_ndcg@{k}": b["ndcg"]}
 
 
+def _case_row(out: ModelOutput, cases: TestCases, k: int) -> dict:
+    """Every per-run metric of one model's outcomes."""
+    row: dict = {}
+    if out.ranks is not None:
+        row.update(_ranking_row(out.ranks, cases.buy, k))
+        row[f"hr@{k}_repeat"] = ranking_metrics(out.ranks[cases.repeat], k)["hr"]
+        row[f"hr@{k}_novel"] = ranking_metrics(out.ranks[~cases.repeat], k)["hr"]
+    if out.probs is not None:
+        row["auc"], row["logloss"] = auc(cases.labels, out.probs), logloss(cases.labels, out.probs)
+        row["gauc"] = gauc_of(*_group_aucs(out.probs, cases))
+    return row
+
+
+def _group_aucs(probs: np.ndarray, cases: TestCases) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user AUC and click count [n_users] (users without clicks: NaN, 0)."""
+    aucs, counts = np.full(cases.n_users, np.nan), np.zeros(cases.n_users)
+    if len(probs):
+        a, c = group_aucs(cases.labels, probs, cases.conv_users)
+        aucs[:len(a)], counts[:len(c)] = a, c
+    return aucs, counts
+
+
 def _subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if not limit or len(idx) <= limit:
         return idx
     return np.sort(np.random.default_rng(seed).choice(idx, limit, replace=False))
 
 
+def validation_as_test(data: EvalData) -> EvalData:
+    """The data with the validation share in place of the test period (choosing settings without
+    ever scoring the test period); co-visitation then counts events before ``fit_ts`` only."""
+    return replace(data, test=data.valid, test_users=data.valid_users, split_ts=data.fit_ts,
+                   info=data.info | {"scored": "validation share [fit_ts, split_ts)"})
+
+
+def seeds_of(cfg: EvalConfig) -> list[int]:
+    """Training seeds of the neural models: ``train.seed`` alone, or ``train.seed + 1 .. + seeds``."""
+    return [cfg.train.seed] if cfg.seeds <= 0 else [cfg.train.seed + k for k in range(1, cfg.seeds + 1)]
+
+
+def _mean(vals: list) -> float | None:
+    return None if not vals or any(v is None for v in vals) else float(np.mean(vals))
+
+
+def _sd(vals: list) -> float | None:
+    return None if not vals or any(v is None for v in vals) else float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def _statistics(outs: list[ModelOutput], cases: TestCases, k: int) -> dict:
+    """Bootstrap statistics (user weights [U] → figure, mean over seeds) of one model's outputs."""
+    stats = {}
+    ranks = [o.ranks for o in outs if o.ranks is not None]
+    probs = [o.probs for o in outs if o.probs is not None]
+    if ranks:
+        stats[f"hr@{k}"] = lambda w: _mean([hit_rate(r, k, w[cases.ret_users]) for r in ranks])
+        nov = ~cases.repeat
+        stats[f"hr@{k}_novel"] = lambda w: _mean([hit_rate(r[nov], k, w[cases.ret_users[nov]]) for r in ranks])
+    if probs and len(cases.conv):
+        groups = [_group_aucs(p, cases) for p in probs]
+        stats["auc"] = lambda w: _mean([weighted_auc(cases.labels, p, w[cases.conv_users]) for p in probs])
+        stats["gauc"] = lambda w: _mean([gauc_of(a, c, w) for a, c in groups])
+    return stats
+
+
+COMPARISONS = (("auc", "tga", "din", "diff"), ("gauc", "tga", "din", "diff"), ("hr@10", "tga", "repeat", "ratio"),
+               ("hr@10", "tga", "sasrec_copy", "ratio"), ("hr@10_novel", "tga", "covisit", "diff"),
+               ("hr@10", "tga", "repeat_covisit", "ratio"))
+"""Paired comparisons reported when both models ran: (metric, a, b, a - b or a / b)."""
+
+
+def _combine(a, b, op: str) -> float | None:
+    if a is None or b is None:
+        return None
+    if op == "diff":
+        return a - b
+    return a / b if b > 0 else None
+
+
+def summarise(outputs: dict[str, list[ModelOutput]], cases: TestCases, cfg: EvalConfig, seeds: list[int]
+              ) -> tuple[dict, dict]:
+    """Per model: seed means at the top level, ``sd``, per-seed rows under ``seeds`` and user-bootstrap
+    95% intervals under ``ci``; plus the paired comparisons (same resampled users for both models)."""
+    weights = (bootstrap_user_weights(np.arange(cases.n_users), cfg.bootstrap, cfg.train.seed)
+               if cfg.bootstrap else np.zeros((0, cases.n_users)))
+    models, stats = {}, {}
+    for name, outs in outputs.items():
+        rows = [o.row for o in outs]
+        m = _empty_row() | {key: _mean([r[key] for r in rows]) for key in SEED_METRICS}
+        for key in ("params", "train_samples_per_s", "epochs", "best_epoch", "train_seconds"):
+            if rows[0].get(key) is not None:
+                m[key] = rows[0][key] if key == "params" else _mean([r[key] for r in rows])
+        m["sd"] = {key: _sd([r[key] for r in rows]) for key in SEED_METRICS if m[key] is not None}
+        stats[name] = _statistics(outs, cases, cfg.k)
+        m["ci"] = {key: bootstrap_interval(f, weights) for key, f in stats[name].items()} if len(weights) else {}
+        m["seeds"] = [{"seed": s} | {key: r[key] for key in SEED_METRICS if r.get(key) is not None}
+                      | {key: r[key] for key in ("best_epoch", "valid_history") if key in r}
+                      for s, r in zip(seeds if name in NEURAL else [None], rows)]
+        models[name] = m
+    comparisons = {}
+    for key, a, b, op in COMPARISONS:
+        if key in stats.get(a, {}) and key in stats.get(b, {}):
+            fa, fb = stats[a][key], stats[b][key]
+            label = f"{key}: {a} {'-' if op == 'diff' else '/'} {b}"
+            ci = (bootstrap_interval(lambda w: _combine(fa(w), fb(w), op), weights) if len(weights) else None)
+            comparisons[label] = {"value": _combine(models[a][key], models[b][key], op), "ci": ci,
+                                  "paired": "same resampled users for both models"}
+    return models, comparisons
+
+
 def run(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) -> dict:
-    """Build the split, train and test every model; returns the JSON-ready result."""
+    """Build the split, train and test every model (neural ones on every seed); JSON-ready result."""
     cfg.validate()
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = build_data(events, cfg, progress)
+    if cfg.on_validation:
+        data = validation_as_test(data)
     test_ret = _subsample(np.flatnonzero(data.test.kind == RETRIEVAL), cfg.max_test_cases, cfg.train.seed)
     test_conv = _subsample(np.flatnonzero(data.test.kind == CONVERSION), cfg.max_test_cases, cfg.train.seed)
-    buy = data.test.target_behavior[test_ret] == BUY
+    cases = TestCases.of(data, test_ret, test_conv)
+    seeds = seeds_of(cfg)
     if progress:
         print(f"{data.info['events']:,} events, {data.info['users']:,} users, {data.info['items']:,} items; "
               f"train {data.info['train_samples']:,} / valid {data.info['valid_samples']:,} samples; test: "
-              f"{len(test_ret):,} next events ({int(buy.sum())} buys), {len(test_conv):,} clicks "
-              f"({int((data.test.label[test_conv] > 0).sum())} bought); device {device}", flush=True)
-    models: dict[str, dict] = {}
+              f"{len(test_ret):,} next events ({int(cases.buy.sum())} buys, {int(cases.repeat.sum())} repeats), "
+              f"{len(test_conv):,} clicks ({int((cases.labels > 0).sum())} bought); seeds {seeds}; device {device}",
+              flush=True)
+    outputs: dict[str, list[ModelOutput]] = {}
     for name in cfg.models:
         t1 = time.perf_counter()
         if name in NEURAL:
-            models[name] = evaluate_neural(name, cfg, data, device, test_ret, test_conv, progress)
+            outputs[name] = [evaluate_neural(name, cfg, data, device, cases, s, progress) for s in seeds]
         else:
-            row = _empty_row()
-            ranks = (popularity_ranks(data, test_ret, cfg.pop_window_s) if name == "pop"
-                     else repeat_ranks(data, test_ret))
-            row.update(_ranking_row(ranks, buy, cfg.k))
-            models[name] = row
+            outputs[name] = [baseline_output(name, cfg, data, cases)]
         if progress:
             print(f"  {name}: done in {time.perf_counter() - t1:.1f}s", flush=True)
+    models, comparisons = summarise(outputs, cases, cfg, seeds)
     return {
         "models": models,
-        "test_cases": {"retrieval": int(len(test_ret)), "buy": int(buy.sum()), "conversion": int(len(test_conv))},
-        "data": {**data.info, "conversion_positives": int((data.test.label[test_conv] > 0).sum())},
+        "comparisons": comparisons,
+        "test_cases": cases.counts(),
+        "seeds": seeds,
+        "data": {**data.info, "conversion_positives": int((cases.labels > 0).sum())},
         "config": _jsonable(asdict(cfg)) | {"device": str(device)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -384,49 +587,113 @@ def _jsonable(d: dict) -> dict:
 # -- reporting ----------------------------------------------------------------------------------
 
 
+def _cell(m: dict, key: str, ci: bool = False) -> str:
+    """``mean`` (± sd when several seeds) and ``[lo, hi]`` (the 95% interval) of one figure."""
+    v = m.get(key)
+    if v is None:
+        return "-"
+    text = f"{v:.3f}"
+    sd = m.get("sd", {}).get(key)
+    if sd and len(m.get("seeds", [])) > 1:
+        text += f"±{sd:.3f}"
+    if ci and m.get("ci", {}).get(key):
+        lo, hi = m["ci"][key]
+        text += f" [{lo:.3f},{hi:.3f}]"
+    return text
+
+
 def format_table(result: dict) -> str:
-    """The results as a fixed-width text table (one row per model)."""
-    cols = [("model", "{}"), ("auc", "{:.4f}"), ("logloss", "{:.4f}"), ("hr@10", "{:.4f}"), ("ndcg@10", "{:.4f}"),
-            ("mrr", "{:.4f}"), ("buy_hr@10", "{:.4f}"), ("buy_ndcg@10", "{:.4f}"),
-            ("train_samples_per_s", "{:,.0f}"), ("params", "{:,}")]
-    header = ["model", "AUC", "logloss", "HR@10", "NDCG@10", "MRR", "buy HR@10", "buy NDCG@10", "train samples/s", "params"]
-    rows = [header]
+    """The results as a fixed-width text table (one row per model: seed mean ± sd [95% interval]),
+    then the paired comparisons and the case counts."""
+    cols = [("auc", "AUC", True), ("gauc", "GAUC", True), ("hr@10", "HR@10", True), ("hr@10_repeat", "HR@10 rep", False),
+            ("hr@10_novel", "HR@10 novel", True), ("buy_hr@10", "buy HR@10", False), ("ndcg@10", "NDCG@10", False),
+            ("mrr", "MRR", False)]
+    rows = [["model"] + [c[1] for c in cols] + ["params"]]
     for name, m in result["models"].items():
-        rows.append([name] + [("-" if m.get(k) is None else f.format(m[k])) for k, f in cols[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        rows.append([name] + [_cell(m, key, ci) for key, _, ci in cols]
+                    + ["-" if m.get("params") is None else f"{m['params']:,}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    for label, c in result.get("comparisons", {}).items():
+        ci = "" if not c["ci"] else f"  95% paired interval [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
+        lines.append(f"{label}: {'-' if c['value'] is None else format(c['value'], '.3f')}{ci}")
     tc = result["test_cases"]
-    lines.append(f"test cases: {tc['retrieval']:,} next events (full ranking over {result['data']['items']:,} items), "
+    seeds = result.get("seeds", [])
+    lines.append(f"test cases: {tc['retrieval']:,} next events (full ranking over {result['data']['items']:,} items; "
+                 f"{tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets), "
                  f"{tc['buy']:,} buy targets, {tc['conversion']:,} conversion clicks "
-                 f"({result['data']['conversion_positives']:,} bought)")
+                 f"({result['data']['conversion_positives']:,} bought) of {tc.get('users', 0):,} users; "
+                 f"neural models: mean ± sd over seeds {seeds}; [95% user-bootstrap interval]")
     return "\n".join(lines)
 
 
+def format_markdown(result: dict) -> str:
+    """README-ready Markdown: one row per model (seed mean ± sd, 95% interval below the figure
+    where there is one), the paired comparisons, and the case counts."""
+    cols = [("auc", "conversion AUC"), ("gauc", "GAUC"), ("hr@10", "HR@10"), ("hr@10_repeat", "HR@10 repeat"),
+            ("hr@10_novel", "HR@10 novel"), ("buy_hr@10", "HR@10 buys"), ("ndcg@10", "NDCG@10"), ("mrr", "MRR")]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, m in result["models"].items():
+        cells = []
+        for key, _ in cols:
+            if m.get(key) is None:
+                cells.append("–")
+                continue
+            text = f"{m[key]:.3f}"
+            sd = m.get("sd", {}).get(key)
+            if sd and len(m.get("seeds", [])) > 1:
+                text += f" ± {sd:.3f}"
+            ci = m.get("ci", {}).get(key)
+            if ci:
+                text += f"<br>[{ci[0]:.3f}, {ci[1]:.3f}]"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("comparisons"):
+        lines += ["", "| paired comparison (same resampled users) | value | 95% interval |", "|---|---:|---:|"]
+        for label, c in result["comparisons"].items():
+            v = "–" if c["value"] is None else f"{c['value']:.3f}"
+            ci = "–" if not c["ci"] else f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]"
+            lines.append(f"| {label} | {v} | {ci} |")
+    tc = result["test_cases"]
+    lines += ["", f"{tc['retrieval']:,} next events ranked over {result['data']['items']:,} items "
+              f"({tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets, "
+              f"{tc['buy']:,} buys); {tc['conversion']:,} conversion clicks ({result['data']['conversion_positives']:,} "
+              f"bought) of {tc.get('users', 0):,} users. Neural models: mean ± sd over seeds {result.get('seeds')}; "
+              f"[95% user-bootstrap interval, {result['config'].get('bootstrap')} resamples]."]
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path) -> None:
-    """Metrics of every model side by side (one panel per metric) as a PNG."""
+    """Metrics of every model side by side (one panel per metric, 95% intervals as error bars) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("hr@10", "HR@10 (all next events)"), ("ndcg@10", "NDCG@10"), ("buy_hr@10", "HR@10 (buy targets)"),
-               ("auc", "conversion AUC")]
+    metrics = [("hr@10", "HR@10 (all next events)"), ("hr@10_novel", "HR@10 (novel targets)"),
+               ("buy_hr@10", "HR@10 (buy targets)"), ("auc", "conversion AUC"), ("gauc", "conversion GAUC")]
     names = list(result["models"])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.8))
     for ax, (key, title) in zip(axes, metrics):
-        vals = [result["models"][n].get(key) for n in names]
-        xs = [i for i, v in enumerate(vals) if v is not None]
-        bars = ax.bar([names[i] for i in xs], [vals[i] for i in xs],
+        ms = [result["models"][n] for n in names]
+        xs = [i for i, m in enumerate(ms) if m.get(key) is not None]
+        vals = [ms[i][key] for i in xs]
+        err = np.zeros((2, len(xs)))
+        for j, i in enumerate(xs):
+            ci = ms[i].get("ci", {}).get(key)
+            if ci:
+                err[:, j] = [max(vals[j] - ci[0], 0.0), max(ci[1] - vals[j], 0.0)]
+        bars = ax.bar([names[i] for i in xs], vals, yerr=err, capsize=3,
                       color=["tab:red" if names[i].startswith("tga") else "tab:gray" for i in xs])
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, label_type="center")
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
-        if key == "auc":
-            ax.set_ylim(0.4, 1.0)
+        if key in ("auc", "gauc"):
+            ax.set_ylim(0.3, 0.9)
     tc = result["test_cases"]
-    fig.suptitle(f"time-ordered split: {tc['retrieval']:,} next events, {tc['buy']} buys, "
-                 f"{tc['conversion']:,} conversion clicks", fontsize=10)
+    fig.suptitle(f"time-ordered split: {tc['retrieval']:,} next events, {tc['buy']} buys, {tc['conversion']:,} "
+                 f"conversion clicks; seeds {result.get('seeds')}; bars 95% user-bootstrap intervals", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

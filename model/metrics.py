@@ -70,3 +70,84 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float |
     y = np.asarray(labels, dtype=np.float64)
     val = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
     return float(val) if math.isfinite(val) else None
+
+
+# -- per-user figures and bootstrap intervals ---------------------------------------------------
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """ROC AUC where case i counts ``weights[i]`` times (a bootstrap resample's multiplicities);
+    ties count half, as in :func:`auc`. None without positive weight on both classes."""
+    y = np.asarray(labels) > 0.5
+    s = np.asarray(scores, dtype=np.float64)
+    w = np.ones(len(s)) if weights is None else np.asarray(weights, dtype=np.float64)
+    _, group = np.unique(s, return_inverse=True)  # tie groups in ascending score order
+    pos = np.bincount(group, weights=w * y)  # [G] positive weight per tie group
+    neg = np.bincount(group, weights=w * ~y)  # [G]
+    w_pos, w_neg = pos.sum(), neg.sum()
+    if w_pos <= 0 or w_neg <= 0:
+        return None
+    below = np.cumsum(neg) - neg  # negative weight strictly below each group
+    return float((pos * (below + neg / 2.0)).sum() / (w_pos * w_neg))
+
+
+def group_aucs(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group (per-user) AUC [U] (NaN where a group lacks one class) and case count [U] of
+    groups coded 0..U-1. Computed once, so a bootstrap of :func:`gauc` is a weighted mean."""
+    y = np.asarray(labels) > 0.5
+    s = np.asarray(scores, dtype=np.float64)
+    g = np.asarray(groups, dtype=np.int64)
+    n = int(g.max()) + 1 if len(g) else 0
+    aucs, counts = np.full(n, np.nan), np.bincount(g, minlength=n).astype(np.float64)
+    order = np.argsort(g, kind="mergesort")
+    for part in np.split(order, np.flatnonzero(np.diff(g[order])) + 1):
+        if len(part):
+            a = auc(y[part], s[part])
+            aucs[g[part[0]]] = np.nan if a is None else a
+    return aucs, counts
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, weights: np.ndarray | None = None
+         ) -> float | None:
+    """Group AUC: the AUC of each group (user, coded 0..U-1) that has both classes, averaged with
+    weight = the group's case count (its clicks) × its bootstrap multiplicity ``weights[g]``
+    (default 1). It ranks a user's clicks against the same user's clicks only, so it ignores how
+    well a model orders users by their base rate. None when no group has both classes."""
+    return gauc_of(*group_aucs(labels, scores, groups), weights)
+
+
+def gauc_of(aucs: np.ndarray, counts: np.ndarray, weights: np.ndarray | None = None) -> float | None:
+    """GAUC from :func:`group_aucs`' output, each group weighted by counts × ``weights``."""
+    w = counts * (1.0 if weights is None else np.asarray(weights, dtype=np.float64))
+    w = np.where(np.isnan(aucs), 0.0, w)
+    return float((w * np.nan_to_num(aucs)).sum() / w.sum()) if w.sum() > 0 else None
+
+
+def hit_rate(ranks: np.ndarray, k: int = 10, weights: np.ndarray | None = None) -> float | None:
+    """HR@k of 1-based mid-ranks with case multiplicities ``weights`` (None without cases)."""
+    hit = np.asarray(ranks, dtype=np.float64) <= k
+    w = np.ones(len(hit)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return float((w * hit).sum() / w.sum()) if w.sum() > 0 else None
+
+
+def bootstrap_user_weights(groups: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """Multiplicities [R, U] of the U distinct ``groups`` (users, coded 0..U-1) in ``resamples``
+    bootstrap draws of U users with replacement (seeded). A case's weight in draw r is
+    ``out[r, groups[case]]``: resampling users keeps each user's cases together, so the interval
+    reflects that cases of one user are not independent."""
+    n_users = int(np.max(groups)) + 1 if len(groups) else 0
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, max(n_users, 1), size=(resamples, n_users))  # [R, U]
+    return np.stack([np.bincount(d, minlength=n_users) for d in draws]).astype(np.float64) if n_users else \
+        np.zeros((resamples, 0))
+
+
+def bootstrap_interval(statistic, user_weights: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """Percentile interval of ``statistic(w)`` over the rows ``w`` [U] of ``user_weights`` [R, U]
+    (see :func:`bootstrap_user_weights`); draws where the statistic is undefined (None) are
+    skipped. Paired intervals come from a statistic that compares two models on the same ``w``."""
+    vals = [v for v in (statistic(w) for w in user_weights) if v is not None and math.isfinite(v)]
+    if not vals:
+        return None
+    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]

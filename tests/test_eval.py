@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from tgastream.model.config import TrainConfig
-from tgastream.model.evaluation import METRIC_KEYS, EvalConfig, build_data, repeat_ranks, run
+from tgastream.model.covisit import Covisitation, CovisitConfig, rank_from_scores, repeat_covisit_scores
+from tgastream.model.evaluation import (METRIC_KEYS, EvalConfig, build_data, covisit_ranks, covisitation_of,
+                                        repeat_ranks, run, seeds_of)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 from tgastream.stream.cli import main
 from tgastream.core.events import load_events
@@ -28,7 +30,8 @@ def log(tmp_path_factory) -> Path:
     return path
 
 
-TINY = EvalConfig(dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128), eval_batch=256)
+TINY = EvalConfig(dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128), eval_batch=256,
+                  models=("tga", "sasrec", "din", "pop", "repeat", "covisit", "repeat_covisit"), bootstrap=50)
 
 
 def test_split_uses_only_the_past_for_training(log):
@@ -48,24 +51,43 @@ def test_split_uses_only_the_past_for_training(log):
 
 def test_eval_json_has_the_agreed_keys(log):
     result = run(load_events(log), TINY, progress=False)
-    assert set(result["models"]) == {"tga", "sasrec", "din", "pop", "repeat"}
+    assert set(result["models"]) == {"tga", "sasrec", "din", "pop", "repeat", "covisit", "repeat_covisit"}
     for name, m in result["models"].items():
         assert set(METRIC_KEYS) <= set(m), name
-    assert set(result["test_cases"]) == {"retrieval", "buy", "conversion"}
+        assert {"ci", "sd", "seeds"} <= set(m), name
+    assert {"retrieval", "buy", "conversion", "retrieval_repeat", "retrieval_novel", "users"} <= set(result["test_cases"])
+    tc = result["test_cases"]
+    assert tc["retrieval_repeat"] + tc["retrieval_novel"] == tc["retrieval"]
     assert result["models"]["din"]["hr@10"] is None and result["models"]["pop"]["auc"] is None
     assert result["models"]["tga"]["params"] > 0 and result["models"]["tga"]["train_samples_per_s"] > 0
-    for key in ("hr@10", "ndcg@10", "mrr"):
+    for key in ("hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr"):
         assert 0.0 <= result["models"]["tga"][key] <= 1.0
+    assert result["models"]["repeat"]["hr@10_novel"] == 0.0  # repeat-recent can't name an item the user never saw
+    lo, hi = result["models"]["repeat"]["ci"]["hr@10"]
+    assert lo <= result["models"]["repeat"]["hr@10"] <= hi
+    assert "auc: tga - din" in result["comparisons"] and "hr@10: tga / repeat" in result["comparisons"]
     json.dumps(result)  # serialisable as is
+
+
+def test_seeds_average_neural_models_and_keep_each_seed(log):
+    cfg = EvalConfig(dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128, seed=5), eval_batch=256,
+                     models=("tga", "repeat"), seeds=2, bootstrap=20)
+    assert seeds_of(cfg) == [6, 7] and seeds_of(EvalConfig(train=TrainConfig(seed=5))) == [5]
+    result = run(load_events(log), cfg, progress=False)
+    tga = result["models"]["tga"]
+    assert [s["seed"] for s in tga["seeds"]] == [6, 7] and len(result["models"]["repeat"]["seeds"]) == 1
+    assert tga["hr@10"] == pytest.approx(np.mean([s["hr@10"] for s in tga["seeds"]]))
+    assert tga["sd"]["hr@10"] == pytest.approx(np.std([s["hr@10"] for s in tga["seeds"]], ddof=1))
 
 
 def test_eval_command_writes_json_and_png(log, tmp_path):
     out = tmp_path / "res.json"
-    rc = main(["eval", str(log), "--epochs", "1", "--dim", "16", "--layers", "1", "--models", "tga,pop,repeat",
-               "--json", str(out), "--quiet"])
+    rc = main(["eval", str(log), "--epochs", "1", "--dim", "16", "--layers", "1", "--models", "tga,pop,repeat,covisit",
+               "--seeds", "1", "--bootstrap", "20", "--json", str(out), "--quiet"])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert set(result["models"]) == {"tga", "pop", "repeat"} and out.with_suffix(".png").stat().st_size > 0
+    assert set(result["models"]) == {"tga", "pop", "repeat", "covisit"} and out.with_suffix(".png").stat().st_size > 0
+    assert result["seeds"] == [1] and result["models"]["tga"]["ci"]["hr@10"] is not None
 
 
 def test_eval_rejects_an_unknown_model(log, capsys):
@@ -81,3 +103,54 @@ def test_repeat_recent_reproduces_the_reference_figure():
     buy = data.test.target_behavior[idx] == 3
     assert len(idx) == 2000 and int(buy.sum()) == 42
     assert (ranks <= 10).mean() == pytest.approx(0.1325) and (ranks[buy] <= 10).mean() == pytest.approx(15 / 42)
+
+
+def test_covisitation_counts_next_items_and_votes_from_recent_items():
+    cv = Covisitation(CovisitConfig(window=2, recent=2, decay=0.5)).fit([[1, 2, 3], [1, 2], [2, 4], [3, 3, 5]])
+    assert dict(cv.next[1]) == {2: 2.0, 3: 0.5}  # 1 → 2 twice (next), 1 → 3 once at distance 2
+    assert 3 not in cv.next[3]  # no self-transition
+    s = cv.scores([9, 1, 2])  # newest 2 (weight 1): 3, 4; then 1 (weight 0.5): 2, 3
+    assert s[3] == pytest.approx(1.0 + 0.25) and s[4] == pytest.approx(1.0) and s[2] == pytest.approx(1.0)
+    assert 5 not in s  # 9 is beyond `recent` and has no counts anyway
+
+
+def test_repeat_covisit_puts_own_items_first_then_covisitation():
+    cv = Covisitation(CovisitConfig(window=1)).fit([[1, 7], [1, 7], [2, 8]])
+    s = repeat_covisit_scores([2, 1], cv)  # own items: 1 (newest) then 2; then 7 (from 1), 8 (from 2)
+    ranked = sorted(s, key=s.get, reverse=True)
+    assert ranked[:2] == [1, 2] and set(ranked[2:]) == {7, 8} and s[7] > s[8]
+
+
+def test_rank_from_scores_is_a_full_catalogue_mid_rank():
+    scores = {1: 3.0, 2: 1.0, 3: 1.0}
+    assert rank_from_scores(scores, 1, 100, True) == 1.0
+    assert rank_from_scores(scores, 2, 100, True) == 2.5  # tied with 3
+    assert rank_from_scores(scores, 50, 100, True) == 1.0 + 3 + (100 - 3 - 1) / 2  # unscored: tied with 96 others
+    assert rank_from_scores(scores, 50, 100, False) == 101.0  # not a candidate yet: a miss
+    assert rank_from_scores(scores, 2, 100, True, is_candidate=lambda k: k != 1) == 1.5  # 1 is not a candidate
+
+
+def test_covisitation_baseline_learns_only_from_the_training_period(log):
+    events = load_events(log)
+    data = build_data(events, TINY, progress=False)
+    cv = covisitation_of(data, CovisitConfig())
+    late = {int(k) for k in data.event_keys[data.event_ts >= data.split_ts]} - \
+        {int(k) for k in data.event_keys[data.event_ts < data.split_ts]}
+    assert late and not late & set(cv.next)  # items first seen in the test period vote for nothing
+    idx = np.flatnonzero(data.test.kind == RETRIEVAL)
+    ranks = covisit_ranks(data, idx, cv)
+    blend = covisit_ranks(data, idx, cv, blend=True)
+    assert len(ranks) == len(idx) and (ranks >= 1).all()
+    repeat = repeat_ranks(data, idx)
+    hit = repeat <= 10
+    assert (blend[hit] == repeat[hit]).all()  # the blend keeps repeat-recent's own-item order on top
+
+
+def test_on_validation_scores_the_validation_share_and_never_the_test_period(log):
+    events = load_events(log)
+    cfg = EvalConfig(models=("repeat", "covisit"), bootstrap=0, on_validation=True)
+    data = build_data(events, cfg, progress=False)
+    result = run(events, cfg, progress=False)
+    assert result["data"]["scored"].startswith("validation")
+    assert result["test_cases"]["retrieval"] == int((data.valid.kind == RETRIEVAL).sum())
+    assert result["test_cases"]["conversion"] == int((data.valid.kind == CONVERSION).sum())

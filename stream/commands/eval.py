@@ -8,13 +8,23 @@ from pathlib import Path
 
 from tgastream.core.settings import Settings
 
-HELP = "offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular and repeat-recent"
+HELP = ("offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular, repeat-recent and "
+        "co-visitation, seed means with user-bootstrap intervals")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", type=Path, help="behavior log (Taobao CSV, JSON lines or RetailRocket events.csv)")
-    p.add_argument("--models", default="tga,sasrec,din,pop,repeat",
-                   help="comma-separated models (also: tga_nocopy, sasrec_copy ablations) (default: %(default)s)")
+    p.add_argument("--models", default="tga,sasrec,sasrec_copy,din,pop,repeat,covisit,repeat_covisit",
+                   help="comma-separated models (also: covisit, repeat_covisit baselines; tga_nocopy, sasrec_copy ablations) "
+                        "(default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="train every neural model on seeds SEED+1 .. SEED+N and report mean ± sd (default: 0 = one run on SEED)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="user-bootstrap resamples for the 95%% intervals, 0 = none (default: %(default)s)")
+    p.add_argument("--on-validation", action="store_true",
+                   help="score the validation share instead of the test period (to choose settings; fixed epochs)")
+    p.add_argument("--conversion-weight", type=float, default=None,
+                   help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
@@ -38,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.model.config import TrainConfig
-    from tgastream.model.evaluation import EvalConfig, format_table, plot, run as run_eval
+    from tgastream.model.evaluation import EvalConfig, format_markdown, format_table, plot, run as run_eval
     from tgastream.core.errors import CommandError
     from tgastream.core.events import load_events
 
@@ -58,6 +68,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                               seed=settings.seed if args.seed is None else args.seed,
                               max_train_samples=args.max_train_samples),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
+            seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
+            model_overrides=(() if args.conversion_weight is None else (("conversion_weight", args.conversion_weight),)),
         ).validate()
         if cfg.dim % cfg.heads:
             raise ValueError(f"dim ({cfg.dim}) must be divisible by heads ({cfg.heads})")
@@ -69,7 +81,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        args.json.with_suffix(".md").write_text(format_markdown(result))
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     png = args.png or (args.json.with_suffix(".png") if args.json else Path("eval.png"))
     plot(result, png)
     print(f"wrote {png}  (total {result['seconds']:.0f}s)")
