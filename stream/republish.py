@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 class Published:
     """Vectors published so far, each with its model version, oldest publish first."""
 
-    capacity: int = 200_000
+    capacity: int = 50_000  # of users and of items; a user's entry holds its context (~1 KB at 50 nodes)
     users: OrderedDict[str, tuple[int, bytes, float]] = field(default_factory=OrderedDict)  # → version, context, event ts
     items: OrderedDict[str, tuple[int, str]] = field(default_factory=OrderedDict)  # → version, category
 
