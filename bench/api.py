@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tgastream.core.settings import Settings
+from tgastream.bench.report import write_json
 
 HELP = "the HTTP API under load: p50/p99 per route, errors, requests/s, while the store and model change"
 
@@ -396,9 +396,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"server's own count (/metrics) of /v1 answers: "
           f"{', '.join(f'{k} {v:,}' for k, v in server_counts.items()) or 'unavailable'}"
           f"{'' if server_counts == dict(answered) else f' (client received: {dict(sorted(answered.items()))})'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     if stats.error:
         print(f"error: the writer failed: {stats.error}", file=sys.stderr)
         return 1

@@ -9,10 +9,10 @@ newest event behind it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tgastream.core.settings import Settings
+from tgastream.bench.report import write_json
 
 HELP = "event-to-embedding freshness (p50/p99) at a sustained replay rate, worker + trainer"
 
@@ -57,7 +57,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{args.rate:>8.0f} {result['events']:>8,} {result['achieved_events_per_s']:>11,.0f} "
           f"{(result['freshness_p50_s'] or float('nan')):>9.2f}s {(result['freshness_p99_s'] or float('nan')):>9.2f}s "
           f"{result['trainer_samples_per_s']:>18,.0f} {'–' if share is None else f'{share:.0%}':>8}  {result['device']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0

@@ -10,11 +10,11 @@ step's worth), and top-k latency (p50/p99), all in one process, side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from tgastream.core.settings import Settings
+from tgastream.bench.report import write_json
 
 HELP = "item index of an API replica: build, in-place updates and top-k latency at 100k and 1M items"
 
@@ -74,7 +74,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for r in rows:
         print(f"{r['items']:>10,} {r['dim']:>4} {r['build_s']:>8.2f} {r['build_items_per_s']:>10,} "
               f"{r['update_10k_ms']:>15.1f} {r['topk_p50_ms']:>13.2f} {r['topk_p99_ms']:>13.2f} {r['matrix_mb']:>10.1f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "k": args.k, "queries": args.queries}, indent=2) + "\n")
+    write_json(args.json, {"rows": rows, "k": args.k, "queries": args.queries})
     return 0

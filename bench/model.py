@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from tgastream.core.settings import Settings
+from tgastream.bench.report import write_json
 
 HELP = "TGA vs SASRec: train samples/s, inference latency, peak memory by sequence length; refresh cost"
 
@@ -328,9 +329,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     result["ratios"] = _ratios(result["rows"])
     print(format_tables(result))
     print(f"total {result['seconds']:.0f}s")
+    write_json(args.json, result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -17,7 +17,6 @@ Every retrieval row is ranked over the whole catalogue the learner holds (no sam
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from itertools import islice
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tgastream.core.settings import Settings
+from tgastream.bench.report import write_json
 
 HELP = "online vs frozen model (and repeat-recent), prequential HR@10 and AUC over time (synthetic drift or --data FILE)"
 
@@ -213,9 +213,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     png = args.out / "online_vs_frozen.png"
     _plot(result, png, f"Prequential quality after {after}: {source}")
     print(f"plot: {png}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

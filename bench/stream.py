@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tgastream.core.settings import Settings
+from tgastream.bench.report import write_json
 
 HELP = "events/s of a stream worker vs. a per-event faust table agent and a bare faust take() agent"
 
@@ -113,9 +114,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for v, rs in runs.items():
         report["variants"][v]["runs_events_per_s"] = [round(r.events_per_s, 1) for r in rs]
     print(render(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     return 0
 
 
