@@ -1,0 +1,293 @@
+"""Continuous training you can trust: shadow evaluation, the guard, rollback and the registry, as
+the few hooks the trainer calls (stream/trainer.py) and the guard benchmark drives in-process.
+
+- :meth:`Guardrails.start`: after the trainer restored its checkpoint: baseline = the last good
+  version; a pinned version, a restored version marked bad, or a rollback in force are honoured.
+- :meth:`Guardrails.before_learn`: the step's new samples, before the optimizer step: the shadow
+  scores online, baseline and repeat-recent on the same share of them.
+- :meth:`Guardrails.after_step`: the decision: a hand pin, the guard (online below the baseline by
+  the margin, beyond chance) → rollback; a window held up → candidates become good (and the newest
+  good becomes the baseline), a rolled-back trainer goes live again. Returns what happened.
+- :meth:`Guardrails.after_checkpoint`: the checkpoint becomes a candidate version in the registry.
+- :attr:`Guardrails.serving`: the model to publish from: the online learner when live, the good
+  (or pinned) model while rolled back or pinned.
+
+With several trainer ranks the decision must be one: ``agree(local_trip) -> trip`` is called with
+this rank's verdict and must return the collective one (e.g. an all-reduce of "any rank trips");
+the default is the identity (one rank).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tgastream.model.guard import GuardConfig, Verdict, decide
+from tgastream.model.online import OnlineLearner, Reservoir
+from tgastream.model.prequential import RollingMetrics
+from tgastream.model.inference import load_model
+from tgastream.model.rollback import rollback_learner
+from tgastream.model.shadow import Shadow, ShadowConfig
+from tgastream.state.checkpoint import load_checkpoint
+from tgastream.state.registry import ModelVersion, Registry
+
+log = logging.getLogger("tgastream.guard")
+
+LIVE, PINNED, ROLLED_BACK = "live", "pinned", "rolled_back"
+
+
+@dataclass(frozen=True)
+class GuardrailsConfig:
+    enabled: bool = True
+    guard: GuardConfig = GuardConfig()
+    shadow: ShadowConfig = ShadowConfig()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What :meth:`Guardrails.after_step` did: ``kind`` rollback | pin | recovered | promoted."""
+
+    kind: str
+    version: int | None
+    detail: str = ""
+
+
+def frozen_learner(learner: OnlineLearner, state: dict, version: int) -> OnlineLearner:
+    """An inference-only learner (scores and computes vectors, never learns or assigns rows) from
+    a checkpoint's learner state; ``version`` is what its published vectors carry."""
+    twin = copy.copy(learner)
+    twin.cfg = dataclasses.replace(learner.cfg, train=False)
+    twin.model, twin.rows = load_model(state, learner.model.cfg, learner.device)
+    twin.model.eval()
+    twin.optimizer = None
+    twin.metrics = RollingMetrics(window=learner.cfg.metric_window)
+    twin.reservoir = Reservoir(0)
+    twin.version = version
+    twin.batch_hr = None
+    return twin
+
+
+class Guardrails:
+    """Shadow evaluation, the guard's decision, rollbacks and the registry of one trainer."""
+
+    def __init__(self, cfg: GuardrailsConfig, learner: OnlineLearner, checkpoint_dir: Path,
+                 agree: Callable[[bool], bool] = lambda trip: trip) -> None:
+        self.cfg = cfg
+        self.learner = learner
+        self.dir = Path(checkpoint_dir)
+        self.agree = agree
+        self.shadow = Shadow(cfg.shadow, cfg.guard.window)
+        self.baseline: OnlineLearner | None = None
+        self.state = LIVE
+        self.parent: int | None = None  # the version the next checkpoint descends from
+        self.rollbacks = 0
+        self.last_verdict = Verdict(False)
+        self._scored = 0  # retrieval + conversion cases the shadow scored so far
+        self._candidates: list[tuple[int, int]] = []  # (version, cases scored when it was saved)
+        self._tripped_since_reset = False
+        self._registry_mtime = 0.0
+
+    # -- registry ------------------------------------------------------------------------------
+
+    def registry(self) -> Registry:
+        return Registry.load(self.dir)
+
+    def _load_state(self, v: ModelVersion) -> dict:
+        return load_checkpoint(self.dir / v.file, self.learner.device)["learner"]
+
+    def _set_baseline(self, v: ModelVersion | None, state: dict | None = None) -> None:
+        if v is None:
+            self.baseline = None
+        else:
+            self.baseline = frozen_learner(self.learner, state if state is not None else self._load_state(v), v.version)
+        self.shadow.set_baseline(self.baseline)
+        self._tripped_since_reset = False
+
+    @property
+    def serving(self) -> OnlineLearner:
+        """The learner whose vectors are published now."""
+        return self.baseline if self.state != LIVE and self.baseline is not None else self.learner
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def start(self, restored_version: int | None) -> Event | None:
+        """After the trainer restored (``restored_version``: the checkpoint's learner version, None
+        for a fresh start): baseline, and a pin / bad checkpoint / rollback in force."""
+        self.parent = restored_version
+        if not self.cfg.enabled:
+            return None
+        reg = self.registry()
+        self._registry_mtime = self._mtime()
+        good = reg.last_good()
+        self._set_baseline(good)
+        pinned = reg.pinned()
+        if pinned is not None:
+            return self._pin(pinned, reg)
+        restored = next((v for v in reg.versions if v.version == restored_version), None)
+        if restored is not None and restored.status == "bad" and good is not None:
+            return self._rollback(reg, good, "the restored checkpoint is marked bad")
+        if reg.serving.get("state") == ROLLED_BACK and good is not None and reg.serving.get("version") == good.version:
+            self.state = ROLLED_BACK  # still held: publish from the good model until the online one holds up
+        for v in reg.versions:
+            if v.status == "candidate":
+                self._candidates.append((v.version, 0))
+        return None
+
+    def before_learn(self, samples: list) -> None:
+        """Score the step's new samples (before the online model learns from them)."""
+        if not self.cfg.enabled or not samples:
+            return
+        online = self.shadow.rolling["online"]
+        before = online.retrievals_seen + online.conversions_seen
+        self.shadow.score(samples, self.learner.model, self.learner.rows, self.learner.device)
+        self._scored += online.retrievals_seen + online.conversions_seen - before
+
+    def after_step(self) -> Event | None:
+        """A hand pin, the guard's verdict (rollback) or a window held up (promotion, recovery)."""
+        if not self.cfg.enabled:
+            return None
+        mtime = self._mtime()
+        if mtime != self._registry_mtime:
+            self._registry_mtime = mtime
+            reg = self.registry()
+            pinned = reg.pinned()
+            if pinned is not None and (self.state != PINNED or self.baseline is None
+                                       or self.baseline.version != pinned.version):
+                return self._pin(pinned, reg)
+            if pinned is None and self.state == PINNED:
+                self.state = LIVE  # released by hand
+                reg.set_serving(LIVE, self.learner.version)
+                self._save(reg)
+                return Event("recovered", self.learner.version, "pin released")
+        if self.baseline is None:
+            return self._promote_first()
+        verdict = decide(self.shadow.paired, self.cfg.guard)
+        self.last_verdict = verdict
+        if self.agree(verdict.trip) and self.state != PINNED:
+            reg = self.registry()
+            good = reg.last_good()
+            if good is not None:
+                return self._rollback(reg, good, verdict.reason or "another rank tripped")
+        margin = self.cfg.guard.margin
+        if verdict.evaluable and not verdict.trip and all(d is None or d <= margin / 2 for d in verdict.deficit.values()):
+            return self._held_up()  # well within the margin: a model on its way down is not vouched for
+        return None
+
+    def after_checkpoint(self, path: Path, step: int, metrics: dict) -> ModelVersion | None:
+        """Record the checkpoint just written as a candidate version (parent: the lineage)."""
+        if not self.cfg.enabled:
+            return None
+        reg = self.registry()
+        entry = reg.add(self.learner.version, self.parent, step, Path(path).name, metrics)
+        self._save(reg)
+        if entry.status == "candidate" and not any(v == entry.version for v, _ in self._candidates):
+            self._candidates.append((entry.version, self._scored))
+        self.parent = entry.version
+        return entry
+
+    def protected_files(self) -> set[str]:
+        """Checkpoint files retention must keep (the last good, a pinned one)."""
+        return self.registry().protected_files() if self.cfg.enabled else set()
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def _cases_needed(self) -> int:
+        return self.cfg.guard.min_retrievals
+
+    def _promote_first(self) -> Event | None:
+        """No baseline yet: the oldest candidate that has a window of scored cases after it is
+        the first good version (nothing to compare against: the starting point)."""
+        for version, at in self._candidates:
+            if self._scored - at >= self._cases_needed():
+                reg = self.registry()
+                try:
+                    v = reg.mark(version, "good")
+                except ValueError:
+                    self._candidates = [(x, a) for x, a in self._candidates if x != version]
+                    return None
+                self._candidates = [(x, a) for x, a in self._candidates if x > version]
+                self._save(reg)
+                self._set_baseline(v)
+                log.info("model version %d is good (first baseline)", version)
+                return Event("promoted", version, "first baseline")
+        return None
+
+    def _held_up(self) -> Event | None:
+        """A full window without a trip: candidates saved before it become good (the newest one
+        the baseline); a rolled-back trainer publishes from the online model again."""
+        ready = [(v, at) for v, at in self._candidates if self._scored - at >= self._cases_needed()]
+        event = None
+        if self.state == ROLLED_BACK:
+            self.state = LIVE
+            reg = self.registry()
+            reg.set_serving(LIVE, self.learner.version)
+            self._save(reg)
+            log.info("the online model held up against version %d over a window: publishing from it again",
+                     self.baseline.version if self.baseline else -1)
+            event = Event("recovered", self.learner.version)
+        if ready:
+            reg = self.registry()
+            newest = None
+            for version, _ in ready:
+                try:
+                    newest = reg.mark(version, "good")
+                except ValueError:
+                    continue
+            self._save(reg)
+            done = {v for v, _ in ready}
+            self._candidates = [(v, a) for v, a in self._candidates if v not in done]
+            if newest is not None:
+                self._set_baseline(newest)
+                log.info("model version %d is good (held up over a window); it is the baseline now", newest.version)
+                event = event or Event("promoted", newest.version)
+        return event
+
+    def _rollback(self, reg: Registry, good: ModelVersion, reason: str) -> Event:
+        """Mark the versions since ``good`` bad, put its weights into the online learner, and
+        publish from it until the online model holds up again."""
+        for v in reg.versions:
+            if v.version > good.version and v.status == "candidate":
+                v.status = "bad"
+        self._candidates = []
+        state = self._load_state(good)
+        rollback_learner(self.learner, state)
+        self._set_baseline(good, state)
+        self.state = ROLLED_BACK
+        self.parent = good.version
+        self.rollbacks += 1
+        reg.set_serving(ROLLED_BACK, good.version)
+        self._save(reg)
+        log.warning("rollback %d to model version %d: %s (the online model keeps learning from version %d's "
+                    "weights; vectors come from version %d until it holds up)", self.rollbacks, good.version,
+                    reason, good.version, good.version)
+        return Event("rollback", good.version, reason)
+
+    def _pin(self, pinned: ModelVersion, reg: Registry) -> Event:
+        """A version pinned by hand: its weights into the learner, publish from it until released."""
+        state = self._load_state(pinned)
+        rollback_learner(self.learner, state)
+        self._set_baseline(pinned, state)
+        self.state = PINNED
+        self.parent = pinned.version
+        self._candidates = []
+        reg.set_serving(PINNED, pinned.version)
+        self._save(reg)
+        log.warning("model version %d is pinned by hand: publishing from it", pinned.version)
+        return Event("pin", pinned.version)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _mtime(self) -> float:
+        try:
+            return os.stat(self.dir / "registry.json").st_mtime
+        except OSError:
+            return 0.0
+
+    def _save(self, reg: Registry) -> None:
+        reg.save()
+        self._registry_mtime = self._mtime()
