@@ -196,8 +196,8 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             "trainer_samples": total(tm, "tgastream_trainer_samples_total"),
             "trainer_trained": total(tm, "tgastream_trainer_samples_trained_total"),
             "steps": total(tm, "tgastream_trainer_steps_total"),
-            "hr@10": tm.get("tgastream_online_metric{metric=hr@10}"),
-            "auc": tm.get("tgastream_online_metric{metric=auc}"),
+            "hr@10": tm.get("tgastream_online_metric{metric=hr@10,model=online}"),
+            "auc": tm.get("tgastream_online_metric{metric=auc,model=online}"),
             "freshness_count": tm.get("tgastream_freshness_seconds_count", 0.0),
         }
         series.add(row)

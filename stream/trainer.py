@@ -34,6 +34,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tgastream.model.drift import LossDrift
+from tgastream.model.guardrails import Event, Guardrails
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
 from tgastream.state.graph import UserGraph
@@ -42,6 +43,7 @@ from tgastream.state.serving import (
     ServingStore, VectorRecord, bought_key, bought_value, context_key, item_key, user_key,
 )
 from tgastream.core.settings import Settings
+from tgastream.stream.configs import guardrails_config
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
 from tgastream.stream.replay import make_producer
@@ -88,7 +90,18 @@ class TrainerMetrics:
                                       registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.samples_per_s = Gauge("tgastream_trainer_samples_per_second", "samples/s over the last minute", registry=r)
         self.loss = Gauge("tgastream_trainer_loss", "training loss of the last step", registry=r)
-        self.online = Gauge("tgastream_online_metric", "rolling prequential metric", ["metric"], registry=r)
+        self.online = Gauge("tgastream_online_metric", "rolling prequential metric of the online model, and of the "
+                            "baseline (last good checkpoint) and repeat-recent scored on the same samples",
+                            ["model", "metric"], registry=r)
+        self.rollbacks = Counter("tgastream_trainer_rollbacks", "rollbacks to the last good model (guard trips and pins)",
+                                 registry=r)
+        self.guard_deficit = Gauge("tgastream_guard_deficit", "baseline minus online over the guard's paired window",
+                                   ["metric"], registry=r)
+        self.serving_version = Gauge("tgastream_serving_model_version",
+                                     "model version of the vectors published now (the good one while rolled back)",
+                                     registry=r)
+        self.rolled_back = Gauge("tgastream_model_rolled_back", "1 while publishing from a rolled-back or pinned model",
+                                 registry=r)
         self.model_version = Gauge("tgastream_model_version", "model version (optimizer steps since start of training)", registry=r)
         self.published = Counter("tgastream_embeddings_published", "vectors published", ["kind"], registry=r)
         self.freshness = Histogram("tgastream_freshness_seconds", "event arrival at a worker → its user's vector published",
@@ -171,6 +184,8 @@ class Trainer:
         self.guard = RedeliveryGuard()
         self.published = Published()  # what the re-publish sweep may refresh
         self.drift = LossDrift(settings.drift_delta)
+        self.guardrails = Guardrails(guardrails_config(settings), learner, self.ckpt_dir)  # type: ignore[arg-type]
+        self._restored_version: int | None = None
         self._last_republish = time.monotonic()
         self.trained_log = TrainedLog(self.dir / "trained-samples.log")
         self.rng = random.Random(settings.seed)
@@ -204,6 +219,7 @@ class Trainer:
         self.samples_topic_id = ck.get("samples_topic_id")
         run = ck.get("run", {})
         self.run = TrainerRun(**{k: run[k] for k in TrainerRun.COUNTERS if k in run})
+        self._restored_version = self.learner.version
         log.info("resumed from checkpoint step %d at offsets %s", ck["step"], self.offsets)
         return True
 
@@ -216,8 +232,9 @@ class Trainer:
             "samples_topic_id": self.samples_topic_id,
             # consumed as of the trained offsets: the head's lead is read (and counted) again on a restart
             "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
-        })
+        }, protect=self.guardrails.protected_files())
         self._last_ckpt = time.monotonic()
+        self.guardrails.after_checkpoint(path, self.run.steps, self.learner.online_metrics())
         self.learner.after_checkpoint(self.dir, self.run.steps)
         return path
 
@@ -281,6 +298,7 @@ class Trainer:
         serving = ServingStore(self.dir / "serving")
         self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
         self._check_samples_generation()
+        self._on_guard(self.guardrails.start(self._restored_version))
         head, tps = self._until_connected(lambda: self._consumer(self.head or self.offsets), "the head consumer")
         trainer = None if self.bounded else \
             self._until_connected(lambda: self._consumer(self.offsets)[0], "the training consumer")
@@ -348,7 +366,7 @@ class Trainer:
             self.head[r.partition] = max(self.head.get(r.partition, 0), r.offset + 1)
         if samples:
             # publish → score → learn: vectors go out before any optimizer step on them (fresher)
-            out = self.learner.vectors(samples)
+            out = self._vectors(samples)
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving)
@@ -395,6 +413,7 @@ class Trainer:
         if not samples:
             return
         self.learner.score(samples, score_limit=self.settings.batch_size)
+        self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
         loss = self.learner.learn(samples)
         self.trained_log.append(samples)
         self.run.steps += 1
@@ -410,12 +429,59 @@ class Trainer:
             self.metrics.drift.inc()
             log.warning("drift: the training loss changed at step %d (ADWIN; mean since then %.4f)",
                         self.run.steps, self.drift.mean)
+        event = self._on_guard(self.guardrails.after_step())
         online = self.learner.online_metrics()
         for name, value in online.items():
             if value is not None:
-                self.metrics.online.labels(name).set(value)
+                self.metrics.online.labels("online", name).set(value)
+        shadow = self._note_guard()
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
-                                        "trained": self.run.trained, "loss": loss, "drift": drifted, **online}) + "\n")
+                                        "trained": self.run.trained, "loss": loss, "drift": drifted, **online,
+                                        "serving_version": self.guardrails.serving.version,
+                                        "model_state": self.guardrails.state, "guard_event": event and event.kind,
+                                        "shadow": shadow}) + "\n")
+
+    # -- guardrails (model/guardrails.py decides; these hooks publish and count) ---------------------
+
+    def _vectors(self, samples: list[Sample]) -> StepOutput:
+        """The vectors to publish: the online learner's, or the good model's while rolled back
+        (the online learner still gives the batch's new ids their rows)."""
+        out = self.learner.vectors(samples)
+        serving = self.guardrails.serving
+        return out if serving is self.learner else serving.vectors(samples)
+
+    @property
+    def serving_version(self) -> int:
+        """Model version of what is published now."""
+        return self.guardrails.serving.version
+
+    def _on_guard(self, event: Event | None) -> Event | None:
+        """Count and log what the guardrails did; after a rollback, vectors the bad model
+        published are re-published with the good one first."""
+        if event is None:
+            return None
+        if event.kind in ("rollback", "pin"):
+            self.metrics.rollbacks.inc()
+            self.published.demote(newer_than=event.version if event.version is not None else -1)
+        log.info("guard: %s (version %s) %s", event.kind, event.version, event.detail)
+        return event
+
+    def _note_guard(self) -> dict:
+        """Per-model shadow metrics and the guard's deficits into Prometheus; returns the former."""
+        g = self.guardrails
+        self.metrics.serving_version.set(g.serving.version)
+        self.metrics.rolled_back.set(0 if g.state == "live" else 1)
+        if not g.cfg.enabled:
+            return {}
+        shadow = g.shadow.metrics()
+        for model in ("baseline", "repeat"):
+            for name, value in shadow[model].items():
+                if value is not None:
+                    self.metrics.online.labels(model, name).set(value)
+        for name, value in g.last_verdict.deficit.items():
+            if value is not None:
+                self.metrics.guard_deficit.labels(name).set(value)
+        return shadow
 
     def _note_rate(self, n: int) -> None:
         now = time.monotonic()
@@ -463,7 +529,7 @@ class Trainer:
 
     def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
         now = time.time()
-        version = self.learner.version
+        version = self.serving_version
         users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts) in out.users.items()
                  if u not in out.from_clicks or not _newer_published(serving, u, ev_ts)}
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
@@ -487,13 +553,14 @@ class Trainer:
         if budget < 2:
             return
         self._last_republish = now
-        version = self.learner.version
+        version = self.serving_version
+        model = self.guardrails.serving
         stale_users, stale_items = self.published.stale(version, budget)
         if stale_users or stale_items:
             wall = time.time()
             graphs = {u: (UserGraph.from_bytes(ctx), ts) for u, (ctx, ts) in stale_users.items()}
-            users = {u: VectorRecord(version, ts, wall, vec) for u, (vec, ts) in self.learner.user_vectors_of(graphs).items()}
-            items = {i: VectorRecord(version, wall, wall, vec) for i, vec in self.learner.item_vectors_of(stale_items).items()}
+            users = {u: VectorRecord(version, ts, wall, vec) for u, (vec, ts) in model.user_vectors_of(graphs).items()}
+            items = {i: VectorRecord(version, wall, wall, vec) for i, vec in model.item_vectors_of(stale_items).items()}
             self._send(users, items, {}, {}, producer, serving)
             for u, (ctx, ts) in stale_users.items():
                 self.published.user(u, version, ctx, ts)
@@ -506,7 +573,7 @@ class Trainer:
     def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
               contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore) -> None:
         """Vectors (and bought items, contexts) to the serving store and the embeddings topic."""
-        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.learner.version)
+        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.serving_version)
         topic = self.settings.embeddings_topic  # the changelog of every API replica's serving table
         for u, rec in users.items():
             producer.send(topic, key=user_key(u), value=rec.to_bytes())
@@ -547,7 +614,9 @@ class Trainer:
         return {"samples": self.run.samples, "steps": self.run.steps, "model_version": self.learner.version,
                 "trained": self.run.trained, "trained_share": self.run.trained_share, "backlog": self.backlog(),
                 "replayed": self.run.replayed, "redelivered": self.run.redelivered,
-                "version_lag": self.published.version_lag(self.learner.version),
+                "version_lag": self.published.version_lag(self.serving_version),
+                "serving_version": self.serving_version, "model_state": self.guardrails.state,
+                "rollbacks": self.guardrails.rollbacks,
                 "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,
