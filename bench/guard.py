@@ -42,10 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=5, help="synth and model seed (default: 5)")
     p.add_argument("--warmup", type=float, default=0.4, help="share of the samples before the stretch (default: 0.4)")
     p.add_argument("--stretch", type=float, default=0.25, help="share of the samples poisoned (default: 0.25)")
-    p.add_argument("--poison-share", type=float, default=0.6,
-                   help="share of the stretch's samples with shuffled targets / flipped labels (default: 0.6)")
+    p.add_argument("--poison-share", type=float, default=0.5,
+                   help="share of the stretch's samples with shuffled targets / flipped labels (default: 0.5)")
     p.add_argument("--batch-size", type=int, default=128, help="micro-batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=3e-3, help="online learning rate (default: 0.003)")
+    p.add_argument("--lr", type=float, default=0.05, help="online learning rate: a fast-adapting model, which a poisoned stretch can hurt (default: 0.05)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default: 10)")
     p.add_argument("--eval-share", type=float, default=0.5, help="share of each batch scored for the curves (default: 0.5)")
     p.add_argument("--segments", type=int, default=12, help="points of the over-time curves (default: 12)")

@@ -9,7 +9,8 @@ Two legs, each with a minimum count; either one trips the guard:
   the mean difference exceeds ``margin`` *and* ``z`` standard errors (paired: the case-to-case
   noise the two models share cancels).
 - AUC: conversion clicks, at least ``min_positives`` bought ones (positives are 1–2% of clicks, so
-  a window of a few thousand clicks holds only a few dozen); trips when baseline AUC − online AUC
+  a window of a few thousand clicks holds only a few dozen: the conversion window stretches until
+  it holds twice the minimum, see :class:`PairedWindow`); trips when baseline AUC − online AUC
   exceeds ``margin`` and ``z`` standard errors (Hanley–McNeil's per-model error, combined as if
   independent: conservative, since the pairing only lowers the true error).
 
@@ -55,8 +56,12 @@ class PairedWindow:
     """The latest paired outcomes: retrieval hits and conversion scores of both models."""
 
     window: int = 2000
+    keep_positives: int = 60  # the conversion window stretches until it holds this many bought clicks
     hits: deque = field(default_factory=deque)  # (online hit, baseline hit), 0/1 each
     conversions: deque = field(default_factory=deque)  # (label, online prob, baseline prob)
+    positives: int = 0  # bought clicks in ``conversions``
+
+    MAX_STRETCH = 20
 
     def add(self, online_hits: np.ndarray, baseline_hits: np.ndarray, labels: np.ndarray,
             online_probs: np.ndarray, baseline_probs: np.ndarray) -> None:
@@ -67,12 +72,21 @@ class PairedWindow:
                                     np.asarray(baseline_probs, float).tolist()))
         while len(self.hits) > self.window:
             self.hits.popleft()
+        self.positives += int((np.asarray(labels) > 0.5).sum())
+        # the conversion window: the latest ``window`` clicks, longer while it holds fewer than
+        # ``keep_positives`` bought ones (1-2% of clicks are), at most ``MAX_STRETCH`` × window
         while len(self.conversions) > self.window:
+            oldest_positive = self.conversions[0][0] > 0.5
+            if (self.positives - oldest_positive < self.keep_positives
+                    and len(self.conversions) <= self.MAX_STRETCH * self.window):
+                break
             self.conversions.popleft()
+            self.positives -= oldest_positive
 
     def clear(self) -> None:
         self.hits.clear()
         self.conversions.clear()
+        self.positives = 0
 
 
 def hanley_mcneil_se(a: float, n_pos: int, n_neg: int) -> float:

@@ -81,7 +81,7 @@ class Guardrails:
         self.learner = learner
         self.dir = Path(checkpoint_dir)
         self.agree = agree
-        self.shadow = Shadow(cfg.shadow, cfg.guard.window)
+        self.shadow = Shadow(cfg.shadow, cfg.guard.window, keep_positives=2 * cfg.guard.min_positives)
         self.baseline: OnlineLearner | None = None
         self.state = LIVE
         self.parent: int | None = None  # the version the next checkpoint descends from

@@ -107,12 +107,12 @@ class Shadow:
 
     MODELS = ("online", "baseline", "repeat")
 
-    def __init__(self, cfg: ShadowConfig, paired_window: int) -> None:
+    def __init__(self, cfg: ShadowConfig, paired_window: int, keep_positives: int = 60) -> None:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.baseline: Baseline | None = None
         self.rolling = {m: RollingMetrics(window=cfg.window, k=K) for m in self.MODELS}
-        self.paired = PairedWindow(window=paired_window)
+        self.paired = PairedWindow(window=paired_window, keep_positives=keep_positives)
 
     def set_baseline(self, baseline: Baseline | None) -> None:
         """A new baseline: the paired window restarts (outcomes against the old one do not count)."""
