@@ -42,8 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=5, help="synth and model seed (default: 5)")
     p.add_argument("--warmup", type=float, default=0.4, help="share of the samples before the stretch (default: 0.4)")
     p.add_argument("--stretch", type=float, default=0.25, help="share of the samples poisoned (default: 0.25)")
-    p.add_argument("--poison-share", type=float, default=0.5,
-                   help="share of the stretch's samples with shuffled targets / flipped labels (default: 0.5)")
+    p.add_argument("--poison-share", type=float, default=1.0,
+                   help="share of the stretch's samples with wrong targets / flipped labels (default: 1.0)")
+    p.add_argument("--poison", choices=("spam", "shuffled"), default="spam",
+                   help="wrong targets: spam (five items) or shuffled (another sample's) (default: spam)")
     p.add_argument("--batch-size", type=int, default=128, help="micro-batch size (default: 128)")
     p.add_argument("--lr", type=float, default=0.05, help="online learning rate: a fast-adapting model, which a poisoned stretch can hurt (default: 0.05)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (default: 10)")
@@ -58,15 +60,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_flags(p, "guard_margin", "guard_window", "guard_min_retrievals", "guard_min_positives", "shadow_share")
 
 
-def poison(samples: list, share: float, rng: random.Random) -> list:
-    """A broken join: ``share`` of the samples get another poisoned retrieval sample's target or
-    a flipped conversion label; the rest are returned unchanged (same objects)."""
+def poison(samples: list, share: float, rng: random.Random, kind: str = "spam") -> list:
+    """A broken stretch: ``share`` of the samples get a wrong retrieval target and a flipped
+    conversion label; the rest are returned unchanged (same objects). Targets ``shuffled``: another
+    poisoned sample's; ``spam``: one of five items (a bot, or a join that falls back to a few
+    defaults), which a fast-learning model learns and then ranks first for everyone."""
     from tgastream.state.samples import RETRIEVAL
 
     chosen = [k for k in range(len(samples)) if rng.random() < share]
     ret = [k for k in chosen if samples[k].kind == RETRIEVAL]
     targets = [(samples[k].item_id, samples[k].category_id) for k in ret]
     rng.shuffle(targets)
+    if kind == "spam":
+        few = targets[:5]
+        targets = [few[rng.randrange(len(few))] for _ in targets] if few else targets
     out = list(samples)
     for k, (item, cat) in zip(ret, targets):
         out[k] = dataclasses.replace(samples[k], item_id=item, category_id=cat)
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     start = int(args.warmup * n) // bs * bs
     end = start + int(args.stretch * n) // bs * bs
     rng = random.Random(args.seed)
-    stream = clean[:start] + poison(clean[start:end], args.poison_share, rng) + clean[end:]
+    stream = clean[:start] + poison(clean[start:end], args.poison_share, rng, args.poison) + clean[end:]
     settings = settings.replace(lr=args.lr, dim=args.dim, heads=2, layers=1, device="cpu", seed=args.seed, guard=True)
     learner = OnlineLearner(online_model_config(settings), online_config(settings))
     tmp = tempfile.TemporaryDirectory(prefix="bench-guard-")
@@ -180,14 +187,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     result["curve"] = {"samples_at": edges[1:].tolist(),
                        **{name: [curves[name].summary(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])] for name in RUNS}}
     result["events"] = history
-    result["stretch"] = {"from_sample": start, "to_sample": end, "poison_share": args.poison_share}
+    result["stretch"] = {"from_sample": start, "to_sample": end, "poison": args.poison, "poison_share": args.poison_share}
     result["served_versions"] = served_versions
     result |= {"samples": n, "seconds": round(time.perf_counter() - t0, 1),
                "guard": {"margin": settings.guard_margin, "window": settings.guard_window,
                          "min_retrievals": settings.guard_min_retrievals, "min_positives": settings.guard_min_positives,
                          "shadow_share": settings.shadow_share},
                "command": f"tgastream bench guard --users {args.users} --events {args.events} --seed {args.seed} "
-                          f"--warmup {args.warmup} --stretch {args.stretch} --poison-share {args.poison_share}"}
+                          f"--warmup {args.warmup} --stretch {args.stretch} --poison {args.poison} --poison-share {args.poison_share}"}
     print(f"\n{n:,} samples; poisoned stretch: samples {start:,}-{end:,} ({args.poison_share:.0%} of them); "
           f"rollbacks {guard.rollbacks}")
     print(f"{'model':<15}{'HR@10 stretch':>15}{'AUC stretch':>13}{'HR@10 after':>13}{'AUC after':>11}")

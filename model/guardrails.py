@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tgastream.model.guard import GuardConfig, Verdict, decide
+import numpy as np
+
+from tgastream.model.guard import GuardConfig, Verdict, decide, stream_shifted
 from tgastream.model.online import OnlineLearner, Reservoir
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.inference import load_model
-from tgastream.model.rollback import rollback_learner
+from tgastream.model.rollback import graft_model, rollback_learner
 from tgastream.model.shadow import Shadow, ShadowConfig
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.registry import ModelVersion, Registry
@@ -57,19 +59,36 @@ class Event:
     detail: str = ""
 
 
-def frozen_learner(learner: OnlineLearner, state: dict, version: int) -> OnlineLearner:
-    """An inference-only learner (scores and computes vectors, never learns or assigns rows) from
-    a checkpoint's learner state; ``version`` is what its published vectors carry."""
-    twin = copy.copy(learner)
-    twin.cfg = dataclasses.replace(learner.cfg, train=False)
-    twin.model, twin.rows = load_model(state, learner.model.cfg, learner.device)
-    twin.model.eval()
-    twin.optimizer = None
-    twin.metrics = RollingMetrics(window=learner.cfg.metric_window)
-    twin.reservoir = Reservoir(0)
-    twin.version = version
-    twin.batch_hr = None
-    return twin
+class GoodModel:
+    """A good (or pinned) checkpoint's model, scored and served on the online learner's *current*
+    id maps: grafted as a rollback would (model/rollback.py), so an item that arrived since has a
+    row (a fresh one) and the pointer can still point at it. Judging the baseline on its own, older
+    maps would count every new item as unknown and handicap it; this is what a rollback serves."""
+
+    def __init__(self, learner: OnlineLearner, state: dict, version: int) -> None:
+        self.learner = learner
+        self.version = version
+        self.model, self.rows = load_model(state, learner.model.cfg, learner.device)
+        self._key: tuple | None = None
+        self._twin: OnlineLearner | None = None
+
+    def aligned(self) -> OnlineLearner:
+        """An inference-only learner (never learns or assigns rows) with the good weights on the
+        online learner's current rows; rebuilt when those rows change."""
+        L = self.learner
+        key = (id(L.model), id(L.rows), L.rows.items.capacity, len(L.rows.items), L.rows.items.evictions,
+               L.rows.categories.capacity, len(L.rows.categories), L.rows.categories.evictions)
+        if key != self._key or self._twin is None:
+            twin = copy.copy(L)
+            twin.cfg = dataclasses.replace(L.cfg, train=False)
+            twin.model = graft_model(self.model, self.rows, L.model, L.rows, L.device)
+            twin.optimizer = None
+            twin.metrics = RollingMetrics(window=L.cfg.metric_window)
+            twin.reservoir = Reservoir(0)
+            twin.version = self.version
+            twin.batch_hr = None
+            self._twin, self._key = twin, key
+        return self._twin
 
 
 class Guardrails:
@@ -82,7 +101,7 @@ class Guardrails:
         self.dir = Path(checkpoint_dir)
         self.agree = agree
         self.shadow = Shadow(cfg.shadow, cfg.guard.window, keep_positives=2 * cfg.guard.min_positives)
-        self.baseline: OnlineLearner | None = None
+        self.baseline: GoodModel | None = None
         self.state = LIVE
         self.parent: int | None = None  # the version the next checkpoint descends from
         self.rollbacks = 0
@@ -91,6 +110,9 @@ class Guardrails:
         self._candidates: list[tuple[int, int]] = []  # (version, cases scored when it was saved)
         self._tripped_since_reset = False
         self._registry_mtime = 0.0
+        self._anchor: float | None = None  # repeat-recent HR@10 when the baseline was judged
+        self._shifted_cases = 0  # repeat-recent's retrieval count when the stream started to look shifted
+        self.stream_shifted = False
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -104,14 +126,14 @@ class Guardrails:
         if v is None:
             self.baseline = None
         else:
-            self.baseline = frozen_learner(self.learner, state if state is not None else self._load_state(v), v.version)
+            self.baseline = GoodModel(self.learner, state if state is not None else self._load_state(v), v.version)
         self.shadow.set_baseline(self.baseline)
         self._tripped_since_reset = False
 
     @property
     def serving(self) -> OnlineLearner:
         """The learner whose vectors are published now."""
-        return self.baseline if self.state != LIVE and self.baseline is not None else self.learner
+        return self.baseline.aligned() if self.state != LIVE and self.baseline is not None else self.learner
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -166,6 +188,10 @@ class Guardrails:
                 return Event("recovered", self.learner.version, "pin released")
         if self.baseline is None:
             return self._promote_first()
+        if self._stream_looks_shifted():
+            self.shadow.paired.clear()  # no verdict on a broken stream; judged again once it is normal
+            self.last_verdict = Verdict(False, reason="stream shifted")
+            return None
         verdict = decide(self.shadow.paired, self.cfg.guard)
         self.last_verdict = verdict
         if self.agree(verdict.trip) and self.state != PINNED:
@@ -196,6 +222,39 @@ class Guardrails:
 
     # -- decisions -------------------------------------------------------------------------------
 
+    def _recent_repeat_hits(self) -> np.ndarray:
+        ranks = self.shadow.rolling["repeat"].ranks
+        n = self.cfg.guard.min_retrievals
+        tail = list(ranks)[-n:] if len(ranks) >= n else []
+        return np.asarray(tail) <= 10
+
+    def _anchor_now(self) -> None:
+        hits = self._recent_repeat_hits()
+        self._anchor = float(hits.mean()) if len(hits) else None
+
+    def _stream_looks_shifted(self) -> bool:
+        """Repeat-recent (no model) fell far below its level when the baseline was judged: the
+        stream broke (or drifted). Comparisons and promotions pause; after four windows of it the
+        new level is accepted as normal (a lasting drift, not a broken stretch)."""
+        if self._anchor is None:
+            self._anchor_now()
+            return False
+        shifted = stream_shifted(self._recent_repeat_hits(), self._anchor, self.cfg.guard)
+        seen = self.shadow.rolling["repeat"].retrievals_seen
+        if shifted and not self.stream_shifted:
+            self._shifted_cases = seen
+            log.warning("the stream looks unlike the one the baseline was judged on (repeat-recent HR@10 fell from "
+                        "%.3f): guard comparisons and promotions pause", self._anchor)
+        elif not shifted and self.stream_shifted:
+            log.info("the stream looks normal again: guard comparisons resume")
+        self.stream_shifted = shifted
+        if shifted and seen - self._shifted_cases > 4 * self.cfg.guard.window:
+            log.warning("the stream stayed shifted for four windows: its new level is the normal one now")
+            self._anchor_now()
+            self.stream_shifted = False
+            return False
+        return shifted
+
     def _cases_needed(self) -> int:
         return self.cfg.guard.min_retrievals
 
@@ -213,6 +272,7 @@ class Guardrails:
                 self._candidates = [(x, a) for x, a in self._candidates if x > version]
                 self._save(reg)
                 self._set_baseline(v)
+                self._anchor_now()
                 log.info("model version %d is good (first baseline)", version)
                 return Event("promoted", version, "first baseline")
         return None
@@ -243,6 +303,7 @@ class Guardrails:
             self._candidates = [(v, a) for v, a in self._candidates if v not in done]
             if newest is not None:
                 self._set_baseline(newest)
+                self._anchor_now()
                 log.info("model version %d is good (held up over a window); it is the baseline now", newest.version)
                 event = event or Event("promoted", newest.version)
         return event

@@ -1,7 +1,8 @@
 """Shadow evaluation: the online model, a baseline and repeat-recent scored on the same samples.
 
-The baseline is an inference-only copy of the last good checkpoint (its weights and its id maps:
-an item first seen after it has no row there and ranks as a miss, as it would if it served).
+The baseline is an inference-only copy of the last good checkpoint, grafted onto the online
+model's current id maps as a rollback would be (model/guardrails.py ``GoodModel``): an item
+first seen after it gets a fresh row, so the baseline is judged as what a rollback would serve.
 Every step, a random ``share`` of the step's new samples (chosen once, for all three) is scored
 prequentially, before the online model learns from them:
 
@@ -19,14 +20,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
 from tgastream.model.batching import collate
 from tgastream.model.guard import PairedWindow
-from tgastream.model.inference import load_model
 from tgastream.model.metrics import ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
@@ -92,14 +92,12 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
     return Outcomes(probs, ranks)
 
 
-class Baseline:
-    """An inference-only model loaded from a checkpoint's learner state."""
+class Baseline(Protocol):
+    """The baseline: ``aligned()`` gives a model, its id maps and device to score with."""
 
-    def __init__(self, state: dict, cfg_model, device: torch.device, version: int) -> None:
-        self.model, self.rows = load_model(state, cfg_model, device)
-        self.model.eval()
-        self.device = device
-        self.version = version
+    version: int
+
+    def aligned(self): ...
 
 
 class Shadow:
@@ -134,8 +132,7 @@ class Shadow:
         samples), the baseline and repeat-recent on the same subset of ``samples``."""
         if not samples:
             return
-        catalogue = max(model.cfg.n_items, self.baseline.model.cfg.n_items if self.baseline else 0)
-        conv, ret = self.pick(samples, catalogue)
+        conv, ret = self.pick(samples, model.cfg.n_items)
         if not conv and not ret:
             return
         labels = np.asarray([s.label for s in conv], dtype=float)  # [C]
@@ -146,7 +143,8 @@ class Shadow:
         self._note("repeat", labels, rep)
         if self.baseline is None:
             return
-        base = score_outcomes(self.baseline.model, self.baseline.rows, self.baseline.device, conv, ret)
+        b = self.baseline.aligned()
+        base = score_outcomes(b.model, b.rows, b.device, conv, ret)
         self._note("baseline", labels, base)
         self.paired.add(online.ranks <= K, base.ranks <= K, labels, online.probs, base.probs)
 
