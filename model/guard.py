@@ -137,15 +137,17 @@ def decide(w: PairedWindow, cfg: GuardConfig) -> Verdict:
     return Verdict(False, None, deficit, evaluable, "")
 
 
-def stream_shifted(recent_hits: np.ndarray, anchor: float, cfg: GuardConfig) -> bool:
+def stream_shifted(recent_hits: np.ndarray, anchor: float, anchor_n: int, cfg: GuardConfig) -> bool:
     """Whether a model-free reference (repeat-recent's hits [n] on the latest retrieval cases)
-    fell from its level ``anchor`` (when the baseline was judged) by more than ``margin`` and
-    ``z`` standard errors: the *stream* changed (a broken join, a bot), not the model. A guard
-    that compares models on the stream cannot judge them on a stream that is itself broken: a
-    model that learned the broken targets would look better there than the good one."""
+    fell from its level ``anchor`` (measured on ``anchor_n`` cases when the baseline was judged)
+    by more than ``margin`` and ``z`` standard errors of the difference: the *stream* changed (a
+    broken join, a bot), not the model. A guard that compares models on the stream cannot judge
+    them on a stream that is itself broken: a model that learned the broken targets would look
+    better there than the good one."""
     n = len(recent_hits)
-    if n < cfg.min_retrievals:
+    if n < cfg.min_retrievals or anchor_n < cfg.min_retrievals:
         return False
     level = float(np.mean(recent_hits))
-    se = math.sqrt(max(anchor * (1 - anchor), 1e-6) / n)
+    p = min(max(anchor, 1e-3), 1 - 1e-3)
+    se = math.sqrt(p * (1 - p) * (1.0 / n + 1.0 / anchor_n))
     return anchor - level > max(cfg.margin, cfg.z * se)

@@ -52,7 +52,7 @@ class GuardrailsConfig:
 
 @dataclass(frozen=True)
 class Event:
-    """What :meth:`Guardrails.after_step` did: ``kind`` rollback | pin | recovered | promoted."""
+    """What :meth:`Guardrails.after_step` did: ``kind`` rollback | pin | hold | recovered | promoted."""
 
     kind: str
     version: int | None
@@ -111,6 +111,7 @@ class Guardrails:
         self._tripped_since_reset = False
         self._registry_mtime = 0.0
         self._anchor: float | None = None  # repeat-recent HR@10 when the baseline was judged
+        self._anchor_n = 0  # cases it was measured on
         self._shifted_cases = 0  # repeat-recent's retrieval count when the stream started to look shifted
         self.stream_shifted = False
 
@@ -191,6 +192,8 @@ class Guardrails:
         if self._stream_looks_shifted():
             self.shadow.paired.clear()  # no verdict on a broken stream; judged again once it is normal
             self.last_verdict = Verdict(False, reason="stream shifted")
+            if self.state == LIVE:  # a model learning from a broken stream is not published meanwhile
+                return self._hold()
             return None
         verdict = decide(self.shadow.paired, self.cfg.guard)
         self.last_verdict = verdict
@@ -222,15 +225,17 @@ class Guardrails:
 
     # -- decisions -------------------------------------------------------------------------------
 
-    def _recent_repeat_hits(self) -> np.ndarray:
+    def _recent_repeat_hits(self, n: int) -> np.ndarray:
+        """Repeat-recent's hits on the latest ``n`` retrieval cases (none while fewer)."""
         ranks = self.shadow.rolling["repeat"].ranks
-        n = self.cfg.guard.min_retrievals
         tail = list(ranks)[-n:] if len(ranks) >= n else []
         return np.asarray(tail) <= 10
 
     def _anchor_now(self) -> None:
-        hits = self._recent_repeat_hits()
-        self._anchor = float(hits.mean()) if len(hits) else None
+        """Repeat-recent's level over the whole window, when the baseline is judged good."""
+        hits = self._recent_repeat_hits(min(len(self.shadow.rolling["repeat"].ranks), self.cfg.guard.window))
+        self._anchor = float(hits.mean()) if len(hits) >= self.cfg.guard.min_retrievals else None
+        self._anchor_n = len(hits)
 
     def _stream_looks_shifted(self) -> bool:
         """Repeat-recent (no model) fell far below its level when the baseline was judged: the
@@ -239,7 +244,8 @@ class Guardrails:
         if self._anchor is None:
             self._anchor_now()
             return False
-        shifted = stream_shifted(self._recent_repeat_hits(), self._anchor, self.cfg.guard)
+        shifted = stream_shifted(self._recent_repeat_hits(self.cfg.guard.min_retrievals), self._anchor,
+                                 self._anchor_n, self.cfg.guard)
         seen = self.shadow.rolling["repeat"].retrievals_seen
         if shifted and not self.stream_shifted:
             self._shifted_cases = seen
@@ -327,6 +333,17 @@ class Guardrails:
                     "weights; vectors come from version %d until it holds up)", self.rollbacks, good.version,
                     reason, good.version, good.version)
         return Event("rollback", good.version, reason)
+
+    def _hold(self) -> Event:
+        """Publish from the good model while the stream looks broken; the online model keeps
+        learning and is judged (rolled back, or live again) once the stream is normal."""
+        self.state = ROLLED_BACK
+        reg = self.registry()
+        reg.set_serving(ROLLED_BACK, self.baseline.version if self.baseline else None)
+        self._save(reg)
+        log.warning("publishing from good version %s while the stream looks broken",
+                    self.baseline.version if self.baseline else None)
+        return Event("hold", self.baseline.version if self.baseline else None, "the stream looks broken")
 
     def _pin(self, pinned: ModelVersion, reg: Registry) -> Event:
         """A version pinned by hand: its weights into the learner, publish from it until released."""

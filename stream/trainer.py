@@ -462,6 +462,7 @@ class Trainer:
             return None
         if event.kind in ("rollback", "pin"):
             self.metrics.rollbacks.inc()
+        if event.kind in ("rollback", "pin", "hold"):  # what a newer model published goes out again first
             self.published.demote(newer_than=event.version if event.version is not None else -1)
         log.info("guard: %s (version %s) %s", event.kind, event.version, event.detail)
         return event
