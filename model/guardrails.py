@@ -36,7 +36,7 @@ from tgastream.model.inference import load_model
 from tgastream.model.rollback import graft_model, rollback_learner
 from tgastream.model.shadow import Shadow, ShadowConfig
 from tgastream.state.checkpoint import load_checkpoint
-from tgastream.state.registry import ModelVersion, Registry
+from tgastream.state.registry import ModelVersion, Registry, RegistryError
 
 log = logging.getLogger("tgastream.guard")
 
@@ -212,7 +212,11 @@ class Guardrails:
         if not self.cfg.enabled:
             return None
         reg = self.registry()
-        entry = reg.add(self.learner.version, self.parent, step, Path(path).name, metrics)
+        try:
+            entry = reg.add(self.learner.version, self.parent, step, Path(path).name, metrics)
+        except RegistryError as exc:  # e.g. resumed from an older checkpoint than the newest registered
+            log.warning("checkpoint %s not registered: %s", Path(path).name, exc)
+            return None
         self._save(reg)
         if entry.status == "candidate" and not any(v == entry.version for v, _ in self._candidates):
             self._candidates.append((entry.version, self._scored))

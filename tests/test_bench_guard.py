@@ -11,7 +11,8 @@ from tgastream.stream.cli import main
 
 def test_bench_guard_writes_the_three_runs_and_serves_the_good_version_while_rolled_back(tmp_path):
     out = tmp_path / "guard.json"
-    rc = main(["bench", "guard", "--users", "80", "--events", "3000", "--batch-size", "64", "--checkpoint-every", "4",
+    rc = main(["bench", "guard", "--users", "50", "--events", "1600", "--batch-size", "64", "--checkpoint-every", "4",
+               "--eval-share", "0.3",
                "--dim", "16", "--segments", "4", "--guard-min-retrievals", "60", "--guard-window", "200",
                "--guard-min-positives", "3", "--shadow-share", "0.5", "--quiet", "--json", str(out), "--out", str(tmp_path)])
     assert rc == 0
