@@ -194,7 +194,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                          "min_retrievals": settings.guard_min_retrievals, "min_positives": settings.guard_min_positives,
                          "shadow_share": settings.shadow_share},
                "command": f"tgastream bench guard --users {args.users} --events {args.events} --seed {args.seed} "
-                          f"--warmup {args.warmup} --stretch {args.stretch} --poison {args.poison} --poison-share {args.poison_share}"}
+                          f"--warmup {args.warmup} --stretch {args.stretch} --poison {args.poison} --poison-share {args.poison_share} "
+                          f"--lr {args.lr} --batch-size {bs} --shadow-share {settings.shadow_share} "
+                          f"--guard-window {settings.guard_window} --guard-min-retrievals {settings.guard_min_retrievals} "
+                          f"--guard-min-positives {settings.guard_min_positives}"}
     print(f"\n{n:,} samples; poisoned stretch: samples {start:,}-{end:,} ({args.poison_share:.0%} of them); "
           f"rollbacks {guard.rollbacks}")
     print(f"{'model':<15}{'HR@10 stretch':>15}{'AUC stretch':>13}{'HR@10 after':>13}{'AUC after':>11}")

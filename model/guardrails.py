@@ -123,13 +123,20 @@ class Guardrails:
     def _load_state(self, v: ModelVersion) -> dict:
         return load_checkpoint(self.dir / v.file, self.learner.device)["learner"]
 
-    def _set_baseline(self, v: ModelVersion | None, state: dict | None = None) -> None:
+    def _set_baseline(self, v: ModelVersion | None, state: dict | None = None) -> bool:
+        """Make ``v`` the baseline; False (baseline unchanged) when its checkpoint cannot be read."""
         if v is None:
             self.baseline = None
         else:
-            self.baseline = GoodModel(self.learner, state if state is not None else self._load_state(v), v.version)
+            try:
+                state = state if state is not None else self._load_state(v)
+            except (OSError, ValueError, KeyError) as exc:  # pruned, truncated or refused: keep the old one
+                log.warning("model version %d cannot be the baseline: %s", v.version, exc)
+                return False
+            self.baseline = GoodModel(self.learner, state, v.version)
         self.shadow.set_baseline(self.baseline)
         self._tripped_since_reset = False
+        return True
 
     @property
     def serving(self) -> OnlineLearner:
@@ -275,13 +282,18 @@ class Guardrails:
             if self._scored - at >= self._cases_needed():
                 reg = self.registry()
                 try:
-                    v = reg.mark(version, "good")
+                    v = reg.get(version)
                 except ValueError:
+                    v = None
+                if v is None or not reg.exists(v):  # pruned before it could be judged
                     self._candidates = [(x, a) for x, a in self._candidates if x != version]
                     return None
+                if not self._set_baseline(v):
+                    self._candidates = [(x, a) for x, a in self._candidates if x != version]
+                    return None
+                v.status = "good"
                 self._candidates = [(x, a) for x, a in self._candidates if x > version]
                 self._save(reg)
-                self._set_baseline(v)
                 self._anchor_now()
                 log.info("model version %d is good (first baseline)", version)
                 return Event("promoted", version, "first baseline")
@@ -305,14 +317,16 @@ class Guardrails:
             newest = None
             for version, _ in ready:
                 try:
-                    newest = reg.mark(version, "good")
+                    v = reg.get(version)
                 except ValueError:
                     continue
-            self._save(reg)
+                if reg.exists(v):  # one pruned before it was judged cannot be rolled back to: left a candidate
+                    v.status = "good"
+                    newest = v
             done = {v for v, _ in ready}
             self._candidates = [(v, a) for v, a in self._candidates if v not in done]
-            if newest is not None:
-                self._set_baseline(newest)
+            if newest is not None and self._set_baseline(newest):
+                self._save(reg)
                 self._anchor_now()
                 log.info("model version %d is good (held up over a window); it is the baseline now", newest.version)
                 event = event or Event("promoted", newest.version)
@@ -325,7 +339,12 @@ class Guardrails:
             if v.version > good.version and v.status == "candidate":
                 v.status = "bad"
         self._candidates = []
-        state = self._load_state(good)
+        try:
+            state = self._load_state(good)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot roll back to model version %d: %s", good.version, exc)
+            self.shadow.paired.clear()
+            return Event("rollback_failed", good.version, str(exc))
         rollback_learner(self.learner, state)
         self._set_baseline(good, state)
         self.state = ROLLED_BACK
@@ -349,9 +368,13 @@ class Guardrails:
                     self.baseline.version if self.baseline else None)
         return Event("hold", self.baseline.version if self.baseline else None, "the stream looks broken")
 
-    def _pin(self, pinned: ModelVersion, reg: Registry) -> Event:
+    def _pin(self, pinned: ModelVersion, reg: Registry) -> Event | None:
         """A version pinned by hand: its weights into the learner, publish from it until released."""
-        state = self._load_state(pinned)
+        try:
+            state = self._load_state(pinned)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot pin model version %d: %s", pinned.version, exc)
+            return None
         rollback_learner(self.learner, state)
         self._set_baseline(pinned, state)
         self.state = PINNED
