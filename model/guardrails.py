@@ -139,6 +139,11 @@ class Guardrails:
         return True
 
     @property
+    def serving_version(self) -> int:
+        """The model version of what is published now (no graft needed to know it)."""
+        return self.baseline.version if self.state != LIVE and self.baseline is not None else self.learner.version
+
+    @property
     def serving(self) -> OnlineLearner:
         """The learner whose vectors are published now."""
         return self.baseline.aligned() if self.state != LIVE and self.baseline is not None else self.learner

@@ -437,7 +437,7 @@ class Trainer:
         shadow = self._note_guard()
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
                                         "trained": self.run.trained, "loss": loss, "drift": drifted, **online,
-                                        "serving_version": self.guardrails.serving.version,
+                                        "serving_version": self.guardrails.serving_version,
                                         "model_state": self.guardrails.state, "guard_event": event and event.kind,
                                         "shadow": shadow}) + "\n")
 
@@ -453,7 +453,7 @@ class Trainer:
     @property
     def serving_version(self) -> int:
         """Model version of what is published now."""
-        return self.guardrails.serving.version
+        return self.guardrails.serving_version
 
     def _on_guard(self, event: Event | None) -> Event | None:
         """Count and log what the guardrails did; after a rollback, vectors the bad model
@@ -470,7 +470,7 @@ class Trainer:
     def _note_guard(self) -> dict:
         """Per-model shadow metrics and the guard's deficits into Prometheus; returns the former."""
         g = self.guardrails
-        self.metrics.serving_version.set(g.serving.version)
+        self.metrics.serving_version.set(g.serving_version)
         self.metrics.rolled_back.set(0 if g.state == "live" else 1)
         if not g.cfg.enabled:
             return {}

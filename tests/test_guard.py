@@ -105,3 +105,16 @@ def test_no_verdict_below_the_minimum_counts():
         w.add(on, ba, np.zeros(0), np.zeros(0), np.zeros(0))
     v = decide(w, CFG)
     assert not v.trip and not v.evaluable
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_broken_stream_is_told_apart_from_a_healthy_one_by_repeat_recent(seed):
+    from tgastream.model.guard import stream_shifted
+
+    rng = np.random.default_rng(seed)
+    anchor_hits = rng.random(CFG.window) < 0.45  # repeat-recent's hits when the baseline was judged
+    anchor = float(anchor_hits.mean())
+    for _ in range(200):  # healthy: the same level, fresh luck: never called shifted
+        assert not stream_shifted(rng.random(CFG.min_retrievals) < 0.45, anchor, CFG.window, CFG)
+    assert stream_shifted(rng.random(CFG.min_retrievals) < 0.10, anchor, CFG.window, CFG)  # targets broken
+    assert not stream_shifted(rng.random(CFG.min_retrievals // 2) < 0.0, anchor, CFG.window, CFG)  # too few cases
