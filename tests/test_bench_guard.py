@@ -1,6 +1,7 @@
 """`tgastream bench guard` end to end with tiny settings: the JSON has the three runs' HR@10 and
 AUC over the stretch, the rollbacks and the curves, the PNG is written, and while the guarded
-trainer is rolled back it serves the version it rolled back to."""
+trainer is rolled back (or holds while the stream looks broken) it serves the version it went
+back to."""
 
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ def test_bench_guard_writes_the_three_runs_and_serves_the_good_version_while_rol
     assert r["with_guard"]["retrieval_cases"] == r["without_guard"]["retrieval_cases"]  # the same samples
     assert (tmp_path / "guard.png").stat().st_size > 10_000
     held = None
-    for at, version, state in r["served_versions"]:
-        rollback = [e for e in r["events"] if e["event"] == "rollback" and e["at"] < at]
+    for at, version, state in r["served_versions"]:  # while not live: the version it rolled back to (or held)
+        back = [e for e in r["events"] if e["event"] in ("rollback", "hold") and e["at"] < at]
         if state == "rolled_back":
-            assert rollback and version == rollback[-1]["version"]
+            assert back and version == back[-1]["version"]
             held = version
     if r["rollbacks"]:
         assert held is not None
