@@ -114,6 +114,7 @@ class Guardrails:
         self._anchor_n = 0  # cases it was measured on
         self._shifted_cases = 0  # repeat-recent's retrieval count when the stream started to look shifted
         self.stream_shifted = False
+        self._broken_stretch_ended = False  # the stream looked broken and is normal again: drop what was learned
 
     # -- registry ------------------------------------------------------------------------------
 
@@ -207,6 +208,12 @@ class Guardrails:
             if self.state == LIVE:  # a model learning from a broken stream is not published meanwhile
                 return self._hold()
             return None
+        if self._broken_stretch_ended:
+            self._broken_stretch_ended = False
+            reg = self.registry()
+            good = reg.last_good()
+            if good is not None and self.state != PINNED:  # what it learned from the broken stretch goes
+                return self._rollback(reg, good, "it learned from a stretch of the stream that looked broken")
         verdict = decide(self.shadow.paired, self.cfg.guard)
         self.last_verdict = verdict
         if self.agree(verdict.trip) and self.state != PINNED:
@@ -230,7 +237,8 @@ class Guardrails:
             log.warning("checkpoint %s not registered: %s", Path(path).name, exc)
             return None
         self._save(reg)
-        if entry.status == "candidate" and not any(v == entry.version for v, _ in self._candidates):
+        if entry.status == "candidate" and not self.stream_shifted \
+                and not any(v == entry.version for v, _ in self._candidates):  # (trained on a broken stream: never good)
             self._candidates.append((entry.version, self._scored))
         self.parent = entry.version
         return entry
@@ -269,6 +277,7 @@ class Guardrails:
                         "%.3f): guard comparisons and promotions pause", self._anchor)
         elif not shifted and self.stream_shifted:
             log.info("the stream looks normal again: guard comparisons resume")
+            self._broken_stretch_ended = True
         self.stream_shifted = shifted
         if shifted and seen - self._shifted_cases > 4 * self.cfg.guard.window:
             log.warning("the stream stayed shifted for four windows: its new level is the normal one now")

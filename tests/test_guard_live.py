@@ -1,7 +1,9 @@
 """A poisoned stretch fed into a live trainer (real broker, `tgastream train` process): the guard
-trips within its window, from the rollback until it recovers every vector published carries the
-good version, the next checkpoint records the good version as its parent, and the online metrics
-recover after the stretch; the same stream without the poison never rolls back."""
+trips within its window (it holds: publishes the good model, since the stream looks broken), rolls
+the online model back once the stretch is over (what it learned from it goes), from the trip until
+it recovers every vector published carries the good version, the next checkpoint records the good
+version as its parent, and the online metrics recover after the stretch; the same stream without
+the poison never rolls back."""
 
 from __future__ import annotations
 
@@ -79,12 +81,15 @@ def _hr(row: dict, model: str = "online") -> float | None:
 def test_poisoned_stretch_rolls_back_publishes_the_good_model_and_recovers(topic_settings, tmp_path):
     settings = topic_settings
     rows = _run(settings, tmp_path, "poisoned", _stream(11, poisoned=True), seed=0)
+    events = [(r["step"], r["guard_event"], r["model_state"]) for r in rows if r["guard_event"]]
+    tripped = [r for r in rows if r["guard_event"] in ("rollback", "hold")]  # hold: publish the good model
     rollbacks = [r for r in rows if r["guard_event"] == "rollback"]
-    assert rollbacks, [(r["step"], r["guard_event"], r["model_state"]) for r in rows]
-    first = rollbacks[0]
-    assert POISON_STEPS[0] < first["step"] <= POISON_STEPS[1] + WINDOW_STEPS, first["step"]  # within its window
+    assert tripped and rollbacks, events
+    first = tripped[0]
+    assert POISON_STEPS[0] < first["step"] <= POISON_STEPS[0] + WINDOW_STEPS, events  # within its window
     good = first["serving_version"]
     assert good < POISON_STEPS[0] + 1 and first["model_state"] == "rolled_back"
+    assert rollbacks[0]["step"] <= POISON_STEPS[1] + WINDOW_STEPS, events  # what it learned meanwhile is dropped
 
     # every vector published after a step is the model that step left serving (the good one while rolled back)
     times = [r["time"] for r in rows]
@@ -100,8 +105,8 @@ def test_poisoned_stretch_rolls_back_publishes_the_good_model_and_recovers(topic
 
     reg = Registry.load(tmp_path / "poisoned" / "checkpoints")
     assert reg.get(good).status == "good"
-    after = [v for v in reg.versions if v.version > first["step"]]
-    assert after and after[0].parent == good  # the next version records the good one as its parent
+    after = [v for v in reg.versions if v.version > rollbacks[0]["step"]]
+    assert after and after[0].parent == rollbacks[0]["serving_version"]  # the next version records the good one
     assert len({v.version for v in reg.versions}) == len(reg.versions)
 
     before_stretch, repeat_before = _hr(rows[POISON_STEPS[0] - 2]), _hr(rows[POISON_STEPS[0] - 2], "repeat")
