@@ -28,7 +28,8 @@ POISON_STEPS = (25, 55)  # steps [25, 55) see the poisoned stretch (every step i
 WINDOW_STEPS = 12  # the guard's window in steps: ~19 retrieval rows scored a step, min 150 of them
 ARGS = ("--train-policy", "bounded", "--burst", "1", "--batch-size", str(BATCH), "--lr", "0.05",
         "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "3", "--sample-len", "20",
-        "--guard-window", "400", "--guard-min-retrievals", "150", "--guard-min-positives", "5", "--shadow-share", "0.5")
+        "--guard-window", "400", "--guard-min-retrievals", "150", "--guard-min-positives", "5", "--shadow-share", "0.5",
+        "--guard-margin", "0.06")  # lr 0.05 moves this small model by a few HR@10 points a step: a wider margin
 
 
 def _stream(seed: int, poisoned: bool) -> list:
