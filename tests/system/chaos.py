@@ -424,13 +424,14 @@ class ChaosRun:
                 self.trainer.wait(30)
             self.broker.stop()
 
-    def _verification_worker(self, mark: float, attempts: int = 2, patience_s: float = 45.0) -> Settings | None:
+    def _verification_worker(self, mark: float, attempts: int = 2, patience_s: float = 100.0) -> Settings | None:
         """Start a worker on a fresh data dir, send a watermark to every partition and wait until it
         has processed them (so it holds every partition, rebuilt from the changelog); stop it. A
         worker that does not get there in ``patience_s`` is reported (unexpected) and replaced."""
         for attempt in range(1, attempts + 1):
             verify_settings = self.settings.replace(data_dir=self.root / f"verify-{attempt}")
-            verifier = start_worker(verify_settings, self.root / f"verify-{attempt}.log")
+            # a start-up that gets no assignment in 30 s joins again by itself (counted, reported below)
+            verifier = start_worker(verify_settings, self.root / f"verify-{attempt}.log", "--join-timeout-s", "30")
             try:
                 verifier.wait_up(120)
                 producer = make_producer(self.settings.bootstrap)
@@ -451,6 +452,11 @@ class ChaosRun:
                         break
                     time.sleep(0.3)
                 else:
+                    retries = verifier.total("tgastream_worker_join_retries_total")
+                    if retries:
+                        self.unexpected.append(f"verification worker {attempt} joined the group again {retries:.0f} "
+                                               f"time(s) before its first assignment ({verifier.log_path})")
+                        self.say(f"  !! {self.unexpected[-1]}")
                     assert verifier.stop(60) == 0, verifier.log()
                     return verify_settings
             finally:
