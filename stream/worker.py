@@ -180,9 +180,11 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     try:
-        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)  # `kill -USR1 <pid>`: what is it waiting on?
+        # `kill -USR1 <pid>`: what is it waiting on?
+        loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(consumer_loop(current.get("worker"))))
     except (NotImplementedError, RuntimeError):
         pass
+    current: dict[str, StreamWorker] = {}  # the incarnation running now (for the task dump)
     t0 = monotonic()
     failure: str | None = None
     try:
@@ -190,7 +192,7 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
             server = metrics.serve(settings.metrics_host, settings.metrics_port)
             log.info("metrics on %s", server.url)
         while True:
-            worker = await _prepare_incarnation(settings, data_dir, metrics, totals)
+            worker = current["worker"] = await _prepare_incarnation(settings, data_dir, metrics, totals)
             try:
                 outcome = await _start_watched(worker, stop, options.join_timeout_s)
                 if outcome == "started":
@@ -250,14 +252,29 @@ def await_chain(task: asyncio.Task) -> list[str]:
     return lines
 
 
-def dump_tasks() -> None:
-    """Log every asyncio task's await chain: where a worker that seems stuck is waiting."""
-    for task in asyncio.all_tasks():
-        buf = io.StringIO()
-        print(f"task {task.get_name()}:", file=buf)
-        for line in await_chain(task):
-            print(f"  {line}", file=buf)
-        log.warning("%s", buf.getvalue())
+def consumer_loop(worker: StreamWorker | None) -> asyncio.AbstractEventLoop | None:
+    """The event loop of faust's consumer thread (group membership, fetches), if it runs one."""
+    if worker is None:
+        return None
+    thread = getattr(worker.app.consumer, "_thread", None)
+    return getattr(thread, "thread_loop", None)
+
+
+def dump_tasks(*loops: asyncio.AbstractEventLoop | None) -> None:
+    """Log every asyncio task's await chain, on this loop and on ``loops`` (faust's consumer thread
+    runs the group coordinator on its own loop): where a worker that seems stuck is waiting."""
+    seen: set[int] = set()
+    for loop in (asyncio.get_running_loop(), *loops):
+        if loop is None or id(loop) in seen:
+            continue
+        seen.add(id(loop))
+        for task in list(asyncio.all_tasks(loop)):
+            buf = io.StringIO()
+            print(f"task {task.get_name()}{'' if loop is asyncio.get_running_loop() else ' (consumer thread)'}:",
+                  file=buf)
+            for line in await_chain(task):
+                print(f"  {line}", file=buf)
+            log.warning("%s", buf.getvalue())
 
 
 async def _prepare_incarnation(settings: Settings, data_dir: Path, metrics: WorkerMetrics,
@@ -295,7 +312,7 @@ async def _start_watched(worker: StreamWorker, stop: asyncio.Event, join_timeout
                 return "stop"
             if (join_timeout_s and not start.done() and worker.consumer.assignments == 0
                     and monotonic() - t0 > join_timeout_s):
-                dump_tasks()
+                dump_tasks(consumer_loop(worker))
                 return "join-timeout"
         start.result()  # a failed start raises here
         return "started"

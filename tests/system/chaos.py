@@ -48,7 +48,7 @@ from tgastream.stream.trained_log import read_trained
 from tests.kafka_util import read_topic
 from tests.stream_reference import comparable, offline_records, read_store, replay_order, sample_identity
 from tests.trainer_util import start_trainer
-from tests.worker_util import WorkerProcess, committed_offsets, start_worker, worker_state_dir
+from tests.worker_util import WorkerProcess, committed_offsets, describe_group, start_worker, worker_state_dir
 
 DAY = 86400.0
 VERDICT_OK = "ALL-RECORDS-DELIVERED"
@@ -440,14 +440,19 @@ class ChaosRun:
                 producer.close()
                 deadline = time.monotonic() + patience_s
                 while verifier.total("tgastream_watermarks_total") < self.cfg.partitions:
-                    assert verifier.proc.poll() is None, f"verification worker exited:\n{verifier.log()}"
+                    if verifier.proc.poll() is not None:  # e.g. a stuck join whose stop outlasted its deadline
+                        self.unexpected.append(f"verification worker {attempt} exited {verifier.proc.returncode} "
+                                               f"before processing the watermarks ({verifier.log_path}); "
+                                               f"{describe_group(self.settings)}")
+                        self.say(f"  !! {self.unexpected[-1]}")
+                        break
                     if time.monotonic() > deadline:
                         last = [ln for ln in verifier.log().splitlines() if "kafka" not in ln][-1:]
                         verifier.proc.send_signal(signal.SIGUSR1)  # the worker logs what each task waits on
                         time.sleep(1.0)
                         self.unexpected.append(f"verification worker {attempt} processed nothing in {patience_s:.0f}s "
                                                f"after start (killed, replaced; task dump in {verifier.log_path}); "
-                                               f"its last line: {last}")
+                                               f"its last line: {last}; {describe_group(self.settings)}")
                         self.say(f"  !! {self.unexpected[-1]}")
                         break
                     time.sleep(0.3)
