@@ -167,8 +167,24 @@ def init_group(device: torch.device, timeout_s: float = 1800.0) -> Group:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend_for(device), store=_attempt_store(timeout), rank=_rank, world_size=world,
+                                timeout=timeout)
     return TorchGroup(device)
+
+
+def _attempt_store(timeout) -> "torch.distributed.Store":
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT; torchrun's agent hosts it), its keys
+    prefixed by torchrun's restart count: after a group restart the ranks must not read the
+    addresses the previous attempt's ranks left there (they would connect to dead ports)."""
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
+                          int(os.environ.get("WORLD_SIZE", "1")), is_master=rank == 0 and not agent_hosts,
+                          timeout=timeout)
+    return dist.PrefixStore(f"tgastream/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def rank_device(setting: str, local_rank: int) -> str:
