@@ -139,7 +139,7 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
         steps = int(group.all_max(torch.tensor([steps], dtype=torch.float64))[0])
         group.barrier()
     learner.optimizer.step = timers.wrap("optimizer", learner.optimizer.step)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for k in range(steps):
         if rank == 0 and spec.get("progress") and k % 10 == 0:
             print(f"\r  step {k}/{steps}", end="", file=sys.stderr, flush=True)
@@ -159,12 +159,12 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
         timers.add("learn", time.perf_counter() - t)
     if group is not None:
         group.barrier()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     tt, ex = timers.total, timers.extra
     tt["publish"] = ex["vectors"] - tt["idmap_sync"]
     tt["negatives_catalogue"] = ex["forward"] - tt["encode_forward"]
     tt["backward"] = ex["learn"] - ex["forward"] - tt["all_reduce"] - tt["optimizer"]
-    out = {"rank": rank, "world": world, "samples": len(mine), "steps": steps, "wall_s": wall,
+    out = {"rank": rank, "world": world, "samples": len(mine), "steps": steps, "wall_s": wall, "cpu_s": cpu,
            "per_step_s": {k: v / steps for k, v in tt.items()}, "device": str(device),
            "loss": learner.last_loss, "version": learner.version}
     Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(out))
@@ -197,7 +197,10 @@ def run_ranks(world: int, spec: dict) -> dict:
         ranks = [json.loads(Path(out, f"rank-{r}.json").read_text()) for r in range(world)]
     total = sum(r["samples"] for r in ranks)
     wall = max(r["wall_s"] for r in ranks)
+    cpu = sum(r["cpu_s"] for r in ranks)
     return {"ranks": world, "threads": spec["threads"], "trained_samples_per_s": total / wall,
+            "cpu_ms_per_sample": 1000 * cpu / max(total, 1),  # CPU time the ranks used (all their threads)
+            "cpu_share": cpu / (wall * world),  # of the wall time, how much CPU each rank got on average
             "samples": total, "steps": ranks[0]["steps"], "wall_s": wall, "breakdown_s_per_step": ranks[0]["per_step_s"],
             "final_loss": ranks[0]["loss"], "model_version": ranks[0]["version"]}
 
@@ -251,10 +254,11 @@ def matmul_flops_per_s(device_name: str, threads: int, seconds: float = 1.0) -> 
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'ranks':>5} {'threads':>7} {'samples':>8} {'steps':>6} {'wall s':>7} {'trained/s':>10}"]
+    lines = [f"{'ranks':>5} {'threads':>7} {'samples':>8} {'steps':>6} {'wall s':>7} {'trained/s':>10} "
+             f"{'CPU ms/sample':>14} {'CPU per rank':>13}"]
     for r in result["rows"]:
         lines.append(f"{r['ranks']:>5} {r['threads']:>7} {r['samples']:>8,} {r['steps']:>6} {r['wall_s']:>7.1f} "
-                     f"{r['trained_samples_per_s']:>10,.0f}")
+                     f"{r['trained_samples_per_s']:>10,.0f} {r['cpu_ms_per_sample']:>14.2f} {r['cpu_share']:>13.0%}")
     if result["ratio_2_to_1"] is not None:
         lines.append(f"2 ranks / 1 rank: {result['ratio_2_to_1']:.2f}x")
     lines.append("")
@@ -316,7 +320,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "breakdown": {str(r["ranks"]): r["breakdown_s_per_step"] for r in rows},
         "flops_per_sample": flops, "matmul_gflops": peak / 1e9,
         "utilization_1_rank": (flops * one["trained_samples_per_s"] / peak) if one else None,
-        "device": describe(device), "cpu_count": os.cpu_count(),
+        "device": describe(device), "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
         "config": {k: v for k, v in spec.items() if k != "stream"} | {"samples": len(stream), "users": args.users},
     }
     print(format_table(result))

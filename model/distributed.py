@@ -213,25 +213,24 @@ def sync_rows(group: Group, rows, samples: Sequence[Sample]) -> float:
     """Give every id of every rank's batch a row, identically on every rank (``rows`` is a
     :class:`model.rows.EmbeddingRows`); returns the global newest event time (-inf: no samples).
 
-    Each rank sends its new ids (no row yet) and the rows of the known ids it touched; new ids
-    get rows in sorted order (so the result does not depend on how a batch is split across
-    ranks) and every touched row is marked used at the global newest event time."""
+    Each rank sends its newest event time, its new ids (no row yet) and the rows of the known ids
+    it touched, in one all-gather; new ids get rows in sorted order (so the result does not depend
+    on how a batch is split across ranks) and every touched row is marked used at the global
+    newest event time max_r t_r."""
     items, cats = batch_ids(samples)
-    now = torch.tensor([max((s.event_ts for s in samples), default=float("-inf"))], dtype=torch.float64)
-    group.all_max(now)
-    t = float(now[0])
+    maps = (rows.items, rows.categories)
+    mine = [max((s.event_ts for s in samples), default=float("-inf"))]
+    for idmap, ids in zip(maps, (items, cats)):
+        mine.append([e for e in ids if e not in idmap])  # new
+        mine.append(idmap.peek([e for e in ids if e in idmap]))  # rows of known ids
+    everyone = group.gather_objects(mine) if group.distributed else [mine]
+    t = max(float(m[0]) for m in everyone)
     if not np.isfinite(t):
         return t
-    for idmap, ids in ((rows.items, items), (rows.categories, cats)):
-        new = [e for e in ids if e not in idmap]
-        known = torch.as_tensor(idmap.peek([e for e in ids if e in idmap]), dtype=torch.long)
-        if group.distributed:
-            new = sorted(set().union(*group.gather_objects(new)))
-            known = torch.cat(group.gather(known))
-        else:
-            new = sorted(new)
+    for k, idmap in enumerate(maps):
+        new = sorted(set().union(*(m[1 + 2 * k] for m in everyone)))
         idmap.lookup(new, t)
-        idmap.touch(known.numpy(), t)
+        idmap.touch(np.concatenate([np.asarray(m[2 + 2 * k], dtype=np.int64) for m in everyone]), t)
     return t
 
 
@@ -266,22 +265,30 @@ class GlobalView:
 def global_view(group: Group, batch: Batch | None, n_items: int, n_uniform: int,
                 generator: torch.Generator, device: torch.device) -> GlobalView:
     """Gather what the loss needs of every rank's batch (``batch`` None: this rank has none this
-    step, and still joins). Uniform negatives: ``n_uniform`` rows in [1, n_items) from the
-    shared ``generator`` when the union has a retrieval row (drawn on every rank alike)."""
+    step, and still joins), in one all-gather. Uniform negatives: ``n_uniform`` rows in
+    [1, n_items) from the shared ``generator`` when the union has a retrieval row (drawn on every
+    rank alike)."""
     empty = torch.zeros(0, dtype=torch.long, device=device)
     if batch is None:
         mine = GlobalView(empty, empty, empty, 0, 0, 0, empty, empty.view(2, 0), empty.view(2, 0))
     else:
         mine = GlobalView.local(batch, empty)
     if group.distributed:
-        ret = [p.view(3, -1) for p in group.gather(torch.stack([mine.target_item, mine.target_cat,
-                                                                   mine.target_key]).reshape(-1).cpu())]
-        offset = sum(p.shape[1] for p in ret[: group.rank])
-        t_item, t_cat, t_key = (torch.cat([p[k] for p in ret]).to(device) for k in range(3))
-        nodes = torch.cat([p.view(2, -1) for p in group.gather(mine.nodes.reshape(-1).cpu())], 1).to(device)
-        targets = torch.cat([p.view(2, -1) for p in group.gather(mine.targets.reshape(-1).cpu())], 1).to(device)
-        n_conv = int(group.all_sum(torch.tensor([mine.n_conversion], dtype=torch.long))[0])
-        mine = GlobalView(t_item, t_cat, t_key, offset, t_item.numel(), n_conv, empty, nodes, targets)
+        r, m, b = mine.n_retrieval, mine.nodes.shape[1], mine.targets.shape[1]
+        packed = torch.cat([torch.tensor([r, m, b, mine.n_conversion], device=device),  # header [4]
+                            mine.target_item, mine.target_cat, mine.target_key,  # [3 R_r]
+                            mine.nodes.reshape(-1), mine.targets.reshape(-1)]).cpu()  # [2 M_r], [2 B_r]
+        ret, nodes, targets, n_conv = [], [], [], 0
+        for p in group.gather(packed):
+            r, m, b, c = (int(x) for x in p[:4])
+            ret.append(p[4:4 + 3 * r].view(3, r))
+            nodes.append(p[4 + 3 * r:4 + 3 * r + 2 * m].view(2, m))
+            targets.append(p[4 + 3 * r + 2 * m:4 + 3 * r + 2 * m + 2 * b].view(2, b))
+            n_conv += c
+        offset = sum(x.shape[1] for x in ret[: group.rank])
+        t = torch.cat(ret, 1).to(device)  # [3, R]
+        mine = GlobalView(t[0], t[1], t[2], offset, t.shape[1], n_conv, empty, torch.cat(nodes, 1).to(device),
+                          torch.cat(targets, 1).to(device))
     n_uni = n_uniform if mine.n_retrieval else 0
     mine.uniform = torch.randint(1, max(n_items, 2), (n_uni,), generator=generator,
                                  device=generator.device).to(device)  # [U]
