@@ -275,6 +275,10 @@ class Trainer:
         mine = newest_loadable(self.ckpt_dir, g.rank, g.world)
         step = -int(g.all_max(torch.tensor([-mine], dtype=torch.float64))[0])  # min over ranks
         if step < 0:
+            newest = load_latest(self.ckpt_dir)
+            if newest is not None and newest.get("world", 1) != g.world:
+                raise IncompatibleCheckpoint(f"was written by {newest.get('world', 1)} rank(s); resume it with as "
+                                             f"many (tgastream train --nproc {newest.get('world', 1)})")
             self.trained_log.truncate(0)
             return False
         model, part = load_step(self.ckpt_dir, step, g.rank, g.world)
