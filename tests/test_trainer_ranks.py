@@ -95,3 +95,25 @@ def test_a_rank_killed_mid_stream_restarts_the_group_from_the_newest_complete_ch
     assert again.wait(600) == 0, (tmp_path / "clean.log").read_text()[-4000:]
     assert sum(stats(clean / f"rank-{r}")["trained"] for r in range(2)) == len(samples)
     assert sorted(_trained(clean)) == identities
+
+
+def test_sigterm_to_one_rank_stops_both_after_a_complete_final_checkpoint(topic_settings, tmp_path):
+    import os
+
+    settings = topic_settings
+    ensure_app_topics(settings.bootstrap, settings)
+    produce_identified_samples(settings, 1500)
+    data = tmp_path / "trainer"
+    log = tmp_path / "ranks.log"
+    proc = start_ranks(settings, data, log, 2, *ARGS, "--checkpoint-every-s", "1000")  # no idle exit: runs until stopped
+    deadline = time.monotonic() + 300
+    while len(history(data / "rank-0")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)  # one rank only: the vote stops the group
+    assert proc.wait(120) == 0, log.read_text()[-4000:]
+    per_rank = [stats(data / f"rank-{r}") for r in range(2)]
+    assert per_rank[0]["steps"] == per_rank[1]["steps"] > 0
+    final = f"ckpt-{per_rank[0]['steps']:012d}"
+    assert {p.name for p in (data / "checkpoints").glob(final + "*")} == {
+        f"{final}.pt", f"{final}.rank-0-of-2.pt", f"{final}.rank-1-of-2.pt"}
