@@ -7,7 +7,7 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = "run a benchmark: stream, model, online, freshness, api or index (each prints a table; --json writes it)"
+HELP = "run a benchmark: stream, model, online, freshness, api, index or skew (each prints a table; --json writes it)"
 
 BENCHES: dict[str, str] = {
     "stream": "tgastream.bench.stream",
@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "freshness": "tgastream.bench.freshness",
     "api": "tgastream.bench.api",
     "index": "tgastream.bench.index",
+    "skew": "tgastream.bench.skew",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
