@@ -53,7 +53,7 @@ class Snapshot:
     served_user_versions: dict[str, int]  # target user → model version of the vector that answered
     user_versions: list[int]  # every served user vector's model version
     item_versions: dict[str, int]  # every served item → its vector's model version
-    contexts: dict[str, bytes]  # target user → stored context graph (as published)
+    contexts: dict[str, tuple[bytes, float]]  # target user → stored context graph (as published), its newest event ts
     bought: dict[str, set[str]]  # target user → items excluded from their recommendations
     republished: float  # vectors the sweep had re-published by then
     read_s: float  # demo time of the read (s after the replay started)
@@ -154,7 +154,8 @@ def read_served(live, targets: dict[str, Event], k: int, secondary: Path) -> Sna
         store.catch_up()
         user_versions = [rec.model_version for _, rec in store.records("user")]
         item_versions = {iid: rec.model_version for iid, rec in store.records("item")}
-        contexts = {u: c for u in targets if (c := store.context(u)) is not None}
+        contexts = {u: (c, rec.event_ts) for u in targets
+                    if (c := store.context(u)) is not None and (rec := store.user(u)) is not None}
         bought = {u: store.bought(u) for u in targets}
     finally:
         store.close()
@@ -195,9 +196,9 @@ def recompute_top_k(checkpoint_dir: Path, snap: Snapshot, categories: dict[str, 
         vectors: dict[str, np.ndarray] = {}
         for lo in range(0, len(users), chunk):
             part = users[lo:lo + chunk]
-            graphs = [UserGraph.from_bytes(snap.contexts[u]) for u in part]
             # the trainer's pseudo sample for a user vector (OnlineLearner.user_vectors_of): the graph alone
-            pseudo = [Sample(RETRIEVAL, u, g, "", "", 0, 1.0, 0.0) for u, g in zip(part, graphs)]
+            pseudo = [Sample(RETRIEVAL, u, UserGraph.from_bytes(snap.contexts[u][0]), "", "", 0, 1.0, snap.contexts[u][1])
+                      for u in part]
             vecs = model.user_vectors(collate(pseudo, rows.vocabs(), "cpu")).float().numpy()  # [U, d]
             vectors.update({u: vecs[j] for j, u in enumerate(part)})
     top = {u: [i for i, _ in top_k(v, ids, matrix, k, snap.bought.get(u, set()))] for u, v in vectors.items()}
@@ -352,8 +353,9 @@ def plot(result: dict, path: Path) -> None:
     names = list(runs)
     x = np.arange(len(names))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar(x - 0.2, [runs[n][f"hr@{k}_served"] for n in names], 0.4, label="served by the API")
-    a.bar(x + 0.2, [runs[n][f"hr@{k}_recomputed"] for n in names], 0.4, label="recomputed, newest model")
+    for dx, key, label in ((-0.2, "served", "served by the API"), (0.2, "recomputed", "recomputed, newest model")):
+        a.bar_label(a.bar(x + dx, [runs[n][f"hr@{k}_{key}"] for n in names], 0.4, label=label), fmt="%.3f")
+    a.set_ylim(0, 1.4 * max(max(r[f"hr@{k}_served"], r[f"hr@{k}_recomputed"]) for r in runs.values()) + 1e-3)
     a.set_xticks(x, [f"{n}\n(republish {runs[n]['republish_rate']}/s)" for n in names])
     a.set_ylabel(f"HR@{k} of held-out last events")
     a.set_title(f"HR@{k}, {result['targets']} targets")
@@ -361,7 +363,7 @@ def plot(result: dict, path: Path) -> None:
     bars = [("user oldest", "user_versions", "lag_oldest"), ("user median", "user_versions", "lag_median"),
             ("item oldest", "item_versions", "lag_oldest"), ("item median", "item_versions", "lag_median")]
     for j, (label, kind, key) in enumerate(bars):
-        b.bar(x + (j - 1.5) * 0.2, [runs[n][kind][key] or 0 for n in names], 0.2, label=label)
+        b.bar_label(b.bar(x + (j - 1.5) * 0.2, [runs[n][kind][key] or 0 for n in names], 0.2, label=label), fmt="%g")
     b.set_xticks(x, names)
     b.set_ylabel("model versions behind the current one")
     b.set_title("Version skew of served vectors")
