@@ -23,7 +23,7 @@ import statistics
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,6 @@ class Snapshot:
     read_s: float  # demo time of the read (s after the replay started)
     after_last_step_s: float  # how long after the trainer's last optimizer step
     materialize_wait_s: float  # waited for the replica to hold everything on the topic
-    extra: dict = field(default_factory=dict)
 
 
 def hold_out_last(events: list[Event], cut_quantile: float) -> Holdout:
@@ -113,6 +112,8 @@ def _wait_materialized(bootstrap: str, topic: str, store, timeout_s: float = 60.
         ends = {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
     finally:
         consumer.close()
+    if not ends:
+        raise RuntimeError(f"no partitions of {topic} found: cannot tell whether the replica holds it")
     start = time.monotonic()
     while True:
         store.catch_up()
