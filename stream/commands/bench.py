@@ -7,7 +7,8 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = "run a benchmark: stream, model, online, freshness, api, index or trainer (each prints a table; --json writes it)"
+HELP = ("run a benchmark: stream, model, online, freshness, api, index, trainer or skew "
+        "(each prints a table; --json writes it)")
 
 BENCHES: dict[str, str] = {
     "stream": "tgastream.bench.stream",
@@ -17,6 +18,7 @@ BENCHES: dict[str, str] = {
     "api": "tgastream.bench.api",
     "index": "tgastream.bench.index",
     "trainer": "tgastream.bench.trainer",
+    "skew": "tgastream.bench.skew",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
