@@ -58,6 +58,7 @@ class Settings:
     worker_cache_users: int = field(default=200_000, metadata={"help": "stream worker: users kept decoded in memory"})
     standby_replicas: int = field(default=0, metadata={"help": "stream worker: standby copies of each state partition on other workers"})
     rebalance_timeout_s: float = field(default=3.0, metadata={"help": "consumer group rebalance timeout; keep short on Tansu (DESIGN.md §7)"})
+    join_timeout_s: float = field(default=120.0, metadata={"help": "longest wait at start-up for the worker's first partition assignment (joining the group); past it the worker leaves, logs what it waited on and joins again; 0 = wait forever"})
     stop_timeout_s: float = field(default=8.0, metadata={"help": "longest graceful stop (persist, commit, leave the group) after SIGTERM before a worker exits without waiting for the broker; nothing not durable is committed; 0 = wait forever"})
     # model / trainer
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -112,8 +113,9 @@ class Settings:
             raise SettingsError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
         if self.train_policy not in ("all", "bounded"):
             raise SettingsError(f"train_policy must be all or bounded, got {self.train_policy!r}")
-        if self.stop_timeout_s < 0:
-            raise SettingsError(f"stop_timeout_s must be >= 0, got {self.stop_timeout_s}")
+        for name in ("stop_timeout_s", "join_timeout_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.standby_replicas < 0:
             raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
         if not 0.0 <= self.replay_share < 1.0:
