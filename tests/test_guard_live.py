@@ -26,10 +26,10 @@ from tests.trainer_util import history, start_trainer
 BATCH = 64
 POISON_STEPS = (25, 55)  # steps [25, 55) see the poisoned stretch (every step is one batch of 64, in order)
 WINDOW_STEPS = 12  # the guard's window in steps: ~19 retrieval rows scored a step, min 150 of them
-ARGS = ("--train-policy", "bounded", "--burst", "1", "--batch-size", str(BATCH), "--lr", "0.05",
+ARGS = ("--train-policy", "bounded", "--burst", "1", "--batch-size", str(BATCH),  # the default learning rate
         "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "3", "--sample-len", "20",
         "--guard-window", "400", "--guard-min-retrievals", "150", "--guard-min-positives", "5", "--shadow-share", "0.5",
-        "--guard-margin", "0.06")  # lr 0.05 moves this small model by a few HR@10 points a step: a wider margin
+        "--guard-margin", "0.06")
 
 
 def _stream(seed: int, poisoned: bool) -> list:
