@@ -11,7 +11,8 @@ Protocol (no future leakage):
   over-represented near the cut). Training uses labels known before ``fit_ts``; validation labels
   known in ``[fit_ts, split_ts)``; test every sample whose event (retrieval target, conversion
   click) is at or after ``split_ts``. Clicks of the last window before the split are used by
-  neither side;
+  neither side. Test clicks of the log's last conversion window are right-censored (a later buy
+  is unseen) and are left out of conversion scoring for every model (:func:`uncensored_clicks`);
 - the item/category vocabulary (embedding rows) comes from the training period only: items first
   seen later have no row and fall back to their category embedding (the pointer can still point
   at them through node states);
@@ -293,6 +294,7 @@ class TestCases:
     conv_users: np.ndarray  # [K] user codes
     labels: np.ndarray  # [K] conversion labels
     n_users: int  # user codes are 0 .. n_users - 1
+    censored: int = 0  # conversion clicks left out: their window was still open at the log's end
 
     @classmethod
     def of(cls, data: EvalData, ret: np.ndarray, conv: np.ndarray) -> "TestCases":
@@ -305,6 +307,7 @@ class TestCases:
         return {"retrieval": int(len(self.ret)), "buy": int(self.buy.sum()), "conversion": int(len(self.conv)),
                 "retrieval_repeat": int(self.repeat.sum()), "retrieval_novel": int((~self.repeat).sum()),
                 "conversion_positives": int((self.labels > 0).sum()),
+                "conversion_censored_excluded": int(self.censored),
                 "users": int(len(np.unique(np.concatenate([self.ret_users, self.conv_users])))),
                 "conversion_users": int(len(np.unique(self.conv_users)))}
 
@@ -454,6 +457,16 @@ def _group_aucs(probs: np.ndarray, cases: TestCases) -> tuple[np.ndarray, np.nda
     return aucs, counts
 
 
+def uncensored_clicks(click_ts: np.ndarray, window_s: float, log_end: float) -> np.ndarray:
+    """Bool mask [K]: clicks whose conversion window closed before the log ends.
+
+    A click in the last ``window_s`` of the log gets the label observed at the log's end: a buy
+    after the end is unseen, so its negative label is right-censored (on the 10k slice, context
+    length alone scored AUC 0.26 on such clicks). The evaluation leaves these clicks out of
+    conversion scoring, for every model alike, and reports how many it left out."""
+    return click_ts + window_s <= log_end
+
+
 def _subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if not limit or len(idx) <= limit:
         return idx
@@ -550,14 +563,18 @@ def run(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) -> dict
     if cfg.on_validation:
         data = validation_as_test(data)
     test_ret = _subsample(np.flatnonzero(data.test.kind == RETRIEVAL), cfg.max_test_cases, cfg.train.seed)
-    test_conv = _subsample(np.flatnonzero(data.test.kind == CONVERSION), cfg.max_test_cases, cfg.train.seed)
+    all_conv = np.flatnonzero(data.test.kind == CONVERSION)
+    closed = uncensored_clicks(data.test.event_ts[all_conv], cfg.window_s, float(data.event_ts[-1]))
+    test_conv = _subsample(all_conv[closed], cfg.max_test_cases, cfg.train.seed)
     cases = TestCases.of(data, test_ret, test_conv)
+    cases.censored = int((~closed).sum())
     seeds = seeds_of(cfg)
     if progress:
         print(f"{data.info['events']:,} events, {data.info['users']:,} users, {data.info['items']:,} items; "
               f"train {data.info['train_samples']:,} / valid {data.info['valid_samples']:,} samples; test: "
               f"{len(test_ret):,} next events ({int(cases.buy.sum())} buys, {int(cases.repeat.sum())} repeats), "
-              f"{len(test_conv):,} clicks ({int((cases.labels > 0).sum())} bought); seeds {seeds}; device {device}",
+              f"{len(test_conv):,} clicks ({int((cases.labels > 0).sum())} bought; {cases.censored:,} censored clicks "
+              f"of the log's last {cfg.window_s / 3600:.0f} h left out); seeds {seeds}; device {device}",
               flush=True)
     outputs: dict[str, list[ModelOutput]] = {}
     for name in cfg.models:
@@ -623,7 +640,8 @@ def format_table(result: dict) -> str:
     lines.append(f"test cases: {tc['retrieval']:,} next events (full ranking over {result['data']['items']:,} items; "
                  f"{tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets), "
                  f"{tc['buy']:,} buy targets, {tc['conversion']:,} conversion clicks "
-                 f"({result['data']['conversion_positives']:,} bought) of {tc.get('users', 0):,} users; "
+                 f"({result['data']['conversion_positives']:,} bought; "
+                 f"{tc.get('conversion_censored_excluded', 0):,} censored clicks left out) of {tc.get('users', 0):,} users; "
                  f"neural models: mean ± sd over seeds {seeds}; [95% user-bootstrap interval]")
     return "\n".join(lines)
 
@@ -659,7 +677,8 @@ def format_markdown(result: dict) -> str:
     lines += ["", f"{tc['retrieval']:,} next events ranked over {result['data']['items']:,} items "
               f"({tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets, "
               f"{tc['buy']:,} buys); {tc['conversion']:,} conversion clicks ({result['data']['conversion_positives']:,} "
-              f"bought) of {tc.get('users', 0):,} users. Neural models: mean ± sd over seeds {result.get('seeds')}; "
+              f"bought; {tc.get('conversion_censored_excluded', 0):,} clicks of the log's last conversion window "
+              f"left out as right-censored) of {tc.get('users', 0):,} users. Neural models: mean ± sd over seeds {result.get('seeds')}; "
               f"[95% user-bootstrap interval, {result['config'].get('bootstrap')} resamples]."]
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ import pytest
 from tgastream.model.config import TrainConfig
 from tgastream.model.covisit import Covisitation, CovisitConfig, rank_from_scores, repeat_covisit_scores
 from tgastream.model.evaluation import (METRIC_KEYS, EvalConfig, build_data, covisit_ranks, covisitation_of,
-                                        repeat_ranks, run, seeds_of)
+                                        repeat_ranks, run, seeds_of, uncensored_clicks)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 from tgastream.stream.cli import main
 from tgastream.core.events import load_events
@@ -31,7 +31,8 @@ def log(tmp_path_factory) -> Path:
 
 
 TINY = EvalConfig(dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128), eval_batch=256,
-                  models=("tga", "sasrec", "din", "pop", "repeat", "covisit", "repeat_covisit"), bootstrap=50)
+                  models=("tga", "sasrec", "din", "pop", "repeat", "covisit", "repeat_covisit"), bootstrap=50,
+                  window_s=6 * 3600.0)  # the log spans 4 days: a 24 h window would censor every test click
 
 
 def test_split_uses_only_the_past_for_training(log):
@@ -154,3 +155,22 @@ def test_on_validation_scores_the_validation_share_and_never_the_test_period(log
     assert result["data"]["scored"].startswith("validation")
     assert result["test_cases"]["retrieval"] == int((data.valid.kind == RETRIEVAL).sum())
     assert result["test_cases"]["conversion"] == int((data.valid.kind == CONVERSION).sum())
+
+
+def test_clicks_of_the_logs_last_conversion_window_are_left_out_as_censored():
+    end, window = 1000.0, 100.0
+    clicks = np.array([0.0, 899.0, 900.0, 901.0, 999.0])
+    assert uncensored_clicks(clicks, window, end).tolist() == [True, True, True, False, False]
+
+
+def test_eval_scores_no_censored_click_and_counts_those_left_out(log):
+    events = load_events(log)
+    cfg = EvalConfig(models=("din",), dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128), bootstrap=0,
+                     window_s=6 * 3600.0)
+    data = build_data(events, cfg, progress=False)
+    conv = data.test.kind == CONVERSION
+    open_at_end = data.test.event_ts[conv] + cfg.window_s > max(e.ts for e in events)
+    assert 0 < open_at_end.sum() < conv.sum()  # the log has both kinds of test click
+    result = run(events, cfg, progress=False)
+    assert result["test_cases"]["conversion_censored_excluded"] == int(open_at_end.sum())
+    assert result["test_cases"]["conversion"] == int((~open_at_end).sum())
