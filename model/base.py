@@ -170,9 +170,11 @@ class SequenceRecommender(nn.Module):
             r_loss = float(lr.detach())
         if n_conv:
             idx = conv.nonzero().squeeze(1)
-            logits = self.conversion_logits(_rows(batch, idx), states[idx], vecs[idx])
+            # the balance of the two heads: a conversion-only model (DIN) has nothing to balance
+            g, w = (self.cfg.conversion_grad, self.cfg.conversion_weight) if self.does_retrieval else (1.0, 1.0)
+            logits = self.conversion_logits(_rows(batch, idx), scale_grad(states[idx], g), scale_grad(vecs[idx], g))
             lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx])
-            total = total + self.cfg.conversion_weight * lc
+            total = total + w * lc
             c_loss = float(lc.detach())
         return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
 
@@ -206,6 +208,22 @@ class SequenceRecommender(nn.Module):
         den = torch.logsumexp(torch.cat(parts_den, 1), 1)
         num = torch.logsumexp(torch.cat(parts_num, 1), 1)
         return (den - num).mean()
+
+
+def scale_grad(t: torch.Tensor, g: float) -> torch.Tensor:
+    """``t`` in the forward pass, ``g`` × its gradient in the backward pass:
+
+        y = g · t + (1 - g) · stopgrad(t),   ∂L/∂t = g · ∂L/∂y
+
+    The conversion loss reaches the shared encoder and item tower through this with
+    ``g = cfg.conversion_grad``: the two heads pull the shared states apart (a heavy conversion
+    weight lifted conversion AUC and cost retrieval HR@10), so the conversion head can be trained
+    hard on its own parameters while the encoder hears it only at scale ``g``."""
+    if g == 1.0:
+        return t
+    if g == 0.0:
+        return t.detach()
+    return g * t + (1.0 - g) * t.detach()
 
 
 def _rows(batch: Batch, idx: torch.Tensor) -> Batch:

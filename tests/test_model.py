@@ -317,3 +317,37 @@ def test_candidate_scoring_equals_one_row_per_candidate(vocabs):
     c = torch.from_numpy(vocabs.categories.lookup([str(int(x) % N_CATS) for x in cands])).unsqueeze(0)
     k = torch.from_numpy(keys.lookup(cands)).unsqueeze(0)
     torch.testing.assert_close(model.candidate_conversion_proba(batch, r, c, k)[0], one_each, atol=1e-6, rtol=1e-5)
+
+
+def _conversion_grads(vocabs: Vocabs, g: float) -> dict[str, torch.Tensor]:
+    """Gradients of a conversion-only batch's loss, per parameter, for conversion_grad = g."""
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_grad=g, impl="reference")).train()
+    conv = [x for x in _samples() if x.kind == CONVERSION][:12]
+    model.loss(collate(conv, vocabs)).loss.backward()
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def test_conversion_grad_scales_what_the_conversion_loss_sends_into_the_encoder(vocabs):
+    full, half, none = (_conversion_grads(vocabs, g) for g in (1.0, 0.5, 0.0))
+    shared = [n for n in full if n.startswith(("layers.", "embed.item", "embed.category")) and full[n].abs().sum() > 0]
+    assert shared
+    for n in shared:
+        assert torch.allclose(half[n], 0.5 * full[n], atol=1e-6, rtol=1e-4), n
+        assert not none[n].abs().sum() > 0, n  # stop-grad: the encoder and item tower hear nothing
+    head = [n for n in full if n.startswith("conversion_head.")]
+    for n in head:  # the head's own parameters learn the same whatever the scale
+        assert torch.allclose(none[n], full[n], atol=1e-6), n
+
+
+def test_conversion_weight_and_grad_leave_a_conversion_only_model_alone(vocabs):
+    conv = collate([x for x in _samples() if x.kind == CONVERSION][:12], vocabs)
+    losses = []
+    for kw in ({}, {"conversion_weight": 30.0, "conversion_grad": 0.0}):
+        torch.manual_seed(0)
+        model = DIN(_cfg(**kw)).train()
+        out = model.loss(conv)
+        out.loss.backward()
+        losses.append((float(out.loss.detach()), float(model.embed.item.weight.grad.abs().sum())))
+    assert losses[0] == pytest.approx(losses[1])
+    assert losses[0][1] > 0
