@@ -27,7 +27,8 @@ from tgastream.model.batching import Batch
 from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead
 from tgastream.model.embedding import NodeEmbedding
-from tgastream.model.retrieval_head import RetrievalHead, scatter_logsumexp
+from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits,
+                                            scatter_logsumexp)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 
 
@@ -56,6 +57,9 @@ class SequenceRecommender(nn.Module):
             nn.init.zeros_(self.item_bias.weight)
         self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
         self.conversion_head = ConversionHead(cfg.dim, cfg.dropout) if self.does_conversion else None
+        # weight of the transition prior's logit term (retrieval_head.py); only when configured
+        self.prior_weight = (nn.Parameter(torch.ones(()))
+                             if cfg.transition_prior and self.does_retrieval else None)
         # what the stream has shown so far: target frequency (logQ of in-batch negatives) and each
         # item row's category (the item tower of uniformly sampled negatives)
         self.register_buffer("item_counts", torch.zeros(cfg.n_items))
@@ -119,6 +123,8 @@ class SequenceRecommender(nn.Module):
         head = self._head()
         u = head.user_vector(states, batch.mask, batch.last_index)  # [B, d]
         z = self._catalogue_logits(u, vectors) + bias  # [B, C]
+        if self._uses_prior(batch):
+            z = z + self.prior_weight * prior_catalogue_logits(batch.prior_keys, batch.prior_vals, z.shape[1])
         if head.copy:
             c = head.node_logits(u, states, batch.mask, batch.lengths)  # [B, N]
             c = c.masked_fill(batch.keys <= 0, float("-inf"))
@@ -130,6 +136,9 @@ class SequenceRecommender(nn.Module):
         if self.cfg.temperature > 0:
             return F.normalize(u, dim=-1) @ F.normalize(vectors, dim=-1).T / self.cfg.temperature
         return u @ vectors.T
+
+    def _uses_prior(self, batch: Batch) -> bool:
+        return self.prior_weight is not None and batch.prior_keys is not None and batch.prior_vals is not None
 
     def _head(self) -> RetrievalHead:
         if self.retrieval_head is None:
@@ -193,6 +202,8 @@ class SequenceRecommender(nn.Module):
         if not self.cfg.logq:
             log_q_in, log_q_uni = torch.zeros_like(log_q_in), torch.zeros_like(log_q_uni)
         s_in = self._catalogue_logits(u, e_t) + b_t  # [R, R]
+        if self._uses_prior(sub):
+            s_in = s_in + self.prior_weight * prior_logits(sub.prior_keys, sub.prior_vals, t_keys)  # [R, R]
         pos = s_in.diagonal()  # [R]
         same = t_keys.unsqueeze(1) == t_keys.unsqueeze(0)  # accidental hits (incl. the diagonal)
         neg_in = (s_in - log_q_in).masked_fill(same, float("-inf"))  # [R, R]

@@ -40,6 +40,8 @@ class ModelConfig:
     conversion_weight: float = 1.0
     conversion_grad: float = 1.0  # share of the conversion loss's gradient that reaches the shared encoder and
     # item tower (1: all; 0: stop-grad, the conversion head learns on top of retrieval-shaped states)
+    transition_prior: bool = False  # add w · log(1 + co-visitation score) to retrieval logits when the batch
+    # carries a prior (model/retrieval_head.py); without one the term is 0
     impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive
 
     def validate(self) -> "ModelConfig":

@@ -351,3 +351,40 @@ def test_conversion_weight_and_grad_leave_a_conversion_only_model_alone(vocabs):
         losses.append((float(out.loss.detach()), float(model.embed.item.weight.grad.abs().sum())))
     assert losses[0] == pytest.approx(losses[1])
     assert losses[0][1] > 0
+
+
+def test_transition_prior_lifts_exactly_the_named_items_by_its_learned_weight(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg(transition_prior=True, impl="reference")).eval()
+    batch = _mixed_batch(vocabs)
+    b, width = batch.size, N_ITEMS + 5
+    vectors, bias = torch.randn(width, 16), torch.zeros(width)
+    batch.keys = batch.keys.clamp(max=width)
+    plain = model.score_catalogue(batch, vectors, bias)  # [B, C]: no prior in the batch, no term
+    batch.prior_keys = torch.zeros(b, 3, dtype=torch.long)
+    batch.prior_vals = torch.zeros(b, 3)
+    batch.prior_keys[:, 0], batch.prior_vals[:, 0] = 7, 2.0  # key 7 = column 6
+    batch.prior_keys[0, 1], batch.prior_vals[0, 1] = 7, 1.0  # the same key twice adds up
+    with torch.no_grad():
+        model.prior_weight.fill_(0.5)
+        lifted = model.score_catalogue(batch, vectors, bias)
+    copy_free = batch.keys.ne(7).all(1)  # rows whose own nodes don't hold key 7 (the pointer would mix in)
+    diff = lifted - plain
+    assert torch.allclose(diff[copy_free][:, 6], torch.where(torch.arange(b)[copy_free] == 0,
+                                                             0.5 * torch.log1p(torch.tensor(3.0)),
+                                                             0.5 * torch.log1p(torch.tensor(2.0))), atol=1e-5)
+    others = torch.ones(width, dtype=torch.bool)
+    others[6] = False
+    assert torch.allclose(diff[:, others], torch.zeros_like(diff[:, others]), atol=1e-5)
+
+
+def test_transition_prior_weight_learns_from_the_retrieval_loss(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg(transition_prior=True, impl="reference")).train()
+    batch = _mixed_batch(vocabs)
+    batch.prior_keys = torch.stack([batch.target_key, torch.zeros_like(batch.target_key)], 1)  # [B, 2]
+    batch.prior_vals = torch.tensor([[3.0, 0.0]]).expand(batch.size, 2).contiguous()
+    model.loss(batch).loss.backward()
+    assert model.prior_weight.grad is not None and float(model.prior_weight.grad) < 0  # the prior names the target: raise w
+    plain = TGA(_cfg(impl="reference"))
+    assert plain.prior_weight is None and "prior_weight" not in plain.state_dict()  # off by default: old checkpoints load

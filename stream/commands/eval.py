@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--conversion-grad", type=float, default=None,
                    help="share of the conversion loss's gradient reaching the shared encoder, 0..1 (default: the model config's)")
+    p.add_argument("--transition-prior", type=int, default=32,
+                   help="co-visitation candidates per next-event sample fed to TGA as a learned logit term, "
+                        "0 = none (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                               max_train_samples=args.max_train_samples, weight_decay=args.weight_decay),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
             seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
+            transition_prior=args.transition_prior,
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
                                                                   ("conversion_grad", args.conversion_grad))
                                   if value is not None),
