@@ -32,6 +32,10 @@ from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logit
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 
 
+PRIOR_SCALE = 20.0
+"""The transition prior's weight is learned as w / PRIOR_SCALE (its learning rate × PRIOR_SCALE)."""
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar to backpropagate
@@ -57,9 +61,11 @@ class SequenceRecommender(nn.Module):
             nn.init.zeros_(self.item_bias.weight)
         self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
         self.conversion_head = ConversionHead(cfg.dim, cfg.dropout) if self.does_conversion else None
-        # weight of the transition prior's logit term (retrieval_head.py); only when configured
-        self.prior_weight = (nn.Parameter(torch.ones(()))
-                             if cfg.transition_prior and self.does_retrieval else None)
+        # weight of the transition prior's logit term (retrieval_head.py); only when configured.
+        # Stored as w / PRIOR_SCALE: Adam moves a parameter by about lr a step whatever its
+        # gradient, so a bare scalar would barely leave its initial value in a few hundred steps
+        self.prior_param = (nn.Parameter(torch.full((), 1.0 / PRIOR_SCALE))
+                            if cfg.transition_prior and self.does_retrieval else None)
         # what the stream has shown so far: target frequency (logQ of in-batch negatives) and each
         # item row's category (the item tower of uniformly sampled negatives)
         self.register_buffer("item_counts", torch.zeros(cfg.n_items))
@@ -137,8 +143,13 @@ class SequenceRecommender(nn.Module):
             return F.normalize(u, dim=-1) @ F.normalize(vectors, dim=-1).T / self.cfg.temperature
         return u @ vectors.T
 
+    @property
+    def prior_weight(self) -> torch.Tensor | None:
+        """w_π of the transition prior term (None when the model has none)."""
+        return None if self.prior_param is None else PRIOR_SCALE * self.prior_param
+
     def _uses_prior(self, batch: Batch) -> bool:
-        return self.prior_weight is not None and batch.prior_keys is not None and batch.prior_vals is not None
+        return self.prior_param is not None and batch.prior_keys is not None and batch.prior_vals is not None
 
     def _head(self) -> RetrievalHead:
         if self.retrieval_head is None:

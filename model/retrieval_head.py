@@ -23,7 +23,8 @@ the user has already touched, and the item table alone rarely lifts a novel item
     s(i) = u · e_i + b_i + w_π · log(1 + π(i)),   π(i) = Σ_k decay^k · count(x_k → i)
 
 (x_k: the user's k-th most recent distinct item; the batch carries each row's P best-scored
-candidates, π = 0 for every other item; w_π is one learned scalar, initialised to 1). In the
+candidates, π = 0 for every other item; w_π is one learned scalar, initialised to 1 and
+learned at 20× the learning rate, see ``base.PRIOR_SCALE``). In the
 sampled-softmax loss the uniform negatives get π = 0 (their keys are unknown there; a uniform
 draw lands among P named candidates with probability P / catalogue size).
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tgastream.model import fused
+from tgastream.model.base import PRIOR_SCALE
 from tgastream.model.batching import Vocabs, collate, encode_graphs, encode_samples, to_batch
 from tgastream.model.config import ModelConfig
 from tgastream.model.din import DIN
@@ -366,7 +367,7 @@ def test_transition_prior_lifts_exactly_the_named_items_by_its_learned_weight(vo
     batch.prior_keys[:, 0], batch.prior_vals[:, 0] = 7, 2.0  # key 7 = column 6
     batch.prior_keys[0, 1], batch.prior_vals[0, 1] = 7, 1.0  # the same key twice adds up
     with torch.no_grad():
-        model.prior_weight.fill_(0.5)
+        model.prior_param.fill_(0.5 / PRIOR_SCALE)
         lifted = model.score_catalogue(batch, vectors, bias)
     copy_free = batch.keys.ne(7).all(1)  # rows whose own nodes don't hold key 7 (the pointer would mix in)
     diff = lifted - plain
@@ -385,6 +386,6 @@ def test_transition_prior_weight_learns_from_the_retrieval_loss(vocabs):
     batch.prior_keys = torch.stack([batch.target_key, torch.zeros_like(batch.target_key)], 1)  # [B, 2]
     batch.prior_vals = torch.tensor([[3.0, 0.0]]).expand(batch.size, 2).contiguous()
     model.loss(batch).loss.backward()
-    assert model.prior_weight.grad is not None and float(model.prior_weight.grad) < 0  # the prior names the target: raise w
+    assert model.prior_param.grad is not None and float(model.prior_param.grad) < 0  # the prior names the target: raise w
     plain = TGA(_cfg(impl="reference"))
-    assert plain.prior_weight is None and "prior_weight" not in plain.state_dict()  # off by default: old checkpoints load
+    assert plain.prior_weight is None and "prior_param" not in plain.state_dict()  # off by default: old checkpoints load
