@@ -58,6 +58,7 @@ class Settings:
     worker_cache_users: int = field(default=200_000, metadata={"help": "stream worker: users kept decoded in memory"})
     standby_replicas: int = field(default=0, metadata={"help": "stream worker: standby copies of each state partition on other workers"})
     rebalance_timeout_s: float = field(default=3.0, metadata={"help": "consumer group rebalance timeout; keep short on Tansu (DESIGN.md §7)"})
+    join_timeout_s: float = field(default=120.0, metadata={"help": "longest wait at start-up for the worker's first partition assignment (joining the group); past it the worker leaves, logs what it waited on and joins again; 0 = wait forever"})
     stop_timeout_s: float = field(default=8.0, metadata={"help": "longest graceful stop (persist, commit, leave the group) after SIGTERM before a worker exits without waiting for the broker; nothing not durable is committed; 0 = wait forever"})
     # model / trainer
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -70,6 +71,12 @@ class Settings:
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = LR
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
+    guard: bool = field(default=True, metadata={"help": "trainer: shadow-evaluate a baseline (the last good checkpoint) and roll back when the online model falls below it"})
+    guard_margin: float = field(default=0.03, metadata={"help": "trainer: how far below the baseline (AUC or HR@10) the online model may fall over the window before a rollback"})
+    guard_window: int = field(default=2000, metadata={"help": "trainer: paired cases (retrieval rows, conversion clicks) the guard compares over"})
+    guard_min_retrievals: int = field(default=500, metadata={"help": "trainer: retrieval cases in the window before the HR@10 leg may trip (also the window a checkpoint must hold up over to become good)"})
+    guard_min_positives: int = field(default=30, metadata={"help": "trainer: bought clicks (and as many not bought) in the window before the AUC leg may trip"})
+    shadow_share: float = field(default=0.25, metadata={"help": "trainer: share of each step's new samples scored by the online model, the baseline and repeat-recent"})
     republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
@@ -96,10 +103,19 @@ class Settings:
             _positive(name, getattr(self, name))
         if not 0.0 < self.drift_delta < 1.0:
             raise SettingsError(f"drift_delta must be in (0, 1), got {self.drift_delta}")
+        for name in ("guard_window", "guard_min_retrievals", "guard_min_positives"):
+            _positive(name, getattr(self, name))
+        if not 0.0 < self.guard_margin < 1.0:
+            raise SettingsError(f"guard_margin must be in (0, 1), got {self.guard_margin}")
+        if self.guard_min_retrievals > self.guard_window:
+            raise SettingsError(f"guard_min_retrievals ({self.guard_min_retrievals}) must be <= guard_window ({self.guard_window})")
+        if not 0.0 < self.shadow_share <= 1.0:
+            raise SettingsError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
         if self.train_policy not in ("all", "bounded"):
             raise SettingsError(f"train_policy must be all or bounded, got {self.train_policy!r}")
-        if self.stop_timeout_s < 0:
-            raise SettingsError(f"stop_timeout_s must be >= 0, got {self.stop_timeout_s}")
+        for name in ("stop_timeout_s", "join_timeout_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.standby_replicas < 0:
             raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
         if not 0.0 <= self.replay_share < 1.0:

@@ -26,6 +26,7 @@ from torch import nn
 from tgastream.model.batching import Batch
 from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead
+from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
 from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits,
                                             scatter_logsumexp)
@@ -158,34 +159,49 @@ class SequenceRecommender(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
-    def observe(self, batch: Batch) -> None:
-        """Record the batch's retrieval targets (their frequency) and item → category rows."""
+    def observe(self, view: GlobalView) -> None:
+        """Record the union batch's retrieval targets (their frequency) and item → category rows
+        (every graph node, then every target: a later one wins)."""
         with torch.no_grad():
-            ret = batch.kind == RETRIEVAL
-            self.item_counts.index_add_(0, batch.target_item[ret], torch.ones_like(batch.target_item[ret], dtype=torch.float))
-            self.item_category[batch.items[batch.mask]] = batch.cats[batch.mask]
-            self.item_category[batch.target_item] = batch.target_cat
+            self.item_counts.index_add_(0, view.target_item, torch.ones_like(view.target_item, dtype=torch.float))
+            self.item_category[view.nodes[0]] = view.nodes[1]
+            self.item_category[view.targets[0]] = view.targets[1]
             self.item_category[0] = 0
 
-    def loss(self, batch: Batch) -> LossOutput:
-        """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch."""
-        if self.training:
-            self.observe(batch)
+    def loss(self, batch: Batch, view: GlobalView | None = None) -> LossOutput:
+        """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch.
+
+        ``view`` (data-parallel ranks, model/distributed.py) is the union of every rank's batch:
+        its retrieval targets are the in-batch negatives, its counts are observed and normalise
+        the loss, its uniform negatives are shared; the value is then this rank's share of the
+        union's loss, (1/R) Σ_{own retrieval rows} ℓ_ret + w (1/C) Σ_{own conversion rows} ℓ_bce.
+        Without it the union is ``batch`` itself (one process)."""
         ret = (batch.kind == RETRIEVAL) if self.does_retrieval else torch.zeros_like(batch.kind, dtype=torch.bool)
         conv = (batch.kind == CONVERSION) if self.does_conversion else torch.zeros_like(ret)
         n_ret, n_conv = int(ret.sum()), int(conv.sum())
-        n_uni = self.cfg.uniform_negatives if n_ret else 0
-        uni = torch.randint(1, max(self.cfg.n_items, 2), (n_uni,), device=batch.items.device)  # [U]
-        rows = torch.cat([batch.target_item, uni])  # every item vector the step needs: one lookup
-        x, vecs = self.embed.lookup(batch, rows, torch.cat([batch.target_cat, self.item_category[uni]]))
-        bias = self.item_bias(rows).squeeze(-1) if self.item_bias is not None else None  # [B + U]
+        if view is None:
+            n_uni = self.cfg.uniform_negatives if n_ret else 0
+            uni = torch.randint(1, max(self.cfg.n_items, 2), (n_uni,), device=batch.items.device)  # [U]
+            view = GlobalView(batch.target_item[ret], batch.target_cat[ret], batch.target_key[ret], 0, n_ret, n_conv,
+                              uni, torch.stack([batch.items[batch.mask], batch.cats[batch.mask]]),
+                              torch.stack([batch.target_item, batch.target_cat]))
+        if self.training:
+            self.observe(view)
+        uni = view.uniform
+        b, r_all = batch.size, view.n_retrieval
+        # every item vector the step needs, one lookup: own targets [B], the union's retrieval
+        # targets [R] (in-batch negatives), uniform negatives [U]
+        rows = torch.cat([batch.target_item, view.target_item, uni])
+        cats = torch.cat([batch.target_cat, view.target_cat, self.item_category[uni]])
+        x, vecs = self.embed.lookup(batch, rows, cats)  # [B, N, d], [B + R + U, d]
+        bias = self.item_bias(rows).squeeze(-1) if self.item_bias is not None else None  # [B + R + U]
         states = self.encode(batch, x)
-        b = batch.size
         total = states.new_zeros(())
         r_loss = c_loss = float("nan")
         if n_ret:
             idx = ret.nonzero().squeeze(1)
-            lr = self._retrieval_loss(_rows(batch, idx), states[idx], vecs[idx], bias[idx], uni, vecs[b:], bias[b:])
+            lr = self._retrieval_loss(_rows(batch, idx), states[idx], view, vecs[b:b + r_all], bias[b:b + r_all],
+                                      vecs[b + r_all:], bias[b + r_all:])
             total = total + lr
             r_loss = float(lr.detach())
         if n_conv:
@@ -193,43 +209,46 @@ class SequenceRecommender(nn.Module):
             # the balance of the two heads: a conversion-only model (DIN) has nothing to balance
             g, w = (self.cfg.conversion_grad, self.cfg.conversion_weight) if self.does_retrieval else (1.0, 1.0)
             logits = self.conversion_logits(_rows(batch, idx), scale_grad(states[idx], g), scale_grad(vecs[idx], g))
-            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx])
+            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx], reduction="sum") / view.n_conversion
             total = total + w * lc
             c_loss = float(lc.detach())
         return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
 
-    def _retrieval_loss(self, sub: Batch, st: torch.Tensor, e_t: torch.Tensor, b_t: torch.Tensor,
-                        uni: torch.Tensor, e_u: torch.Tensor, b_u: torch.Tensor) -> torch.Tensor:
-        """Sampled softmax over in-batch targets and uniform rows (logQ-corrected) plus the row's
-        own nodes (exact); sub/st are the R retrieval rows, e_t/b_t their targets' vectors/biases."""
+    def _retrieval_loss(self, sub: Batch, st: torch.Tensor, view: GlobalView, e_t: torch.Tensor, b_t: torch.Tensor,
+                        e_u: torch.Tensor, b_u: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax over the union's in-batch targets and uniform rows (logQ-corrected) plus
+        the row's own nodes (exact), summed over this batch's r retrieval rows (sub/st) and divided
+        by the union's R; e_t/b_t are the vectors/biases of the union's R targets, e_u/b_u of the
+        uniform rows."""
         head = self._head()
-        u = head.user_vector(st, sub.mask, sub.last_index)  # [R, d]
+        u = head.user_vector(st, sub.mask, sub.last_index)  # [r, d]
         r = u.shape[0]
-        t_rows, t_keys = sub.target_item, sub.target_key
+        big_r, uni = view.n_retrieval, view.uniform
+        own = torch.arange(r, device=u.device)
         # logQ: expected number of times a column is drawn as a negative for one row
         freq = self.item_counts / self.item_counts.sum().clamp(min=1.0)
-        log_q_in = torch.log(((r - 1) * freq[t_rows]).clamp(min=1e-6))  # [R]
+        log_q_in = torch.log(((big_r - 1) * freq[view.target_item]).clamp(min=1e-6))  # [R]
         log_q_uni = torch.log(torch.tensor(len(uni) / max(self.cfg.n_items - 1, 1), device=u.device))
         if not self.cfg.logq:
             log_q_in, log_q_uni = torch.zeros_like(log_q_in), torch.zeros_like(log_q_uni)
-        s_in = self._catalogue_logits(u, e_t) + b_t  # [R, R]
+        s_in = self._catalogue_logits(u, e_t) + b_t  # [r, R]
         if self._uses_prior(sub):
-            s_in = s_in + self.prior_weight * prior_logits(sub.prior_keys, sub.prior_vals, t_keys)  # [R, R]
-        pos = s_in.diagonal()  # [R]
-        same = t_keys.unsqueeze(1) == t_keys.unsqueeze(0)  # accidental hits (incl. the diagonal)
-        neg_in = (s_in - log_q_in).masked_fill(same, float("-inf"))  # [R, R]
+            s_in = s_in + self.prior_weight * prior_logits(sub.prior_keys, sub.prior_vals, view.target_key)  # [r, R]
+        pos = s_in[own, view.offset + own]  # [r]: each row's own target
+        same = sub.target_key.unsqueeze(1) == view.target_key.unsqueeze(0)  # [r, R] accidental hits (incl. own)
+        neg_in = (s_in - log_q_in).masked_fill(same, float("-inf"))  # [r, R]
         neg_uni = (self._catalogue_logits(u, e_u) + b_u - log_q_uni).masked_fill(
-            uni.unsqueeze(0) == t_rows.unsqueeze(1), float("-inf"))  # [R, U]
+            uni.unsqueeze(0) == sub.target_item.unsqueeze(1), float("-inf"))  # [r, U]
         parts_den = [pos.unsqueeze(1), neg_in, neg_uni]
         parts_num = [pos.unsqueeze(1)]
         if head.copy:
-            c = head.node_logits(u, st, sub.mask, sub.lengths)  # [R, N]
-            match = (sub.keys == t_keys.unsqueeze(1)) & sub.mask
+            c = head.node_logits(u, st, sub.mask, sub.lengths)  # [r, N]
+            match = (sub.keys == sub.target_key.unsqueeze(1)) & sub.mask
             parts_den.append(c)
             parts_num.append(c.masked_fill(~match, float("-inf")))
         den = torch.logsumexp(torch.cat(parts_den, 1), 1)
         num = torch.logsumexp(torch.cat(parts_num, 1), 1)
-        return (den - num).mean()
+        return (den - num).sum() / big_r
 
 
 def scale_grad(t: torch.Tensor, g: float) -> torch.Tensor:

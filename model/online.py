@@ -30,6 +30,7 @@ from torch import nn
 from tgastream.model.batching import collate
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.device import cpu_threads, resolve_device
+from tgastream.model.distributed import Group, Solo, all_reduce_gradients, broadcast_module, global_view, sync_rows
 from tgastream.model.inference import conversion_proba, load_model, model_state
 from tgastream.model.learner import StepOutput
 from tgastream.model.metrics import ranking_metrics, ranks_of_targets
@@ -71,18 +72,28 @@ class OnlineLearner:
     """TGA plus its embedding rows, optimizer, replay reservoir and rolling prequential metrics.
 
     ``model_cfg`` gives the model's shape; its ``n_items`` / ``n_categories`` are not used: the
-    tables are sized by the id maps (``cfg.chunk`` rows to start with) and grow with them."""
+    tables are sized by the id maps (``cfg.chunk`` rows to start with) and grow with them.
 
-    def __init__(self, model_cfg: ModelConfig, cfg: OnlineConfig = OnlineConfig()) -> None:
+    ``group``: the data-parallel ranks this learner steps with (model/distributed.py); every
+    rank calls :meth:`vectors` and :meth:`learn` together, each with its own samples (possibly
+    none), and all keep the same id maps and parameters. Default: one process."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: OnlineConfig = OnlineConfig(), group: Group | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg.threads))
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
+        self.group = group or Solo()
+        # draws every rank must make alike (uniform negatives, fresh and evicted rows): one
+        # generator, seeded alike, advanced alike; dropout and sampling stay per rank
+        self.shared_gen = torch.Generator(device=self.device)
+        self.shared_gen.manual_seed(cfg.seed)
         self.rows = EmbeddingRows.new(cfg.chunk)
         self.model = TGA(dataclasses.replace(model_cfg, n_items=self.rows.items.capacity,
                                              n_categories=self.rows.categories.capacity)).to(self.device)
+        broadcast_module(self.group, self.model)
         self.optimizer: torch.optim.Optimizer | None = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.metrics = RollingMetrics(window=cfg.metric_window)
         self.reservoir = Reservoir(cfg.reservoir)
@@ -95,10 +106,15 @@ class OnlineLearner:
 
     def vectors(self, samples: Sequence[Sample]) -> StepOutput:
         """Give the batch's ids rows, and compute the vectors to publish with the model as it is:
-        each user's graph *including* its newest event, and every item the batch touches."""
+        each user's graph *including* its newest event, and every item the batch touches.
+
+        With ranks, every rank calls this together (``samples`` may be empty): the rows are
+        assigned from the union of the ranks' ids (:func:`model.distributed.sync_rows`)."""
         if self.cfg.train:  # a frozen model knows only the rows it was trained with
-            self.rows.assign(samples, max(s.event_ts for s in samples))
-            self.rows.grow_tables(self.model, self.optimizer)
+            sync_rows(self.group, self.rows, samples)
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+        if not samples:
+            return StepOutput(users={}, items={}, loss=float("nan"))
         users, contexts, bought = self.user_vectors(samples)
         touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
         for s in samples:  # ... and each context's newest node (a user's first item is never a target)
@@ -140,30 +156,48 @@ class OnlineLearner:
     def learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
         """One optimizer step on the samples (a random ``train_limit`` of them) plus
         ``replay_share`` drawn from the reservoir. Uses only the model's public API (``encode``,
-        heads, ``loss``), so encoders can change beneath it."""
+        heads, ``loss``), so encoders can change beneath it.
+
+        With ranks, every rank calls this together with its own samples (possibly none): the
+        step is taken on the union of the ranks' batches (model/distributed.py), or by no rank
+        when the union is empty; the loss returned is the union's."""
         if not self.cfg.train or self.optimizer is None:
             return float("nan")
-        vocabs = self.rows.vocabs()
         train = list(samples)
         if 0 < train_limit < len(train):
             train = self.rng.sample(train, train_limit)
         k = 0
-        if self.reservoir.samples:
+        if self.reservoir.samples and train:
             k = int(round(len(train) * self.cfg.replay_share / (1 - self.cfg.replay_share)))
         replay = self.reservoir.draw(k, self.rng)
+        rows = train + replay
+        # [rows in the largest batch, newest event time] over ranks: whether anyone steps, and when
+        head = self.group.all_max(torch.tensor([len(rows), max((s.event_ts for s in samples), default=float("-inf"))],
+                                               dtype=torch.float64))
+        if head[0] == 0:
+            return float("nan")
         self.last_replayed = len(replay)
-        batch = collate(train + replay, vocabs, self.device, keys=vocabs.items)
+        vocabs = self.rows.vocabs()
+        batch = collate(rows, vocabs, self.device, keys=vocabs.items) if rows else None
         self.model.train()
-        loss = self.model.loss(batch).loss
+        view = global_view(self.group, batch, self.model.cfg.n_items, self.model.cfg.uniform_negatives,
+                           self.shared_gen, self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if batch is not None:
+            loss = self.model.loss(batch, view).loss
+            loss.backward()
+            share = loss.detach().reshape(1)
+        else:  # nothing here this step: observe the union like every rank, contribute zeros
+            self.model.observe(view)
+            share = torch.zeros(1, device=self.device)
+        total = all_reduce_gradients(self.group, list(self.model.parameters()), share)
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.optimizer.step()
         self.version += 1
         self.reservoir.offer(samples, self.rng)
-        self.last_loss = float(loss.detach())
+        self.last_loss = float(total[0])
         if self.version % self.cfg.evict_every == 0:
-            self.rows.evict(self.model, self.optimizer, max(s.event_ts for s in samples), self.cfg.idle_ttl_s)
+            self.rows.evict(self.model, self.optimizer, float(head[1]), self.cfg.idle_ttl_s, self.shared_gen)
         return self.last_loss
 
     def _score_conversions(self, batch, states: torch.Tensor) -> None:
@@ -289,7 +323,8 @@ class OnlineLearner:
             "reservoir": [s.to_bytes() for s in self.reservoir.samples],
             "metrics": self.metrics.state_dict(),
             "rng": self.rng.getstate(),
-            "torch_rng": torch.get_rng_state(),  # uniform negatives: a resumed run draws the same ones
+            "torch_rng": torch.get_rng_state(),
+            "shared_rng": self.shared_gen.get_state(),  # uniform negatives, fresh rows: a resumed run draws the same
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -301,6 +336,24 @@ class OnlineLearner:
         if d["optimizer"] is not None:
             self.optimizer.load_state_dict(d["optimizer"])
         self.version = d["version"]
+        self.reservoir.samples = [Sample.from_bytes(b) for b in d["reservoir"]]
+        self.reservoir.seen = d["seen"]
+        self.metrics.load_state_dict(d["metrics"])
+        self.rng.setstate(d["rng"])
+        torch.set_rng_state(d["torch_rng"])
+        if "shared_rng" in d:  # (checkpoints before data-parallel ranks: the seed's state)
+            self.shared_gen.set_state(d["shared_rng"])
+
+    RANK_KEYS = ("seen", "reservoir", "metrics", "rng", "torch_rng")
+
+    def rank_state_dict(self) -> dict:
+        """What differs between data-parallel ranks (reservoir, rolling metrics, random states):
+        each rank's part of a checkpoint; the rest (:meth:`state_dict`) is the same on every rank."""
+        d = self.state_dict()
+        return {k: d[k] for k in self.RANK_KEYS}
+
+    def load_rank_state_dict(self, d: dict) -> None:
+        """Restore a rank's part (after :meth:`load_state_dict` of the shared part)."""
         self.reservoir.samples = [Sample.from_bytes(b) for b in d["reservoir"]]
         self.reservoir.seen = d["seen"]
         self.metrics.load_state_dict(d["metrics"])

@@ -18,7 +18,6 @@ from torch import nn
 from tgastream.model.base import SequenceRecommender
 from tgastream.model.batching import Vocabs
 from tgastream.state.idmap import IdMap
-from tgastream.state.samples import Sample
 
 INIT_STD = 0.05  # std of fresh item/category embedding rows
 
@@ -36,14 +35,22 @@ class _Rows:
         return self.idmap.capacity
 
 
+def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal draws shaped ``shape`` on ``like``'s device, from ``generator`` when given
+    (data-parallel ranks draw fresh rows from one shared generator, so they stay identical)."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
 def _grow_parameter(module: nn.Module, name: str, rows: int, optimizer: torch.optim.Optimizer | None,
-                    init_std: float) -> None:
+                    init_std: float, generator: torch.Generator | None = None) -> None:
     """Grow ``module.<name>`` (a [n, ...] parameter) to ``rows`` rows, with its optimizer state."""
     old: nn.Parameter = getattr(module, name)
     extra = rows - old.shape[0]
     if extra <= 0:
         return
-    fresh = torch.randn(extra, *old.shape[1:], device=old.device, dtype=old.dtype) * init_std
+    fresh = _randn((extra, *old.shape[1:]), old, generator) * init_std
     new = nn.Parameter(torch.cat([old.detach(), fresh]))
     setattr(module, name, new)
     if isinstance(module, nn.Embedding):
@@ -60,10 +67,11 @@ def _grow_parameter(module: nn.Module, name: str, rows: int, optimizer: torch.op
         optimizer.state[new] = state
 
 
-def _reset_rows(param: nn.Parameter, rows: torch.Tensor, optimizer: torch.optim.Optimizer | None, std: float) -> None:
+def _reset_rows(param: nn.Parameter, rows: torch.Tensor, optimizer: torch.optim.Optimizer | None, std: float,
+                generator: torch.Generator | None = None) -> None:
     """Re-initialise evicted rows (and zero their optimizer state) so a reused row starts fresh."""
     with torch.no_grad():
-        param[rows] = torch.randn(len(rows), *param.shape[1:], device=param.device) * std
+        param[rows] = _randn((len(rows), *param.shape[1:]), param, generator) * std
     if optimizer is not None:
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape[:1] == param.shape[:1]:
@@ -86,27 +94,17 @@ class EmbeddingRows:
         """Read-only vocabularies for batching: unknown ids map to row 0, nothing is assigned."""
         return Vocabs(_Rows(self.items), _Rows(self.categories))
 
-    def assign(self, samples: Sequence[Sample], now: float) -> None:
-        """Give every item/category of the samples (targets and graph nodes) a row, used at ``now``."""
-        items: list[str] = []
-        cats: list[str] = []
-        for s in samples:
-            items.extend(s.graph.item_ids)
-            cats.extend(s.graph.category_ids)
-            items.append(s.item_id)
-            cats.append(s.category_id)
-        self.items.lookup(list(dict.fromkeys(items)), now)  # distinct ids, first-seen order
-        self.categories.lookup(list(dict.fromkeys(cats)), now)
-
-    def grow_tables(self, model: SequenceRecommender, optimizer: torch.optim.Optimizer | None) -> None:
-        """Grow the model's tables, buffers and their optimizer state to the maps' capacity."""
+    def grow_tables(self, model: SequenceRecommender, optimizer: torch.optim.Optimizer | None,
+                    generator: torch.Generator | None = None) -> None:
+        """Grow the model's tables, buffers and their optimizer state to the maps' capacity
+        (fresh rows drawn from ``generator``, else torch's default one)."""
         n_items, n_cats = self.items.capacity, self.categories.capacity
         if n_items == model.cfg.n_items and n_cats == model.cfg.n_categories:
             return
-        _grow_parameter(model.embed.item, "weight", n_items, optimizer, INIT_STD)
-        _grow_parameter(model.embed.category, "weight", n_cats, optimizer, INIT_STD)
+        _grow_parameter(model.embed.item, "weight", n_items, optimizer, INIT_STD, generator)
+        _grow_parameter(model.embed.category, "weight", n_cats, optimizer, INIT_STD, generator)
         if model.item_bias is not None:
-            _grow_parameter(model.item_bias, "weight", n_items, optimizer, 0.0)
+            _grow_parameter(model.item_bias, "weight", n_items, optimizer, 0.0, generator)
         extra = n_items - model.item_counts.shape[0]
         if extra > 0:
             model.item_counts = torch.cat([model.item_counts, model.item_counts.new_zeros(extra)])
@@ -114,20 +112,22 @@ class EmbeddingRows:
         model.cfg = dataclasses.replace(model.cfg, n_items=n_items, n_categories=n_cats)
 
     def evict(self, model: SequenceRecommender, optimizer: torch.optim.Optimizer | None, now: float,
-              idle_ttl_s: float) -> None:
-        """Free the rows unused since ``now - idle_ttl_s`` and re-initialise them in the model."""
+              idle_ttl_s: float, generator: torch.Generator | None = None) -> None:
+        """Free the rows unused since ``now - idle_ttl_s`` and re-initialise them in the model
+        (from ``generator``, else torch's default one)."""
         device = model.embed.item.weight.device
         rows = self.items.evict(now, idle_ttl_s)
         if len(rows):
             r = torch.as_tensor(rows, device=device)
-            _reset_rows(model.embed.item.weight, r, optimizer, INIT_STD)
+            _reset_rows(model.embed.item.weight, r, optimizer, INIT_STD, generator)
             if model.item_bias is not None:
-                _reset_rows(model.item_bias.weight, r, optimizer, 0.0)
+                _reset_rows(model.item_bias.weight, r, optimizer, 0.0, generator)
             model.item_counts[r] = 0
             model.item_category[r] = 0
         crows = self.categories.evict(now, idle_ttl_s)
         if len(crows):
-            _reset_rows(model.embed.category.weight, torch.as_tensor(crows, device=device), optimizer, INIT_STD)
+            _reset_rows(model.embed.category.weight, torch.as_tensor(crows, device=device), optimizer, INIT_STD,
+                        generator)
 
     def used_items(self, device: torch.device) -> torch.Tensor:
         """[capacity] bool: which item rows hold an item."""

@@ -2,7 +2,8 @@
 
 A reader never sees a half-written checkpoint: ``latest`` returns the newest file that loads,
 skipping (and reporting) any that do not. Files are ``ckpt-<step:012d>.pt``; the newest ``keep``
-are kept.
+are kept, plus any file the caller protects (the model registry's last good and pinned
+checkpoints, state/registry.py).
 
 Checkpoints hold plain data only (tensors, numbers, strings, bytes, lists, tuples, dicts) and are
 loaded with ``torch.load(weights_only=True)``: a file that would need arbitrary unpickling (which
@@ -48,14 +49,17 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write ``state`` (torch-serialisable) as checkpoint ``step`` and prune older ones."""
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 3,
+                    protect: frozenset[str] | set[str] = frozenset()) -> Path:
+    """Write ``state`` (torch-serialisable) as checkpoint ``step`` and prune older ones, except
+    the file names in ``protect`` (the last good model must survive retention)."""
     buf = io.BytesIO()
     torch.save({"step": step, **state}, buf)
     path = Path(directory) / f"ckpt-{step:012d}.pt"
     write_atomic(path, buf.getvalue())
     for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+        if old.name not in protect:
+            old.unlink(missing_ok=True)
     return path
 
 

@@ -78,6 +78,13 @@ class IdMap:
         self.last_used[used] = np.maximum(self.last_used[used], now)
         return out
 
+    def touch(self, rows: np.ndarray, now: float) -> None:
+        """Mark ``rows`` (of ids known already) used at ``now`` (rows of another process's batch
+        in data-parallel training, where every rank keeps the same map)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[(rows > 0) & (rows < self.capacity)]
+        self.last_used[rows] = np.maximum(self.last_used[rows], now)
+
     def peek(self, ids: Sequence[str]) -> np.ndarray:
         """Rows of ``ids`` without assigning or touching; unknown → 0."""
         return np.fromiter((self._row.get(e, 0) for e in ids), dtype=np.int64, count=len(ids))

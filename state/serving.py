@@ -190,6 +190,13 @@ class ServingStore:
             return [], np.zeros((0, 0), dtype=np.float32)
         return ids, np.stack(vecs)  # [I, d]
 
+    def records(self, kind: str) -> Iterator[tuple[str, VectorRecord]]:
+        """Every stored ``"user"`` or ``"item"`` vector with its id (model version included), for
+        readers that look at more than the vector (e.g. how old the served vectors are)."""
+        prefix = kind.encode() + b":"
+        for key, raw in self._scan(prefix):
+            yield key[len(prefix):].decode(), VectorRecord.from_bytes(raw)
+
     def count(self, prefix: bytes) -> int:
         return sum(1 for _ in self._scan(prefix))
 

@@ -29,6 +29,7 @@ The faust contracts a batch handler must keep, and how:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set, Tuple
@@ -36,6 +37,8 @@ from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set, T
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode.utils.futures import notify
+
+log = logging.getLogger("tgastream.worker")
 
 BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
 """Receives {topic partition: [aiokafka ConsumerRecord, ...]} in offset order."""
@@ -60,6 +63,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
         super().__init__(*args, **kwargs)
         self._in_flight: InFlight | None = None
         self.revocations = 0  # times partitions were revoked (every rebalance, under eager assignment)
+        self.assignments = 0  # rebalances that completed with an assignment (possibly empty) for this member
 
     @property
     def _batch_handlers(self) -> Mapping[str, BatchHandler]:
@@ -101,6 +105,12 @@ class BatchConsumer(aiokafka_driver.Consumer):
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
         self.revocations += 1  # before faust drops its bookkeeping of the revoked partitions
         await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        self.assignments += 1
+        log.info("assigned %d partitions (group generation %d): %s", len(assigned), generation_id,
+                 ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)) or "none")
+        await super().on_partitions_assigned(assigned, generation_id)
 
     # -- acknowledgements -------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "train": "tgastream.stream.commands.train",
     "demo": "tgastream.stream.commands.demo",
     "doctor": "tgastream.stream.commands.doctor",
+    "models": "tgastream.stream.commands.models",
+    "rollback": "tgastream.stream.commands.rollback",
 }
 """Subcommand name → module; a module joins the CLI by adding one line here."""
 
@@ -37,8 +39,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is shown as one line instead of a traceback."""
     from tgastream.stream.broker import BrokerError
     from tgastream.stream.topics import TopicError
+    from tgastream.state.registry import RegistryError
 
-    return (CommandError, SettingsError, BrokerError, TopicError, FileNotFoundError, IsADirectoryError)
+    return (CommandError, SettingsError, BrokerError, TopicError, RegistryError, FileNotFoundError, IsADirectoryError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -84,6 +87,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given (a launcher passes them on)
     if not args.command:
         parser.print_help()
         return 2

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from tgastream.core.settings import Settings
 from tgastream.model.config import ModelConfig, OnlineConfig
+from tgastream.model.guard import GuardConfig
+from tgastream.model.guardrails import GuardrailsConfig
+from tgastream.model.shadow import ShadowConfig
 
 
 def online_model_config(settings: Settings) -> ModelConfig:
@@ -23,3 +26,12 @@ def online_config(settings: Settings, **changes) -> OnlineConfig:
                            "device": settings.device, "threads": settings.threads,
                            "sample_len": settings.sample_len, **changes})
 
+
+
+def guardrails_config(settings: Settings) -> GuardrailsConfig:
+    """Shadow evaluation and the health guard as configured (``guard*``, ``shadow_share``)."""
+    return GuardrailsConfig(
+        enabled=settings.guard,
+        guard=GuardConfig(margin=settings.guard_margin, window=settings.guard_window,
+                          min_retrievals=settings.guard_min_retrievals, min_positives=settings.guard_min_positives),
+        shadow=ShadowConfig(share=settings.shadow_share, window=settings.guard_window, seed=settings.seed))

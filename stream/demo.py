@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tgastream.stream.broker import connect_or_start, die_with_parent, free_port, port_open
 from tgastream.stream.plots import save_chart
@@ -34,6 +35,17 @@ class DemoConfig:
     rate: float = 1000.0
     timeout_s: float = 900.0
     quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Live:
+    """The running demo at the moment the trainer has trained every sample (before it is stopped),
+    for a caller that reads what is served then: ``run_demo(..., on_settled=fn)`` calls ``fn(live)``."""
+
+    settings: Settings  # this run's: bootstrap, topics, data dir (trainer/, api/ below it)
+    trainer_port: int  # the trainer's /metrics
+    api_port: int  # the API replica's HTTP port
+    started: float  # wall-clock start of the replay
 
 
 @dataclass
@@ -104,8 +116,9 @@ def _clear_previous_run(data_dir: Path, logs: Path, say) -> None:
         shutil.rmtree(folder)
 
 
-def run_demo(settings: Settings, opts: DemoConfig, say=print) -> dict:
-    """Run everything, wait until the trainer has consumed every sample, write the report."""
+def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callable[[Live], None] | None = None) -> dict:
+    """Run everything, wait until the trainer has consumed every sample, write the report.
+    ``on_settled`` is called then, while every process still runs (not after a timeout)."""
     opts.out.mkdir(parents=True, exist_ok=True)
     logs = opts.out / "logs"
     data_dir = opts.out / "data"
@@ -129,7 +142,8 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print) -> dict:
                               "--metrics-port", str(t_port), "--quiet", "--device", settings.device,
                               "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
-                              "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy],
+                              "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy,
+                              "--republish-rate", str(settings.republish_rate)],
                   logs),
         ]
         try:
@@ -139,7 +153,7 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print) -> dict:
             procs.append(spawn("api", ["serve", *_common(settings), "--data-dir", str(data_dir / "api"),
                                        "--checkpoint-dir", str(data_dir / "trainer" / "checkpoints"),
                                        "--api-port", str(api_port), "--device", "cpu"], logs))
-            return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say)
+            return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say, on_settled)
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -157,7 +171,7 @@ def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0) -> N
 
 
 def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Proc], w_port: int, t_port: int,
-           api_port: int, say) -> dict:
+           api_port: int, say, on_settled: Callable[[Live], None] | None = None) -> dict:
     worker, trainer, api = procs
     _wait_up([api], [api_port])
     say(f"worker metrics :{w_port}/metrics   trainer metrics :{t_port}/metrics")
@@ -196,8 +210,8 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             "trainer_samples": total(tm, "tgastream_trainer_samples_total"),
             "trainer_trained": total(tm, "tgastream_trainer_samples_trained_total"),
             "steps": total(tm, "tgastream_trainer_steps_total"),
-            "hr@10": tm.get("tgastream_online_metric{metric=hr@10}"),
-            "auc": tm.get("tgastream_online_metric{metric=auc}"),
+            "hr@10": tm.get("tgastream_online_metric{metric=hr@10,model=online}"),
+            "auc": tm.get("tgastream_online_metric{metric=auc,model=online}"),
             "freshness_count": tm.get("tgastream_freshness_seconds_count", 0.0),
         }
         series.add(row)
@@ -216,6 +230,8 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
                     and (settings.train_policy == "bounded" or row["trainer_trained"] >= row["samples_emitted"]))
             settled = settled + 1 if done else 0
             if settled >= 3:
+                if on_settled is not None:
+                    on_settled(Live(settings, t_port, api_port, start))
                 break
         if time.time() - start > opts.timeout_s:
             say("timeout: stopping before the trainer caught up (figures below are partial)")

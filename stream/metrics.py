@@ -60,6 +60,9 @@ class WorkerMetrics:
         self.generations = Counter("tgastream_topic_generations_total",
                                    "Topics found re-created (a new generation) while running; the worker restarted on it",
                                    ["topic"], registry=r)
+        self.join_retries = Counter("tgastream_worker_join_retries_total",
+                                    "Start-ups that got no partition assignment within join_timeout_s and joined again",
+                                    registry=r)
         self.cached_users = Gauge("tgastream_cached_users", "Users held decoded in memory", registry=r)
         self._rate = RateWindow(10.0)
 

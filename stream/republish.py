@@ -48,6 +48,16 @@ class Published:
             items[iid] = category
         return users, items
 
+    def demote(self, newer_than: int) -> None:
+        """After a rollback to version ``newer_than``: vectors a newer (bad) model published
+        become the stalest of all (version -1, moved to the front), so the sweep publishes
+        them again with the good model first."""
+        for d in (self.users, self.items):
+            bad = [k for k, v in d.items() if v[0] > newer_than]
+            for k in reversed(bad):
+                d[k] = (-1, *d[k][1:])
+                d.move_to_end(k, last=False)
+
     def version_lag(self, current: int) -> int:
         """How many model versions the oldest vector still published is behind ``current``."""
         oldest = [v for v, *_ in (next(iter(d.values())) for d in (self.users, self.items) if d)]

@@ -24,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from tgastream.core.events import MAX_ID_CHARS  # the stream rejects longer ids: none can be stored
+from tgastream.state.registry import MANIFEST, serving_state
 from tgastream.state.serving import ServingStore
 from tgastream.stream.materialize import LiveItemIndex, TopicMaterializer
 
@@ -52,6 +53,28 @@ class ApiMetrics:
                                 registry=self.registry)
         self.latency = Histogram("tgastream_api_request_seconds", "HTTP request latency", ["route"],
                                  registry=self.registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1))
+
+
+class ModelState:
+    """Whether the serving model is live, pinned or rolled back: the trainer's registry in the
+    checkpoint directory (state/registry.py), re-read when the file changes."""
+
+    def __init__(self, checkpoint_dir: Path | None) -> None:
+        self.path = Path(checkpoint_dir) / MANIFEST if checkpoint_dir is not None else None
+        self._mtime = -1.0
+        self._state = {"state": "live", "version": None}
+
+    def __call__(self) -> dict:
+        if self.path is None:
+            return self._state
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if mtime != self._mtime:
+            self._mtime = mtime
+            self._state = serving_state(self.path.parent) if mtime else {"state": "live", "version": None}
+        return self._state
 
 
 class ItemIndex:
@@ -104,13 +127,15 @@ def _user_id(request: web.Request) -> str | web.Response:
 
 def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: float = 0.5,
               registry: CollectorRegistry | None = None, extra_metrics: Callable[[], bytes] | None = None,
-              token: str = "", materializer: TopicMaterializer | None = None) -> web.Application:
+              token: str = "", materializer: TopicMaterializer | None = None,
+              model_state: Callable[[], dict] | None = None) -> web.Application:
     """The aiohttp application. ``scorer`` is None when no model checkpoint is available yet;
     a non-empty ``token`` guards every route but /healthz. With a ``materializer`` the app follows
     the embeddings topic into ``store`` and its item index while it runs; without one ``store`` is
     the trainer's (a secondary reader) and the item index is reloaded per model version."""
     registry = registry or CollectorRegistry()
     metrics = ApiMetrics(registry)
+    model_state = model_state or ModelState(None)
     index = materializer.index if materializer is not None else ItemIndex(store)
     last_catch_up = [0.0]
 
@@ -141,8 +166,11 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
 
     async def healthz(request: web.Request) -> web.Response:
         fresh()
-        body = {"status": "ok", "model_version": store.model_version(),
+        state = model_state()
+        body = {"status": "ok", "model_version": store.model_version(), "model_state": state["state"],
                 "scorer": scorer is not None and getattr(scorer, "ready", True)}
+        if state["state"] != "live":
+            body["serving_version"] = state.get("version")  # the good (or pinned) version published now
         if materializer is not None:
             body["source"] = {"topic": materializer.topic, "records": materializer.records,
                               "bad_records": materializer.bad_records, "caught_up": materializer.caught_up,
@@ -157,7 +185,8 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
         rec = store.user(uid)
         if rec is None:
             return _error(404, f"unknown user {uid!r}")
-        return web.json_response({"user_id": uid, "model_version": rec.model_version, "event_ts": rec.event_ts,
+        return web.json_response({"user_id": uid, "model_version": rec.model_version,
+                                  "model_state": model_state()["state"], "event_ts": rec.event_ts,
                                   "publish_ts": rec.publish_ts, "vector": [round(float(x), 6) for x in rec.vector]})
 
     async def recommendations(request: web.Request) -> web.Response:
@@ -259,7 +288,7 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
 
 def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = None,
                print_address: Callable[[str], None] = print, token: str = "",
-               topic: tuple[str, str] | None = None) -> None:
+               topic: tuple[str, str] | None = None, checkpoint_dir: Path | None = None) -> None:
     """Serve until interrupted (blocking). With ``topic`` (bootstrap, embeddings topic) the API
     materializes that topic into its own store at ``store_path``; without, ``store_path`` is the
     trainer's serving store, read as a secondary."""
@@ -272,7 +301,7 @@ def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = N
             ServingStore(store_path).close()  # an empty store until the trainer writes one
         secondary = store_path.parent / f"{store_path.name}.reader-{port}"
         store = ServingStore.reader(store_path, secondary)
-    app = build_app(store, scorer, token=token, materializer=materializer)
+    app = build_app(store, scorer, token=token, materializer=materializer, model_state=ModelState(checkpoint_dir))
     print_address(f"API listening on http://{host}:{port}")
     try:
         web.run_app(app, host=host, port=port, print=None, handle_signals=True)

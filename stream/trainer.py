@@ -15,10 +15,19 @@ trains a random ``batch_size`` of what the head read and the rest is never train
 reported). Either way a re-delivered sample (same identity as one already trained, e.g. re-emitted
 by a worker after a failover) is skipped (:class:`state.samples.RedeliveryGuard`), and a restart
 resumes from the checkpoint's trained offsets with its guard and trained log (stream/trained_log.py).
+
+Data-parallel ranks (the learner's ``group`` has more than one rank; started by torchrun): rank r
+consumes the partitions p with p % world == r, keeps its files in ``data_dir/rank-<r>`` and
+publishes its own users' vectors; every rank runs every loop iteration (the learner's row sync
+and optimizer step are collectives, taken with or without samples) and the iteration ends with
+one all-reduce of votes (stream/ranks.py), so all ranks stop, idle-exit and checkpoint together.
+A checkpoint is each rank's part plus rank 0's model file, written after every part
+(state/rank_checkpoint.py); a restart resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -29,21 +38,28 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
+import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tgastream.model.distributed import Group, Solo
 from tgastream.model.drift import LossDrift
+from tgastream.model.guardrails import Event, Guardrails
+from tgastream.model.inference import IncompatibleCheckpoint
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
+from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_parts, save_part
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
 from tgastream.state.serving import (
     ServingStore, VectorRecord, bought_key, bought_value, context_key, item_key, user_key,
 )
 from tgastream.core.settings import Settings
+from tgastream.stream.configs import guardrails_config
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
+from tgastream.stream.ranks import Votes, agree, owned, rank_dir
 from tgastream.stream.replay import make_producer
 from tgastream.stream.republish import Published
 from tgastream.stream.trained_log import TrainedLog
@@ -88,7 +104,18 @@ class TrainerMetrics:
                                       registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.samples_per_s = Gauge("tgastream_trainer_samples_per_second", "samples/s over the last minute", registry=r)
         self.loss = Gauge("tgastream_trainer_loss", "training loss of the last step", registry=r)
-        self.online = Gauge("tgastream_online_metric", "rolling prequential metric", ["metric"], registry=r)
+        self.online = Gauge("tgastream_online_metric", "rolling prequential metric of the online model, and of the "
+                            "baseline (last good checkpoint) and repeat-recent scored on the same samples",
+                            ["model", "metric"], registry=r)
+        self.rollbacks = Counter("tgastream_trainer_rollbacks", "rollbacks to the last good model (guard trips and pins)",
+                                 registry=r)
+        self.guard_deficit = Gauge("tgastream_guard_deficit", "baseline minus online over the guard's paired window",
+                                   ["metric"], registry=r)
+        self.serving_version = Gauge("tgastream_serving_model_version",
+                                     "model version of the vectors published now (the good one while rolled back)",
+                                     registry=r)
+        self.rolled_back = Gauge("tgastream_model_rolled_back", "1 while publishing from a rolled-back or pinned model",
+                                 registry=r)
         self.model_version = Gauge("tgastream_model_version", "model version (optimizer steps since start of training)", registry=r)
         self.published = Counter("tgastream_embeddings_published", "vectors published", ["kind"], registry=r)
         self.freshness = Histogram("tgastream_freshness_seconds", "event arrival at a worker → its user's vector published",
@@ -163,7 +190,8 @@ class Trainer:
         self.metrics = metrics or TrainerMetrics()
         self.publish_every = max(1, publish_every)
         self.progress = progress
-        self.dir = Path(settings.data_dir)
+        self.group: Group = getattr(learner, "group", None) or Solo()
+        self.dir = rank_dir(Path(settings.data_dir), self.group)
         self.ckpt_dir = settings.checkpoints
         self.run = TrainerRun()
         self.offsets: dict[int, int] = {}  # partition → next offset to train (the checkpoint's)
@@ -171,6 +199,14 @@ class Trainer:
         self.guard = RedeliveryGuard()
         self.published = Published()  # what the re-publish sweep may refresh
         self.drift = LossDrift(settings.drift_delta)
+        guard_cfg = guardrails_config(settings)
+        if self.group.distributed and guard_cfg.enabled:
+            # each rank scores its own samples; a rollback must be one decision of all ranks
+            # (Guardrails(agree=...)), not wired yet: the guard is off with ranks
+            log.warning("guard: off with %d ranks (the collective decision is not wired yet)", self.group.world)
+            guard_cfg = dataclasses.replace(guard_cfg, enabled=False)
+        self.guardrails = Guardrails(guard_cfg, learner, self.ckpt_dir)  # type: ignore[arg-type]
+        self._restored_version: int | None = None
         self._last_republish = time.monotonic()
         self.trained_log = TrainedLog(self.dir / "trained-samples.log")
         self.rng = random.Random(settings.seed)
@@ -192,10 +228,15 @@ class Trainer:
 
     def restore(self) -> bool:
         """Load the newest good checkpoint (model, optimizer, id maps, trained offsets, guard, counters)."""
+        if self.group.distributed:
+            return self._restore_ranks()
         ck = load_latest(self.ckpt_dir, on_bad=lambda p, e: log.warning("skipping unreadable checkpoint %s: %s", p, e))
         if ck is None:
             self.trained_log.truncate(0)  # nothing trained survives without a checkpoint
             return False
+        if ck.get("world", 1) != 1:
+            raise IncompatibleCheckpoint(f"was written by {ck['world']} ranks; resume it with as many "
+                                         f"(tgastream train --nproc {ck['world']})")
         self.learner.load_state_dict(ck["learner"])
         self.offsets = {int(p): int(o) for p, o in ck["offsets"].items()}
         self.head = dict(self.offsets)  # what was published after the checkpoint is published again
@@ -204,10 +245,13 @@ class Trainer:
         self.samples_topic_id = ck.get("samples_topic_id")
         run = ck.get("run", {})
         self.run = TrainerRun(**{k: run[k] for k in TrainerRun.COUNTERS if k in run})
+        self._restored_version = self.learner.version
         log.info("resumed from checkpoint step %d at offsets %s", ck["step"], self.offsets)
         return True
 
     def checkpoint(self) -> Path:
+        if self.group.distributed:
+            return self._checkpoint_ranks()
         path = save_checkpoint(self.ckpt_dir, self.run.steps, {
             "learner": self.learner.state_dict(),
             "offsets": dict(self.offsets),
@@ -216,10 +260,63 @@ class Trainer:
             "samples_topic_id": self.samples_topic_id,
             # consumed as of the trained offsets: the head's lead is read (and counted) again on a restart
             "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
-        })
+        }, protect=self.guardrails.protected_files())
         self._last_ckpt = time.monotonic()
+        self.guardrails.after_checkpoint(path, self.run.steps, self.learner.online_metrics())
         self.learner.after_checkpoint(self.dir, self.run.steps)
         return path
+
+    def _rank_part(self) -> dict:
+        """What this rank alone knows: its partitions' offsets, guard, trained log, learner part."""
+        return {"offsets": dict(self.offsets), "guard": self.guard.state_dict(),
+                "trained_log_bytes": self.trained_log.size(), "samples_topic_id": self.samples_topic_id,
+                "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
+                "learner_rank": self.learner.rank_state_dict()}
+
+    def _checkpoint_ranks(self) -> Path:
+        """Every rank writes its part; after all did (an all-reduce of 'written'), rank 0 writes
+        the model file that makes the checkpoint complete (state/rank_checkpoint.py)."""
+        g, step = self.group, self.run.steps
+        written = 0.0
+        try:
+            save_part(self.ckpt_dir, step, g.rank, g.world, self._rank_part())
+            written = 1.0
+        except OSError as exc:
+            log.error("rank %d could not write its checkpoint part: %s", g.rank, exc)
+        complete = g.all_sum(torch.tensor([written], dtype=torch.float64))[0] == g.world
+        path = self.ckpt_dir / f"ckpt-{step:012d}.pt"
+        if complete and g.rank == 0:
+            path = save_checkpoint(self.ckpt_dir, step, {"learner": self.learner.state_dict(), "world": g.world})
+        prune_parts(self.ckpt_dir, g.rank)
+        self._last_ckpt = time.monotonic()
+        self.learner.after_checkpoint(self.dir, step)
+        return path
+
+    def _restore_ranks(self) -> bool:
+        """All ranks resume from the newest checkpoint complete for every one of them (the
+        oldest of the ranks' newest loadable), or all start afresh."""
+        g = self.group
+        mine = newest_loadable(self.ckpt_dir, g.rank, g.world)
+        step = -int(g.all_max(torch.tensor([-mine], dtype=torch.float64))[0])  # min over ranks
+        if step < 0:
+            newest = load_latest(self.ckpt_dir)
+            if newest is not None and newest.get("world", 1) != g.world:
+                raise IncompatibleCheckpoint(f"was written by {newest.get('world', 1)} rank(s); resume it with as "
+                                             f"many (tgastream train --nproc {newest.get('world', 1)})")
+            self.trained_log.truncate(0)
+            return False
+        model, part = load_step(self.ckpt_dir, step, g.rank, g.world)
+        self.learner.load_state_dict(model["learner"])
+        self.learner.load_rank_state_dict(part["learner_rank"])
+        self.offsets = {int(p): int(o) for p, o in part["offsets"].items()}
+        self.head = dict(self.offsets)
+        self.guard = RedeliveryGuard.from_state_dict(part.get("guard", {}))
+        self.trained_log.truncate(int(part.get("trained_log_bytes", 0)))
+        self.samples_topic_id = part.get("samples_topic_id")
+        run = part.get("run", {})
+        self.run = TrainerRun(**{k: run[k] for k in TrainerRun.COUNTERS if k in run})
+        log.info("rank %d/%d resumed from checkpoint step %d at offsets %s", g.rank, g.world, step, self.offsets)
+        return True
 
     # -- consumers ---------------------------------------------------------------------------
 
@@ -235,7 +332,7 @@ class Trainer:
             parts = consumer.partitions_for_topic(self.settings.samples_topic)
         if not parts:
             raise RuntimeError(f"topic {self.settings.samples_topic} does not exist on {self.bootstrap}")
-        tps = [TopicPartition(self.settings.samples_topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(self.settings.samples_topic, p) for p in owned(sorted(parts), self.group)]
         consumer.assign(tps)
         self._seek(consumer, tps, positions)
         return consumer, tps
@@ -281,35 +378,21 @@ class Trainer:
         serving = ServingStore(self.dir / "serving")
         self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
         self._check_samples_generation()
+        self._on_guard(self.guardrails.start(self._restored_version))
         head, tps = self._until_connected(lambda: self._consumer(self.head or self.offsets), "the head consumer")
         trainer = None if self.bounded else \
             self._until_connected(lambda: self._consumer(self.offsets)[0], "the training consumer")
-        last_data = time.monotonic()
+        clean = False  # ranks: the final checkpoint is a collective, taken only when all left the loop together
         try:
-            while not self._stop:
-                backlog = self.backlog()
-                records = [] if max_samples and self.run.samples >= max_samples else \
-                    self._next_batch(head, wait=not backlog)
-                now = time.monotonic()
-                if records and not self._same_generation(head, trainer, tps):
-                    records = []
-                if records:
-                    last_data = now
-                    self._head_step(records, producer, serving)
-                if trainer is not None and self.backlog():
-                    last_data = now
-                    self._train_step(trainer)
-                if self.settings.republish_rate:
-                    self._republish(producer, serving)
-                self._housekeeping(head, tps)
-                if not records and not self.backlog():
-                    if idle_exit_s and now - last_data >= idle_exit_s:
-                        break
-                    if max_samples and self.run.samples >= max_samples:
-                        break
+            if self.group.distributed:
+                self._rank_loop(head, trainer, tps, producer, serving, idle_exit_s, max_samples)
+            else:
+                self._loop(head, trainer, tps, producer, serving, idle_exit_s, max_samples)
+            clean = True
         finally:
             with StopDeadline(self.settings.stop_timeout_s, "trainer"):  # the checkpoint is local; Kafka may be gone
-                self.checkpoint()
+                if clean or not self.group.distributed:
+                    self.checkpoint()
                 self.write_stats()
                 producer.flush(timeout=max(1.0, self.settings.stop_timeout_s / 2))
                 producer.close(timeout=1.0)
@@ -320,6 +403,66 @@ class Trainer:
                 self._history.close()
                 self.trained_log.close()
         return self.run
+
+    def _loop(self, head: KafkaConsumer, trainer: KafkaConsumer | None, tps: list[TopicPartition],
+              producer: KafkaProducer, serving: ServingStore, idle_exit_s: float, max_samples: int) -> None:
+        """One process: publish what arrives, train behind it, until stopped or idle."""
+        last_data = time.monotonic()
+        while not self._stop:
+            backlog = self.backlog()
+            records = [] if max_samples and self.run.samples >= max_samples else \
+                self._next_batch(head, wait=not backlog)
+            now = time.monotonic()
+            if records and not self._same_generation(head, trainer, tps):
+                records = []
+            if records:
+                last_data = now
+                self._head_step(records, producer, serving)
+            if trainer is not None and self.backlog():
+                last_data = now
+                self._train_step(trainer)
+            if self.settings.republish_rate:
+                self._republish(producer, serving)
+            self._housekeeping(head, tps)
+            if not records and not self.backlog():
+                if idle_exit_s and now - last_data >= idle_exit_s:
+                    break
+                if max_samples and self.run.samples >= max_samples:
+                    break
+
+    def _rank_loop(self, head: KafkaConsumer, trainer: KafkaConsumer | None, tps: list[TopicPartition],
+                   producer: KafkaProducer, serving: ServingStore, idle_exit_s: float, max_samples: int) -> None:
+        """Data-parallel ranks: every iteration, on every rank, a head step (row sync: a
+        collective), a training step (a collective, with or without samples) and one all-reduce
+        of votes; stop, idle exit, checkpoints and ``max_samples`` (over all ranks) follow the
+        agreed sums, so no rank leaves a collective the others are in."""
+        last_data = time.monotonic()
+        total_samples = 0
+        while True:
+            backlog = self.backlog()
+            records = [] if max_samples and total_samples >= max_samples else \
+                self._next_batch(head, wait=not backlog)
+            if records and not self._same_generation(head, trainer, tps):
+                records = []
+            self._head_step(records, producer, serving)
+            if trainer is not None:
+                self._train_step(trainer, wait=bool(self.backlog()))
+            if self.settings.republish_rate:
+                self._republish(producer, serving)
+            now = time.monotonic()
+            votes = Votes(stop=self._stop, data=bool(records) or self.backlog() > 0, checkpoint=self._checkpoint_due(),
+                          idle=self.group.rank == 0 and bool(idle_exit_s) and now - last_data >= idle_exit_s,
+                          samples=self.run.samples, backlog=self.backlog())
+            agreed = agree(self.group, votes)
+            total_samples = agreed.samples
+            if agreed.data:
+                last_data = now
+            self._housekeeping(head, tps, checkpoint=agreed.checkpoint)
+            if agreed.stop:
+                break
+            if not agreed.data and agreed.backlog == 0:
+                if agreed.idle or (max_samples and agreed.samples >= max_samples):
+                    break
 
     def _until_connected(self, connect: Callable[[], T], what: str, timeout_s: float = 300.0) -> T:
         """``connect()``, again every few seconds while the broker does not answer (it may be
@@ -346,9 +489,10 @@ class Trainer:
         samples = decode_samples(records, self.metrics)
         for r in records:
             self.head[r.partition] = max(self.head.get(r.partition, 0), r.offset + 1)
-        if samples:
+        if samples or self.group.distributed:  # (ranks: the row sync is a collective, joined even without samples)
             # publish → score → learn: vectors go out before any optimizer step on them (fresher)
-            out = self.learner.vectors(samples)
+            out = self._vectors(samples)
+        if samples:
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving)
@@ -361,14 +505,17 @@ class Trainer:
                 if len(fresh) > self.settings.batch_size:
                     fresh = self.rng.sample(fresh, self.settings.batch_size)
                 self._learn(fresh)
+        elif self.bounded and self.group.distributed:
+            self._learn([])  # the step is a collective: joined without samples
         if self.bounded:
             self.offsets = dict(self.head)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self._note_rate(len(samples))
 
-    def _train_step(self, trainer: KafkaConsumer) -> None:
-        """One optimizer step on the next (at most ``batch_size``) samples behind the head."""
-        polled = trainer.poll(200, max_records=self.settings.batch_size)
+    def _train_step(self, trainer: KafkaConsumer, wait: bool = True) -> None:
+        """One optimizer step on the next (at most ``batch_size``) samples behind the head
+        (``wait`` False: only what the consumer has fetched already)."""
+        polled = trainer.poll(200 if wait else 0, max_records=self.settings.batch_size)
         records: list = []
         for tp in sorted(polled, key=lambda t: t.partition):
             recs = polled[tp]
@@ -392,10 +539,15 @@ class Trainer:
     def _learn(self, samples: list[Sample]) -> None:
         """Score the samples with the model as it is (prequential: none of them was trained on
         yet), then take one optimizer step on them."""
-        if not samples:
+        if not samples and not self.group.distributed:
             return
-        self.learner.score(samples, score_limit=self.settings.batch_size)
-        loss = self.learner.learn(samples)
+        if samples:
+            self.learner.score(samples, score_limit=self.settings.batch_size)
+            self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
+        version = self.learner.version
+        loss = self.learner.learn(samples)  # (ranks: a collective; a step of the union of their samples)
+        if self.learner.version == version:
+            return  # no rank had samples: no step
         self.trained_log.append(samples)
         self.run.steps += 1
         self.run.trained += len(samples)
@@ -410,12 +562,60 @@ class Trainer:
             self.metrics.drift.inc()
             log.warning("drift: the training loss changed at step %d (ADWIN; mean since then %.4f)",
                         self.run.steps, self.drift.mean)
+        event = self._on_guard(self.guardrails.after_step())
         online = self.learner.online_metrics()
         for name, value in online.items():
             if value is not None:
-                self.metrics.online.labels(name).set(value)
+                self.metrics.online.labels("online", name).set(value)
+        shadow = self._note_guard()
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
-                                        "trained": self.run.trained, "loss": loss, "drift": drifted, **online}) + "\n")
+                                        "trained": self.run.trained, "loss": loss, "drift": drifted, **online,
+                                        "serving_version": self.guardrails.serving_version,
+                                        "model_state": self.guardrails.state, "guard_event": event and event.kind,
+                                        "shadow": shadow}) + "\n")
+
+    # -- guardrails (model/guardrails.py decides; these hooks publish and count) ---------------------
+
+    def _vectors(self, samples: list[Sample]) -> StepOutput:
+        """The vectors to publish: the online learner's, or the good model's while rolled back
+        (the online learner still gives the batch's new ids their rows)."""
+        out = self.learner.vectors(samples)
+        serving = self.guardrails.serving
+        return out if serving is self.learner else serving.vectors(samples)
+
+    @property
+    def serving_version(self) -> int:
+        """Model version of what is published now."""
+        return self.guardrails.serving_version
+
+    def _on_guard(self, event: Event | None) -> Event | None:
+        """Count and log what the guardrails did; after a rollback, vectors the bad model
+        published are re-published with the good one first."""
+        if event is None:
+            return None
+        if event.kind in ("rollback", "pin"):
+            self.metrics.rollbacks.inc()
+        if event.kind in ("rollback", "pin", "hold"):  # what a newer model published goes out again first
+            self.published.demote(newer_than=event.version if event.version is not None else -1)
+        log.info("guard: %s (version %s) %s", event.kind, event.version, event.detail)
+        return event
+
+    def _note_guard(self) -> dict:
+        """Per-model shadow metrics and the guard's deficits into Prometheus; returns the former."""
+        g = self.guardrails
+        self.metrics.serving_version.set(g.serving_version)
+        self.metrics.rolled_back.set(0 if g.state == "live" else 1)
+        if not g.cfg.enabled:
+            return {}
+        shadow = g.shadow.metrics()
+        for model in ("baseline", "repeat"):
+            for name, value in shadow[model].items():
+                if value is not None:
+                    self.metrics.online.labels(model, name).set(value)
+        for name, value in g.last_verdict.deficit.items():
+            if value is not None:
+                self.metrics.guard_deficit.labels(name).set(value)
+        return shadow
 
     def _note_rate(self, n: int) -> None:
         now = time.monotonic()
@@ -463,7 +663,7 @@ class Trainer:
 
     def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
         now = time.time()
-        version = self.learner.version
+        version = self.serving_version
         users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts) in out.users.items()
                  if u not in out.from_clicks or not _newer_published(serving, u, ev_ts)}
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
@@ -487,13 +687,14 @@ class Trainer:
         if budget < 2:
             return
         self._last_republish = now
-        version = self.learner.version
+        version = self.serving_version
+        model = self.guardrails.serving
         stale_users, stale_items = self.published.stale(version, budget)
         if stale_users or stale_items:
             wall = time.time()
             graphs = {u: (UserGraph.from_bytes(ctx), ts) for u, (ctx, ts) in stale_users.items()}
-            users = {u: VectorRecord(version, ts, wall, vec) for u, (vec, ts) in self.learner.user_vectors_of(graphs).items()}
-            items = {i: VectorRecord(version, wall, wall, vec) for i, vec in self.learner.item_vectors_of(stale_items).items()}
+            users = {u: VectorRecord(version, ts, wall, vec) for u, (vec, ts) in model.user_vectors_of(graphs).items()}
+            items = {i: VectorRecord(version, wall, wall, vec) for i, vec in model.item_vectors_of(stale_items).items()}
             self._send(users, items, {}, {}, producer, serving)
             for u, (ctx, ts) in stale_users.items():
                 self.published.user(u, version, ctx, ts)
@@ -506,7 +707,7 @@ class Trainer:
     def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
               contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore) -> None:
         """Vectors (and bought items, contexts) to the serving store and the embeddings topic."""
-        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.learner.version)
+        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.serving_version)
         topic = self.settings.embeddings_topic  # the changelog of every API replica's serving table
         for u, rec in users.items():
             producer.send(topic, key=user_key(u), value=rec.to_bytes())
@@ -521,14 +722,18 @@ class Trainer:
         self.metrics.published.labels("user").inc(len(users))
         self.metrics.published.labels("item").inc(len(items))
 
-    def _housekeeping(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
+    def _checkpoint_due(self) -> bool:
+        since = time.monotonic() - self._last_ckpt
+        return bool(self.run.steps) and (since >= self.settings.checkpoint_every_s
+                                         or self.run.steps % self.settings.checkpoint_every_steps == 0 and since > 1.0)
+
+    def _housekeeping(self, consumer: KafkaConsumer, tps: list[TopicPartition], checkpoint: bool | None = None) -> None:
+        """Metrics, progress and, when due (``checkpoint``: as the ranks agreed), a checkpoint."""
         self.metrics.backlog.set(self.backlog())
         if self.run.trained_share is not None:
             self.metrics.trained_share.set(self.run.trained_share)
-        since = time.monotonic() - self._last_ckpt
-        self.metrics.checkpoint_age.set(since)
-        if self.run.steps and (since >= self.settings.checkpoint_every_s
-                               or self.run.steps % self.settings.checkpoint_every_steps == 0 and since > 1.0):
+        self.metrics.checkpoint_age.set(time.monotonic() - self._last_ckpt)
+        if self._checkpoint_due() if checkpoint is None else checkpoint:
             self.checkpoint()
             self.write_stats()
         for kind, size, ev in self.learner.idmap_stats():
@@ -547,11 +752,14 @@ class Trainer:
         return {"samples": self.run.samples, "steps": self.run.steps, "model_version": self.learner.version,
                 "trained": self.run.trained, "trained_share": self.run.trained_share, "backlog": self.backlog(),
                 "replayed": self.run.replayed, "redelivered": self.run.redelivered,
-                "version_lag": self.published.version_lag(self.learner.version),
+                "version_lag": self.published.version_lag(self.serving_version),
+                "serving_version": self.serving_version, "model_state": self.guardrails.state,
+                "rollbacks": self.guardrails.rollbacks,
                 "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,
-                "device": str(self.learner.device), "time": time.time()}
+                "device": str(self.learner.device), "rank": self.group.rank, "world": self.group.world,
+                "time": time.time()}
 
     def write_stats(self) -> None:
         write_atomic(self.dir / "trainer-stats.json", (json.dumps(self.stats(), indent=2) + "\n").encode())

@@ -49,6 +49,7 @@ class WorkerConfig:
     serve_metrics: bool = True
     stop_timeout_s: float = 0.0  # > 0: a graceful stop that takes longer ends the process (StopDeadline)
     generation_check_s: float = 2.0  # how often the topic ids are compared (0: never)
+    join_timeout_s: float = 0.0  # > 0: no first assignment within this long at start → leave and join again
 
 
 @dataclass
@@ -179,9 +180,11 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     try:
-        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)  # `kill -USR1 <pid>`: what is it waiting on?
+        # `kill -USR1 <pid>`: what is it waiting on?
+        loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(consumer_loop(current.get("worker"))))
     except (NotImplementedError, RuntimeError):
         pass
+    current: dict[str, StreamWorker] = {}  # the incarnation running now (for the task dump)
     t0 = monotonic()
     failure: str | None = None
     try:
@@ -189,14 +192,22 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
             server = metrics.serve(settings.metrics_host, settings.metrics_port)
             log.info("metrics on %s", server.url)
         while True:
-            worker = await _start_incarnation(settings, data_dir, metrics, totals)
-            if on_started is not None:
-                on_started(worker)
+            worker = current["worker"] = await _prepare_incarnation(settings, data_dir, metrics, totals)
             try:
-                outcome = await _supervise(worker, options, stop, t0)
+                outcome = await _start_watched(worker, stop, options.join_timeout_s)
+                if outcome == "started":
+                    gc.freeze()  # faust, aiokafka and our wiring live for the whole process: keep them out of GC scans
+                    if on_started is not None:
+                        on_started(worker)
+                    outcome = await _supervise(worker, options, stop, t0)
             finally:
                 with StopDeadline(options.stop_timeout_s, "worker"):
                     await worker.stop()
+            if outcome == "join-timeout":
+                metrics.join_retries.inc()
+                log.warning("no partition assignment %.0f s after start: left the group, joining again",
+                            options.join_timeout_s)
+                continue
             if worker.pipeline.failed is not None:
                 failure = str(worker.pipeline.failed)
             elif outcome.startswith("recreated:"):
@@ -225,17 +236,50 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
     return totals
 
 
-def dump_tasks() -> None:
-    """Log every asyncio task's stack: where a worker that seems stuck is waiting."""
-    for task in asyncio.all_tasks():
-        buf = io.StringIO()
-        task.print_stack(file=buf)
-        log.warning("%s", buf.getvalue())
+def await_chain(task: asyncio.Task) -> list[str]:
+    """``file:line in function`` of every coroutine a task is suspended in, outermost first.
+
+    ``Task.print_stack`` shows only the outermost frame of a suspended task; the innermost one
+    (what it actually waits on) is found by following ``cr_await`` down the chain.
+    """
+    lines: list[str] = []
+    obj = task.get_coro()
+    while obj is not None and len(lines) < 64:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return lines
 
 
-async def _start_incarnation(settings: Settings, data_dir: Path, metrics: WorkerMetrics,
-                             totals: PipelineTotals) -> StreamWorker:
-    """Topics, generations, local state made consistent with the changelog, then a started worker."""
+def consumer_loop(worker: StreamWorker | None) -> asyncio.AbstractEventLoop | None:
+    """The event loop of faust's consumer thread (group membership, fetches), if it runs one."""
+    if worker is None:
+        return None
+    thread = getattr(worker.app.consumer, "_thread", None)
+    return getattr(thread, "thread_loop", None)
+
+
+def dump_tasks(*loops: asyncio.AbstractEventLoop | None) -> None:
+    """Log every asyncio task's await chain, on this loop and on ``loops`` (faust's consumer thread
+    runs the group coordinator on its own loop): where a worker that seems stuck is waiting."""
+    seen: set[int] = set()
+    for loop in (asyncio.get_running_loop(), *loops):
+        if loop is None or id(loop) in seen:
+            continue
+        seen.add(id(loop))
+        for task in list(asyncio.all_tasks(loop)):
+            buf = io.StringIO()
+            print(f"task {task.get_name()}{'' if loop is asyncio.get_running_loop() else ' (consumer thread)'}:",
+                  file=buf)
+            for line in await_chain(task):
+                print(f"  {line}", file=buf)
+            log.warning("%s", buf.getvalue())
+
+
+async def _prepare_incarnation(settings: Settings, data_dir: Path, metrics: WorkerMetrics,
+                               totals: PipelineTotals) -> StreamWorker:
+    """Topics, generations, local state made consistent with the changelog: a worker ready to start."""
     ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
     changelog = changelog_topic(settings)
     generations = await asyncio.to_thread(read_generations, settings.bootstrap, settings.events_topic, changelog)
@@ -247,9 +291,36 @@ async def _start_incarnation(settings: Settings, data_dir: Path, metrics: Worker
     drop_stale_partitions(worker)
     worker.pipeline.generation_check = lambda: changed_surely(
         settings.bootstrap, settings.events_topic, changelog, generations)
-    await worker.start()
-    gc.freeze()  # faust, aiokafka and our wiring live for the whole process: keep them out of GC scans
     return worker
+
+
+async def _start_watched(worker: StreamWorker, stop: asyncio.Event, join_timeout_s: float) -> str:
+    """Start ``worker`` (join the group, recover its partitions) unless asked to stop first.
+
+    Returns ``started``, ``stop`` (SIGTERM during start-up: the start is cancelled, so a worker
+    that cannot join still stops within its deadline) or ``join-timeout`` (no assignment within
+    ``join_timeout_s``: what each task waited on is logged, and the caller joins again). Recovery
+    after an assignment may legitimately take long; only the wait for the first assignment is bounded.
+    """
+    start = asyncio.ensure_future(worker.start())
+    waiter = asyncio.ensure_future(stop.wait())
+    t0 = monotonic()
+    try:
+        while not start.done():
+            await asyncio.wait({start, waiter}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not start.done():
+                return "stop"
+            if (join_timeout_s and not start.done() and worker.consumer.assignments == 0
+                    and monotonic() - t0 > join_timeout_s):
+                dump_tasks(consumer_loop(worker))
+                return "join-timeout"
+        start.result()  # a failed start raises here
+        return "started"
+    finally:
+        waiter.cancel()
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
 
 
 async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.Event, t0: float) -> str:

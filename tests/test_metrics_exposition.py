@@ -23,7 +23,7 @@ def _registries() -> dict[str, CollectorRegistry]:
     worker.rejected.labels("not_json").inc()
     trainer = TrainerMetrics()
     trainer.freshness.observe(0.3)
-    trainer.online.labels("hr@10").set(0.2)
+    trainer.online.labels("online", "hr@10").set(0.2)
     api = ApiMetrics(CollectorRegistry())
     api.requests.labels("/healthz", "200").inc()
     return {"worker": worker.registry, "trainer": trainer.registry, "api": api.registry}

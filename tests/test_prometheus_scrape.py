@@ -17,7 +17,9 @@ from tgastream.stream.broker import die_with_parent, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERIES = ("tgastream_freshness_seconds_count", "tgastream_partition_lag", "tgastream_trainer_trained_share",
-          "tgastream_trainer_backlog", "tgastream_online_metric", "tgastream_api_requests_total")
+          "tgastream_trainer_backlog", 'tgastream_online_metric{model="online"}',
+          'tgastream_online_metric{model="repeat"}', "tgastream_trainer_rollbacks_total",
+          "tgastream_api_requests_total")
 
 
 def _lines(proc: subprocess.Popen, seen: list[str]) -> None:
@@ -78,7 +80,8 @@ def test_prometheus_scrapes_every_process_of_a_running_demo(broker, tmp_path):
         up = {r["metric"]["job"]: r["value"][1] for r in _query(base, "up")}
         assert up == {"worker": "1", "trainer": "1", "api": "1"}
         rules = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
-        assert {r["name"] for g in rules for r in g["rules"]} >= {"TgastreamFreshnessSLO", "TgastreamTrainerStalled"}
+        assert {r["name"] for g in rules for r in g["rules"]} >= {"TgastreamFreshnessSLO", "TgastreamTrainerStalled",
+                                                                      "TgastreamRollback"}
     finally:
         if prom is not None:
             prom.terminate()

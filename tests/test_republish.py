@@ -24,3 +24,13 @@ def test_the_bookkeeping_is_bounded():
     for k in range(10):
         p.user(f"u{k}", version=k, context=b"", event_ts=0.0)
     assert list(p.users) == ["u7", "u8", "u9"]
+
+
+def test_after_a_rollback_what_the_bad_model_published_goes_out_again_first():
+    p = Published()
+    for k, version in enumerate([3, 5, 8, 9]):  # 8 and 9: the bad models; 5: the good one rolled back to
+        p.user(f"u{k}", version, b"ctx", float(k))
+        p.item(f"i{k}", version, "c")
+    p.demote(newer_than=5)
+    users, items = p.stale(5, budget=100)  # the sweep with the good version 5
+    assert list(users) == ["u2", "u3", "u0"] and list(items) == ["i2", "i3", "i0"]  # bad ones first, 5 is current

@@ -40,8 +40,7 @@ def _start(tmp_path: Path, store: Path | None, *extra: str, env: dict[str, str] 
     return base, proc
 
 
-@pytest.fixture
-def api(tmp_path: Path):
+def _serving(tmp_path: Path):
     """A serving store written by 'the trainer' (this test) and a `tgastream serve` process reading it."""
     path = tmp_path / "serving"
     writer = ServingStore(path)
@@ -57,6 +56,18 @@ def api(tmp_path: Path):
         proc.terminate()
         proc.wait(10)
         writer.close()
+
+
+@pytest.fixture
+def api(tmp_path: Path):
+    """A server of this test's own (for tests that write to the store)."""
+    yield from _serving(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_api(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the read-only tests of this module (a server start costs seconds)."""
+    yield from _serving(tmp_path_factory.mktemp("serve"))
 
 
 def test_embedding_and_recommendations_exclude_bought_items(api):
@@ -93,8 +104,8 @@ def test_new_writes_become_visible_to_the_running_server(api):
     ("POST", "/v1/score", b'{"user_id": "u1", "items": [{"category_id": "1"}]}', 400, "item_id"),
     ("GET", "/v1/nothing", None, 404, ""),
 ])
-def test_bad_requests_get_json_errors(api, method, path, body, status, fragment):
-    base, _ = api
+def test_bad_requests_get_json_errors(shared_api, method, path, body, status, fragment):
+    base, _ = shared_api
     r = httpx.request(method, base + path, content=body)
     assert r.status_code == status
     assert fragment in r.json()["error"]

@@ -110,6 +110,22 @@ def committed_offsets(settings: Settings) -> dict[int, int | None]:
         consumer.close(autocommit=False)
 
 
+def describe_group(settings: Settings) -> str:
+    """The broker's view of the worker group (state, protocol, members): for reports of a stuck join."""
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=10_000)
+        admin._process_acl_operations = lambda d: d  # Tansu's authorized-operations bits are not all valid ACLs
+        try:
+            described = admin.describe_groups([settings.consumer_group])
+        finally:
+            admin.close()
+        return f"broker's view of the group: {described!r}"
+    except Exception as exc:  # a report, not a check: say why it could not be read
+        return f"group {settings.consumer_group}: not described ({exc!r})"
+
+
 def start_worker(settings: Settings, log_path: Path, *extra: str) -> WorkerProcess:
     """``python -m stream.cli worker`` for ``settings`` (its topics, data dir, group)."""
     port = free_port()

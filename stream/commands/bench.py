@@ -7,7 +7,8 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = "run a benchmark: stream, model, online, freshness, api or index (each prints a table; --json writes it)"
+HELP = ("run a benchmark: stream, model, online, freshness, api, index, trainer, skew or guard "
+        "(each prints a table; --json writes it)")
 
 BENCHES: dict[str, str] = {
     "stream": "tgastream.bench.stream",
@@ -16,6 +17,9 @@ BENCHES: dict[str, str] = {
     "freshness": "tgastream.bench.freshness",
     "api": "tgastream.bench.api",
     "index": "tgastream.bench.index",
+    "trainer": "tgastream.bench.trainer",
+    "skew": "tgastream.bench.skew",
+    "guard": "tgastream.bench.guard",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         topic = (broker.bootstrap, settings.embeddings_topic)
         print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
     run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
-               token=settings.api_token, topic=topic)
+               token=settings.api_token, topic=topic, checkpoint_dir=settings.checkpoints)
     return 0
 
 

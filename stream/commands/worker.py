@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_flags(p, "bootstrap", "partitions", "events_topic", "dlq_topic", "samples_topic",
                       "features_topic", "data_dir", "metrics_port", "metrics_host", "worker_group",
                       "worker_batch", "worker_flush_s", "standby_replicas", "rebalance_timeout_s",
-                      "stop_timeout_s")
+                      "stop_timeout_s", "join_timeout_s")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.replace(bootstrap=broker.bootstrap)
     print("tgastream worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
     options = WorkerConfig(progress_s=0.0 if args.quiet else args.progress, max_seconds=args.max_seconds,
-                           stop_timeout_s=settings.stop_timeout_s)
+                           stop_timeout_s=settings.stop_timeout_s, join_timeout_s=settings.join_timeout_s)
     try:
         asyncio.run(run_worker(settings, options, out=sys.stdout))
     except RuntimeError as exc:

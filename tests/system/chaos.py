@@ -48,7 +48,7 @@ from tgastream.stream.trained_log import read_trained
 from tests.kafka_util import read_topic
 from tests.stream_reference import comparable, offline_records, read_store, replay_order, sample_identity
 from tests.trainer_util import start_trainer
-from tests.worker_util import WorkerProcess, committed_offsets, start_worker, worker_state_dir
+from tests.worker_util import WorkerProcess, committed_offsets, describe_group, start_worker, worker_state_dir
 
 DAY = 86400.0
 VERDICT_OK = "ALL-RECORDS-DELIVERED"
@@ -424,13 +424,14 @@ class ChaosRun:
                 self.trainer.wait(30)
             self.broker.stop()
 
-    def _verification_worker(self, mark: float, attempts: int = 2, patience_s: float = 45.0) -> Settings | None:
+    def _verification_worker(self, mark: float, attempts: int = 2, patience_s: float = 100.0) -> Settings | None:
         """Start a worker on a fresh data dir, send a watermark to every partition and wait until it
         has processed them (so it holds every partition, rebuilt from the changelog); stop it. A
         worker that does not get there in ``patience_s`` is reported (unexpected) and replaced."""
         for attempt in range(1, attempts + 1):
             verify_settings = self.settings.replace(data_dir=self.root / f"verify-{attempt}")
-            verifier = start_worker(verify_settings, self.root / f"verify-{attempt}.log")
+            # a start-up that gets no assignment in 30 s joins again by itself (counted, reported below)
+            verifier = start_worker(verify_settings, self.root / f"verify-{attempt}.log", "--join-timeout-s", "30")
             try:
                 verifier.wait_up(120)
                 producer = make_producer(self.settings.bootstrap)
@@ -439,18 +440,28 @@ class ChaosRun:
                 producer.close()
                 deadline = time.monotonic() + patience_s
                 while verifier.total("tgastream_watermarks_total") < self.cfg.partitions:
-                    assert verifier.proc.poll() is None, f"verification worker exited:\n{verifier.log()}"
+                    if verifier.proc.poll() is not None:  # e.g. a stuck join whose stop outlasted its deadline
+                        self.unexpected.append(f"verification worker {attempt} exited {verifier.proc.returncode} "
+                                               f"before processing the watermarks ({verifier.log_path}); "
+                                               f"{describe_group(self.settings)}")
+                        self.say(f"  !! {self.unexpected[-1]}")
+                        break
                     if time.monotonic() > deadline:
                         last = [ln for ln in verifier.log().splitlines() if "kafka" not in ln][-1:]
                         verifier.proc.send_signal(signal.SIGUSR1)  # the worker logs what each task waits on
                         time.sleep(1.0)
                         self.unexpected.append(f"verification worker {attempt} processed nothing in {patience_s:.0f}s "
                                                f"after start (killed, replaced; task dump in {verifier.log_path}); "
-                                               f"its last line: {last}")
+                                               f"its last line: {last}; {describe_group(self.settings)}")
                         self.say(f"  !! {self.unexpected[-1]}")
                         break
                     time.sleep(0.3)
                 else:
+                    retries = verifier.total("tgastream_worker_join_retries_total")
+                    if retries:
+                        self.unexpected.append(f"verification worker {attempt} joined the group again {retries:.0f} "
+                                               f"time(s) before its first assignment ({verifier.log_path})")
+                        self.say(f"  !! {self.unexpected[-1]}")
                     assert verifier.stop(60) == 0, verifier.log()
                     return verify_settings
             finally:

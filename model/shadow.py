@@ -1,0 +1,163 @@
+"""Shadow evaluation: the online model, a baseline and repeat-recent scored on the same samples.
+
+The baseline is an inference-only copy of the last good checkpoint, grafted onto the online
+model's current id maps as a rollback would be (model/guardrails.py ``GoodModel``): an item
+first seen after it gets a fresh row, so the baseline is judged as what a rollback would serve.
+Every step, a random ``share`` of the step's new samples (chosen once, for all three) is scored
+prequentially, before the online model learns from them:
+
+- conversion clicks: P(buy) of each model, with the label;
+- retrieval rows: the target's mid-rank over each model's own catalogue (every item with a row),
+  a bounded number of rows per step (``rank_budget`` / catalogue, as the learner's own scoring);
+- repeat-recent on the same retrieval rows: the user's distinct context items, most recent first.
+
+The paired outcomes feed the guard (model/guard.py); rolling AUC and HR@10 per model feed
+``tgastream_online_metric{model=...}``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from tgastream.model.batching import collate
+from tgastream.model.guard import PairedWindow
+from tgastream.model.metrics import ranks_of_targets
+from tgastream.model.prequential import RollingMetrics
+from tgastream.model.rows import EmbeddingRows
+from tgastream.model.tga import TGA
+from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+
+K = 10
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    share: float = 0.25  # of each step's new samples, scored by all three
+    rank_budget: int = 2_000_000  # (retrieval rows × catalogue items) per model per step at most
+    window: int = 2000  # rolling window of the per-model metrics
+    seed: int = 0
+
+
+@dataclass
+class Outcomes:
+    """One model's outcomes on a scored subset: conversion P(buy) [C] and retrieval ranks [R]."""
+
+    probs: np.ndarray
+    ranks: np.ndarray
+
+
+def repeat_rank(sample: Sample, n_candidates: int) -> float:
+    """1-based mid-rank of a next-event target under repeat-recent: the user's distinct context
+    items, most recent first, then every other candidate tied."""
+    distinct = list(dict.fromkeys(reversed(sample.graph.item_ids)))
+    if sample.item_id in distinct:
+        return distinct.index(sample.item_id) + 1.0
+    nd = len(distinct)
+    return 1.0 + nd + max(n_candidates - nd - 1, 0) / 2.0
+
+
+def repeat_interest(sample: Sample) -> float:
+    """Conversion score of a click under repeat-recent: touches of the clicked item in the context."""
+    return float(sum(1 for it in sample.graph.item_ids if it == sample.item_id))
+
+
+@torch.no_grad()
+def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: Sequence[Sample],
+                   ret: Sequence[Sample]) -> Outcomes:
+    """P(buy) of the conversion samples and the mid-rank of each retrieval target among every
+    item the model has a row for (an unknown target is a miss)."""
+    vocabs = rows.vocabs()
+    model.eval()
+    probs = np.zeros(0)
+    if conv:
+        batch = collate(list(conv), vocabs, device, keys=vocabs.items)
+        states = model.encode(batch)
+        probs = torch.sigmoid(model.conversion_logits(batch, states)).float().cpu().numpy()  # [C]
+    ranks = np.zeros(0)
+    if ret:
+        batch = collate(list(ret), vocabs, device, keys=vocabs.items)
+        states = model.encode(batch)
+        n = model.cfg.n_items
+        items = torch.arange(1, n, device=device)  # catalogue column c = row c + 1
+        vectors, bias = model.item_vectors(items, model.item_category[items])
+        scores = model.score_catalogue(batch, vectors, bias, states)  # [R, n - 1]
+        holds = rows.used_items(device)[1:].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+        ranks = ranks_of_targets(scores, batch.target_item - 1, holds).cpu().numpy()  # [R]
+    return Outcomes(probs, ranks)
+
+
+class Baseline(Protocol):
+    """The baseline: ``aligned()`` gives a model, its id maps and device to score with."""
+
+    version: int
+
+    def aligned(self): ...
+
+
+class Shadow:
+    """Scores online, baseline and repeat-recent on the same share of each step's samples."""
+
+    MODELS = ("online", "baseline", "repeat")
+
+    def __init__(self, cfg: ShadowConfig, paired_window: int, keep_positives: int = 60) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.baseline: Baseline | None = None
+        self.rolling = {m: RollingMetrics(window=cfg.window, k=K) for m in self.MODELS}
+        self.paired = PairedWindow(window=paired_window, keep_positives=keep_positives)
+
+    def set_baseline(self, baseline: Baseline | None) -> None:
+        """A new baseline: the paired window restarts (outcomes against the old one do not count)."""
+        self.baseline = baseline
+        self.paired.clear()
+        self.rolling["baseline"] = RollingMetrics(window=self.cfg.window, k=K)
+
+    def pick(self, samples: Sequence[Sample], catalogue: int) -> tuple[list[Sample], list[Sample]]:
+        """The subset all models score: conversion clicks, retrieval rows (bounded for ranking)."""
+        n = min(len(samples), max(1, math.ceil(self.cfg.share * len(samples))))
+        chosen = self.rng.sample(list(samples), n) if n < len(samples) else list(samples)
+        conv = [s for s in chosen if s.kind == CONVERSION]
+        ret = [s for s in chosen if s.kind == RETRIEVAL]
+        cap = max(16, self.cfg.rank_budget // max(catalogue, 1))
+        return conv, ret[:cap]
+
+    def score(self, samples: Sequence[Sample], model: TGA, rows: EmbeddingRows, device: torch.device) -> None:
+        """Score the online model (``model``, ``rows``: as it is, before it learns from these
+        samples), the baseline and repeat-recent on the same subset of ``samples``."""
+        if not samples:
+            return
+        conv, ret = self.pick(samples, model.cfg.n_items)
+        if not conv and not ret:
+            return
+        labels = np.asarray([s.label for s in conv], dtype=float)  # [C]
+        online = score_outcomes(model, rows, device, conv, ret)
+        self._note("online", labels, online)
+        n_items = max(len(rows.items), 1)
+        rep = Outcomes(np.asarray([repeat_interest(s) for s in conv]), np.asarray([repeat_rank(s, n_items) for s in ret]))
+        self._note("repeat", labels, rep)
+        if self.baseline is None:
+            return
+        b = self.baseline.aligned()
+        base = score_outcomes(b.model, b.rows, b.device, conv, ret)
+        self._note("baseline", labels, base)
+        self.paired.add(online.ranks <= K, base.ranks <= K, labels, online.probs, base.probs)
+
+    def _note(self, name: str, labels: np.ndarray, out: Outcomes) -> None:
+        if len(out.probs):
+            self.rolling[name].add_conversion(labels, out.probs)
+        if len(out.ranks):
+            self.rolling[name].add_ranks(out.ranks)
+
+    def metrics(self) -> dict[str, dict[str, float | None]]:
+        """Rolling AUC and HR@10 of each model over the shadow's subset (None without cases)."""
+        out = {}
+        for name, r in self.rolling.items():
+            snap = r.snapshot()
+            out[name] = {"auc": snap["auc"], "hr@10": snap[f"hr@{K}"]}
+        return out
