@@ -28,8 +28,13 @@ from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
-from tgastream.model.retrieval_head import RetrievalHead, scatter_logsumexp
+from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits,
+                                            scatter_logsumexp)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
+
+
+PRIOR_SCALE = 20.0
+"""The transition prior's weight is learned as w / PRIOR_SCALE (its learning rate × PRIOR_SCALE)."""
 
 
 @dataclass
@@ -57,6 +62,11 @@ class SequenceRecommender(nn.Module):
             nn.init.zeros_(self.item_bias.weight)
         self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
         self.conversion_head = ConversionHead(cfg.dim, cfg.dropout) if self.does_conversion else None
+        # weight of the transition prior's logit term (retrieval_head.py); only when configured.
+        # Stored as w / PRIOR_SCALE: Adam moves a parameter by about lr a step whatever its
+        # gradient, so a bare scalar would barely leave its initial value in a few hundred steps
+        self.prior_param = (nn.Parameter(torch.full((), 1.0 / PRIOR_SCALE))
+                            if cfg.transition_prior and self.does_retrieval else None)
         # what the stream has shown so far: target frequency (logQ of in-batch negatives) and each
         # item row's category (the item tower of uniformly sampled negatives)
         self.register_buffer("item_counts", torch.zeros(cfg.n_items))
@@ -120,6 +130,8 @@ class SequenceRecommender(nn.Module):
         head = self._head()
         u = head.user_vector(states, batch.mask, batch.last_index)  # [B, d]
         z = self._catalogue_logits(u, vectors) + bias  # [B, C]
+        if self._uses_prior(batch):
+            z = z + self.prior_weight * prior_catalogue_logits(batch.prior_keys, batch.prior_vals, z.shape[1])
         if head.copy:
             c = head.node_logits(u, states, batch.mask, batch.lengths)  # [B, N]
             c = c.masked_fill(batch.keys <= 0, float("-inf"))
@@ -131,6 +143,14 @@ class SequenceRecommender(nn.Module):
         if self.cfg.temperature > 0:
             return F.normalize(u, dim=-1) @ F.normalize(vectors, dim=-1).T / self.cfg.temperature
         return u @ vectors.T
+
+    @property
+    def prior_weight(self) -> torch.Tensor | None:
+        """w_π of the transition prior term (None when the model has none)."""
+        return None if self.prior_param is None else PRIOR_SCALE * self.prior_param
+
+    def _uses_prior(self, batch: Batch) -> bool:
+        return self.prior_param is not None and batch.prior_keys is not None and batch.prior_vals is not None
 
     def _head(self) -> RetrievalHead:
         if self.retrieval_head is None:
@@ -186,9 +206,11 @@ class SequenceRecommender(nn.Module):
             r_loss = float(lr.detach())
         if n_conv:
             idx = conv.nonzero().squeeze(1)
-            logits = self.conversion_logits(_rows(batch, idx), states[idx], vecs[idx])
+            # the balance of the two heads: a conversion-only model (DIN) has nothing to balance
+            g, w = (self.cfg.conversion_grad, self.cfg.conversion_weight) if self.does_retrieval else (1.0, 1.0)
+            logits = self.conversion_logits(_rows(batch, idx), scale_grad(states[idx], g), scale_grad(vecs[idx], g))
             lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx], reduction="sum") / view.n_conversion
-            total = total + self.cfg.conversion_weight * lc
+            total = total + w * lc
             c_loss = float(lc.detach())
         return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
 
@@ -210,6 +232,8 @@ class SequenceRecommender(nn.Module):
         if not self.cfg.logq:
             log_q_in, log_q_uni = torch.zeros_like(log_q_in), torch.zeros_like(log_q_uni)
         s_in = self._catalogue_logits(u, e_t) + b_t  # [r, R]
+        if self._uses_prior(sub):
+            s_in = s_in + self.prior_weight * prior_logits(sub.prior_keys, sub.prior_vals, view.target_key)  # [r, R]
         pos = s_in[own, view.offset + own]  # [r]: each row's own target
         same = sub.target_key.unsqueeze(1) == view.target_key.unsqueeze(0)  # [r, R] accidental hits (incl. own)
         neg_in = (s_in - log_q_in).masked_fill(same, float("-inf"))  # [r, R]
@@ -225,6 +249,22 @@ class SequenceRecommender(nn.Module):
         den = torch.logsumexp(torch.cat(parts_den, 1), 1)
         num = torch.logsumexp(torch.cat(parts_num, 1), 1)
         return (den - num).sum() / big_r
+
+
+def scale_grad(t: torch.Tensor, g: float) -> torch.Tensor:
+    """``t`` in the forward pass, ``g`` × its gradient in the backward pass:
+
+        y = g · t + (1 - g) · stopgrad(t),   ∂L/∂t = g · ∂L/∂y
+
+    The conversion loss reaches the shared encoder and item tower through this with
+    ``g = cfg.conversion_grad``: the two heads pull the shared states apart (a heavy conversion
+    weight lifted conversion AUC and cost retrieval HR@10), so the conversion head can be trained
+    hard on its own parameters while the encoder hears it only at scale ``g``."""
+    if g == 1.0:
+        return t
+    if g == 0.0:
+        return t.detach()
+    return g * t + (1.0 - g) * t.detach()
 
 
 def _rows(batch: Batch, idx: torch.Tensor) -> Batch:

@@ -60,25 +60,39 @@ class EncodedSamples:
     target_behavior: np.ndarray  # [S] int8
     label: np.ndarray  # [S] float32
     event_ts: np.ndarray  # [S] float64
+    # optional transition prior (model/retrieval_head.py): per sample the P best co-visitation
+    # candidates as item keys (0 = none) and their scores; None when not computed
+    prior_keys: np.ndarray | None = None  # [S, P] int32
+    prior_vals: np.ndarray | None = None  # [S, P] float32
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def take(self, idx: np.ndarray) -> "EncodedSamples":
-        return EncodedSamples(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return EncodedSamples(**{f.name: _take(getattr(self, f.name), idx) for f in fields(self)})
 
     @staticmethod
     def concat(parts: Sequence["EncodedSamples"]) -> "EncodedSamples":
-        """Stack parts, padding every graph to the longest one."""
+        """Stack parts, padding every graph to the longest one (a prior only when every part has one)."""
         width = max((p.items.shape[1] for p in parts), default=0)
         out = {}
         for f in fields(EncodedSamples):
             arrays = [getattr(p, f.name) for p in parts]
+            if f.name in PRIOR_FIELDS:
+                out[f.name] = None if not arrays or any(a is None for a in arrays) else np.concatenate(arrays)
+                continue
             if arrays and arrays[0].ndim >= 2:
                 fill = -1 if f.name in ("nbr", "etype") else 0
                 arrays = [_pad_to(a, width, fill) for a in arrays]
             out[f.name] = np.concatenate(arrays) if arrays else np.zeros(0)
         return EncodedSamples(**out)
+
+
+PRIOR_FIELDS = ("prior_keys", "prior_vals")
+
+
+def _take(a: np.ndarray | None, idx):
+    return None if a is None else a[idx]
 
 
 def _pad_to(a: np.ndarray, width: int, fill: int) -> np.ndarray:
@@ -153,6 +167,8 @@ class Batch:
     target_key: torch.Tensor  # [B] long
     target_behavior: torch.Tensor  # [B] long
     label: torch.Tensor  # [B] float
+    prior_keys: torch.Tensor | None = None  # [B, P] long co-visitation candidates' keys (0 = none), optional
+    prior_vals: torch.Tensor | None = None  # [B, P] float their scores
 
     @property
     def size(self) -> int:
@@ -164,7 +180,7 @@ class Batch:
 
     def select(self, idx: torch.Tensor) -> "Batch":
         """The sub-batch of rows ``idx`` (same width)."""
-        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Batch(**{f.name: _take(getattr(self, f.name), idx) for f in fields(self)})
 
     @cached_property
     def flat_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +224,8 @@ def to_batch(enc: EncodedSamples, idx: np.ndarray | None = None, device: torch.d
         mask=t(mask, torch.bool), lengths=t(enc.lengths), nbr=t(nbr), etype=t(etype), kind=t(enc.kind),
         target_item=t(enc.target_item), target_cat=t(enc.target_cat), target_key=t(enc.target_key),
         target_behavior=t(enc.target_behavior), label=t(enc.label, torch.float32),
+        prior_keys=None if enc.prior_keys is None else t(enc.prior_keys),
+        prior_vals=None if enc.prior_vals is None else t(enc.prior_vals, torch.float32),
     )
 
 

@@ -45,6 +45,22 @@ class Covisitation:
                         row[y] += 1.0 / d
         return self
 
+    def add(self, history: Sequence[int], item: int) -> None:
+        """Count one new event online: ``item`` follows the user's ``history`` (item keys, oldest
+        first, before this event). Adding a user's events one by one counts what :meth:`fit`
+        counts on the whole sequence, so a count can be frozen at any time without a future."""
+        for d, x in enumerate(reversed(history[-self.cfg.window:]), start=1):
+            if x != item:
+                self.next[x][item] += 1.0 / d
+
+    def top(self, context: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best-scored candidates of a context: keys [≤ k] int64 and scores [≤ k] float32,
+        highest first (ties by key)."""
+        scores = self.scores(context)
+        best = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        return (np.fromiter((key for key, _ in best), dtype=np.int64, count=len(best)),
+                np.fromiter((v for _, v in best), dtype=np.float32, count=len(best)))
+
     def scores(self, context: Sequence[int]) -> dict[int, float]:
         """Candidate → score from a user's context (item keys, oldest first)."""
         out: dict[int, float] = defaultdict(float)

@@ -11,7 +11,8 @@ Protocol (no future leakage):
   over-represented near the cut). Training uses labels known before ``fit_ts``; validation labels
   known in ``[fit_ts, split_ts)``; test every sample whose event (retrieval target, conversion
   click) is at or after ``split_ts``. Clicks of the last window before the split are used by
-  neither side;
+  neither side. Test clicks of the log's last conversion window are right-censored (a later buy
+  is unseen) and are left out of conversion scoring for every model (:func:`uncensored_clicks`);
 - the item/category vocabulary (embedding rows) comes from the training period only: items first
   seen later have no row and fall back to their category embedding (the pointer can still point
   at them through node states);
@@ -38,7 +39,8 @@ from tgastream.model.batching import EncodedSamples, Vocabs, encode_samples, to_
 from tgastream.model.config import ModelConfig, TrainConfig
 from tgastream.model.device import resolve_device
 from tgastream.model.din import DIN
-from tgastream.model.covisit import Covisitation, CovisitConfig, rank_from_scores, repeat_covisit_scores
+from tgastream.model.covisit import (Covisitation, CovisitConfig, rank_from_scores, recent_distinct,
+                                     repeat_covisit_scores)
 from tgastream.model.metrics import (auc, bootstrap_interval, bootstrap_user_weights, gauc_of, group_aucs, hit_rate,
                                      logloss, ranking_metrics, ranks_of_targets, weighted_auc)
 from tgastream.model.sasrec import SASRec
@@ -52,6 +54,8 @@ from tgastream.core.settings import CONVERSION_WINDOW_S, DIM, HEADS, LAYERS, MAX
 NEURAL = {"tga": (TGA, True), "tga_nocopy": (TGA, False), "sasrec": (SASRec, False),
           "sasrec_copy": (SASRec, True), "din": (DIN, False)}
 """Neural model keys → (class, pointer on). ``tga_nocopy`` and ``sasrec_copy`` are ablations."""
+PRIOR_MODELS = ("tga",)
+"""Models fed the transition prior (co-visitation counts as a learned logit term) when ``transition_prior`` > 0."""
 BASELINES = ("pop", "repeat", "covisit", "repeat_covisit")
 ALL_MODELS = ("tga", "sasrec", "din", "pop", "repeat", "tga_nocopy", "sasrec_copy", "covisit", "repeat_covisit")
 METRIC_KEYS = ("auc", "gauc", "logloss", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
@@ -75,6 +79,7 @@ class EvalConfig:
     seeds: int = 0  # 0: one run on train.seed; N: neural models on seeds train.seed + 1 .. + N, mean ± sd
     bootstrap: int = 1000  # user-bootstrap resamples for the 95% intervals (0 = none)
     covisit: CovisitConfig = field(default_factory=CovisitConfig)
+    transition_prior: int = 32  # co-visitation candidates per retrieval sample fed to TGA (0 = none)
     on_validation: bool = False  # score the validation share instead of the test period (for choosing
     # settings: the test period is never looked at); neural models then train a fixed number of epochs
     dim: int = DIM
@@ -96,8 +101,8 @@ class EvalConfig:
         unknown = [m for m in self.models if m not in ALL_MODELS]
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
-        if self.seeds < 0 or self.bootstrap < 0:
-            raise ValueError("seeds and bootstrap must be >= 0")
+        if self.seeds < 0 or self.bootstrap < 0 or self.transition_prior < 0:
+            raise ValueError("seeds, bootstrap and transition_prior must be >= 0")
         if self.sample_len > self.max_len:
             raise ValueError("sample_len must be <= max_len")
         return self
@@ -127,22 +132,31 @@ class EvalData:
 class _Encoder:
     """Collects samples and encodes them in chunks (keeps memory flat on big logs)."""
 
-    def __init__(self, vocabs: Vocabs, keys: InMemoryVocab, chunk: int = 8192) -> None:
-        self.vocabs, self.keys, self.chunk = vocabs, keys, chunk
+    def __init__(self, vocabs: Vocabs, keys: InMemoryVocab, chunk: int = 8192, prior_width: int = 0) -> None:
+        self.vocabs, self.keys, self.chunk, self.prior_width = vocabs, keys, chunk, prior_width
         self.pending: list[Sample] = []
+        self.priors: list[tuple[np.ndarray, np.ndarray] | None] = []
         self.parts: list[EncodedSamples] = []
         self.users: list[str] = []  # user of every sample added, in order
 
-    def add(self, s: Sample) -> None:
+    def add(self, s: Sample, prior: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.pending.append(s)
+        self.priors.append(prior)
         self.users.append(s.user_id)
         if len(self.pending) >= self.chunk:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            self.parts.append(encode_samples(self.pending, self.vocabs, self.keys))
-            self.pending = []
+            enc = encode_samples(self.pending, self.vocabs, self.keys)
+            if self.prior_width:
+                n, p = len(self.pending), self.prior_width
+                enc.prior_keys, enc.prior_vals = np.zeros((n, p), np.int32), np.zeros((n, p), np.float32)
+                for row, prior in enumerate(self.priors):
+                    if prior is not None:
+                        enc.prior_keys[row, :len(prior[0])], enc.prior_vals[row, :len(prior[1])] = prior
+            self.parts.append(enc)
+            self.pending, self.priors = [], []
 
     def result(self) -> EncodedSamples:
         self.flush()
@@ -169,22 +183,33 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
     items = catalogue.ids()
     catalogue_rows = vocabs.items.lookup(items)
     catalogue_cats = vocabs.categories.lookup([category_of[i] for i in items])
-    out = {name: _Encoder(vocabs, catalogue) for name in ("train", "valid", "test")}
+    out = {name: _Encoder(vocabs, catalogue, prior_width=cfg.transition_prior) for name in ("train", "valid", "test")}
     states: dict[str, UserState] = {}
+    # transition prior: co-visitation counted online, so a sample only sees transitions before it;
+    # frozen at fit_ts for validation samples and at split_ts for test samples (= the baseline's counts)
+    cov_fit, cov_split = Covisitation(cfg.covisit), Covisitation(cfg.covisit)
+    history: dict[str, list[int]] = {}
+
+    def prior_of(s: Sample, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if not cfg.transition_prior or s.kind != RETRIEVAL:
+            return None
+        recent = recent_distinct(s.graph.to_arrays().items)[:cfg.covisit.recent]
+        cov = cov_split if split == "test" else cov_fit
+        return cov.top(catalogue.lookup(recent).tolist()[::-1], cfg.transition_prior)
 
     def route(s: Sample) -> None:
         if len(s.graph) == 0:
             return  # the click left the graph window before its label closed: no context
         if s.event_ts >= split_ts:
-            out["test"].add(s)
+            out["test"].add(s, prior_of(s, "test"))
             return
         # a label is known once its window has closed: a retrieval target at its event, a
         # conversion click at click + window whether bought or not (so both labels are complete)
         known_at = s.event_ts if s.kind == RETRIEVAL else s.event_ts + cfg.window_s
         if known_at < fit_ts:
-            out["train"].add(s)
+            out["train"].add(s, prior_of(s, "train"))
         elif known_at < split_ts and (s.kind != RETRIEVAL or s.event_ts >= fit_ts):
-            out["valid"].add(s)
+            out["valid"].add(s, prior_of(s, "valid"))
 
     for ev in tqdm(events, desc="samples", disable=None if progress else True, unit="ev", mininterval=1.0, leave=False):
         st = states.get(ev.user_id)
@@ -192,6 +217,13 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
             st = states[ev.user_id] = UserState.new(ev.user_id, cfg.max_len)
         for s in st.apply(ev, None, cfg.window_s, cfg.sample_len):
             route(s)
+        if cfg.transition_prior and ev.ts < split_ts:  # count the event after its own samples are routed
+            past, key = history.setdefault(ev.user_id, []), int(catalogue.lookup([ev.item_id])[0])
+            cov_split.add(past, key)
+            if ev.ts < fit_ts:
+                cov_fit.add(past, key)
+            past.append(key)
+            del past[:-cfg.covisit.window]
     for st in states.values():  # end of the log: every open window closes (label as observed)
         for s in st.expire(math.inf, cfg.window_s, cfg.sample_len):
             route(s)
@@ -221,7 +253,9 @@ def build_model(name: str, cfg: EvalConfig, data: EvalData) -> SequenceRecommend
     cls, copy = NEURAL[name]
     mc = ModelConfig(n_items=len(data.vocabs.items), n_categories=len(data.vocabs.categories), dim=cfg.dim,
                      layers=cfg.layers, heads=cfg.heads, ffn_mult=cfg.ffn_mult, dropout=cfg.dropout, copy=copy,
-                     max_positions=max(cfg.sample_len, 8), **dict(cfg.model_overrides))
+                     max_positions=max(cfg.sample_len, 8),
+                     **({"transition_prior": True} if name in PRIOR_MODELS and cfg.transition_prior else {}),
+                     **dict(cfg.model_overrides))
     return cls(mc)
 
 
@@ -293,6 +327,7 @@ class TestCases:
     conv_users: np.ndarray  # [K] user codes
     labels: np.ndarray  # [K] conversion labels
     n_users: int  # user codes are 0 .. n_users - 1
+    censored: int = 0  # conversion clicks left out: their window was still open at the log's end
 
     @classmethod
     def of(cls, data: EvalData, ret: np.ndarray, conv: np.ndarray) -> "TestCases":
@@ -305,6 +340,7 @@ class TestCases:
         return {"retrieval": int(len(self.ret)), "buy": int(self.buy.sum()), "conversion": int(len(self.conv)),
                 "retrieval_repeat": int(self.repeat.sum()), "retrieval_novel": int((~self.repeat).sum()),
                 "conversion_positives": int((self.labels > 0).sum()),
+                "conversion_censored_excluded": int(self.censored),
                 "users": int(len(np.unique(np.concatenate([self.ret_users, self.conv_users])))),
                 "conversion_users": int(len(np.unique(self.conv_users)))}
 
@@ -454,6 +490,16 @@ def _group_aucs(probs: np.ndarray, cases: TestCases) -> tuple[np.ndarray, np.nda
     return aucs, counts
 
 
+def uncensored_clicks(click_ts: np.ndarray, window_s: float, log_end: float) -> np.ndarray:
+    """Bool mask [K]: clicks whose conversion window closed before the log ends.
+
+    A click in the last ``window_s`` of the log gets the label observed at the log's end: a buy
+    after the end is unseen, so its negative label is right-censored (on the 10k slice, context
+    length alone scored AUC 0.26 on such clicks). The evaluation leaves these clicks out of
+    conversion scoring, for every model alike, and reports how many it left out."""
+    return click_ts + window_s <= log_end
+
+
 def _subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if not limit or len(idx) <= limit:
         return idx
@@ -550,14 +596,18 @@ def run(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) -> dict
     if cfg.on_validation:
         data = validation_as_test(data)
     test_ret = _subsample(np.flatnonzero(data.test.kind == RETRIEVAL), cfg.max_test_cases, cfg.train.seed)
-    test_conv = _subsample(np.flatnonzero(data.test.kind == CONVERSION), cfg.max_test_cases, cfg.train.seed)
+    all_conv = np.flatnonzero(data.test.kind == CONVERSION)
+    closed = uncensored_clicks(data.test.event_ts[all_conv], cfg.window_s, float(data.event_ts[-1]))
+    test_conv = _subsample(all_conv[closed], cfg.max_test_cases, cfg.train.seed)
     cases = TestCases.of(data, test_ret, test_conv)
+    cases.censored = int((~closed).sum())
     seeds = seeds_of(cfg)
     if progress:
         print(f"{data.info['events']:,} events, {data.info['users']:,} users, {data.info['items']:,} items; "
               f"train {data.info['train_samples']:,} / valid {data.info['valid_samples']:,} samples; test: "
               f"{len(test_ret):,} next events ({int(cases.buy.sum())} buys, {int(cases.repeat.sum())} repeats), "
-              f"{len(test_conv):,} clicks ({int((cases.labels > 0).sum())} bought); seeds {seeds}; device {device}",
+              f"{len(test_conv):,} clicks ({int((cases.labels > 0).sum())} bought; {cases.censored:,} censored clicks "
+              f"of the log's last {cfg.window_s / 3600:.0f} h left out); seeds {seeds}; device {device}",
               flush=True)
     outputs: dict[str, list[ModelOutput]] = {}
     for name in cfg.models:
@@ -623,7 +673,8 @@ def format_table(result: dict) -> str:
     lines.append(f"test cases: {tc['retrieval']:,} next events (full ranking over {result['data']['items']:,} items; "
                  f"{tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets), "
                  f"{tc['buy']:,} buy targets, {tc['conversion']:,} conversion clicks "
-                 f"({result['data']['conversion_positives']:,} bought) of {tc.get('users', 0):,} users; "
+                 f"({result['data']['conversion_positives']:,} bought; "
+                 f"{tc.get('conversion_censored_excluded', 0):,} censored clicks left out) of {tc.get('users', 0):,} users; "
                  f"neural models: mean ± sd over seeds {seeds}; [95% user-bootstrap interval]")
     return "\n".join(lines)
 
@@ -659,7 +710,8 @@ def format_markdown(result: dict) -> str:
     lines += ["", f"{tc['retrieval']:,} next events ranked over {result['data']['items']:,} items "
               f"({tc.get('retrieval_repeat', 0):,} repeat / {tc.get('retrieval_novel', 0):,} novel targets, "
               f"{tc['buy']:,} buys); {tc['conversion']:,} conversion clicks ({result['data']['conversion_positives']:,} "
-              f"bought) of {tc.get('users', 0):,} users. Neural models: mean ± sd over seeds {result.get('seeds')}; "
+              f"bought; {tc.get('conversion_censored_excluded', 0):,} clicks of the log's last conversion window "
+              f"left out as right-censored) of {tc.get('users', 0):,} users. Neural models: mean ± sd over seeds {result.get('seeds')}; "
               f"[95% user-bootstrap interval, {result['config'].get('bootstrap')} resamples]."]
     return "\n".join(lines) + "\n"
 

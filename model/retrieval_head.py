@@ -15,6 +15,19 @@ a node holding item i are events of one softmax, so
 
     p(i) ∝ exp(s(i)) + Σ_{n : item_n = i} exp(c_n),   i.e.  logit(i) = logaddexp(s(i), LSE_{n: item_n = i} c_n).
 
+Transition prior (optional, ``ModelConfig.transition_prior``): the pointer can only name items
+the user has already touched, and the item table alone rarely lifts a novel item into the top
+10 (most of the catalogue is seen once). An item-to-item count of where users went next
+(model/covisit.py, from the past only) is fed in as a learned-weight term of the generation logit:
+
+    s(i) = u · e_i + b_i + w_π · log(1 + π(i)),   π(i) = Σ_k decay^k · count(x_k → i)
+
+(x_k: the user's k-th most recent distinct item; the batch carries each row's P best-scored
+candidates, π = 0 for every other item; w_π is one learned scalar, initialised to 1 and
+learned at 20× the learning rate, see ``base.PRIOR_SCALE``). In the
+sampled-softmax loss the uniform negatives get π = 0 (their keys are unknown there; a uniform
+draw lands among P named candidates with probability P / catalogue size).
+
 Repeating an item the user just viewed (a fifth of Taobao's next events; carted items bought
 later) is then a matter of the pointer, while s(i) is free to model what comes new. Node states,
 not item embeddings, carry the pointer, so items without an embedding row can be pointed at too.
@@ -76,3 +89,18 @@ def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, width: int) -> 
     w = torch.exp(values - m)  # [B, N], 0 where -inf
     out = torch.zeros(values.shape[0], width, dtype=values.dtype, device=values.device).scatter_add(1, index, w)
     return torch.log(out) + m
+
+
+def prior_logits(prior_keys: torch.Tensor, prior_vals: torch.Tensor, cand_keys: torch.Tensor) -> torch.Tensor:
+    """log(1 + π) [B, M] of M candidates per row: prior_keys/prior_vals [B, P] (key 0 = none),
+    cand_keys [M] (the same candidates for every row) or [B, M]."""
+    cand = cand_keys.unsqueeze(0).expand(prior_keys.shape[0], -1) if cand_keys.dim() == 1 else cand_keys  # [B, M]
+    hit = (prior_keys.unsqueeze(2) == cand.unsqueeze(1)) & (prior_keys > 0).unsqueeze(2)  # [B, P, M]
+    return torch.einsum("bp,bpm->bm", prior_vals, hit.to(prior_vals.dtype)).log1p()
+
+
+def prior_catalogue_logits(prior_keys: torch.Tensor, prior_vals: torch.Tensor, width: int) -> torch.Tensor:
+    """log(1 + π) [B, C] over a catalogue whose column k holds key k + 1 (keys ≤ 0 or > C skipped)."""
+    ok = (prior_keys > 0) & (prior_keys <= width)  # [B, P]
+    out = prior_vals.new_zeros(prior_keys.shape[0], width)
+    return out.scatter_add(1, (prior_keys - 1).clamp(0, width - 1), prior_vals * ok).log1p()

@@ -11,7 +11,8 @@ import pytest
 from tgastream.model.config import TrainConfig
 from tgastream.model.covisit import Covisitation, CovisitConfig, rank_from_scores, repeat_covisit_scores
 from tgastream.model.evaluation import (METRIC_KEYS, EvalConfig, build_data, covisit_ranks, covisitation_of,
-                                        repeat_ranks, run, seeds_of)
+                                        repeat_ranks, run, seeds_of, uncensored_clicks)
+from tgastream.model.vocab import InMemoryVocab
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 from tgastream.stream.cli import main
 from tgastream.core.events import load_events
@@ -31,7 +32,8 @@ def log(tmp_path_factory) -> Path:
 
 
 TINY = EvalConfig(dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128), eval_batch=256,
-                  models=("tga", "sasrec", "din", "pop", "repeat", "covisit", "repeat_covisit"), bootstrap=50)
+                  models=("tga", "sasrec", "din", "pop", "repeat", "covisit", "repeat_covisit"), bootstrap=50,
+                  window_s=6 * 3600.0)  # the log spans 4 days: a 24 h window would censor every test click
 
 
 def test_split_uses_only_the_past_for_training(log):
@@ -154,3 +156,60 @@ def test_on_validation_scores_the_validation_share_and_never_the_test_period(log
     assert result["data"]["scored"].startswith("validation")
     assert result["test_cases"]["retrieval"] == int((data.valid.kind == RETRIEVAL).sum())
     assert result["test_cases"]["conversion"] == int((data.valid.kind == CONVERSION).sum())
+
+
+def test_clicks_of_the_logs_last_conversion_window_are_left_out_as_censored():
+    end, window = 1000.0, 100.0
+    clicks = np.array([0.0, 899.0, 900.0, 901.0, 999.0])
+    assert uncensored_clicks(clicks, window, end).tolist() == [True, True, True, False, False]
+
+
+def test_eval_scores_no_censored_click_and_counts_those_left_out(log):
+    events = load_events(log)
+    cfg = EvalConfig(models=("din",), dim=16, layers=1, train=TrainConfig(epochs=1, batch_size=128), bootstrap=0,
+                     window_s=6 * 3600.0)
+    data = build_data(events, cfg, progress=False)
+    conv = data.test.kind == CONVERSION
+    open_at_end = data.test.event_ts[conv] + cfg.window_s > max(e.ts for e in events)
+    assert 0 < open_at_end.sum() < conv.sum()  # the log has both kinds of test click
+    result = run(events, cfg, progress=False)
+    assert result["test_cases"]["conversion_censored_excluded"] == int(open_at_end.sum())
+    assert result["test_cases"]["conversion"] == int((~open_at_end).sum())
+
+
+def test_covisitation_counted_online_equals_counting_the_whole_sequences():
+    seqs = [[1, 2, 3, 2, 4, 1], [2, 3, 5], [5, 5, 1, 3]]
+    batch = Covisitation(CovisitConfig(window=2)).fit(seqs)
+    online = Covisitation(CovisitConfig(window=2))
+    for seq in seqs:
+        for j, x in enumerate(seq):
+            online.add(seq[:j], x)
+    assert {x: dict(r) for x, r in online.next.items() if r} == {x: dict(r) for x, r in batch.next.items() if r}
+    keys, vals = batch.top([1, 2], 2)
+    assert len(keys) == 2 and vals[0] >= vals[1] and set(keys) <= set(batch.scores([1, 2]))
+
+
+def _events_before(events, ts: float) -> list[list[int]]:
+    per_user: dict[str, list] = {}
+    for e in sorted(events, key=lambda e: e.ts):
+        if e.ts < ts:
+            per_user.setdefault(e.user_id, []).append(e.item_id)
+    return list(per_user.values())
+
+
+def test_transition_prior_of_a_sample_counts_only_transitions_before_it(log):
+    events = load_events(log)
+    cfg = EvalConfig(bootstrap=0, transition_prior=10_000, covisit=CovisitConfig())
+    data = build_data(events, cfg, progress=False)
+    catalogue = InMemoryVocab(e.item_id for e in sorted(events, key=lambda e: e.ts))  # keys as build_data gives them
+    key_of = {e.item_id: int(catalogue.lookup([e.item_id])[0]) for e in events}
+    for enc, frozen_at in ((data.train, None), (data.valid, data.fit_ts), (data.test, data.split_ts)):
+        rows = np.flatnonzero(enc.kind == RETRIEVAL)
+        for i in rows[np.linspace(0, len(rows) - 1, 8).astype(int)]:
+            cut = enc.event_ts[i] if frozen_at is None else frozen_at
+            ref = Covisitation(cfg.covisit).fit([[key_of[x] for x in seq] for seq in _events_before(events, cut)])
+            expect = ref.scores(enc.keys[i, :enc.lengths[i]].tolist())
+            got = {int(k): float(v) for k, v in zip(enc.prior_keys[i], enc.prior_vals[i]) if k > 0}
+            assert got.keys() == {k for k, v in expect.items() if v > 0}
+            assert all(abs(got[k] - expect[k]) < 1e-4 for k in got)
+    assert (data.test.prior_keys[data.test.kind == CONVERSION] == 0).all()  # conversion rows carry none

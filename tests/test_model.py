@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tgastream.model import fused
+from tgastream.model.base import PRIOR_SCALE
 from tgastream.model.batching import Vocabs, collate, encode_graphs, encode_samples, to_batch
 from tgastream.model.config import ModelConfig
 from tgastream.model.din import DIN
@@ -317,3 +318,74 @@ def test_candidate_scoring_equals_one_row_per_candidate(vocabs):
     c = torch.from_numpy(vocabs.categories.lookup([str(int(x) % N_CATS) for x in cands])).unsqueeze(0)
     k = torch.from_numpy(keys.lookup(cands)).unsqueeze(0)
     torch.testing.assert_close(model.candidate_conversion_proba(batch, r, c, k)[0], one_each, atol=1e-6, rtol=1e-5)
+
+
+def _conversion_grads(vocabs: Vocabs, g: float) -> dict[str, torch.Tensor]:
+    """Gradients of a conversion-only batch's loss, per parameter, for conversion_grad = g."""
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_grad=g, impl="reference")).train()
+    conv = [x for x in _samples() if x.kind == CONVERSION][:12]
+    model.loss(collate(conv, vocabs)).loss.backward()
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def test_conversion_grad_scales_what_the_conversion_loss_sends_into_the_encoder(vocabs):
+    full, half, none = (_conversion_grads(vocabs, g) for g in (1.0, 0.5, 0.0))
+    shared = [n for n in full if n.startswith(("layers.", "embed.item", "embed.category")) and full[n].abs().sum() > 0]
+    assert shared
+    for n in shared:
+        assert torch.allclose(half[n], 0.5 * full[n], atol=1e-6, rtol=1e-4), n
+        assert not none[n].abs().sum() > 0, n  # stop-grad: the encoder and item tower hear nothing
+    head = [n for n in full if n.startswith("conversion_head.")]
+    for n in head:  # the head's own parameters learn the same whatever the scale
+        assert torch.allclose(none[n], full[n], atol=1e-6), n
+
+
+def test_conversion_weight_and_grad_leave_a_conversion_only_model_alone(vocabs):
+    conv = collate([x for x in _samples() if x.kind == CONVERSION][:12], vocabs)
+    losses = []
+    for kw in ({}, {"conversion_weight": 30.0, "conversion_grad": 0.0}):
+        torch.manual_seed(0)
+        model = DIN(_cfg(**kw)).train()
+        out = model.loss(conv)
+        out.loss.backward()
+        losses.append((float(out.loss.detach()), float(model.embed.item.weight.grad.abs().sum())))
+    assert losses[0] == pytest.approx(losses[1])
+    assert losses[0][1] > 0
+
+
+def test_transition_prior_lifts_exactly_the_named_items_by_its_learned_weight(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg(transition_prior=True, impl="reference")).eval()
+    batch = _mixed_batch(vocabs)
+    b, width = batch.size, N_ITEMS + 5
+    vectors, bias = torch.randn(width, 16), torch.zeros(width)
+    batch.keys = batch.keys.clamp(max=width)
+    plain = model.score_catalogue(batch, vectors, bias)  # [B, C]: no prior in the batch, no term
+    batch.prior_keys = torch.zeros(b, 3, dtype=torch.long)
+    batch.prior_vals = torch.zeros(b, 3)
+    batch.prior_keys[:, 0], batch.prior_vals[:, 0] = 7, 2.0  # key 7 = column 6
+    batch.prior_keys[0, 1], batch.prior_vals[0, 1] = 7, 1.0  # the same key twice adds up
+    with torch.no_grad():
+        model.prior_param.fill_(0.5 / PRIOR_SCALE)
+        lifted = model.score_catalogue(batch, vectors, bias)
+    copy_free = batch.keys.ne(7).all(1)  # rows whose own nodes don't hold key 7 (the pointer would mix in)
+    diff = lifted - plain
+    assert torch.allclose(diff[copy_free][:, 6], torch.where(torch.arange(b)[copy_free] == 0,
+                                                             0.5 * torch.log1p(torch.tensor(3.0)),
+                                                             0.5 * torch.log1p(torch.tensor(2.0))), atol=1e-5)
+    others = torch.ones(width, dtype=torch.bool)
+    others[6] = False
+    assert torch.allclose(diff[:, others], torch.zeros_like(diff[:, others]), atol=1e-5)
+
+
+def test_transition_prior_weight_learns_from_the_retrieval_loss(vocabs):
+    torch.manual_seed(0)
+    model = TGA(_cfg(transition_prior=True, impl="reference")).train()
+    batch = _mixed_batch(vocabs)
+    batch.prior_keys = torch.stack([batch.target_key, torch.zeros_like(batch.target_key)], 1)  # [B, 2]
+    batch.prior_vals = torch.tensor([[3.0, 0.0]]).expand(batch.size, 2).contiguous()
+    model.loss(batch).loss.backward()
+    assert model.prior_param.grad is not None and float(model.prior_param.grad) < 0  # the prior names the target: raise w
+    plain = TGA(_cfg(impl="reference"))
+    assert plain.prior_weight is None and "prior_param" not in plain.state_dict()  # off by default: old checkpoints load

@@ -25,6 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="score the validation share instead of the test period (to choose settings; fixed epochs)")
     p.add_argument("--conversion-weight", type=float, default=None,
                    help="TGA/SASRec conversion loss weight (default: the model config's)")
+    p.add_argument("--conversion-grad", type=float, default=None,
+                   help="share of the conversion loss's gradient reaching the shared encoder, 0..1 (default: the model config's)")
+    p.add_argument("--transition-prior", type=int, default=32,
+                   help="co-visitation candidates per next-event sample fed to TGA as a learned logit term, "
+                        "0 = none (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
@@ -54,6 +61,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.data.exists():
         raise CommandError(f"no such file: {args.data}")
+    if args.threads < 0:
+        raise CommandError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     events = load_events(args.data)
     if len(events) < 10:
         raise CommandError(f"{args.data} has {len(events)} valid events; need at least 10")
@@ -66,10 +79,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ffn_mult=args.ffn_mult, dropout=args.dropout,
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=settings.seed if args.seed is None else args.seed,
-                              max_train_samples=args.max_train_samples),
+                              max_train_samples=args.max_train_samples, weight_decay=args.weight_decay),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
             seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
-            model_overrides=(() if args.conversion_weight is None else (("conversion_weight", args.conversion_weight),)),
+            transition_prior=args.transition_prior,
+            model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
+                                                                  ("conversion_grad", args.conversion_grad))
+                                  if value is not None),
         ).validate()
         if cfg.dim % cfg.heads:
             raise ValueError(f"dim ({cfg.dim}) must be divisible by heads ({cfg.heads})")
