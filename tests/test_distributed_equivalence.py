@@ -36,7 +36,12 @@ def _samples() -> list:
 
 def _learner() -> OnlineLearner:
     torch.set_num_threads(1)
-    model = ModelConfig(n_items=1, n_categories=1, dim=16, heads=2, layers=1, dropout=0.0, uniform_negatives=32)
+    # the conversion loss at weight 1 with its full gradient (every path into the encoder exercised).
+    # Not the default 30: a parameter whose exact gradient is 0 in a step gets rounding noise (~1e-8
+    # here: conversion_head.same_cat in step 1), and Adam's first step turns that into ±lr of random
+    # sign, in one process as in two; at weight 1 the noise stays below Adam's eps (1e-8)
+    model = ModelConfig(n_items=1, n_categories=1, dim=16, heads=2, layers=1, dropout=0.0, uniform_negatives=32,
+                        conversion_weight=1.0, conversion_grad=1.0)
     cfg = OnlineConfig(device="cpu", threads=1, sample_len=20, chunk=CHUNK, replay_share=0.0, reservoir=0,
                        evict_every=EVICT_EVERY, idle_ttl_s=TTL_S, seed=3)
     return OnlineLearner(model, cfg, group=init_group(torch.device("cpu")))
