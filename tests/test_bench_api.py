@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def test_bench_api_small_run_has_no_server_errors(tmp_path: Path):
     out = tmp_path / "api.json"
@@ -41,6 +43,7 @@ def test_bench_api_rejects_bad_flags():
     assert "--clients must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # ~30-70 s; the default suite keeps its time budget (make test-slow)
 def test_bench_api_stops_the_server_on_ctrl_c(tmp_path: Path):
     proc = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", "bench", "api", "--requests", "1000000",
                              "--clients", "4", "--items", "200", "--users", "50"],

@@ -7,12 +7,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tgastream.bench.trainer import PHASES
 
 TINY = ("--samples", "400", "--users", "40", "--batch-size", "64", "--dim", "16", "--layers", "1", "--heads", "2",
         "--sample-len", "20", "--device", "cpu")
 
 
+@pytest.mark.slow  # ~30-70 s; the default suite keeps its time budget (make test-slow)
 def test_bench_trainer_compares_one_and_two_ranks_on_the_same_stream_and_splits_the_step(tmp_path):
     out = tmp_path / "trainer.json"
     res = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "trainer", *TINY, "--json", str(out)],

@@ -97,6 +97,7 @@ def test_a_rank_killed_mid_stream_restarts_the_group_from_the_newest_complete_ch
     assert sorted(_trained(clean)) == identities
 
 
+@pytest.mark.slow  # ~30-70 s; the default suite keeps its time budget (make test-slow)
 def test_sigterm_to_one_rank_stops_both_after_a_complete_final_checkpoint(topic_settings, tmp_path):
     import os
 
