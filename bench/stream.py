@@ -307,7 +307,7 @@ async def _child_reference(variant: str, settings: Settings, n: int) -> dict[str
 
         @app.agent(topic)
         async def count_per_user(stream: Any) -> None:
-            async for event in tgastream.core.events():
+            async for event in stream.events():
                 if state["t0"] is None:
                     state["t0"] = time.monotonic()
                 counts[event.key] += 1
