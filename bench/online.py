@@ -25,6 +25,7 @@ import numpy as np
 
 from tgastream.core.settings import Settings
 from tgastream.bench.report import write_json
+from tgastream.model.shadow import repeat_interest, repeat_rank  # the trainer's shadow scores the same
 
 HELP = "online vs frozen model (and repeat-recent), prequential HR@10 and AUC over time (synthetic drift or --data FILE)"
 
@@ -63,29 +64,6 @@ def _real(path: Path, max_events: int):
 
     events = sorted(load_events(path), key=lambda e: e.ts)  # stable: a user's equal-time events keep file order
     return events[:max_events] if max_events else events
-
-
-# -- repeat-recent, prequential ------------------------------------------------------------------
-
-
-def repeat_rank(sample, n_candidates: int) -> float:
-    """1-based mid-rank of a next-event target under repeat-recent: the user's distinct context
-    items, most recent first, then every other candidate tied."""
-    distinct = list(dict.fromkeys(reversed(sample.graph.item_ids)))
-    if sample.item_id in distinct:
-        return distinct.index(sample.item_id) + 1.0
-    nd = len(distinct)
-    return 1.0 + nd + max(n_candidates - nd - 1, 0) / 2.0
-
-
-def repeat_interest(sample) -> float:
-    """Conversion score of a click under repeat-recent: touches of the clicked item in the
-    context, carts and favs counting double."""
-    from tgastream.core.events import BEHAVIOR_CODE
-
-    strong = {BEHAVIOR_CODE["cart"], BEHAVIOR_CODE["fav"]}
-    beh = sample.graph.to_arrays().behaviors
-    return float(sum(1 + (int(b) in strong) for it, b in zip(sample.graph.item_ids, beh) if it == sample.item_id))
 
 
 # -- the run --------------------------------------------------------------------------------------

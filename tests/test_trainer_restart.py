@@ -6,34 +6,16 @@ from __future__ import annotations
 
 import signal
 import time
-import zlib
 
-from tgastream.state.samples import samples_from_events
-from tgastream.core.events import BEHAVIORS, Event
-from tgastream.stream.replay import make_producer
-from tgastream.stream.synth import SynthConfig, generate
 from tgastream.stream.topics import ensure_app_topics
 from tgastream.stream.trained_log import read_trained
-from tests.trainer_util import history, start_trainer, stats
+from tests.trainer_util import history, produce_identified_samples, start_trainer, stats
 
 
 def _produce_samples(settings, n_events: int, redeliver: int = 300) -> set[tuple]:
     """Samples with identities as a worker stamps them (partition, offset, seq), the first
     ``redeliver`` of every partition sent twice (the second time after the rest); their identities."""
-    rows = generate(SynthConfig(users=40, events=n_events, items=300, seed=9))
-    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
-    samples = samples_from_events(events, sample_len=20, final_watermark=events[-1].ts + 2 * 86400)
-    by_partition: dict[int, list] = {}
-    for smp in samples:
-        p = zlib.crc32(smp.user_id.encode()) % settings.partitions
-        smp.partition, smp.offset = p, len(by_partition.setdefault(p, []))
-        by_partition[p].append(smp)
-    producer = make_producer(settings.bootstrap)
-    for p, smps in by_partition.items():
-        for smp in smps + smps[:redeliver]:
-            producer.send(settings.samples_topic, key=smp.user_id.encode(), value=smp.to_bytes(), partition=p)
-    producer.flush()
-    producer.close()
+    samples = produce_identified_samples(settings, n_events, redeliver=redeliver, seed=9)
     return {(0, s.partition, s.offset, 0) for s in samples}
 
 
