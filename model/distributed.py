@@ -98,19 +98,19 @@ class TorchGroup(Group):
     def _to(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
         return t.to(self.device), t.device
 
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, t: torch.Tensor, op: object) -> torch.Tensor:
+        """In place on ``t``, wherever it lives (through the collectives' device when that differs)."""
         x, home = self._to(t)
-        self.dist.all_reduce(x, op=self.dist.ReduceOp.SUM)
+        self.dist.all_reduce(x, op=op)
         if x is not t:
             t.copy_(x.to(home))
         return t
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, self.dist.ReduceOp.SUM)
+
     def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        x, home = self._to(t)
-        self.dist.all_reduce(x, op=self.dist.ReduceOp.MAX)
-        if x is not t:
-            t.copy_(x.to(home))
-        return t
+        return self._all_reduce(t, self.dist.ReduceOp.MAX)
 
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """All-gather of 1-D tensors of any length: lengths first, then the padded tensors."""
