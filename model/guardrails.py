@@ -12,9 +12,18 @@ the few hooks the trainer calls (stream/trainer.py) and the guard benchmark driv
 - :attr:`Guardrails.serving`: the model to publish from: the online learner when live, the good
   (or pinned) model while rolled back or pinned.
 
-With several trainer ranks the decision must be one: ``agree(local_trip) -> trip`` is called with
-this rank's verdict and must return the collective one (e.g. an all-reduce of "any rank trips");
-the default is the identity (one rank).
+With several trainer ranks (``group``, model/distributed.py) there is one decision, made on the
+evidence of all ranks: every rank scores its own samples in the shadow and the scored outcomes
+are all-gathered, so every rank's shadow holds the same pooled cases; rank 0 alone reads and
+writes the registry and decides; its :class:`Decision` (the event, the serving state, the
+baseline version) goes to every rank, and the others take it: the same rollback or pin (the same
+good weights grafted the same way onto the same id maps, so the ranks' models stay equal, each
+rank taking its own part's replay reservoir), the same baseline, the same serving state. Every
+hook is therefore a collective with ranks: each rank calls each hook at the same point of the
+same step.
+
+Registry writes go through :func:`state.registry.editing` (a lock shared with ``tgastream
+rollback``).
 """
 
 from __future__ import annotations
@@ -22,13 +31,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from tgastream.model.distributed import Group, Solo
 from tgastream.model.guard import GuardConfig, Verdict, decide, stream_shifted
 from tgastream.model.online import OnlineLearner, Reservoir
 from tgastream.model.prequential import RollingMetrics
@@ -36,7 +44,9 @@ from tgastream.model.inference import load_model
 from tgastream.model.rollback import graft_model, rollback_learner
 from tgastream.model.shadow import Shadow, ShadowConfig
 from tgastream.state.checkpoint import load_checkpoint
-from tgastream.state.registry import ModelVersion, Registry, RegistryError
+from tgastream.state.rank_checkpoint import part_path
+from tgastream.state.registry import ModelVersion, Registry, RegistryError, editing
+from tgastream.state.samples import Sample
 
 log = logging.getLogger("tgastream.guard")
 
@@ -59,15 +69,29 @@ class Event:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Rank 0's decision of one step, as every rank takes it."""
+
+    event: Event | None
+    state: str
+    baseline: ModelVersion | None  # the good (or pinned) version in use; its file on the shared checkpoint dir
+    parent: int | None
+    rollbacks: int
+    verdict: Verdict
+    stream_shifted: bool
+
+
 class GoodModel:
     """A good (or pinned) checkpoint's model, scored and served on the online learner's *current*
     id maps: grafted as a rollback would (model/rollback.py), so an item that arrived since has a
     row (a fresh one) and the pointer can still point at it. Judging the baseline on its own, older
     maps would count every new item as unknown and handicap it; this is what a rollback serves."""
 
-    def __init__(self, learner: OnlineLearner, state: dict, version: int) -> None:
+    def __init__(self, learner: OnlineLearner, state: dict, entry: ModelVersion) -> None:
         self.learner = learner
-        self.version = version
+        self.entry = entry  # its registry entry
+        self.version = entry.version
         self.model, self.rows = load_model(state, learner.model.cfg, learner.device)
         self._key: tuple | None = None
         self._twin: OnlineLearner | None = None
@@ -95,11 +119,12 @@ class Guardrails:
     """Shadow evaluation, the guard's decision, rollbacks and the registry of one trainer."""
 
     def __init__(self, cfg: GuardrailsConfig, learner: OnlineLearner, checkpoint_dir: Path,
-                 agree: Callable[[bool], bool] = lambda trip: trip) -> None:
+                 group: Group | None = None) -> None:
         self.cfg = cfg
         self.learner = learner
         self.dir = Path(checkpoint_dir)
-        self.agree = agree
+        self.group = group or Solo()
+        self.leader = self.group.rank == 0  # reads and writes the registry, decides
         self.shadow = Shadow(cfg.shadow, cfg.guard.window, keep_positives=2 * cfg.guard.min_positives)
         self.baseline: GoodModel | None = None
         self.state = LIVE
@@ -109,7 +134,7 @@ class Guardrails:
         self._scored = 0  # retrieval + conversion cases the shadow scored so far
         self._candidates: list[tuple[int, int]] = []  # (version, cases scored when it was saved)
         self._tripped_since_reset = False
-        self._registry_mtime = 0.0
+        self._unpinnable: int | None = None  # a pinned version whose checkpoint did not load (not retried)
         self._anchor: float | None = None  # repeat-recent HR@10 when the baseline was judged
         self._anchor_n = 0  # cases it was measured on
         self._shifted_cases = 0  # repeat-recent's retrieval count when the stream started to look shifted
@@ -119,6 +144,7 @@ class Guardrails:
     # -- registry ------------------------------------------------------------------------------
 
     def registry(self) -> Registry:
+        """The registry as saved (read-only; changes go through :func:`editing`)."""
         return Registry.load(self.dir)
 
     def _load_state(self, v: ModelVersion) -> dict:
@@ -134,7 +160,7 @@ class Guardrails:
             except (OSError, ValueError, KeyError) as exc:  # pruned, truncated or refused: keep the old one
                 log.warning("model version %d cannot be the baseline: %s", v.version, exc)
                 return False
-            self.baseline = GoodModel(self.learner, state, v.version)
+            self.baseline = GoodModel(self.learner, state, v)
         self.shadow.set_baseline(self.baseline)
         self._tripped_since_reset = False
         return True
@@ -157,8 +183,13 @@ class Guardrails:
         self.parent = restored_version
         if not self.cfg.enabled:
             return None
-        reg = self.registry()
-        self._registry_mtime = self._mtime()
+        event = None
+        if self.leader:
+            with editing(self.dir) as reg:
+                event = self._start(reg, restored_version)
+        return self._shared(event)
+
+    def _start(self, reg: Registry, restored_version: int | None) -> Event | None:
         good = reg.last_good()
         self._set_baseline(good)
         pinned = reg.pinned()
@@ -175,73 +206,121 @@ class Guardrails:
         return None
 
     def before_learn(self, samples: list) -> None:
-        """Score the step's new samples (before the online model learns from them)."""
-        if not self.cfg.enabled or not samples:
+        """Score the step's new samples (before the online model learns from them). With ranks
+        every rank calls it every step (with or without samples): the scored cases are pooled."""
+        if not self.cfg.enabled or (not samples and not self.group.distributed):
             return
+        scored = self.shadow.evaluate(samples, self.learner.model, self.learner.rows, self.learner.device)
+        pooled = self.group.gather_objects(scored) if self.group.distributed else [scored]
         online = self.shadow.rolling["online"]
         before = online.retrievals_seen + online.conversions_seen
-        self.shadow.score(samples, self.learner.model, self.learner.rows, self.learner.device)
+        for part in pooled:  # in rank order: every rank's shadow holds the same cases
+            if part is not None:
+                self.shadow.note(part)
         self._scored += online.retrievals_seen + online.conversions_seen - before
 
     def after_step(self) -> Event | None:
         """A hand pin, the guard's verdict (rollback) or a window held up (promotion, recovery)."""
         if not self.cfg.enabled:
             return None
-        mtime = self._mtime()
-        if mtime != self._registry_mtime:
-            self._registry_mtime = mtime
-            reg = self.registry()
-            pinned = reg.pinned()
-            if pinned is not None and (self.state != PINNED or self.baseline is None
-                                       or self.baseline.version != pinned.version):
-                return self._pin(pinned, reg)
-            if pinned is None and self.state == PINNED:
-                self.state = LIVE  # released by hand
-                reg.set_serving(LIVE, self.learner.version)
-                self._save(reg)
-                return Event("recovered", self.learner.version, "pin released")
+        event = None
+        if self.leader:
+            with editing(self.dir) as reg:
+                event = self._decide(reg)
+        return self._shared(event)
+
+    def _decide(self, reg: Registry) -> Event | None:
+        pinned = reg.pinned()
+        if pinned is not None and pinned.version != self._unpinnable and (
+                self.state != PINNED or self.baseline is None or self.baseline.version != pinned.version):
+            return self._pin(pinned, reg)
+        if pinned is None and self.state == PINNED:
+            self.state = LIVE  # released by hand
+            reg.set_serving(LIVE, self.learner.version)
+            return Event("recovered", self.learner.version, "pin released")
         if self.baseline is None:
-            return self._promote_first()
+            return self._promote_first(reg)
         if self._stream_looks_shifted():
             self.shadow.paired.clear()  # no verdict on a broken stream; judged again once it is normal
             self.last_verdict = Verdict(False, reason="stream shifted")
             if self.state == LIVE:  # a model learning from a broken stream is not published meanwhile
-                return self._hold()
+                return self._hold(reg)
             return None
         if self._broken_stretch_ended:
             self._broken_stretch_ended = False
-            reg = self.registry()
             good = reg.last_good()
             if good is not None and self.state != PINNED:  # what it learned from the broken stretch goes
                 return self._rollback(reg, good, "it learned from a stretch of the stream that looked broken")
         verdict = decide(self.shadow.paired, self.cfg.guard)
         self.last_verdict = verdict
-        if self.agree(verdict.trip) and self.state != PINNED:
-            reg = self.registry()
+        if verdict.trip and self.state != PINNED:
             good = reg.last_good()
             if good is not None:
-                return self._rollback(reg, good, verdict.reason or "another rank tripped")
+                return self._rollback(reg, good, verdict.reason)
         margin = self.cfg.guard.margin
         if verdict.evaluable and not verdict.trip and all(d is None or d <= margin / 2 for d in verdict.deficit.values()):
-            return self._held_up()  # well within the margin: a model on its way down is not vouched for
+            return self._held_up(reg)  # well within the margin: a model on its way down is not vouched for
         return None
 
     def after_checkpoint(self, path: Path, step: int, metrics: dict) -> ModelVersion | None:
-        """Record the checkpoint just written as a candidate version (parent: the lineage)."""
+        """Record the checkpoint just written as a candidate version (parent: the lineage). With
+        ranks only rank 0 calls it, once the checkpoint is complete."""
         if not self.cfg.enabled:
             return None
-        reg = self.registry()
-        try:
-            entry = reg.add(self.learner.version, self.parent, step, Path(path).name, metrics)
-        except RegistryError as exc:  # e.g. resumed from an older checkpoint than the newest registered
-            log.warning("checkpoint %s not registered: %s", Path(path).name, exc)
-            return None
-        self._save(reg)
+        with editing(self.dir) as reg:
+            try:
+                entry = reg.add(self.learner.version, self.parent, step, Path(path).name, metrics)
+            except RegistryError as exc:  # e.g. resumed from an older checkpoint than the newest registered
+                log.warning("checkpoint %s not registered: %s", Path(path).name, exc)
+                return None
         if entry.status == "candidate" and not self.stream_shifted \
                 and not any(v == entry.version for v, _ in self._candidates):  # (trained on a broken stream: never good)
             self._candidates.append((entry.version, self._scored))
         self.parent = entry.version
         return entry
+
+    # -- ranks: rank 0 decides, every rank takes the decision ------------------------------------
+
+    def _shared(self, event: Event | None) -> Event | None:
+        """Rank 0's decision on every rank (a collective); one process: ``event`` as it is."""
+        if not self.group.distributed:
+            return event
+        mine = Decision(event, self.state, self.baseline.entry if self.baseline is not None else None, self.parent,
+                        self.rollbacks, self.last_verdict, self.stream_shifted) if self.leader else None
+        decision = self.group.gather_objects(mine)[0]
+        assert isinstance(decision, Decision)
+        if not self.leader:
+            self._take(decision)
+        return decision.event
+
+    def _take(self, d: Decision) -> None:
+        """Follow rank 0: its rollback or pin (same weights onto the same id maps), its baseline,
+        its serving state."""
+        mine = self.baseline.version if self.baseline is not None else None
+        if d.event is not None and d.event.kind in ("rollback", "pin") and d.baseline is not None:
+            state = self._load_state(d.baseline)  # rank 0 just loaded it: it exists
+            rollback_learner(self.learner, state)
+            self._own_reservoir(d.baseline)
+            self._set_baseline(d.baseline, state)
+        elif d.baseline is None and mine is not None:
+            self._set_baseline(None)
+        elif d.baseline is not None and d.baseline.version != mine and not self._set_baseline(d.baseline):
+            log.error("rank %d cannot load baseline version %d; it scores without one", self.group.rank,
+                      d.baseline.version)
+        self.state, self.parent, self.rollbacks = d.state, d.parent, d.rollbacks
+        self.last_verdict, self.stream_shifted = d.verdict, d.stream_shifted
+
+    def _own_reservoir(self, v: ModelVersion) -> None:
+        """After a rollback on rank r > 0: the replay reservoir of rank r's own part of the good
+        checkpoint (the model file holds rank 0's); empty when that part is gone."""
+        path = part_path(self.dir, v.step, self.group.rank, self.group.world)
+        try:
+            part = load_checkpoint(path, self.learner.device)["learner_rank"]
+            self.learner.reservoir.samples = [Sample.from_bytes(b) for b in part["reservoir"]]
+            self.learner.reservoir.seen = int(part["seen"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("rank %d: no reservoir from %s (%s): replay starts empty", self.group.rank, path.name, exc)
+            self.learner.reservoir.samples, self.learner.reservoir.seen = [], 0
 
     def protected_files(self) -> set[str]:
         """Checkpoint files retention must keep (the last good, a pinned one)."""
@@ -289,12 +368,11 @@ class Guardrails:
     def _cases_needed(self) -> int:
         return self.cfg.guard.min_retrievals
 
-    def _promote_first(self) -> Event | None:
+    def _promote_first(self, reg: Registry) -> Event | None:
         """No baseline yet: the oldest candidate that has a window of scored cases after it is
         the first good version (nothing to compare against: the starting point)."""
         for version, at in self._candidates:
             if self._scored - at >= self._cases_needed():
-                reg = self.registry()
                 try:
                     v = reg.get(version)
                 except ValueError:
@@ -307,27 +385,23 @@ class Guardrails:
                     return None
                 v.status = "good"
                 self._candidates = [(x, a) for x, a in self._candidates if x > version]
-                self._save(reg)
                 self._anchor_now()
                 log.info("model version %d is good (first baseline)", version)
                 return Event("promoted", version, "first baseline")
         return None
 
-    def _held_up(self) -> Event | None:
+    def _held_up(self, reg: Registry) -> Event | None:
         """A full window without a trip: candidates saved before it become good (the newest one
         the baseline); a rolled-back trainer publishes from the online model again."""
         ready = [(v, at) for v, at in self._candidates if self._scored - at >= self._cases_needed()]
         event = None
         if self.state == ROLLED_BACK:
             self.state = LIVE
-            reg = self.registry()
             reg.set_serving(LIVE, self.learner.version)
-            self._save(reg)
             log.info("the online model held up against version %d over a window: publishing from it again",
                      self.baseline.version if self.baseline else -1)
             event = Event("recovered", self.learner.version)
         if ready:
-            reg = self.registry()
             newest = None
             for version, _ in ready:
                 try:
@@ -340,7 +414,6 @@ class Guardrails:
             done = {v for v, _ in ready}
             self._candidates = [(v, a) for v, a in self._candidates if v not in done]
             if newest is not None and self._set_baseline(newest):
-                self._save(reg)
                 self._anchor_now()
                 log.info("model version %d is good (held up over a window); it is the baseline now", newest.version)
                 event = event or Event("promoted", newest.version)
@@ -365,19 +438,16 @@ class Guardrails:
         self.parent = good.version
         self.rollbacks += 1
         reg.set_serving(ROLLED_BACK, good.version)
-        self._save(reg)
         log.warning("rollback %d to model version %d: %s (the online model keeps learning from version %d's "
                     "weights; vectors come from version %d until it holds up)", self.rollbacks, good.version,
                     reason, good.version, good.version)
         return Event("rollback", good.version, reason)
 
-    def _hold(self) -> Event:
+    def _hold(self, reg: Registry) -> Event:
         """Publish from the good model while the stream looks broken; the online model keeps
         learning and is judged (rolled back, or live again) once the stream is normal."""
         self.state = ROLLED_BACK
-        reg = self.registry()
         reg.set_serving(ROLLED_BACK, self.baseline.version if self.baseline else None)
-        self._save(reg)
         log.warning("publishing from good version %s while the stream looks broken",
                     self.baseline.version if self.baseline else None)
         return Event("hold", self.baseline.version if self.baseline else None, "the stream looks broken")
@@ -388,6 +458,7 @@ class Guardrails:
             state = self._load_state(pinned)
         except (OSError, ValueError, KeyError) as exc:
             log.error("cannot pin model version %d: %s", pinned.version, exc)
+            self._unpinnable = pinned.version
             return None
         rollback_learner(self.learner, state)
         self._set_baseline(pinned, state)
@@ -395,18 +466,5 @@ class Guardrails:
         self.parent = pinned.version
         self._candidates = []
         reg.set_serving(PINNED, pinned.version)
-        self._save(reg)
         log.warning("model version %d is pinned by hand: publishing from it", pinned.version)
         return Event("pin", pinned.version)
-
-    # -- files -----------------------------------------------------------------------------------
-
-    def _mtime(self) -> float:
-        try:
-            return os.stat(self.dir / "registry.json").st_mtime
-        except OSError:
-            return 0.0
-
-    def _save(self, reg: Registry) -> None:
-        reg.save()
-        self._registry_mtime = self._mtime()

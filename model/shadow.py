@@ -96,6 +96,16 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
     return Outcomes(probs, ranks)
 
 
+@dataclass
+class Scored:
+    """One step's shadow cases: labels [C] and each model's outcomes on the same cases."""
+
+    labels: np.ndarray
+    online: Outcomes
+    repeat: Outcomes
+    baseline: Outcomes | None  # None without a baseline
+
+
 class Baseline(Protocol):
     """The baseline: ``aligned()`` gives a model, its id maps and device to score with."""
 
@@ -131,26 +141,35 @@ class Shadow:
         cap = max(16, self.cfg.rank_budget // max(catalogue, 1))
         return conv, ret[:cap]
 
-    def score(self, samples: Sequence[Sample], model: TGA, rows: EmbeddingRows, device: torch.device) -> None:
+    def evaluate(self, samples: Sequence[Sample], model: TGA, rows: EmbeddingRows,
+                 device: torch.device) -> Scored | None:
         """Score the online model (``model``, ``rows``: as it is, before it learns from these
-        samples), the baseline and repeat-recent on the same subset of ``samples``."""
+        samples), the baseline and repeat-recent on the same subset of ``samples`` (None when
+        nothing was picked). Plain arrays: ranks pool them (model/guardrails.py)."""
         if not samples:
-            return
+            return None
         conv, ret = self.pick(samples, model.cfg.n_items)
         if not conv and not ret:
-            return
+            return None
         labels = np.asarray([s.label for s in conv], dtype=float)  # [C]
         online = score_outcomes(model, rows, device, conv, ret)
-        self._note("online", labels, online)
         n_items = max(len(rows.items), 1)
         rep = Outcomes(np.asarray([repeat_interest(s) for s in conv]), np.asarray([repeat_rank(s, n_items) for s in ret]))
-        self._note("repeat", labels, rep)
-        if self.baseline is None:
+        base = None
+        if self.baseline is not None:
+            b = self.baseline.aligned()
+            base = score_outcomes(b.model, b.rows, b.device, conv, ret)
+        return Scored(labels, online, rep, base)
+
+    def note(self, scored: Scored) -> None:
+        """Add scored outcomes to the rolling metrics and, with a baseline, the paired window."""
+        self._note("online", scored.labels, scored.online)
+        self._note("repeat", scored.labels, scored.repeat)
+        if scored.baseline is None or self.baseline is None:
             return
-        b = self.baseline.aligned()
-        base = score_outcomes(b.model, b.rows, b.device, conv, ret)
-        self._note("baseline", labels, base)
-        self.paired.add(online.ranks <= K, base.ranks <= K, labels, online.probs, base.probs)
+        self._note("baseline", scored.labels, scored.baseline)
+        self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels, scored.online.probs,
+                        scored.baseline.probs)
 
     def _note(self, name: str, labels: np.ndarray, out: Outcomes) -> None:
         if len(out.probs):

@@ -69,14 +69,13 @@ def load_step(directory: Path, step: int, rank: int, world: int,
     return model, part
 
 
-def prune_parts(directory: Path, rank: int) -> None:
-    """Remove this rank's parts older than the oldest model file kept (``save_checkpoint`` prunes those)."""
+def prune_parts(directory: Path, rank: int, current: int) -> None:
+    """Remove this rank's parts of steps before ``current`` whose model file is gone (pruned by
+    ``save_checkpoint``, which keeps the newest few and any protected one, e.g. the last good
+    model, whose parts then stay too) or was never written (an incomplete checkpoint)."""
     directory = Path(directory)
-    models = list_checkpoints(directory)
-    if not models:
-        return
-    oldest = step_of(models[0])
+    models = {step_of(m) for m in list_checkpoints(directory)}
     for p in directory.iterdir():
         m = _PART.match(p.name)
-        if m and int(m.group(2)) == rank and int(m.group(1)) < oldest:
+        if m and int(m.group(2)) == rank and int(m.group(1)) < current and int(m.group(1)) not in models:
             p.unlink(missing_ok=True)

@@ -14,18 +14,29 @@ bad when the guard trips), and checkpoint files are immutable.
   tripped while it was live) or ``pinned`` (chosen by hand with ``tgastream rollback --to``).
 - ``serving``: what the trainer publishes from now: ``{"state": "live" | "pinned" |
   "rolled_back", "version": N}``; the API shows it as ``model_state``.
+
+Writers (the trainer, ``tgastream rollback``) change it only inside :func:`editing`: load, change
+and save under an exclusive lock on ``registry.lock``, so neither overwrites a change the other
+made between its read and its write (a pin by hand lost to the trainer's next save). Readers need
+no lock: every save replaces the file atomically.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tgastream.state.checkpoint import write_atomic
 
 MANIFEST = "registry.json"
+LOCK = "registry.lock"
+LOCK_TIMEOUT_S = 30.0
 STATUSES = ("candidate", "good", "bad", "pinned")
 SERVING_STATES = ("live", "pinned", "rolled_back")
 MAX_ENTRIES = 200  # versions whose checkpoint file is gone are forgotten beyond this many entries
@@ -70,9 +81,11 @@ class Registry:
             raise RegistryError(f"{path} is not a readable model registry ({exc})") from None
         return cls(directory, versions, data.get("serving") or {"state": "live", "version": None})
 
+    def to_json(self) -> str:
+        return json.dumps({"versions": [asdict(v) for v in self.versions], "serving": self.serving}, indent=1) + "\n"
+
     def save(self) -> None:
-        data = {"versions": [asdict(v) for v in self.versions], "serving": self.serving}
-        write_atomic(self.directory / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
+        write_atomic(self.directory / MANIFEST, self.to_json().encode())
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -152,6 +165,41 @@ class Registry:
             return
         gone = [v for v in self.versions if not self.exists(v)][:extra]
         self.versions = [v for v in self.versions if v not in gone]
+
+
+@contextmanager
+def locked(directory: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the registry's exclusive lock (an advisory ``flock`` on ``registry.lock``; released
+    when the holder exits, also when it dies). Not re-entrant: one holder per process at a time."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RegistryError(f"{directory / MANIFEST} stayed locked by another process for "
+                                        f"{timeout_s:.0f} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def editing(directory: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[Registry]:
+    """The registry of ``directory``, loaded under its lock; saved (if changed) when the block
+    ends without an exception. Every writer changes the registry this way."""
+    with locked(directory, timeout_s):
+        reg = Registry.load(directory)
+        before = reg.to_json()
+        yield reg
+        if reg.to_json() != before:
+            reg.save()
 
 
 def serving_state(directory: Path) -> dict:

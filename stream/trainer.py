@@ -27,7 +27,6 @@ A checkpoint is each rank's part plus rank 0's model file, written after every p
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -199,13 +198,9 @@ class Trainer:
         self.guard = RedeliveryGuard()
         self.published = Published()  # what the re-publish sweep may refresh
         self.drift = LossDrift(settings.drift_delta)
-        guard_cfg = guardrails_config(settings)
-        if self.group.distributed and guard_cfg.enabled:
-            # each rank scores its own samples; a rollback must be one decision of all ranks
-            # (Guardrails(agree=...)), not wired yet: the guard is off with ranks
-            log.warning("guard: off with %d ranks (the collective decision is not wired yet)", self.group.world)
-            guard_cfg = dataclasses.replace(guard_cfg, enabled=False)
-        self.guardrails = Guardrails(guard_cfg, learner, self.ckpt_dir)  # type: ignore[arg-type]
+        # with ranks: pooled shadow cases, rank 0 decides, every rank takes the decision
+        self.guardrails = Guardrails(guardrails_config(settings), learner, self.ckpt_dir,  # type: ignore[arg-type]
+                                     group=self.group)
         self._restored_version: int | None = None
         self._last_republish = time.monotonic()
         self.trained_log = TrainedLog(self.dir / "trained-samples.log")
@@ -286,8 +281,10 @@ class Trainer:
         complete = g.all_sum(torch.tensor([written], dtype=torch.float64))[0] == g.world
         path = self.ckpt_dir / f"ckpt-{step:012d}.pt"
         if complete and g.rank == 0:
-            path = save_checkpoint(self.ckpt_dir, step, {"learner": self.learner.state_dict(), "world": g.world})
-        prune_parts(self.ckpt_dir, g.rank)
+            path = save_checkpoint(self.ckpt_dir, step, {"learner": self.learner.state_dict(), "world": g.world},
+                                   protect=self.guardrails.protected_files())
+            self.guardrails.after_checkpoint(path, step, self.learner.online_metrics())  # rank 0 keeps the registry
+        prune_parts(self.ckpt_dir, g.rank, current=step)
         self._last_ckpt = time.monotonic()
         self.learner.after_checkpoint(self.dir, step)
         return path
@@ -543,7 +540,7 @@ class Trainer:
             return
         if samples:
             self.learner.score(samples, score_limit=self.settings.batch_size)
-            self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
+        self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
         version = self.learner.version
         loss = self.learner.learn(samples)  # (ranks: a collective; a step of the union of their samples)
         if self.learner.version == version:

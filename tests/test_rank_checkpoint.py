@@ -31,13 +31,15 @@ def test_a_step_counts_for_a_rank_only_with_its_part_and_the_model_file(tmp_path
     assert newest_loadable(tmp_path, 0, 3) == -1  # another world size: no checkpoint of its own
 
 
-def test_parts_older_than_the_oldest_kept_model_file_are_pruned(tmp_path):
-    for step in (1, 2, 3, 4):
+def test_parts_whose_model_file_was_pruned_go_and_a_protected_model_keeps_its_parts(tmp_path):
+    for step in (1, 2, 3, 4, 5):
         save_part(tmp_path, step, 0, 2, {})
-        save_checkpoint(tmp_path, step, {"world": 2}, keep=2)
-    prune_parts(tmp_path, 0)
+        if step < 5:  # step 5: this rank's part written, rank 0's model file not yet
+            save_checkpoint(tmp_path, step, {"world": 2}, keep=2, protect={"ckpt-000000000001.pt"})
+    prune_parts(tmp_path, 0, current=5)
     assert sorted(p.name for p in tmp_path.glob("*.rank-0-of-2.pt")) == [
-        "ckpt-000000000003.rank-0-of-2.pt", "ckpt-000000000004.rank-0-of-2.pt"]
+        "ckpt-000000000001.rank-0-of-2.pt", "ckpt-000000000003.rank-0-of-2.pt", "ckpt-000000000004.rank-0-of-2.pt",
+        "ckpt-000000000005.rank-0-of-2.pt"]
 
 
 def test_a_single_trainer_refuses_a_checkpoint_of_two_ranks(tmp_path):

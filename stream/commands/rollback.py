@@ -25,20 +25,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.core.errors import CommandError
-    from tgastream.state.registry import Registry, RegistryError
+    from tgastream.state.registry import RegistryError, editing
 
     try:
-        reg = Registry.load(settings.checkpoints)
+        with editing(settings.checkpoints) as reg:  # the trainer may be saving it right now
+            if args.release:
+                pinned = reg.pinned()
+                if pinned is None:
+                    raise CommandError(f"no version is pinned in {settings.checkpoints}")
+                pinned.status = "good"
+            else:
+                v = reg.pin(args.to)
         if args.release:
-            pinned = reg.pinned()
-            if pinned is None:
-                raise CommandError(f"no version is pinned in {settings.checkpoints}")
-            pinned.status = "good"
-            reg.save()
             print(f"released the pin on version {pinned.version}; the trainer goes live at its next step")
             return 0
-        v = reg.pin(args.to)
-        reg.save()
     except RegistryError as exc:
         raise CommandError(str(exc)) from None
     print(f"pinned version {v.version} (step {v.step}, {v.file}); the running trainer rolls back to it at its next "
