@@ -54,7 +54,7 @@ def _rank(rank: int, port: int, root: str) -> None:
     stream = _stream_poisoned_on_rank_1()
     for k in range(0, len(stream), BATCH):
         mine = [s for s in stream[k:k + BATCH] if _owner(s) == rank]
-        learner.vectors(mine)  # rows for the batch's ids (a collective)
+        trainer._vectors(mine)  # rows for the batch's ids (a collective); the good model's vectors while rolled back
         trainer._learn(mine)  # score, shadow, one step of the union, the guard's decision
         if trainer.run.steps % CHECKPOINT_EVERY == 0:
             trainer.checkpoint()

@@ -5,6 +5,8 @@ API saying whether the serving model is live, pinned or rolled back."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,7 @@ import torch
 
 from tgastream.model.rollback import rollback_learner
 from tgastream.state.checkpoint import list_checkpoints, save_checkpoint
-from tgastream.state.registry import Registry, RegistryError
+from tgastream.state.registry import Registry, RegistryError, editing, locked
 from tgastream.state.serving import ServingStore
 from tgastream.stream.cli import main
 from tests.test_serve import _start, rec
@@ -64,6 +66,32 @@ def test_pin_marks_one_version_and_the_cli_lists_and_pins(tmp_path, capsys):
     assert len(err) == 1 and "no model version 99" in err[0]
     assert main(["rollback", "--release", "--checkpoint-dir", str(tmp_path)]) == 0
     assert Registry.load(tmp_path).pinned() is None
+
+
+def test_a_pin_by_hand_is_not_lost_to_a_trainer_saving_the_registry_at_the_same_time(tmp_path):
+    _registry_with(tmp_path, 3, good={10, 20})
+    inside = threading.Event()
+
+    def trainer_step() -> None:  # the trainer's read-modify-write, slow on purpose
+        with editing(tmp_path) as reg:
+            inside.set()
+            time.sleep(0.5)
+            reg.mark(30, "bad")
+
+    t = threading.Thread(target=trainer_step)
+    t.start()
+    inside.wait(5)
+    assert main(["rollback", "--to", "20", "--checkpoint-dir", str(tmp_path)]) == 0  # waits for the trainer's save
+    t.join()
+    reg = Registry.load(tmp_path)
+    assert reg.get(30).status == "bad" and reg.pinned().version == 20  # both changes survive
+
+
+def test_a_registry_locked_too_long_is_one_readable_error(tmp_path):
+    with locked(tmp_path):
+        with pytest.raises(RegistryError, match="stayed locked by another process"):
+            with editing(tmp_path, timeout_s=0.2):
+                pass
 
 
 def test_models_json_lists_every_version(tmp_path, capsys):
