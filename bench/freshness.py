@@ -4,6 +4,11 @@ Runs the demo's real processes (embedded broker unless --bootstrap, one stream w
 trainer, the API) and replays a log at ``--rate`` events/s; freshness is measured by the trainer
 for every published user vector: publish time minus the wall-clock time the worker received the
 newest event behind it.
+
+``--compare-guard N``: N pairs of runs, the trainer's guard off and on (shadow evaluation,
+registry, rollback checks: model/guardrails.py), in alternating order, and the ratio of the
+freshness quantiles and trainer throughput, on vs off (the cost of the guard, measured side by
+side on the same machine).
 """
 
 from __future__ import annotations
@@ -27,35 +32,76 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-freshness"), help="report folder (default: bench-freshness)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds (default: 900)")
     p.add_argument("--json", type=Path, help="write the result as JSON")
+    p.add_argument("--compare-guard", type=int, default=0, metavar="PAIRS",
+                   help="run PAIRS pairs (guard off, guard on, alternating order) and report on/off ratios (default: 0 = one run)")
     add_setting_flags(p, "bootstrap", "partitions", "device", "batch_size")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.stream.broker import install_sigterm_handler
-    from tgastream.stream.demo import DemoConfig, run_demo
     from tgastream.core.errors import CommandError
 
     if args.rate <= 0:
         raise CommandError("--rate must be > 0")
     if args.data is not None and not args.data.is_file():
         raise CommandError(f"no such file: {args.data}")
+    if args.compare_guard < 0:
+        raise CommandError("--compare-guard must be >= 0")
     install_sigterm_handler()
-    opts = DemoConfig(out=args.out, data=args.data, events=args.events, users=args.users, rate=args.rate,
-                       timeout_s=args.timeout, quiet=False)
+    if args.compare_guard:
+        return _compare_guard(args, settings)
+    result = _one_run(args, settings, args.out)
+    _print_table([("", result)])
+    write_json(args.json, result)
+    return 0
+
+
+def _one_run(args: argparse.Namespace, settings: Settings, out: Path) -> dict:
+    """The demo's processes at ``args.rate``; freshness, throughput and what was trained."""
+    from tgastream.stream.demo import DemoConfig, run_demo
+
+    opts = DemoConfig(out=out, data=args.data, events=args.events, users=args.users, rate=args.rate,
+                      timeout_s=args.timeout, quiet=False)
     report = run_demo(settings, opts, say=lambda s: print(s, flush=True))
-    result = {
+    return {
         "rate": args.rate, "events": report["events_replayed"],
         "achieved_events_per_s": report["events_per_s"],
         "freshness_p50_s": report["freshness_p50_s"], "freshness_p99_s": report["freshness_p99_s"],
         "trainer_samples_per_s": report["trainer_samples_per_s"], "samples": report["samples"],
         "trained_share": report["trained_share"], "train_policy": report["train_policy"],
-        "device": report["device"], "data": str(args.data) if args.data else "synth",
+        "device": report["device"], "data": str(args.data) if args.data else "synth", "guard": settings.guard,
     }
-    share = result["trained_share"]
-    print(f"\n{'rate':>8} {'events':>8} {'achieved/s':>11} {'fresh p50':>10} {'fresh p99':>10} {'trainer samples/s':>18} "
-          f"{'trained':>8}  device")
-    print(f"{args.rate:>8.0f} {result['events']:>8,} {result['achieved_events_per_s']:>11,.0f} "
-          f"{(result['freshness_p50_s'] or float('nan')):>9.2f}s {(result['freshness_p99_s'] or float('nan')):>9.2f}s "
-          f"{result['trainer_samples_per_s']:>18,.0f} {'–' if share is None else f'{share:.0%}':>8}  {result['device']}")
-    write_json(args.json, result)
+
+
+def _print_table(rows: list[tuple[str, dict]]) -> None:
+    print(f"\n{'run':>10} {'rate':>8} {'events':>8} {'achieved/s':>11} {'fresh p50':>10} {'fresh p99':>10} "
+          f"{'trainer samples/s':>18} {'trained':>8}  device")
+    for name, r in rows:
+        share = r["trained_share"]
+        print(f"{name:>10} {r['rate']:>8.0f} {r['events']:>8,} {r['achieved_events_per_s']:>11,.0f} "
+              f"{(r['freshness_p50_s'] or float('nan')):>9.2f}s {(r['freshness_p99_s'] or float('nan')):>9.2f}s "
+              f"{r['trainer_samples_per_s']:>18,.0f} {'–' if share is None else f'{share:.0%}':>8}  {r['device']}")
+
+
+def _compare_guard(args: argparse.Namespace, settings: Settings) -> int:
+    """Pairs of runs, guard off and on in alternating order; medians and on/off ratios."""
+    import statistics
+
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for k in range(args.compare_guard):
+        order = ("off", "on") if k % 2 == 0 else ("on", "off")
+        for name in order:
+            print(f"\n== pair {k + 1}/{args.compare_guard}: guard {name}", flush=True)
+            runs[name].append(_one_run(args, settings.replace(guard=name == "on"), args.out / f"pair-{k + 1}-guard-{name}"))
+    _print_table([(f"guard {name}", r) for name in ("off", "on") for r in runs[name]])
+    keys = ("freshness_p50_s", "freshness_p99_s", "trainer_samples_per_s")
+    median = {name: {key: statistics.median(r[key] for r in rs if r[key] is not None) for key in keys}
+              for name, rs in runs.items()}
+    ratio = {key: median["on"][key] / median["off"][key] for key in keys if median["off"][key]}
+    print(f"\nmedian of {args.compare_guard} runs each, guard on / off: "
+          + ", ".join(f"{key} {median['on'][key]:.2f} / {median['off'][key]:.2f} = {ratio.get(key, float('nan')):.2f}x"
+                      for key in keys))
+    write_json(args.json, {"pairs": args.compare_guard, "runs": runs, "median": median, "ratio_on_over_off": ratio,
+                           "command": f"tgastream bench freshness --rate {args.rate:g} --events {args.events} "
+                                      f"--users {args.users} --compare-guard {args.compare_guard}"})
     return 0

@@ -29,6 +29,7 @@ def test_every_subcommand_has_help(command):
     (["replay", "x.csv", "--partitions", "0"], "partitions must be > 0"),
     (["synth", "--users", "10", "--events", "5", "-o", "/tmp/x.csv"], "events >= users"),
     (["nosuch"], "invalid choice"),
+    (["bench", "freshness", "--compare-guard", "-1"], "--compare-guard must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, fragment):
     res = tgastream(*args)
