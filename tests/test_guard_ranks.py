@@ -77,6 +77,7 @@ def test_a_stretch_poisoned_on_one_rank_trips_the_one_collective_guard_and_every
     events = [(s, e, m) for s, e, m, _ in decided[0] if e]
     tripped = [s for s, e, _ in events if e in ("rollback", "hold")]
     rollbacks = [s for s, e, _ in events if e == "rollback"]
+    print("guard events (step, event, state):", events)
     assert tripped and rollbacks, events
     assert POISON_STEPS[0] < tripped[0] <= POISON_STEPS[0] + WINDOW_STEPS, events  # within its window
     assert rollbacks[0] <= POISON_STEPS[1] + WINDOW_STEPS, events
