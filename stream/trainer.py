@@ -305,6 +305,7 @@ class Trainer:
         model, part = load_step(self.ckpt_dir, step, g.rank, g.world)
         self.learner.load_state_dict(model["learner"])
         self.learner.load_rank_state_dict(part["learner_rank"])
+        self._restored_version = self.learner.version  # the guard's lineage (and a restored bad version) on restart
         self.offsets = {int(p): int(o) for p, o in part["offsets"].items()}
         self.head = dict(self.offsets)
         self.guard = RedeliveryGuard.from_state_dict(part.get("guard", {}))

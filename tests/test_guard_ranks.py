@@ -60,7 +60,13 @@ def _rank(rank: int, port: int, root: str) -> None:
             trainer.checkpoint()
     trainer._history.close()
     owners = {_owner(s) for s in learner.reservoir.samples}
-    torch.save({"params": learner.model.state_dict(), "reservoir_owners": owners}, Path(root) / f"end-{rank}.pt")
+    # a restart of both ranks: the guard's lineage continues from the restored version
+    again = Trainer(settings, "127.0.0.1:1", OnlineLearner(online_model_config(settings), online_config(settings),
+                                                           group=learner.group))
+    assert again.restore()
+    again.guardrails.start(again._restored_version)
+    torch.save({"params": learner.model.state_dict(), "reservoir_owners": owners, "restored": again._restored_version,
+                "parent": again.guardrails.parent}, Path(root) / f"end-{rank}.pt")
     learner.group.close()
 
 
@@ -87,6 +93,7 @@ def test_a_stretch_poisoned_on_one_rank_trips_the_one_collective_guard_and_every
     for name, value in end[0]["params"].items():
         assert torch.equal(value, end[1]["params"][name]), name  # same good weights, same steps since
     assert end[1]["reservoir_owners"] == {1}  # rank 1 took its own part's reservoir, not rank 0's
+    assert [e["parent"] for e in end] == [e["restored"] for e in end] == [len(rows[0])] * 2  # restart: lineage kept
 
     reg = Registry.load(tmp_path / "checkpoints")  # written by rank 0 alone
     good = [s for s, e, _ in events if e == "rollback"]
