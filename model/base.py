@@ -61,7 +61,10 @@ class SequenceRecommender(nn.Module):
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
         self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
-        self.conversion_head = ConversionHead(cfg.dim, cfg.dropout) if self.does_conversion else None
+        # DIN's own input for the conversion head (cfg.conversion_raw): a separate embedding, conversion-trained
+        raw = cfg.conversion_raw and self.does_conversion and self.does_retrieval
+        self.conversion_head = ConversionHead(cfg.dim, cfg.dropout, raw) if self.does_conversion else None
+        self.conversion_embed = NodeEmbedding(cfg) if raw else None
         # weight of the transition prior's logit term (retrieval_head.py); only when configured.
         # Stored as w / PRIOR_SCALE: Adam moves a parameter by about lr a step whatever its
         # gradient, so a bare scalar would barely leave its initial value in a few hundred steps
@@ -105,7 +108,11 @@ class SequenceRecommender(nn.Module):
         cand = self.embed.items(batch.target_item, batch.target_cat) if cand is None else cand  # [B, d]
         same_item = batch.keys == batch.target_key.unsqueeze(1)  # [B, N]
         same_cat = (batch.cats == batch.target_cat.unsqueeze(1)) & (batch.target_cat.unsqueeze(1) > 0)
-        return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat)
+        raw_states = raw_cand = None
+        if self.conversion_embed is not None:
+            raw_states = self.conversion_embed(batch)  # [B, N, d]
+            raw_cand = self.conversion_embed.items(batch.target_item, batch.target_cat)  # [B, d]
+        return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat, raw_states, raw_cand)
 
     def conversion_proba(self, batch: Batch) -> torch.Tensor:
         """P(buy) of each row's candidate item [B]."""

@@ -55,16 +55,68 @@ def fit(model: SequenceRecommender, train: EncodedSamples, cfg: TrainConfig, dev
         progress: bool = True) -> FitResult:
     """Train with AdamW for up to ``cfg.epochs``; with ``validate`` (lower is better), stop after
     ``cfg.patience`` epochs without improvement and restore the best weights."""
-    rng = np.random.default_rng(cfg.seed)
-    rows = usable_rows(model, train)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    return _epochs(model, train, usable_rows(model, train), opt, cfg, cfg.epochs, device, validate, desc, progress,
+                   lambda m: m.train())
+
+
+def conversion_parameters(model: SequenceRecommender) -> list[torch.nn.Parameter]:
+    """What the conversion fine-tune trains: the conversion head and its own raw table (if any)."""
+    parts = [m for m in (model.conversion_head, model.conversion_embed) if m is not None]
+    return [p for m in parts for p in m.parameters()]
+
+
+def finetune_conversion(model: SequenceRecommender, train: EncodedSamples, cfg: TrainConfig, device: torch.device,
+                        validate: Callable[[SequenceRecommender], float] | None = None, desc: str = "",
+                        progress: bool = True) -> FitResult:
+    """The conversion stage after retrieval training: up to ``cfg.conversion_finetune_epochs`` over
+    the conversion samples, training only :func:`conversion_parameters` (a fresh AdamW at
+    ``cfg.lr``) on top of the frozen encoder and item tower, which run in eval mode (no dropout),
+    so the head learns the very states it is scored on; with ``validate`` (lower is better,
+    typically conversion logloss alone) early-stopped and the best head kept.
+
+    Why a stage of its own: the joint loss picks one checkpoint for two heads (the 30× conversion
+    logloss rose in epoch 2 while retrieval still improved, so early stopping kept epoch 1), and
+    with ``conversion_grad`` 0 the head trains on states that keep moving under it. Here the
+    retrieval checkpoint is chosen by retrieval, then the head by conversion."""
+    params = conversion_parameters(model)
+    if not params:
+        return FitResult(0, 0, 0, 0.0)
+    head = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in head and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    rows = np.flatnonzero(train.kind == CONVERSION)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def head_mode(m: SequenceRecommender) -> None:
+        m.eval()
+        for part in (m.conversion_head, m.conversion_embed):
+            if part is not None:
+                part.train()
+
+    try:
+        return _epochs(model, train, rows, opt, cfg, cfg.conversion_finetune_epochs, device, validate, desc, progress,
+                       head_mode)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _epochs(model: SequenceRecommender, train: EncodedSamples, rows: np.ndarray, opt: torch.optim.Optimizer,
+            cfg: TrainConfig, epochs: int, device: torch.device, validate: Callable[[SequenceRecommender], float] | None,
+            desc: str, progress: bool, mode: Callable[[SequenceRecommender], None]) -> FitResult:
+    """The epoch loop: ``rows`` shuffled (at most ``cfg.max_train_samples`` an epoch), ``mode`` sets
+    train/eval modes before each epoch; early stopping and restoring the best state as in :func:`fit`."""
+    rng = np.random.default_rng(cfg.seed)
     result = FitResult(0, 0, 0, 0.0)
     best, best_state, stale = math.inf, None, 0
     per_epoch = min(len(rows), cfg.max_train_samples) if cfg.max_train_samples else len(rows)
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for epoch in range(1, epochs + 1):
+        mode(model)
         order = rng.permutation(rows)[:per_epoch]
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{desc} epoch {epoch}/{cfg.epochs}",
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{desc} epoch {epoch}/{epochs}",
                    disable=None if progress else True, leave=False, unit="batch", mininterval=1.0)
         t0 = time.perf_counter()
         losses: list[float] = []
@@ -73,7 +125,7 @@ def fit(model: SequenceRecommender, train: EncodedSamples, cfg: TrainConfig, dev
             out = model.loss(batch)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             losses.append(float(out.loss.detach()))
             if len(losses) % 20 == 0:

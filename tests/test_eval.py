@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,17 @@ def test_eval_command_writes_json_and_png(log, tmp_path):
     result = json.loads(out.read_text())
     assert set(result["models"]) == {"tga", "pop", "repeat", "covisit"} and out.with_suffix(".png").stat().st_size > 0
     assert result["seeds"] == [1] and result["models"]["tga"]["ci"]["hr@10"] is not None
+
+
+def test_conversion_finetune_runs_a_second_stage_chosen_by_conversion_alone(log):
+    cfg = replace(TINY, models=("tga", "din"), train=replace(TINY.train, conversion_finetune_epochs=2))
+    result = run(load_events(log), cfg, progress=False)
+    tga = result["models"]["tga"]["seeds"][0]
+    assert 1 <= tga["finetune_best_epoch"] <= 2 and len(tga["finetune_history"]) >= 1
+    assert all("valid" in e for e in tga["finetune_history"])
+    assert "finetune_history" not in result["models"]["din"]["seeds"][0]  # conversion-only: one stage
+    with pytest.raises(ValueError):
+        replace(TINY, train=replace(TINY.train, conversion_finetune_epochs=-1)).validate()
 
 
 def test_eval_rejects_an_unknown_model(log, capsys):

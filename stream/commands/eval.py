@@ -27,12 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--conversion-grad", type=float, default=None,
                    help="share of the conversion loss's gradient reaching the shared encoder, 0..1 (default: the model config's)")
+    p.add_argument("--conversion-raw", action=argparse.BooleanOptionalAction, default=None,
+                   help="TGA/SASRec conversion head also attends over raw embeddings of a table of its own (DIN's input) "
+                        "(default: the model config's)")
     p.add_argument("--transition-prior", type=int, default=32,
                    help="co-visitation candidates per next-event sample fed to TGA as a learned logit term, "
                         "0 = none (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
+    p.add_argument("--conversion-finetune", type=int, default=0,
+                   help="epochs of a conversion stage after training: the conversion head alone on the frozen encoder, "
+                        "early-stopped on validation conversion logloss, 0 = none (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
     p.add_argument("--dim", type=int, default=None, help="embedding width (default: settings dim)")
@@ -79,12 +85,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ffn_mult=args.ffn_mult, dropout=args.dropout,
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=settings.seed if args.seed is None else args.seed,
-                              max_train_samples=args.max_train_samples, weight_decay=args.weight_decay),
+                              max_train_samples=args.max_train_samples, weight_decay=args.weight_decay,
+                              conversion_finetune_epochs=args.conversion_finetune),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
             seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
             transition_prior=args.transition_prior,
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
-                                                                  ("conversion_grad", args.conversion_grad))
+                                                                  ("conversion_grad", args.conversion_grad),
+                                                                  ("conversion_raw", args.conversion_raw))
                                   if value is not None),
         ).validate()
         if cfg.dim % cfg.heads:
