@@ -46,6 +46,8 @@ class ModelConfig:
     conversion_raw: bool = False  # the conversion head also target-attends over raw node embeddings of a table of
     # its own, trained by the conversion loss alone (DIN's input beside the encoder's; model/conversion_head.py);
     # offline only: the online learner's rows (model/rows.py) do not grow that table
+    conversion_features: bool = False  # the conversion head's MLP also reads behavior-typed counts of the candidate
+    # item/category in the context and how many nodes back the item was last seen (conversion_head.context_features)
     transition_prior: bool = False  # add w · log(1 + co-visitation score) to retrieval logits when the batch
     # carries a prior (model/retrieval_head.py); without one the term is 0
     impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive

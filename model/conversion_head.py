@@ -19,6 +19,12 @@ the candidate e'_c = E'_item[c] + E'_cat[cat_c]:
 
 so TGA's conversion head holds everything DIN's has, beside the encoder's states (which, with
 ``conversion_grad`` 0, are shaped by retrieval only).
+
+With ``context features`` (``ModelConfig.conversion_features``) the MLP also reads
+:func:`context_features`: per behavior b (click, fav, cart, buy) log(1 + #nodes of the candidate
+item with behavior b) and the same for its category, and log(1 + nodes back from the newest to the
+candidate's latest node) (log(1 + N) when it is absent): "carted it two events ago" spelled out
+instead of left for the attention to find.
 """
 
 from __future__ import annotations
@@ -54,17 +60,19 @@ class ConversionHead(TargetAttention):
     """Target attention over node states (the inherited parameters, names kept for checkpoints),
     an optional second one over raw embeddings, and the MLP."""
 
-    def __init__(self, dim: int, dropout: float = 0.0, raw: bool = False) -> None:
+    def __init__(self, dim: int, dropout: float = 0.0, raw: bool = False, n_features: int = 0) -> None:
         super().__init__(dim)
         self.attend_raw = TargetAttention(dim) if raw else None
-        width = (7 if raw else 4) * dim + 2
+        self.n_features = n_features
+        width = (7 if raw else 4) * dim + 2 + n_features
         self.mlp = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, 1))
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, cand: torch.Tensor,
                 same_item: torch.Tensor, same_cat: torch.Tensor, raw_states: torch.Tensor | None = None,
-                raw_cand: torch.Tensor | None = None) -> torch.Tensor:
+                raw_cand: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
         """states [B, N, d], mask/same_item/same_cat [B, N] bool, last [B], cand [B, d] → logits [B];
-        raw_states [B, N, d] / raw_cand [B, d]: the head's own raw embeddings (required iff ``raw``)."""
+        raw_states [B, N, d] / raw_cand [B, d]: the head's own raw embeddings (required iff ``raw``);
+        features [B, n_features]: :func:`context_features` (required iff ``n_features``)."""
         pooled = super().forward(states, mask, cand, same_item, same_cat)  # [B, d]
         h_last = states[torch.arange(states.shape[0], device=states.device), last]  # [B, d]
         counts = torch.stack([(same_item & mask).sum(1), (same_cat & mask).sum(1)], -1).float().log1p()  # [B, 2]
@@ -74,4 +82,30 @@ class ConversionHead(TargetAttention):
                 raise ValueError("this conversion head attends over raw embeddings too: pass raw_states and raw_cand")
             raw_pooled = self.attend_raw(raw_states, mask, raw_cand, same_item, same_cat)  # [B, d]
             parts += [raw_pooled, raw_cand, raw_pooled * raw_cand]
-        return self.mlp(torch.cat(parts + [counts], -1)).squeeze(-1)
+        parts.append(counts)
+        if self.n_features:
+            if features is None or features.shape[-1] != self.n_features:
+                raise ValueError(f"this conversion head reads {self.n_features} context features per row")
+            parts.append(features)
+        return self.mlp(torch.cat(parts, -1)).squeeze(-1)
+
+
+def n_context_features(n_behaviors: int) -> int:
+    """Width of :func:`context_features`: two counts per behavior and one recency."""
+    return 2 * n_behaviors + 1
+
+
+def context_features(behaviors: torch.Tensor, mask: torch.Tensor, same_item: torch.Tensor, same_cat: torch.Tensor,
+                     n_behaviors: int) -> torch.Tensor:
+    """behaviors [B, N] long, mask/same_item/same_cat [B, N] bool → [B, 2 · n_behaviors + 1] float:
+    log(1 + count) of the candidate's item and of its category per behavior, then log(1 + nodes
+    back from the newest node to the candidate item's latest one), log(1 + N) if it is absent."""
+    onehot = nn.functional.one_hot(behaviors.clamp(0, n_behaviors - 1), n_behaviors) * mask.unsqueeze(-1)  # [B, N, K]
+    by_item = (onehot * same_item.unsqueeze(-1)).sum(1)  # [B, K]
+    by_cat = (onehot * same_cat.unsqueeze(-1)).sum(1)  # [B, K]
+    n = behaviors.shape[1]
+    pos = torch.arange(n, device=behaviors.device).expand_as(behaviors)  # [B, N]
+    newest = torch.where(mask, pos, -1).max(1).values  # [B]
+    latest = torch.where(same_item & mask, pos, -1).max(1).values  # [B], -1: absent
+    back = torch.where(latest >= 0, newest - latest, torch.full_like(latest, n))  # [B]
+    return torch.cat([by_item, by_cat, back.unsqueeze(1)], 1).float().log1p()

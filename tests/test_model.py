@@ -395,6 +395,22 @@ def test_conversion_finetune_trains_the_head_alone_and_keeps_its_best_epoch(voca
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) in head)
 
 
+def test_context_features_count_the_candidate_by_behavior_and_its_recency():
+    from tgastream.model.conversion_head import context_features
+
+    # two rows of 4 slots: row 0 = [click A, cart A, click B(same cat), fav C]; row 1 = [click B, pad...]
+    beh = torch.tensor([[0, 2, 0, 1], [0, 0, 0, 0]])
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    same_item = torch.tensor([[True, True, False, False], [False, True, False, False]])  # padding "hit" ignored
+    same_cat = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    f = context_features(beh, mask, same_item, same_cat, 4).expm1().round()
+    assert f[0].tolist() == [1, 0, 1, 0, 2, 0, 1, 0, 2]  # item: click, cart; cat: 2 clicks, cart; 2 nodes back
+    assert f[1].tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 4]  # absent item: N = 4 back
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_features=True, impl="reference"))
+    assert model.conversion_head.n_features == 9 and DIN(_cfg(conversion_features=True)).conversion_head.n_features == 0
+
+
 def test_conversion_weight_and_grad_leave_a_conversion_only_model_alone(vocabs):
     conv = collate([x for x in _samples() if x.kind == CONVERSION][:12], vocabs)
     losses = []

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conversion-raw", action=argparse.BooleanOptionalAction, default=None,
                    help="TGA/SASRec conversion head also attends over raw embeddings of a table of its own (DIN's input) "
                         "(default: the model config's)")
+    p.add_argument("--conversion-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="conversion head also reads behavior-typed counts of the candidate in the context and its "
+                        "recency (default: the model config's)")
     p.add_argument("--transition-prior", type=int, default=32,
                    help="co-visitation candidates per next-event sample fed to TGA as a learned logit term, "
                         "0 = none (default: %(default)s)")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             transition_prior=args.transition_prior,
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
                                                                   ("conversion_grad", args.conversion_grad),
-                                                                  ("conversion_raw", args.conversion_raw))
+                                                                  ("conversion_raw", args.conversion_raw),
+                                                                  ("conversion_features", args.conversion_features))
                                   if value is not None),
         ).validate()
         if cfg.dim % cfg.heads:
