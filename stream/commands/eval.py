@@ -8,6 +8,15 @@ from pathlib import Path
 
 from tgastream.core.settings import Settings
 
+EPOCHS = 2
+MAX_TRAIN_SAMPLES = 32_000
+"""The default budget of every neural model: at most 2 epochs of 32k samples, early-stopped. Sized so
+that ``tgastream eval taobao-users-60k.csv --seeds 3`` fits 45 minutes (one seed 15) on the 2-core
+machine with one torch thread (README "Model and offline evaluation" has the measured wall time).
+The old default, 4 epochs over all 71,682 training samples, is ~287k samples per model and seed:
+at the ~730-930 samples/s TGA and SASRec train at on one thread, over 15 minutes of training alone
+per seed for the three sequence models (an estimate from those measured speeds, not a run)."""
+
 HELP = ("offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular, repeat-recent and "
         "co-visitation, seed means with user-bootstrap intervals")
 
@@ -38,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0 = none (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="max training epochs, early-stopped on validation (default: %(default)s)")
     p.add_argument("--conversion-finetune", type=int, default=0,
                    help="epochs of a conversion stage after training: the conversion head alone on the frozen encoder, "
                         "early-stopped on validation conversion logloss, 0 = none (default: %(default)s)")
@@ -53,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid-share", type=float, default=0.1,
                    help="last share of the training period held out for early stopping (default: 0.1)")
     p.add_argument("--sample-len", type=int, default=None, help="context nodes per sample (default: settings sample_len)")
-    p.add_argument("--max-train-samples", type=int, default=0, help="cap on training samples per epoch (default: 0 = all)")
+    p.add_argument("--max-train-samples", type=int, default=MAX_TRAIN_SAMPLES,
+                   help="cap on training samples per epoch, 0 = all (default: %(default)s)")
     p.add_argument("--max-test-cases", type=int, default=0, help="cap on test (and validation) cases of each kind (default: 0 = all)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: settings device)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: settings seed)")
