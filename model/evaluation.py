@@ -80,6 +80,8 @@ class EvalConfig:
     bootstrap: int = 1000  # user-bootstrap resamples for the 95% intervals (0 = none)
     covisit: CovisitConfig = field(default_factory=CovisitConfig)
     transition_prior: int = 32  # co-visitation candidates per retrieval sample fed to TGA (0 = none)
+    conversion_raw: bool = True  # models with both heads: the conversion head also attends over raw embeddings
+    # of its own table (ModelConfig.conversion_raw; chosen on the validation share, README "Model quality")
     on_validation: bool = False  # score the validation share instead of the test period (for choosing
     # settings: the test period is never looked at); neural models then train a fixed number of epochs
     dim: int = DIM
@@ -252,13 +254,14 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
 
 
 def build_model(name: str, cfg: EvalConfig, data: EvalData) -> SequenceRecommender:
+    """The neural model ``name`` shaped by ``cfg``; ``cfg.model_overrides`` win over everything else."""
     cls, copy = NEURAL[name]
-    mc = ModelConfig(n_items=len(data.vocabs.items), n_categories=len(data.vocabs.categories), dim=cfg.dim,
-                     layers=cfg.layers, heads=cfg.heads, ffn_mult=cfg.ffn_mult, dropout=cfg.dropout, copy=copy,
-                     max_positions=max(cfg.sample_len, 8),
-                     **({"transition_prior": True} if name in PRIOR_MODELS and cfg.transition_prior else {}),
-                     **dict(cfg.model_overrides))
-    return cls(mc)
+    fields = dict(n_items=len(data.vocabs.items), n_categories=len(data.vocabs.categories), dim=cfg.dim,
+                  layers=cfg.layers, heads=cfg.heads, ffn_mult=cfg.ffn_mult, dropout=cfg.dropout, copy=copy,
+                  max_positions=max(cfg.sample_len, 8), conversion_raw=cfg.conversion_raw)
+    if name in PRIOR_MODELS and cfg.transition_prior:
+        fields["transition_prior"] = True
+    return cls(ModelConfig(**(fields | dict(cfg.model_overrides))))
 
 
 @torch.no_grad()

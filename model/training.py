@@ -97,7 +97,7 @@ def finetune_conversion(model: SequenceRecommender, train: EncodedSamples, cfg: 
 
     try:
         return _epochs(model, train, rows, opt, cfg, cfg.conversion_finetune_epochs, device, validate, desc, progress,
-                       head_mode)
+                       head_mode, from_start=True)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -105,12 +105,19 @@ def finetune_conversion(model: SequenceRecommender, train: EncodedSamples, cfg: 
 
 def _epochs(model: SequenceRecommender, train: EncodedSamples, rows: np.ndarray, opt: torch.optim.Optimizer,
             cfg: TrainConfig, epochs: int, device: torch.device, validate: Callable[[SequenceRecommender], float] | None,
-            desc: str, progress: bool, mode: Callable[[SequenceRecommender], None]) -> FitResult:
+            desc: str, progress: bool, mode: Callable[[SequenceRecommender], None], from_start: bool = False
+            ) -> FitResult:
     """The epoch loop: ``rows`` shuffled (at most ``cfg.max_train_samples`` an epoch), ``mode`` sets
-    train/eval modes before each epoch; early stopping and restoring the best state as in :func:`fit`."""
+    train/eval modes before each epoch; early stopping and restoring the best state as in :func:`fit`.
+    ``from_start``: the weights before the first epoch compete too (best epoch 0 = no epoch helped,
+    the starting weights are restored), so a stage that only hurts validation is undone."""
     rng = np.random.default_rng(cfg.seed)
     result = FitResult(0, 0, 0, 0.0)
     best, best_state, stale = math.inf, None, 0
+    if validate is not None and from_start:
+        model.eval()
+        best, best_state = validate(model), copy.deepcopy(model.state_dict())
+        result.history.append({"epoch": 0, "valid": best})
     per_epoch = min(len(rows), cfg.max_train_samples) if cfg.max_train_samples else len(rows)
     params = [p for group in opt.param_groups for p in group["params"]]
     for epoch in range(1, epochs + 1):

@@ -376,7 +376,7 @@ def test_conversion_finetune_trains_the_head_alone_and_keeps_its_best_epoch(voca
     train = encode_samples(_samples(), vocabs, InMemoryVocab(str(i) for i in range(1, N_ITEMS)))
     head = {id(p) for p in conversion_parameters(model)}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    scores = iter([0.5, 0.1, 0.3])  # epoch 2 is the best; epoch 3 is one stale epoch (patience 2)
+    scores = iter([0.9, 0.5, 0.1, 0.3])  # before, then epochs 1-3: epoch 2 is the best, epoch 3 one stale epoch
     snapshots = []
 
     def validate(m):
@@ -386,13 +386,20 @@ def test_conversion_finetune_trains_the_head_alone_and_keeps_its_best_epoch(voca
     res = finetune_conversion(model, train, TrainConfig(epochs=1, batch_size=16, lr=1e-2, conversion_finetune_epochs=3),
                               torch.device("cpu"), validate, progress=False)
     assert (res.epochs, res.best_epoch) == (3, 2)
-    assert torch.equal(model.conversion_head.mlp[0].weight, snapshots[1])
-    assert not torch.equal(snapshots[0], snapshots[1])
+    assert torch.equal(model.conversion_head.mlp[0].weight, snapshots[2])
+    assert not torch.equal(snapshots[1], snapshots[2])
     for n, p in model.named_parameters():
         assert p.requires_grad, n
         if id(p) not in head:
             assert torch.equal(p, before[n]), n
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) in head)
+    # a stage that never beats the weights it started from is undone (best epoch 0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    worse = iter([0.0, 1.0, 1.0])  # the starting weights, then two epochs that do worse
+    res = finetune_conversion(model, train, TrainConfig(batch_size=16, lr=1e-2, conversion_finetune_epochs=2),
+                              torch.device("cpu"), lambda m: next(worse), progress=False)
+    assert res.best_epoch == 0
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
 
 
 def test_context_features_count_the_candidate_by_behavior_and_its_recency():

@@ -36,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--conversion-grad", type=float, default=None,
                    help="share of the conversion loss's gradient reaching the shared encoder, 0..1 (default: the model config's)")
-    p.add_argument("--conversion-raw", action=argparse.BooleanOptionalAction, default=None,
-                   help="TGA/SASRec conversion head also attends over raw embeddings of a table of its own (DIN's input) "
-                        "(default: the model config's)")
+    p.add_argument("--conversion-raw", action=argparse.BooleanOptionalAction, default=True,
+                   help="TGA/SASRec conversion head also attends over raw embeddings of a table of its own, DIN's input "
+                        "(default: on)")
     p.add_argument("--conversion-features", action=argparse.BooleanOptionalAction, default=None,
                    help="conversion head also reads behavior-typed counts of the candidate in the context and its "
                         "recency (default: the model config's)")
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=EPOCHS,
                    help="max training epochs, early-stopped on validation (default: %(default)s)")
-    p.add_argument("--conversion-finetune", type=int, default=0,
+    p.add_argument("--conversion-finetune", type=int, default=1,
                    help="epochs of a conversion stage after training: the conversion head alone on the frozen encoder, "
                         "early-stopped on validation conversion logloss, 0 = none (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
@@ -103,10 +103,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                               conversion_finetune_epochs=args.conversion_finetune),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
             seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
-            transition_prior=args.transition_prior,
+            transition_prior=args.transition_prior, conversion_raw=args.conversion_raw,
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
                                                                   ("conversion_grad", args.conversion_grad),
-                                                                  ("conversion_raw", args.conversion_raw),
                                                                   ("conversion_features", args.conversion_features))
                                   if value is not None),
         ).validate()
