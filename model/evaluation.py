@@ -366,8 +366,10 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
                                   conversion) if can_validate else None)
 
     train_cfg = replace(cfg.train, seed=seed)
+    # staged: the encoder's epoch is chosen by retrieval, the conversion head's by conversion logloss, then the
+    # head is fine-tuned on that encoder (early-stopped against the head it starts from)
     res = fit(model, data.train, train_cfg, device, validation(True, not staged), desc=f"{name} s{seed}",
-              progress=progress)
+              progress=progress, validate_head=validation(False, True) if staged else None)
     tuned = (finetune_conversion(model, data.train, train_cfg, device, validation(False, True),
                                  desc=f"{name} s{seed} conversion", progress=progress) if staged else None)
     out = ModelOutput(_empty_row())
@@ -380,7 +382,8 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
                    epochs=res.epochs, best_epoch=res.best_epoch, train_seconds=round(res.seconds, 1),
                    valid_history=res.history)
     if tuned is not None:
-        out.row.update(finetune_epochs=tuned.epochs, finetune_best_epoch=tuned.best_epoch,
+        out.row.update(best_head_epoch=res.best_head_epoch, finetune_epochs=tuned.epochs,
+                       finetune_best_epoch=tuned.best_epoch,
                        finetune_seconds=round(tuned.seconds, 1), finetune_history=tuned.history)
     return out
 
@@ -592,8 +595,8 @@ def summarise(outputs: dict[str, list[ModelOutput]], cases: TestCases, cfg: Eval
         stats[name] = _statistics(outs, cases, cfg.k)
         m["ci"] = {key: bootstrap_interval(f, weights) for key, f in stats[name].items()} if len(weights) else {}
         m["seeds"] = [{"seed": s} | {key: r[key] for key in SEED_METRICS if r.get(key) is not None}
-                      | {key: r[key] for key in ("best_epoch", "valid_history", "finetune_best_epoch",
-                                                 "finetune_history") if key in r}
+                      | {key: r[key] for key in ("best_epoch", "valid_history", "best_head_epoch",
+                                                 "finetune_best_epoch", "finetune_history") if key in r}
                       for s, r in zip(seeds if name in NEURAL else [None], rows)]
         models[name] = m
     comparisons = {}

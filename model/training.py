@@ -24,6 +24,7 @@ class FitResult:
     best_epoch: int  # the epoch whose weights were kept (by validation)
     samples: int  # training samples processed
     seconds: float  # time in training steps (batching included, validation excluded)
+    best_head_epoch: int = 0  # the epoch whose conversion head was kept, when chosen on its own (fit's validate_head)
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -52,12 +53,23 @@ def usable_rows(model: SequenceRecommender, data: EncodedSamples) -> np.ndarray:
 
 def fit(model: SequenceRecommender, train: EncodedSamples, cfg: TrainConfig, device: torch.device,
         validate: Callable[[SequenceRecommender], float] | None = None, desc: str = "",
-        progress: bool = True) -> FitResult:
+        progress: bool = True, validate_head: Callable[[SequenceRecommender], float] | None = None) -> FitResult:
     """Train with AdamW for up to ``cfg.epochs``; with ``validate`` (lower is better), stop after
-    ``cfg.patience`` epochs without improvement and restore the best weights."""
+    ``cfg.patience`` epochs without improvement and restore the best weights. With ``validate_head``
+    too, the conversion head (:func:`conversion_parameters`) is then overlaid with its own best
+    epoch by that score: the two heads' checkpoints are chosen separately
+    (``FitResult.best_head_epoch``)."""
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     return _epochs(model, train, usable_rows(model, train), opt, cfg, cfg.epochs, device, validate, desc, progress,
-                   lambda m: m.train())
+                   lambda m: m.train(), validate_head=validate_head)
+
+
+HEAD_PREFIXES = ("conversion_head.", "conversion_embed.")
+"""State-dict keys of what :func:`conversion_parameters` returns."""
+
+
+def _head_state(model: SequenceRecommender) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
 
 
 def conversion_parameters(model: SequenceRecommender) -> list[torch.nn.Parameter]:
@@ -105,15 +117,17 @@ def finetune_conversion(model: SequenceRecommender, train: EncodedSamples, cfg: 
 
 def _epochs(model: SequenceRecommender, train: EncodedSamples, rows: np.ndarray, opt: torch.optim.Optimizer,
             cfg: TrainConfig, epochs: int, device: torch.device, validate: Callable[[SequenceRecommender], float] | None,
-            desc: str, progress: bool, mode: Callable[[SequenceRecommender], None], from_start: bool = False
-            ) -> FitResult:
+            desc: str, progress: bool, mode: Callable[[SequenceRecommender], None], from_start: bool = False,
+            validate_head: Callable[[SequenceRecommender], float] | None = None) -> FitResult:
     """The epoch loop: ``rows`` shuffled (at most ``cfg.max_train_samples`` an epoch), ``mode`` sets
     train/eval modes before each epoch; early stopping and restoring the best state as in :func:`fit`.
     ``from_start``: the weights before the first epoch compete too (best epoch 0 = no epoch helped,
-    the starting weights are restored), so a stage that only hurts validation is undone."""
+    the starting weights are restored), so a stage that only hurts validation is undone.
+    ``validate_head``: see :func:`fit`."""
     rng = np.random.default_rng(cfg.seed)
     result = FitResult(0, 0, 0, 0.0)
     best, best_state, stale = math.inf, None, 0
+    best_head, best_head_state = math.inf, None
     if validate is not None and from_start:
         model.eval()
         best, best_state = validate(model), copy.deepcopy(model.state_dict())
@@ -151,6 +165,11 @@ def _epochs(model: SequenceRecommender, train: EncodedSamples, rows: np.ndarray,
                 stale += 1
         else:
             result.best_epoch = epoch
+        if validate_head is not None:
+            model.eval()
+            entry["valid_head"] = head_score = validate_head(model)
+            if head_score < best_head - 1e-4:
+                best_head, best_head_state, result.best_head_epoch = head_score, _head_state(model), epoch
         result.history.append(entry)
         if progress:
             tqdm.write(f"{desc} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "epoch"))
@@ -158,5 +177,7 @@ def _epochs(model: SequenceRecommender, train: EncodedSamples, rows: np.ndarray,
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    if best_head_state is not None:
+        model.load_state_dict(best_head_state, strict=False)
     model.eval()
     return result

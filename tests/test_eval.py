@@ -98,6 +98,8 @@ def test_conversion_finetune_runs_a_second_stage_chosen_by_conversion_alone(log)
     result = run(load_events(log), cfg, progress=False)
     tga = result["models"]["tga"]["seeds"][0]
     assert 0 <= tga["finetune_best_epoch"] <= 2  # 0: no epoch beat the head it started from
+    assert tga["best_head_epoch"] == 1  # one epoch: the conversion head's own choice is that epoch
+    assert all("valid_head" in e for e in tga["valid_history"])
     assert tga["finetune_history"][0]["epoch"] == 0 and len(tga["finetune_history"]) >= 2
     assert all("valid" in e for e in tga["finetune_history"])
     assert "finetune_history" not in result["models"]["din"]["seeds"][0]  # conversion-only: one stage

@@ -418,6 +418,33 @@ def test_context_features_count_the_candidate_by_behavior_and_its_recency():
     assert model.conversion_head.n_features == 9 and DIN(_cfg(conversion_features=True)).conversion_head.n_features == 0
 
 
+def test_fit_chooses_the_encoder_and_the_conversion_head_epochs_separately(vocabs):
+    """With validate_head, the weights are those of the best retrieval epoch except the conversion
+    head's (and its raw table's), which are those of the best conversion epoch."""
+    from tgastream.model.batching import encode_samples
+    from tgastream.model.config import TrainConfig
+    from tgastream.model.training import fit
+
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_raw=True, impl="reference"))
+    train = encode_samples(_samples(), vocabs, InMemoryVocab(str(i) for i in range(1, N_ITEMS)))
+    snaps = []
+    retrieval_scores, head_scores = iter([0.5, 0.2, 0.3]), iter([0.1, 0.4, 0.5])  # best: epoch 2 / epoch 1
+
+    def validate(m):
+        snaps.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(retrieval_scores)
+
+    res = fit(model, train, TrainConfig(epochs=3, batch_size=16, lr=1e-2, patience=5), torch.device("cpu"), validate,
+              progress=False, validate_head=lambda m: next(head_scores))
+    assert (res.best_epoch, res.best_head_epoch) == (2, 1)
+    now = model.state_dict()
+    for k, v in now.items():
+        want = snaps[0][k] if k.startswith(("conversion_head.", "conversion_embed.")) else snaps[1][k]
+        assert torch.equal(v, want), k
+    assert not torch.equal(snaps[0]["conversion_head.mlp.0.weight"], snaps[1]["conversion_head.mlp.0.weight"])
+
+
 def test_conversion_weight_and_grad_leave_a_conversion_only_model_alone(vocabs):
     conv = collate([x for x in _samples() if x.kind == CONVERSION][:12], vocabs)
     losses = []
