@@ -39,7 +39,8 @@ def row_of(run: Run, result: dict) -> dict:
     """TGA's figures (seed means and sd), DIN's AUC/GAUC and the paired comparisons of one run."""
     tga = result["models"].get("tga", {})
     row = {"lever": run.label, "file": str(run.path), "seeds": result.get("seeds"),
-           "config": {k: result["config"].get(k) for k in ("model_overrides", "transition_prior", "dropout")}
+           "config": {k: result["config"].get(k) for k in ("model_overrides", "transition_prior", "conversion_raw",
+                                                            "dropout", "dim", "layers")}
            | {"train": result["config"].get("train")},
            "scored": result["data"].get("scored", "test period"), "test_cases": result["test_cases"]}
     for key in FIGURES:
@@ -72,14 +73,14 @@ def _cmp(c: dict | None) -> str:
 
 
 def format_markdown(rows: list[dict]) -> str:
-    """One line per lever: TGA's seed means ± sd, DIN's AUC/GAUC, and the paired differences."""
+    """One line per lever: TGA's seed means ± sd, DIN's AUC/GAUC, and the paired comparisons."""
     head = ("| lever | TGA AUC | TGA GAUC | TGA HR@10 | TGA HR@10 repeat | TGA HR@10 novel | DIN AUC | DIN GAUC "
-            "| AUC TGA − DIN [95%] | HR@10 TGA / repeat [95%] | novel TGA − co-vis. [95%] |")
-    lines = [head, "|---|" + "---:|" * 10]
+            "| AUC TGA − DIN [95%] | GAUC TGA − DIN [95%] | HR@10 TGA / repeat [95%] | novel TGA − co-vis. [95%] |")
+    lines = [head, "|---|" + "---:|" * 11]
     for r in rows:
         cells = [_num(r.get(f"tga_{k}"), r.get(f"tga_{k}_sd")) for k in FIGURES]
         cells += [_num(r.get("din_auc")), _num(r.get("din_gauc"))]
-        cells += [_cmp(r.get("auc: tga - din")), _cmp(r.get("hr@10: tga / repeat")),
+        cells += [_cmp(r.get("auc: tga - din")), _cmp(r.get("gauc: tga - din")), _cmp(r.get("hr@10: tga / repeat")),
                   _cmp(r.get("hr@10_novel: tga - covisit"))]
         lines.append(f"| {r['lever']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from torch import nn
 
 from tgastream.model.batching import Batch
 from tgastream.model.config import ModelConfig
-from tgastream.model.conversion_head import ConversionHead
+from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
 from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits,
@@ -61,7 +61,12 @@ class SequenceRecommender(nn.Module):
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
         self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
-        self.conversion_head = ConversionHead(cfg.dim, cfg.dropout) if self.does_conversion else None
+        # DIN's own input for the conversion head (cfg.conversion_raw): a separate embedding, conversion-trained
+        raw = cfg.conversion_raw and self.does_conversion and self.does_retrieval
+        # DIN (conversion only) is the baseline and keeps its plain head whatever the config says
+        n_feat = n_context_features(cfg.n_behaviors) if cfg.conversion_features and self.does_retrieval else 0
+        self.conversion_head = ConversionHead(cfg.dim, cfg.dropout, raw, n_feat) if self.does_conversion else None
+        self.conversion_embed = NodeEmbedding(cfg) if raw else None
         # weight of the transition prior's logit term (retrieval_head.py); only when configured.
         # Stored as w / PRIOR_SCALE: Adam moves a parameter by about lr a step whatever its
         # gradient, so a bare scalar would barely leave its initial value in a few hundred steps
@@ -105,7 +110,14 @@ class SequenceRecommender(nn.Module):
         cand = self.embed.items(batch.target_item, batch.target_cat) if cand is None else cand  # [B, d]
         same_item = batch.keys == batch.target_key.unsqueeze(1)  # [B, N]
         same_cat = (batch.cats == batch.target_cat.unsqueeze(1)) & (batch.target_cat.unsqueeze(1) > 0)
-        return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat)
+        raw_states = raw_cand = None
+        if self.conversion_embed is not None:
+            raw_states = self.conversion_embed(batch)  # [B, N, d]
+            raw_cand = self.conversion_embed.items(batch.target_item, batch.target_cat)  # [B, d]
+        features = (context_features(batch.behaviors, batch.mask, same_item, same_cat, self.cfg.n_behaviors)
+                    if self.conversion_head.n_features else None)  # [B, F]
+        return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat, raw_states,
+                                    raw_cand, features)
 
     def conversion_proba(self, batch: Batch) -> torch.Tensor:
         """P(buy) of each row's candidate item [B]."""

@@ -43,6 +43,11 @@ class ModelConfig:
     conversion_weight: float = 30.0
     conversion_grad: float = 0.0  # share of the conversion loss's gradient that reaches the shared encoder and
     # item tower (1: all; 0: stop-grad, the conversion head learns on top of retrieval-shaped states)
+    conversion_raw: bool = False  # the conversion head also target-attends over raw node embeddings of a table of
+    # its own, trained by the conversion loss alone (DIN's input beside the encoder's; model/conversion_head.py);
+    # offline only: the online learner's rows (model/rows.py) do not grow that table
+    conversion_features: bool = False  # the conversion head's MLP also reads behavior-typed counts of the candidate
+    # item/category in the context and how many nodes back the item was last seen (conversion_head.context_features)
     transition_prior: bool = False  # add w · log(1 + co-visitation score) to retrieval logits when the batch
     # carries a prior (model/retrieval_head.py); without one the term is 0
     impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive
@@ -72,6 +77,9 @@ class TrainConfig:
     patience: int = 2  # epochs without validation improvement before stopping
     seed: int = 0
     max_train_samples: int = 0  # 0 = all; else a seeded subsample per epoch budget
+    conversion_finetune_epochs: int = 0  # > 0: after training, this many epochs of the conversion head alone on
+    # the frozen encoder (model/training.py: finetune_conversion); early stopping then picks the retrieval
+    # checkpoint by retrieval and the head by conversion logloss
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from tgastream.model.metrics import (auc, bootstrap_interval, bootstrap_user_wei
                                      logloss, ranking_metrics, ranks_of_targets, weighted_auc)
 from tgastream.model.sasrec import SASRec
 from tgastream.model.tga import TGA
-from tgastream.model.training import fit
+from tgastream.model.training import finetune_conversion, fit
 from tgastream.model.vocab import InMemoryVocab
 from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState
 from tgastream.core.events import BEHAVIOR_CODE, Event
@@ -80,6 +80,8 @@ class EvalConfig:
     bootstrap: int = 1000  # user-bootstrap resamples for the 95% intervals (0 = none)
     covisit: CovisitConfig = field(default_factory=CovisitConfig)
     transition_prior: int = 32  # co-visitation candidates per retrieval sample fed to TGA (0 = none)
+    conversion_raw: bool = True  # models with both heads: the conversion head also attends over raw embeddings
+    # of its own table (ModelConfig.conversion_raw; chosen on the validation share, README "Model quality")
     on_validation: bool = False  # score the validation share instead of the test period (for choosing
     # settings: the test period is never looked at); neural models then train a fixed number of epochs
     dim: int = DIM
@@ -101,6 +103,8 @@ class EvalConfig:
         unknown = [m for m in self.models if m not in ALL_MODELS]
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
+        if self.train.conversion_finetune_epochs < 0:
+            raise ValueError(f"conversion_finetune_epochs must be >= 0, got {self.train.conversion_finetune_epochs}")
         if self.seeds < 0 or self.bootstrap < 0 or self.transition_prior < 0:
             raise ValueError("seeds, bootstrap and transition_prior must be >= 0")
         if self.sample_len > self.max_len:
@@ -250,13 +254,14 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
 
 
 def build_model(name: str, cfg: EvalConfig, data: EvalData) -> SequenceRecommender:
+    """The neural model ``name`` shaped by ``cfg``; ``cfg.model_overrides`` win over everything else."""
     cls, copy = NEURAL[name]
-    mc = ModelConfig(n_items=len(data.vocabs.items), n_categories=len(data.vocabs.categories), dim=cfg.dim,
-                     layers=cfg.layers, heads=cfg.heads, ffn_mult=cfg.ffn_mult, dropout=cfg.dropout, copy=copy,
-                     max_positions=max(cfg.sample_len, 8),
-                     **({"transition_prior": True} if name in PRIOR_MODELS and cfg.transition_prior else {}),
-                     **dict(cfg.model_overrides))
-    return cls(mc)
+    fields = dict(n_items=len(data.vocabs.items), n_categories=len(data.vocabs.categories), dim=cfg.dim,
+                  layers=cfg.layers, heads=cfg.heads, ffn_mult=cfg.ffn_mult, dropout=cfg.dropout, copy=copy,
+                  max_positions=max(cfg.sample_len, 8), conversion_raw=cfg.conversion_raw)
+    if name in PRIOR_MODELS and cfg.transition_prior:
+        fields["transition_prior"] = True
+    return cls(ModelConfig(**(fields | dict(cfg.model_overrides))))
 
 
 @torch.no_grad()
@@ -287,18 +292,21 @@ def conversion_probs(model: SequenceRecommender, enc: EncodedSamples, idx: np.nd
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _validation_score(data: EvalData, device: torch.device, batch: int, cap: int = 0, seed: int = 0):
-    """Early-stopping score on the validation samples (at most ``cap`` of each kind, seeded)."""
+def _validation_score(data: EvalData, device: torch.device, batch: int, cap: int = 0, seed: int = 0,
+                      retrieval: bool = True, conversion: bool = True):
+    """Early-stopping score on the validation samples (at most ``cap`` of each kind, seeded); the
+    ``retrieval`` / ``conversion`` terms can be left out (the two stages of a conversion fine-tune
+    are each chosen by their own head)."""
     ret = _subsample(np.flatnonzero(data.valid.kind == RETRIEVAL), cap, seed)
     conv = _subsample(np.flatnonzero(data.valid.kind == CONVERSION), cap, seed)
 
     def score(model: SequenceRecommender) -> float:
         """Lower is better: -MRR of full ranking (what retrieval is judged by) + conversion logloss."""
         total = 0.0
-        if model.does_retrieval and len(ret):
+        if retrieval and model.does_retrieval and len(ret):
             ranks = retrieval_ranks(model, data, data.valid, ret, device, batch)
             total -= ranking_metrics(ranks)["mrr"]
-        if model.does_conversion and len(conv):
+        if conversion and model.does_conversion and len(conv):
             p = conversion_probs(model, data.valid, conv, device, batch)
             total += logloss(data.valid.label[conv], p) or 0.0
         return total
@@ -350,10 +358,20 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
     """Train ``name`` on seed ``seed`` (early-stopped on the validation share) and score the test cases."""
     torch.manual_seed(seed)
     model = build_model(name, cfg, data).to(device)
-    validate = (_validation_score(data, device, cfg.eval_batch, cfg.max_test_cases, cfg.train.seed)
-                if len(data.valid) and not cfg.on_validation else None)
-    res = fit(model, data.train, replace(cfg.train, seed=seed), device, validate, desc=f"{name} s{seed}",
-              progress=progress)
+    staged = cfg.train.conversion_finetune_epochs > 0 and model.does_retrieval and model.does_conversion
+    can_validate = len(data.valid) > 0 and not cfg.on_validation
+
+    def validation(retrieval: bool, conversion: bool):
+        return (_validation_score(data, device, cfg.eval_batch, cfg.max_test_cases, cfg.train.seed, retrieval,
+                                  conversion) if can_validate else None)
+
+    train_cfg = replace(cfg.train, seed=seed)
+    # staged: the encoder's epoch is chosen by retrieval, the conversion head's by conversion logloss, then the
+    # head is fine-tuned on that encoder (early-stopped against the head it starts from)
+    res = fit(model, data.train, train_cfg, device, validation(True, not staged), desc=f"{name} s{seed}",
+              progress=progress, validate_head=validation(False, True) if staged else None)
+    tuned = (finetune_conversion(model, data.train, train_cfg, device, validation(False, True),
+                                 desc=f"{name} s{seed} conversion", progress=progress) if staged else None)
     out = ModelOutput(_empty_row())
     if model.does_retrieval:
         out.ranks = retrieval_ranks(model, data, data.test, cases.ret, device, cfg.eval_batch)
@@ -363,6 +381,10 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
     out.row.update(params=sum(p.numel() for p in model.parameters()), train_samples_per_s=round(res.samples_per_s, 1),
                    epochs=res.epochs, best_epoch=res.best_epoch, train_seconds=round(res.seconds, 1),
                    valid_history=res.history)
+    if tuned is not None:
+        out.row.update(best_head_epoch=res.best_head_epoch, finetune_epochs=tuned.epochs,
+                       finetune_best_epoch=tuned.best_epoch,
+                       finetune_seconds=round(tuned.seconds, 1), finetune_history=tuned.history)
     return out
 
 
@@ -573,7 +595,8 @@ def summarise(outputs: dict[str, list[ModelOutput]], cases: TestCases, cfg: Eval
         stats[name] = _statistics(outs, cases, cfg.k)
         m["ci"] = {key: bootstrap_interval(f, weights) for key, f in stats[name].items()} if len(weights) else {}
         m["seeds"] = [{"seed": s} | {key: r[key] for key in SEED_METRICS if r.get(key) is not None}
-                      | {key: r[key] for key in ("best_epoch", "valid_history") if key in r}
+                      | {key: r[key] for key in ("best_epoch", "valid_history", "best_head_epoch",
+                                                 "finetune_best_epoch", "finetune_history") if key in r}
                       for s, r in zip(seeds if name in NEURAL else [None], rows)]
         models[name] = m
     comparisons = {}

@@ -79,6 +79,8 @@ class OnlineLearner:
     none), and all keep the same id maps and parameters. Default: one process."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: OnlineConfig = OnlineConfig(), group: Group | None = None) -> None:
+        if model_cfg.conversion_raw:
+            raise ValueError("conversion_raw is offline only: the online rows do not grow the conversion head's own table")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":

@@ -34,9 +34,11 @@ def test_ablation_rows_carry_each_runs_tga_figures_and_paired_comparisons(tmp_pa
         res = json.loads(p.read_text())
         assert r["tga_hr@10"] == res["models"]["tga"]["hr@10"] and r["repeat_hr@10"] == res["models"]["repeat"]["hr@10"]
         assert r["hr@10: tga / repeat"]["value"] == res["comparisons"]["hr@10: tga / repeat"]["value"]
+        assert r["gauc: tga - din"]["value"] == res["comparisons"]["gauc: tga - din"]["value"]
         assert r["scored"].startswith("validation")
     assert [r["config"]["transition_prior"] for r in rows] == [0, 8]
-    assert "| prior 8 |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| prior 8 |" in md and "GAUC TGA − DIN" in md
 
 
 def test_ablation_says_which_file_it_cannot_read(tmp_path, capsys):

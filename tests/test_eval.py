@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from tgastream.model.config import TrainConfig
 from tgastream.model.covisit import Covisitation, CovisitConfig, rank_from_scores, repeat_covisit_scores
-from tgastream.model.evaluation import (METRIC_KEYS, EvalConfig, build_data, covisit_ranks, covisitation_of,
+from tgastream.model.evaluation import (METRIC_KEYS, EvalConfig, build_data, build_model, covisit_ranks, covisitation_of,
                                         repeat_ranks, run, seeds_of, uncensored_clicks)
 from tgastream.model.vocab import InMemoryVocab
 from tgastream.state.samples import CONVERSION, RETRIEVAL
@@ -90,6 +91,31 @@ def test_eval_command_writes_json_and_png(log, tmp_path):
     result = json.loads(out.read_text())
     assert set(result["models"]) == {"tga", "pop", "repeat", "covisit"} and out.with_suffix(".png").stat().st_size > 0
     assert result["seeds"] == [1] and result["models"]["tga"]["ci"]["hr@10"] is not None
+
+
+def test_conversion_finetune_runs_a_second_stage_chosen_by_conversion_alone(log):
+    cfg = replace(TINY, models=("tga", "din"), train=replace(TINY.train, conversion_finetune_epochs=2))
+    result = run(load_events(log), cfg, progress=False)
+    tga = result["models"]["tga"]["seeds"][0]
+    assert 0 <= tga["finetune_best_epoch"] <= 2  # 0: no epoch beat the head it started from
+    assert tga["best_head_epoch"] == 1  # one epoch: the conversion head's own choice is that epoch
+    assert all("valid_head" in e for e in tga["valid_history"])
+    assert tga["finetune_history"][0]["epoch"] == 0 and len(tga["finetune_history"]) >= 2
+    assert all("valid" in e for e in tga["finetune_history"])
+    assert "finetune_history" not in result["models"]["din"]["seeds"][0]  # conversion-only: one stage
+    with pytest.raises(ValueError):
+        replace(TINY, train=replace(TINY.train, conversion_finetune_epochs=-1)).validate()
+
+
+def test_conversion_raw_is_the_eval_default_for_models_with_both_heads_and_overrides_win(log):
+    data = build_data(load_events(log), TINY, progress=False)
+    assert build_model("tga", TINY, data).conversion_embed is not None
+    assert build_model("sasrec_copy", TINY, data).conversion_embed is not None
+    assert build_model("din", TINY, data).conversion_embed is None  # the baseline stays DIN
+    assert build_model("tga", replace(TINY, conversion_raw=False), data).conversion_embed is None
+    off = replace(TINY, model_overrides=(("conversion_raw", False), ("transition_prior", False)))
+    model = build_model("tga", off, data)
+    assert model.conversion_embed is None and model.prior_param is None
 
 
 def test_eval_rejects_an_unknown_model(log, capsys):

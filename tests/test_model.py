@@ -341,6 +341,110 @@ def test_conversion_grad_scales_what_the_conversion_loss_sends_into_the_encoder(
         assert torch.allclose(none[n], full[n], atol=1e-6), n
 
 
+def test_conversion_raw_gives_the_head_its_own_conversion_trained_table(vocabs):
+    """With conversion_raw and no conversion gradient into the encoder, the conversion loss
+    trains the head's own raw table and nothing shared; retrieval rows never touch that table."""
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_raw=True, conversion_grad=0.0, impl="reference")).train()
+    s = _samples()
+    conv = collate([x for x in s if x.kind == CONVERSION][:12], vocabs)
+    model.loss(conv).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["conversion_embed.item.weight"].abs().sum() > 0
+    assert grads["conversion_head.attend_raw.query.weight"].abs().sum() > 0
+    assert all(g is None or not g.abs().sum() > 0 for n, g in grads.items() if n.startswith(("layers.", "embed.")))
+    model.zero_grad(set_to_none=True)
+    model.loss(collate([x for x in s if x.kind == RETRIEVAL][:12], vocabs)).loss.backward()
+    assert model.conversion_embed.item.weight.grad is None
+    # the raw path changes the probability (it is read), and DIN, conversion-only, has no second table
+    with torch.no_grad():
+        before = model.eval().conversion_proba(conv)
+        model.conversion_embed.item.weight.mul_(3.0)
+        assert not torch.allclose(before, model.conversion_proba(conv))
+    assert DIN(_cfg(conversion_raw=True)).conversion_embed is None
+
+
+def test_conversion_finetune_trains_the_head_alone_and_keeps_its_best_epoch(vocabs):
+    """The conversion stage moves only the conversion head, leaves every other weight bit-identical
+    and trainable afterwards, and restores the epoch its validation score liked best."""
+    from tgastream.model.batching import encode_samples
+    from tgastream.model.config import TrainConfig
+    from tgastream.model.training import conversion_parameters, finetune_conversion
+
+    torch.manual_seed(0)
+    model = TGA(_cfg(impl="reference"))
+    train = encode_samples(_samples(), vocabs, InMemoryVocab(str(i) for i in range(1, N_ITEMS)))
+    head = {id(p) for p in conversion_parameters(model)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = iter([0.9, 0.5, 0.1, 0.3])  # before, then epochs 1-3: epoch 2 is the best, epoch 3 one stale epoch
+    snapshots = []
+
+    def validate(m):
+        snapshots.append(m.conversion_head.mlp[0].weight.detach().clone())
+        return next(scores)
+
+    res = finetune_conversion(model, train, TrainConfig(epochs=1, batch_size=16, lr=1e-2, conversion_finetune_epochs=3),
+                              torch.device("cpu"), validate, progress=False)
+    assert (res.epochs, res.best_epoch) == (3, 2)
+    assert torch.equal(model.conversion_head.mlp[0].weight, snapshots[2])
+    assert not torch.equal(snapshots[1], snapshots[2])
+    for n, p in model.named_parameters():
+        assert p.requires_grad, n
+        if id(p) not in head:
+            assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) in head)
+    # a stage that never beats the weights it started from is undone (best epoch 0)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    worse = iter([0.0, 1.0, 1.0])  # the starting weights, then two epochs that do worse
+    res = finetune_conversion(model, train, TrainConfig(batch_size=16, lr=1e-2, conversion_finetune_epochs=2),
+                              torch.device("cpu"), lambda m: next(worse), progress=False)
+    assert res.best_epoch == 0
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
+def test_context_features_count_the_candidate_by_behavior_and_its_recency():
+    from tgastream.model.conversion_head import context_features
+
+    # two rows of 4 slots: row 0 = [click A, cart A, click B(same cat), fav C]; row 1 = [click B, pad...]
+    beh = torch.tensor([[0, 2, 0, 1], [0, 0, 0, 0]])
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    same_item = torch.tensor([[True, True, False, False], [False, True, False, False]])  # padding "hit" ignored
+    same_cat = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    f = context_features(beh, mask, same_item, same_cat, 4).expm1().round()
+    assert f[0].tolist() == [1, 0, 1, 0, 2, 0, 1, 0, 2]  # item: click, cart; cat: 2 clicks, cart; 2 nodes back
+    assert f[1].tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 4]  # absent item: N = 4 back
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_features=True, impl="reference"))
+    assert model.conversion_head.n_features == 9 and DIN(_cfg(conversion_features=True)).conversion_head.n_features == 0
+
+
+def test_fit_chooses_the_encoder_and_the_conversion_head_epochs_separately(vocabs):
+    """With validate_head, the weights are those of the best retrieval epoch except the conversion
+    head's (and its raw table's), which are those of the best conversion epoch."""
+    from tgastream.model.batching import encode_samples
+    from tgastream.model.config import TrainConfig
+    from tgastream.model.training import fit
+
+    torch.manual_seed(0)
+    model = TGA(_cfg(conversion_raw=True, impl="reference"))
+    train = encode_samples(_samples(), vocabs, InMemoryVocab(str(i) for i in range(1, N_ITEMS)))
+    snaps = []
+    retrieval_scores, head_scores = iter([0.5, 0.2, 0.3]), iter([0.1, 0.4, 0.5])  # best: epoch 2 / epoch 1
+
+    def validate(m):
+        snaps.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(retrieval_scores)
+
+    res = fit(model, train, TrainConfig(epochs=3, batch_size=16, lr=1e-2, patience=5), torch.device("cpu"), validate,
+              progress=False, validate_head=lambda m: next(head_scores))
+    assert (res.best_epoch, res.best_head_epoch) == (2, 1)
+    now = model.state_dict()
+    for k, v in now.items():
+        want = snaps[0][k] if k.startswith(("conversion_head.", "conversion_embed.")) else snaps[1][k]
+        assert torch.equal(v, want), k
+    assert not torch.equal(snaps[0]["conversion_head.mlp.0.weight"], snaps[1]["conversion_head.mlp.0.weight"])
+
+
 def test_conversion_weight_and_grad_leave_a_conversion_only_model_alone(vocabs):
     conv = collate([x for x in _samples() if x.kind == CONVERSION][:12], vocabs)
     losses = []

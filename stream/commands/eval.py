@@ -8,6 +8,15 @@ from pathlib import Path
 
 from tgastream.core.settings import Settings
 
+EPOCHS = 2
+MAX_TRAIN_SAMPLES = 32_000
+"""The default budget of every neural model: at most 2 epochs of 32k samples, early-stopped. Sized so
+that ``tgastream eval taobao-users-60k.csv --seeds 3`` fits 45 minutes (one seed 15) on the 2-core
+machine with one torch thread (README "Model and offline evaluation" has the measured wall time).
+The old default, 4 epochs over all 71,682 training samples, is ~287k samples per model and seed:
+at the ~730-930 samples/s TGA and SASRec train at on one thread, over 15 minutes of training alone
+per seed for the three sequence models (an estimate from those measured speeds, not a run)."""
+
 HELP = ("offline evaluation: time-ordered 80/20 split, TGA vs SASRec, DIN, most-popular, repeat-recent and "
         "co-visitation, seed means with user-bootstrap intervals")
 
@@ -27,12 +36,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TGA/SASRec conversion loss weight (default: the model config's)")
     p.add_argument("--conversion-grad", type=float, default=None,
                    help="share of the conversion loss's gradient reaching the shared encoder, 0..1 (default: the model config's)")
+    p.add_argument("--conversion-raw", action=argparse.BooleanOptionalAction, default=True,
+                   help="TGA/SASRec conversion head also attends over raw embeddings of a table of its own, DIN's input "
+                        "(default: on)")
+    p.add_argument("--conversion-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="conversion head also reads behavior-typed counts of the candidate in the context and its "
+                        "recency (default: the model config's)")
     p.add_argument("--transition-prior", type=int, default=32,
                    help="co-visitation candidates per next-event sample fed to TGA as a learned logit term, "
                         "0 = none (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=4, help="max training epochs, early-stopped on validation (default: 4)")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="max training epochs, early-stopped on validation (default: %(default)s)")
+    p.add_argument("--conversion-finetune", type=int, default=1,
+                   help="epochs of a conversion stage after training: the conversion head alone on the frozen encoder, "
+                        "early-stopped on validation conversion logloss, 0 = none (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
     p.add_argument("--dim", type=int, default=None, help="embedding width (default: settings dim)")
@@ -44,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid-share", type=float, default=0.1,
                    help="last share of the training period held out for early stopping (default: 0.1)")
     p.add_argument("--sample-len", type=int, default=None, help="context nodes per sample (default: settings sample_len)")
-    p.add_argument("--max-train-samples", type=int, default=0, help="cap on training samples per epoch (default: 0 = all)")
+    p.add_argument("--max-train-samples", type=int, default=MAX_TRAIN_SAMPLES,
+                   help="cap on training samples per epoch, 0 = all (default: %(default)s)")
     p.add_argument("--max-test-cases", type=int, default=0, help="cap on test (and validation) cases of each kind (default: 0 = all)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: settings device)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: settings seed)")
@@ -79,12 +99,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ffn_mult=args.ffn_mult, dropout=args.dropout,
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=settings.seed if args.seed is None else args.seed,
-                              max_train_samples=args.max_train_samples, weight_decay=args.weight_decay),
+                              max_train_samples=args.max_train_samples, weight_decay=args.weight_decay,
+                              conversion_finetune_epochs=args.conversion_finetune),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
             seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
-            transition_prior=args.transition_prior,
+            transition_prior=args.transition_prior, conversion_raw=args.conversion_raw,
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
-                                                                  ("conversion_grad", args.conversion_grad))
+                                                                  ("conversion_grad", args.conversion_grad),
+                                                                  ("conversion_features", args.conversion_features))
                                   if value is not None),
         ).validate()
         if cfg.dim % cfg.heads:
