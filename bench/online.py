@@ -25,7 +25,6 @@ import numpy as np
 
 from tgastream.core.settings import Settings
 from tgastream.bench.report import write_json
-from tgastream.model.shadow import repeat_interest, repeat_rank  # the trainer's shadow scores the same
 
 HELP = "online vs frozen model (and repeat-recent), prequential HR@10 and AUC over time (synthetic drift or --data FILE)"
 
@@ -119,6 +118,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from tgastream.model.online import OnlineLearner
+    from tgastream.model.shadow import repeat_interest, repeat_rank  # the trainer's shadow scores the same
     from tgastream.state.samples import CONVERSION, RETRIEVAL, samples_from_events
     from tgastream.stream.configs import online_config, online_model_config
 

@@ -57,3 +57,12 @@ def test_synth_then_replay_on_a_running_broker(broker, tmp_path: Path):
 
     data = json.loads(summary.read_text())
     assert data["sent"] == 900 and data["rejected"] == {} and data["events_per_s"] > 0
+
+
+def test_building_the_command_line_does_not_import_torch():
+    # every process start and --help pays for what the CLI imports: command modules import the
+    # model layer inside run(), not at the top (a top-level import here once cost 2 s per start)
+    code = ("import sys; from tgastream.stream.cli import build_parser; build_parser(); "
+            "sys.exit('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr or "building the parser imported torch"
