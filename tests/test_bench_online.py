@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tgastream.bench.online import repeat_interest, repeat_rank
+from tgastream.model.shadow import repeat_interest, repeat_rank
 from tgastream.core.events import BEHAVIOR_CODE
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
