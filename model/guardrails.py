@@ -46,7 +46,6 @@ from tgastream.model.shadow import Shadow, ShadowConfig
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.rank_checkpoint import part_path
 from tgastream.state.registry import ModelVersion, Registry, RegistryError, editing
-from tgastream.state.samples import Sample
 
 log = logging.getLogger("tgastream.guard")
 
@@ -299,8 +298,7 @@ class Guardrails:
         mine = self.baseline.version if self.baseline is not None else None
         if d.event is not None and d.event.kind in ("rollback", "pin") and d.baseline is not None:
             state = self._load_state(d.baseline)  # rank 0 just loaded it: it exists
-            rollback_learner(self.learner, state)
-            self._own_reservoir(d.baseline)
+            rollback_learner(self.learner, state, reservoir=self._own_reservoir(d.baseline))
             self._set_baseline(d.baseline, state)
         elif d.baseline is None and mine is not None:
             self._set_baseline(None)
@@ -310,17 +308,16 @@ class Guardrails:
         self.state, self.parent, self.rollbacks = d.state, d.parent, d.rollbacks
         self.last_verdict, self.stream_shifted = d.verdict, d.stream_shifted
 
-    def _own_reservoir(self, v: ModelVersion) -> None:
-        """After a rollback on rank r > 0: the replay reservoir of rank r's own part of the good
-        checkpoint (the model file holds rank 0's); empty when that part is gone."""
+    def _own_reservoir(self, v: ModelVersion) -> dict:
+        """For a rollback on rank r > 0: the replay reservoir of rank r's own part of the good
+        checkpoint (the model file holds rank 0's); an empty one when that part is gone."""
         path = part_path(self.dir, v.step, self.group.rank, self.group.world)
         try:
             part = load_checkpoint(path, self.learner.device)["learner_rank"]
-            self.learner.reservoir.samples = [Sample.from_bytes(b) for b in part["reservoir"]]
-            self.learner.reservoir.seen = int(part["seen"])
+            return {"reservoir": part["reservoir"], "seen": int(part["seen"])}
         except (OSError, ValueError, KeyError) as exc:
             log.warning("rank %d: no reservoir from %s (%s): replay starts empty", self.group.rank, path.name, exc)
-            self.learner.reservoir.samples, self.learner.reservoir.seen = [], 0
+            return {"reservoir": [], "seen": 0}
 
     def protected_files(self) -> set[str]:
         """Checkpoint files retention must keep (the last good, a pinned one)."""

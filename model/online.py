@@ -63,6 +63,12 @@ class Reservoir:
                 if j < self.capacity:
                     self.samples[j] = s
 
+    def load(self, blobs: Sequence[bytes], seen: int | None = None) -> None:
+        """Restore the buffer from serialized samples (a learner state's or a rank part's
+        ``reservoir``) and the count offered so far (default: the buffer's length)."""
+        self.samples = [Sample.from_bytes(b) for b in blobs]
+        self.seen = int(seen) if seen is not None else len(self.samples)
+
     def draw(self, k: int, rng: random.Random) -> list[Sample]:
         """``k`` distinct samples at random (fewer when the buffer holds fewer)."""
         return rng.sample(self.samples, min(k, len(self.samples))) if k else []
@@ -338,8 +344,7 @@ class OnlineLearner:
         if d["optimizer"] is not None:
             self.optimizer.load_state_dict(d["optimizer"])
         self.version = d["version"]
-        self.reservoir.samples = [Sample.from_bytes(b) for b in d["reservoir"]]
-        self.reservoir.seen = d["seen"]
+        self.reservoir.load(d["reservoir"], d["seen"])
         self.metrics.load_state_dict(d["metrics"])
         self.rng.setstate(d["rng"])
         torch.set_rng_state(d["torch_rng"])
@@ -356,8 +361,7 @@ class OnlineLearner:
 
     def load_rank_state_dict(self, d: dict) -> None:
         """Restore a rank's part (after :meth:`load_state_dict` of the shared part)."""
-        self.reservoir.samples = [Sample.from_bytes(b) for b in d["reservoir"]]
-        self.reservoir.seen = d["seen"]
+        self.reservoir.load(d["reservoir"], d["seen"])
         self.metrics.load_state_dict(d["metrics"])
         self.rng.setstate(d["rng"])
         torch.set_rng_state(d["torch_rng"])

@@ -20,7 +20,6 @@ from tgastream.model.online import OnlineLearner
 from tgastream.model.rows import INIT_STD, EmbeddingRows
 from tgastream.model.tga import TGA
 from tgastream.state.idmap import IdMap
-from tgastream.state.samples import Sample
 
 
 def _remap(good: torch.Tensor, fresh: torch.Tensor, cur: IdMap, old: IdMap) -> torch.Tensor:
@@ -92,15 +91,16 @@ def graft_optimizer(good_opt: dict, model: TGA, rows: EmbeddingRows, good_rows: 
     return {"state": state, "param_groups": good_opt["param_groups"]}
 
 
-def rollback_learner(learner: OnlineLearner, good_state: dict) -> None:
+def rollback_learner(learner: OnlineLearner, good_state: dict, reservoir: dict | None = None) -> None:
     """Put the good checkpoint's weights (``good_state``: its learner state) into ``learner``
     on the learner's current id maps, with the good checkpoint's optimizer moments (a fresh Adam
-    would move every weight by a full learning rate at its first steps) and replay reservoir."""
+    would move every weight by a full learning rate at its first steps) and replay reservoir
+    (``reservoir``: where it comes from instead, e.g. a trainer rank's own checkpoint part)."""
     good, good_rows = load_model(good_state, learner.model.cfg, learner.device)
     learner.model = graft_model(good, good_rows, learner.model, learner.rows, learner.device)
     learner.optimizer = torch.optim.Adam(learner.model.parameters(), lr=learner.cfg.lr)
     if good_state.get("optimizer"):
         learner.optimizer.load_state_dict(graft_optimizer(good_state["optimizer"], learner.model, learner.rows,
                                                           good_rows))
-    learner.reservoir.samples = [Sample.from_bytes(b) for b in good_state.get("reservoir", [])]
-    learner.reservoir.seen = int(good_state.get("seen", len(learner.reservoir.samples)))
+    source = good_state if reservoir is None else reservoir
+    learner.reservoir.load(source.get("reservoir", []), source.get("seen"))

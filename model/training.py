@@ -72,10 +72,14 @@ def _head_state(model: SequenceRecommender) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIXES)}
 
 
+def conversion_modules(model: SequenceRecommender) -> list[torch.nn.Module]:
+    """The conversion head and its own raw table (if any): what the conversion fine-tune trains."""
+    return [m for m in (model.conversion_head, model.conversion_embed) if m is not None]
+
+
 def conversion_parameters(model: SequenceRecommender) -> list[torch.nn.Parameter]:
-    """What the conversion fine-tune trains: the conversion head and its own raw table (if any)."""
-    parts = [m for m in (model.conversion_head, model.conversion_embed) if m is not None]
-    return [p for m in parts for p in m.parameters()]
+    """The parameters of :func:`conversion_modules`."""
+    return [p for m in conversion_modules(model) for p in m.parameters()]
 
 
 def finetune_conversion(model: SequenceRecommender, train: EncodedSamples, cfg: TrainConfig, device: torch.device,
@@ -103,9 +107,8 @@ def finetune_conversion(model: SequenceRecommender, train: EncodedSamples, cfg: 
 
     def head_mode(m: SequenceRecommender) -> None:
         m.eval()
-        for part in (m.conversion_head, m.conversion_embed):
-            if part is not None:
-                part.train()
+        for part in conversion_modules(m):
+            part.train()
 
     try:
         return _epochs(model, train, rows, opt, cfg, cfg.conversion_finetune_epochs, device, validate, desc, progress,
