@@ -175,7 +175,7 @@ class SequenceRecommender(nn.Module):
         """Record the union batch's retrieval targets (their frequency) and item → category rows
         (every graph node, then every target: a later one wins)."""
         with torch.no_grad():
-            self.item_counts.index_add_(0, view.target_item, torch.ones_like(view.target_item, dtype=torch.float))
+            self.item_counts.index_add_(0, view.target_item, torch.ones_like(view.target_item, dtype=self.item_counts.dtype))
             self.item_category[view.nodes[0]] = view.nodes[1]
             self.item_category[view.targets[0]] = view.targets[1]
             self.item_category[0] = 0
@@ -221,7 +221,7 @@ class SequenceRecommender(nn.Module):
             # the balance of the two heads: a conversion-only model (DIN) has nothing to balance
             g, w = (self.cfg.conversion_grad, self.cfg.conversion_weight) if self.does_retrieval else (1.0, 1.0)
             logits = self.conversion_logits(_rows(batch, idx), scale_grad(states[idx], g), scale_grad(vecs[idx], g))
-            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx], reduction="sum") / view.n_conversion
+            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx].to(logits.dtype), reduction="sum") / view.n_conversion
             total = total + w * lc
             c_loss = float(lc.detach())
         return LossOutput(total, r_loss, c_loss, n_ret, n_conv)

@@ -75,7 +75,7 @@ class ConversionHead(TargetAttention):
         features [B, n_features]: :func:`context_features` (required iff ``n_features``)."""
         pooled = super().forward(states, mask, cand, same_item, same_cat)  # [B, d]
         h_last = states[torch.arange(states.shape[0], device=states.device), last]  # [B, d]
-        counts = torch.stack([(same_item & mask).sum(1), (same_cat & mask).sum(1)], -1).float().log1p()  # [B, 2]
+        counts = torch.stack([(same_item & mask).sum(1), (same_cat & mask).sum(1)], -1).to(states.dtype).log1p()  # [B, 2]
         parts = [pooled, cand, h_last, pooled * cand]
         if self.attend_raw is not None:
             if raw_states is None or raw_cand is None:
