@@ -19,8 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tgastream demo $(ARGS)
 
+# parallel workers: most tests wait on real processes (broker, worker, trainer), not on the CPU;
+# each worker starts its own broker. One test at a time per worker, in collection order, which puts
+# the longest end-to-end files first (tests/conftest.py). WORKERS=0 runs them one after another.
+WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist load --maxschedchunk 1 $(ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(ARGS)

@@ -12,6 +12,23 @@ from tgastream.core.settings import Settings
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The longest end-to-end files (real processes, a minute or more each on 2 cores), run first: with
+# `make test`'s parallel workers (pytest-xdist) they then overlap the many short tests instead of
+# starting last and setting the suite's length. Order only; each still runs in any order alone.
+HEAVY_FIRST = ("system/test_chaos.py", "test_trainer_restart.py", "test_broker_restart.py", "test_pipeline.py",
+               "test_guard_ranks.py", "test_trainer_ranks.py", "test_demo.py", "test_serve_topic.py",
+               "test_worker_crash.py", "test_distributed_equivalence.py", "test_worker_rebalance.py",
+               "test_prometheus_scrape.py", "test_bench_guard.py", "test_bench_api.py", "test_stop_deadline.py")
+
+
+def _heaviness(item: pytest.Item) -> int:
+    path = item.path.as_posix()
+    return next((k for k, name in enumerate(HEAVY_FIRST) if path.endswith("tests/" + name)), len(HEAVY_FIRST))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_heaviness)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -17,7 +17,7 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broke
     res = subprocess.run(
         [sys.executable, "-m", "tgastream.stream.cli", "demo", "--out", str(out), "--events", "1500", "--users", "40",
          "--rate", "1500", "--quiet", "--bootstrap", broker.bootstrap, "--dim", "16", "--heads", "2", "--layers", "1",
-         "--batch-size", "128", "--timeout", "400", "--partitions", "4"],
+         "--batch-size", "128", "--timeout", "400", "--partitions", "4", "--api-port", "0"],  # 0: a free port (parallel tests)
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

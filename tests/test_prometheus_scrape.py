@@ -40,7 +40,7 @@ def test_prometheus_scrapes_every_process_of_a_running_demo(broker, tmp_path):
     demo = subprocess.Popen(
         [sys.executable, "-m", "tgastream.stream.cli", "demo", "--out", str(tmp_path / "demo"), "--events", "3000",
          "--users", "40", "--rate", "70", "--quiet", "--bootstrap", broker.bootstrap, "--dim", "16", "--heads", "2",
-         "--layers", "1", "--batch-size", "64", "--partitions", "4"],
+         "--layers", "1", "--batch-size", "64", "--partitions", "4", "--api-port", "0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
     seen: list[str] = []
     threading.Thread(target=_lines, args=(demo, seen), daemon=True).start()

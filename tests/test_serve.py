@@ -28,14 +28,16 @@ def _start(tmp_path: Path, store: Path | None, *extra: str, env: dict[str, str] 
                              "--data-dir", str(tmp_path), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, preexec_fn=die_with_parent)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a cold start imports torch: seconds idle, a minute beside parallel tests
     while True:
         try:
             if httpx.get(base + "/healthz", timeout=1).status_code == 200:
                 break
         except httpx.TransportError:
             pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()  # reading a live process's pipe would block until the test's timeout
+            raise AssertionError(f"serve did not come up (rc {proc.wait()}): {proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.2)
     return base, proc
 

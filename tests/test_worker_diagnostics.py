@@ -36,7 +36,8 @@ def test_await_chain_reaches_the_innermost_coroutine_a_task_waits_in():
 def test_a_worker_without_an_assignment_joins_again_and_still_stops_on_sigterm(topic_settings, tmp_path):
     """A join timeout shorter than any real join: every start-up times out, logs what its tasks
     waited on and joins again (counted); SIGTERM during start-up still ends the worker cleanly."""
-    worker = start_worker(topic_settings, tmp_path / "worker.log", "--join-timeout-s", "1")
+    # a stop deadline well above a graceful stop on a busy machine (parallel tests): exit 0 means graceful
+    worker = start_worker(topic_settings, tmp_path / "worker.log", "--join-timeout-s", "1", "--stop-timeout-s", "25")
     try:
         worker.wait_up()
         worker.wait_total("tgastream_worker_join_retries_total", 2, timeout_s=60)
@@ -45,7 +46,7 @@ def test_a_worker_without_an_assignment_joins_again_and_still_stops_on_sigterm(t
         t0 = time.monotonic()
         code = worker.stop(30)
     assert code == 0, worker.log()
-    assert time.monotonic() - t0 < 10.0
+    assert time.monotonic() - t0 < 25.0
     log = worker.log_path.read_text(errors="replace")  # whole (log() is its tail)
     assert "joining again" in log
     assert "stream/app.py" in log and "in start" in log  # the task dump names where start-up waited
