@@ -14,6 +14,7 @@ from tgastream.stream.openapi import spec
 from tgastream.stream.serve import build_app
 from tests.test_serve import _start, rec
 
+TOKEN = "docs-token"
 METHODS = {"get", "post", "put", "patch", "delete"}  # aiohttp adds HEAD beside every GET itself
 
 
@@ -67,7 +68,7 @@ def api(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("openapi")
     writer = ServingStore(tmp_path / "serving")
     writer.write(users={"u1": rec([1, 0])}, items={"a": rec([3, 0])}, model_version=3)
-    base, proc = _start(tmp_path, tmp_path / "serving")
+    base, proc = _start(tmp_path, tmp_path / "serving", env={"TGASTREAM_API_TOKEN": TOKEN})
     try:
         yield base
     finally:
@@ -76,8 +77,9 @@ def api(tmp_path_factory):
         writer.close()
 
 
-def test_serve_answers_the_document_at_openapi_json(api):
-    r = httpx.get(api + "/openapi.json", timeout=10)
+def test_serve_answers_the_document_at_openapi_json_behind_the_token(api):
+    assert httpx.get(api + "/openapi.json", timeout=10).status_code == 401  # like every route but /healthz
+    r = httpx.get(api + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     served = r.json()
     assert served["openapi"].startswith("3.1") and served["paths"] == spec()["paths"]
