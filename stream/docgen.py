@@ -100,7 +100,7 @@ def configuration_table() -> str:
         flag = f"`--{f.name.replace('_', '-')}`: " + ", ".join(f"`{c}`" for c in sorted(commands)) if commands else "–"
         helptext = f.metadata.get("help", "")
         if f.metadata.get("secret"):
-            helptext += " (printed as `***`)"
+            helptext += "; a secret: printed as `***`"
         rows.append(f"| `{f.name}` | {_type_name(f.type)} | `{_cell(shown)}` | `{ENV_PREFIX}{f.name.upper()}` | "
                     f"{_cell(flag)} | {_cell(helptext) or '–'} |")
     return f"{len(rows) - 2} settings, in the order of `core/settings.py`.\n\n" + "\n".join(rows)
@@ -258,7 +258,7 @@ def pages(root: Path) -> dict[Path, Callable[[str], str]]:
     """Docs file → how its new text is made from its current text."""
     from tgastream.stream.openapi import spec
 
-    document = spec(version="")  # the docs do not change with the package version
+    document = spec()
     docs = root / "docs"
     return {
         docs / "operations/configuration.md": lambda page: fill(page, "settings", configuration_table()),
