@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-chaos test-wheel clean
+.PHONY: install demo test test-slow test-chaos test-wheel docs docs-ref docs-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,5 +38,16 @@ test-chaos: $(STAMP)
 test-wheel:
 	.ci/wheel-check
 
+# the documentation site (mkdocs.yml, docs/) into site/: fails on a broken link or a page left out of the nav
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# rewrite the generated reference pages (settings, metrics, alerts, OpenAPI) from the code
+docs-ref: $(STAMP)
+	$(PY) -m tgastream.stream.docgen
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf $(VENV) .pytest_cache tgastream-data
+	rm -rf $(VENV) .pytest_cache tgastream-data site

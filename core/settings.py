@@ -36,16 +36,16 @@ def _positive(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class Settings:
-    """Configuration of every tgastream process (see README "Configuration")."""
+    """Configuration of every tgastream process (docs/operations/configuration.md lists every field)."""
 
     # Kafka
     bootstrap: str = field(default="", metadata={"help": "Kafka bootstrap HOST:PORT; empty = find one on 127.0.0.1:9092 or start the embedded broker"})
     partitions: int = field(default=4, metadata={"help": "partitions of every topic we create"})
-    events_topic: str = "behavior-events"
-    dlq_topic: str = "behavior-events-dlq"
-    samples_topic: str = "training-samples"
-    embeddings_topic: str = "embeddings"
-    features_topic: str = "user-features"
+    events_topic: str = field(default="behavior-events", metadata={"help": "topic of behavior events (JSON, key = user id): what workers consume"})
+    dlq_topic: str = field(default="behavior-events-dlq", metadata={"help": "dead-letter topic: every rejected record, original bytes, reason in headers"})
+    samples_topic: str = field(default="training-samples", metadata={"help": "topic of training samples the workers emit and the trainer consumes"})
+    embeddings_topic: str = field(default="embeddings", metadata={"help": "compacted topic of published user/item vectors, bought items and contexts (what API replicas read)"})
+    features_topic: str = field(default="user-features", metadata={"help": "compacted topic of per-user features the workers publish"})
     # state
     data_dir: Path = field(default=Path("tgastream-data"), metadata={"help": "where RocksDB stores, checkpoints and reports live"})
     max_len: int = field(default=MAX_LEN, metadata={"help": "events kept per user graph"})
@@ -62,14 +62,14 @@ class Settings:
     stop_timeout_s: float = field(default=8.0, metadata={"help": "longest graceful stop (persist, commit, leave the group) after SIGTERM before a worker exits without waiting for the broker; nothing not durable is committed; 0 = wait forever"})
     # model / trainer
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dim: int = DIM
-    layers: int = LAYERS
-    heads: int = HEADS
+    dim: int = field(default=DIM, metadata={"help": "model width (embedding and hidden size)"})
+    layers: int = field(default=LAYERS, metadata={"help": "TGA encoder layers"})
+    heads: int = field(default=HEADS, metadata={"help": "attention heads (dim must be divisible by heads)"})
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
-    lr: float = LR
+    lr: float = field(default=LR, metadata={"help": "trainer: online learning rate"})
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
     guard: bool = field(default=True, metadata={"help": "trainer: shadow-evaluate a baseline (the last good checkpoint) and roll back when the online model falls below it"})
     guard_margin: float = field(default=0.03, metadata={"help": "trainer: how far below the baseline (AUC or HR@10) the online model may fall over the window before a rollback"})
@@ -81,15 +81,15 @@ class Settings:
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_dir: str = field(default="", metadata={"help": "where the trainer writes checkpoints and API replicas read the scoring model (a shared volume); empty = DATA_DIR/checkpoints"})
-    checkpoint_every_steps: int = 200
-    checkpoint_every_s: float = 60.0
+    checkpoint_every_steps: int = field(default=200, metadata={"help": "trainer: write a checkpoint every this many steps"})
+    checkpoint_every_s: float = field(default=60.0, metadata={"help": "trainer: ... and at least this often (seconds)"})
     # serving / metrics
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
+    api_host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP API listens on"})
+    api_port: int = field(default=8080, metadata={"help": "port of the HTTP API"})
     api_token: str = field(default="", metadata={"help": "bearer token every API route but /healthz requires; empty = none (never printed)", "secret": True})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics listens on (0.0.0.0 in containers)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed: the online learner, the shadow evaluation, tgastream eval's default"})
 
     def validate(self) -> "Settings":
         for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst",

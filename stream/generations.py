@@ -11,7 +11,7 @@ at every broker restart. Offsets start again at 0 in a new generation, so:
   then a marker), so a broker restart loses no user state; local databases then replay the whole
   new changelog on recovery, where a user's newer state always wins (:func:`state.record.supersedes`);
 - a running worker watches the ids and, when one changes, restarts its faust app in-process
-  (the policy; README "Broker restarts and re-created topics").
+  (the policy; docs/operations/broker-restarts.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The HTTP API over the serving store (aiohttp): embeddings, recommendations, conversion scores.
 
 Routes: ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{id}/recommendations?k=10``,
-``POST /v1/score``, ``GET /healthz``, ``GET /metrics``. Errors are JSON ``{"error": ...}`` with a
+``POST /v1/score``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json`` (the document of all
+of them, stream/openapi.py). Errors are JSON ``{"error": ...}`` with a
 4xx/5xx status, for every failure: bad input, unknown routes and methods, oversized bodies, and
 an unexpected exception (500, logged). With a token set, every route but ``/healthz`` requires
 ``Authorization: Bearer <token>``. The store is opened as a RocksDB secondary and caught up at most every
@@ -28,9 +29,7 @@ from tgastream.state.registry import MANIFEST, serving_state
 from tgastream.state.serving import ServingStore
 from tgastream.stream.materialize import LiveItemIndex, TopicMaterializer
 
-MAX_K = 1000
-MAX_CANDIDATES = 1000
-MAX_BODY_BYTES = 1024 * 1024
+from tgastream.stream.openapi import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_K, spec  # the limits are the API's contract
 OPEN_ROUTES = frozenset({"/healthz"})  # answered without the token: liveness probes carry none
 
 log = logging.getLogger("tgastream.api")
@@ -236,12 +235,18 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
         body = generate_latest(registry) + (extra_metrics() if extra_metrics else b"")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    document = spec()
+
+    async def openapi_route(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
     app = web.Application(middlewares=[observe], client_max_size=MAX_BODY_BYTES)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/users/{user_id}/embedding", embedding)
     app.router.add_get("/v1/users/{user_id}/recommendations", recommendations)
     app.router.add_post("/v1/score", score)
     app.router.add_get("/metrics", metrics_route)
+    app.router.add_get("/openapi.json", openapi_route)
     if materializer is not None:
         async def follow_topic(app: web.Application):
             task = asyncio.ensure_future(materializer.run())

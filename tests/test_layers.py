@@ -1,4 +1,4 @@
-"""The layers only point down: core ← state ← model ← stream ← bench (README "Architecture")."""
+"""The layers only point down: core ← state ← model ← stream ← bench (docs/concepts/architecture.md)."""
 
 from __future__ import annotations
 

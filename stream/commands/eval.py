@@ -12,7 +12,7 @@ EPOCHS = 2
 MAX_TRAIN_SAMPLES = 32_000
 """The default budget of every neural model: at most 2 epochs of 32k samples, early-stopped. Sized so
 that ``tgastream eval taobao-users-60k.csv --seeds 3`` fits 45 minutes (one seed 15) on the 2-core
-machine with one torch thread (README "Model and offline evaluation" has the measured wall time).
+machine with one torch thread (docs/model/evaluation.md has the measured wall time).
 The old default, 4 epochs over all 71,682 training samples, is ~287k samples per model and seed:
 at the ~730-930 samples/s TGA and SASRec train at on one thread, over 15 minutes of training alone
 per seed for the three sequence models (an estimate from those measured speeds, not a run)."""
