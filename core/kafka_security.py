@@ -142,6 +142,20 @@ def ssl_context(sec: KafkaSecurity) -> ssl.SSLContext | None:
     return ctx
 
 
+def server_ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext | None:
+    """The API's HTTPS context from a certificate and its key (None when not configured); the key
+    file must be chmod 600."""
+    if not certfile:
+        return None
+    check_secret_file(keyfile, "api_ssl_keyfile")
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise SecurityError(f"api_ssl_certfile/api_ssl_keyfile cannot be loaded: {exc}") from None
+    return ctx
+
+
 def kafka_python_args(bootstrap: str, sec: KafkaSecurity = PLAINTEXT, **extra: Any) -> dict[str, Any]:
     """Keyword arguments of a kafka-python client (``KafkaProducer``, ``KafkaConsumer``,
     ``KafkaAdminClient``) for ``bootstrap`` with ``sec``; ``extra`` are the caller's own."""
