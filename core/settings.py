@@ -177,11 +177,12 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every secret value of these settings (to redact from logs and error lines)."""
         values = [str(getattr(self, f.name)) for f in fields(self) if f.metadata.get("secret") and getattr(self, f.name)]
-        if self.sasl_password_file:
-            values.extend(self.kafka_security.secrets())
-        if self.api_token_file:
-            values.append(self.resolved_api_token())
-        return [v for v in values if v]
+        for read in (lambda: self.kafka_security.password, self.resolved_api_token):
+            try:
+                values.append(read())
+            except SettingsError:
+                pass  # an unusable secret file: the command that needs it says so in one line
+        return sorted({v for v in values if v})
 
     def resolved_api_token(self) -> str:
         """The API bearer token: ``api_token``, or the content of ``api_token_file`` (checked chmod 600)."""
