@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import time
@@ -88,7 +89,7 @@ def _cli(*args: str, log: Path | None = None, timeout: float = 120) -> subproces
 
 def _https(base: str, path: str, ca: Path, token: str | None = TOKEN) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.get(base + path, verify=str(ca), headers=headers, timeout=5)
+    return httpx.get(base + path, verify=ssl.create_default_context(cafile=str(ca)), headers=headers, timeout=5)
 
 
 def test_replay_worker_trainer_and_api_run_end_to_end_over_sasl_ssl_and_leak_no_secret(secured, tmp_path):
@@ -304,3 +305,21 @@ def test_tansu_with_authentication_authenticates_nobody(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(10)
+
+
+def test_the_demo_runs_over_sasl_ssl_with_the_password_from_the_environment_and_reports_no_secret(secured, tmp_path):
+    out = tmp_path / "demo"
+    flags = [f for f in _flags(secured) if f not in ("--sasl-password-file", str(secured.password_file))]
+    run = subprocess.run(
+        [sys.executable, "-m", "tgastream.stream.cli", "demo", "--out", str(out), "--events", "1500", "--users", "40",
+         "--batch-size", "128", "--timeout", "400", "--partitions", "2", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TGASTREAM_SASL_PASSWORD": PASSWORD})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["events_replayed"] == 1500 and report["train_steps"] > 0
+    assert "sasl_password = ***" in run.stdout
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".log", ".jsonl", ".txt", ".csv")]
+    assert any(p.suffix == ".log" for p in files) and (out / "report.json") in files
+    for text in [run.stdout, run.stderr, *(p.read_text(errors="replace") for p in files)]:
+        assert PASSWORD not in text
