@@ -76,28 +76,29 @@ def security_check(settings: Settings) -> tuple[Check, "KafkaSecurity | None"]:
     try:
         sec = settings.kafka_security
     except SettingsError as exc:
-        return Check("kafka security", False, str(exc)), None
-    return Check("kafka security", True, sec.describe()), sec
+        return Check("kafka auth", False, str(exc)), None
+    return Check("kafka auth", True, sec.describe()), sec
 
 
 def broker_check(bootstrap: str, required: bool, security: "KafkaSecurity | None" = None,
                  timeout_s: float = 5.0) -> Check:
     """Connection, TLS, authentication and metadata, step by step: which one fails."""
-    from tgastream.core.kafka_security import PLAINTEXT
     from tgastream.stream.broker import answers_metadata, port_open
     from tgastream.stream.kafka_probe import probe
 
     if security is None:
         return Check("broker", False, f"{bootstrap} not tried: the Kafka security settings are unusable", required)
-    if security != PLAINTEXT or port_open(bootstrap):
+    if security.tls or security.sasl:
         result = probe(bootstrap, security, timeout_s)
         if not result.ok:
             return Check("broker", False, f"{bootstrap}: {result.stage} failed: {result.message}", required)
-        if security != PLAINTEXT:
-            return Check("broker", True, result.message)
+        return Check("broker", True, result.message)
     if answers_metadata(bootstrap, timeout_s=5.0):
         return Check("broker", True, f"{bootstrap} answers (Kafka metadata)")
-    why = "listens but answers no Kafka metadata request" if port_open(bootstrap) else "nothing listens there"
+    why = "nothing listens there"
+    if port_open(bootstrap):
+        result = probe(bootstrap, security, timeout_s)
+        why = f"{result.stage} failed: {result.message}" if not result.ok else "listens but answers no Kafka metadata request"
     hint = "" if required else " (not required: demo/tests start the embedded broker; pass --bootstrap HOST:PORT)"
     return Check("broker", False, f"{bootstrap} unreachable: {why}{hint}", required)
 
