@@ -25,6 +25,7 @@ import logging
 import os
 import ssl
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -212,7 +213,7 @@ def _redacted_record(record: logging.LogRecord, secrets: list[str]) -> logging.L
         if any(s in text for s in secrets):
             msg, record.exc_info, record.exc_text = msg + "\n" + text, None, None
     clean = redact(msg, secrets)
-    if clean != msg or record.args:
+    if clean != msg:
         record.msg, record.args = clean, None
     return record
 
@@ -234,6 +235,19 @@ def install_log_redaction(secrets: Iterable[str]) -> None:
 
     factory._tgastream_redacting = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
+    base_hook = sys.excepthook
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        """A traceback (a bug) printed with the secrets replaced."""
+        import traceback
+
+        text = "".join(traceback.format_exception(kind, exc, tb))
+        if any(s in text for s in _PROCESS_SECRETS):
+            sys.stderr.write(redact(text, _PROCESS_SECRETS))
+        else:
+            base_hook(kind, exc, tb)
+
+    sys.excepthook = excepthook
 
 
 _PROCESS_SECRETS: list[str] = []

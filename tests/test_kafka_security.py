@@ -174,6 +174,7 @@ def test_the_cli_refuses_a_world_readable_password_file_in_one_line(tmp_path, ca
     f = tmp_path / "pw"
     f.write_text("not-to-be-seen-9\n")
     f.chmod(0o644)
+    (tmp_path / "x.csv").write_text("1,2,3,pv,1511658000\n")
     code = main(["replay", str(tmp_path / "x.csv"), "--bootstrap", "127.0.0.1:1", "--security-protocol", "SASL_SSL",
                  "--sasl-username", "u", "--sasl-password-file", str(f)])
     err = capsys.readouterr().err
@@ -261,3 +262,12 @@ def test_api_token_from_a_private_file(tmp_path):
     f.chmod(0o644)
     with pytest.raises(SettingsError, match="chmod 600"):
         Settings(api_token_file=str(f)).resolved_api_token()
+
+
+def test_an_uncaught_exception_is_printed_with_its_secrets_masked():
+    import subprocess
+
+    code = ("from tgastream.core.kafka_security import install_log_redaction as i; i(['zz-uncaught-zz']); "
+            "raise RuntimeError('failed with zz-uncaught-zz')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "RuntimeError: failed with ***" in r.stderr and "zz-uncaught-zz" not in r.stderr
