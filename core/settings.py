@@ -258,6 +258,13 @@ def _apply(base: dict[str, Any], values: Mapping[str, Any], origin: str) -> None
         base[name] = _coerce(name, FIELD_TYPES[name], value)
 
 
+def _check_private(path: Path, secrets: list[str]) -> None:
+    """A config file that holds a secret must not be readable by group or others (like ssh keys)."""
+    if secrets and path.stat().st_mode & 0o077:
+        raise SettingsError(f"config file {path} holds {', '.join(secrets)} and is accessible by group or others; "
+                            f"run: chmod 600 {path}")
+
+
 def load_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -272,7 +279,9 @@ def load_settings(
             raise SettingsError(f"config file {config_file} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
-        _apply(values, data.get("tgastream", data), str(config_file))
+        section = data.get("tgastream", data)
+        _check_private(Path(config_file), [f.name for f in fields(Settings) if f.metadata.get("secret") and section.get(f.name)])
+        _apply(values, section, str(config_file))
     if env:
         _apply(values, {k[len(ENV_PREFIX):].lower(): v for k, v in env.items()
                         if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG"}, "environment")

@@ -271,3 +271,18 @@ def test_an_uncaught_exception_is_printed_with_its_secrets_masked():
             "raise RuntimeError('failed with zz-uncaught-zz')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "RuntimeError: failed with ***" in r.stderr and "zz-uncaught-zz" not in r.stderr
+
+
+def test_a_config_file_holding_a_secret_must_be_private(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('security_protocol = "SASL_SSL"\nsasl_username = "u"\nsasl_password = "in-the-toml-5"\n')
+    cfg.chmod(0o644)
+    with pytest.raises(SettingsError, match="holds sasl_password and is accessible by group or others") as err:
+        load_settings(cfg)
+    assert "in-the-toml-5" not in str(err.value)
+    cfg.chmod(0o600)
+    assert load_settings(cfg).kafka_security.password == "in-the-toml-5"
+    open_cfg = tmp_path / "open.toml"
+    open_cfg.write_text('partitions = 8\n')
+    open_cfg.chmod(0o644)
+    assert load_settings(open_cfg).partitions == 8  # no secret in it: any mode
