@@ -188,12 +188,15 @@ def _tls_failure(exc: BaseException, sec: KafkaSecurity, host: str) -> _Failed:
         return _Failed("tls", f"the broker's certificate is not signed by a trusted CA ({exc.verify_message}); "
                               f"set ssl_cafile to the CA that signed it (now: {sec.cafile or 'the system CAs'})")
     text = str(exc)
+    if "CERTIFICATE_REQUIRED" in text or "certificate required" in text.lower():
+        return _Failed("tls", "the broker requires a client certificate: set ssl_certfile and ssl_keyfile")
+    if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text or "CERTIFICATE_UNKNOWN" in text:
+        return _Failed("tls", "the broker refused our client certificate (ssl_certfile): "
+                              "it is not signed by a CA the broker trusts")
     if isinstance(exc, (socket.timeout, TimeoutError)) or "WRONG_VERSION_NUMBER" in text or "record layer" in text \
             or isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) or "EOF" in text:
         return _Failed("tls", "the TLS handshake failed: the listener does not speak TLS "
                               f"(a PLAINTEXT or SASL_PLAINTEXT listener?) ({type(exc).__name__})")
-    if "CERTIFICATE_REQUIRED" in text or "certificate required" in text.lower():
-        return _Failed("tls", "the broker requires a client certificate: set ssl_certfile and ssl_keyfile")
     return _Failed("tls", f"the TLS handshake failed: {exc}")
 
 
@@ -277,12 +280,20 @@ def probe(bootstrap: str, sec: KafkaSecurity = PLAINTEXT, timeout_s: float = 10.
             stage = "protocol"
             try:
                 r = conn.request(API_VERSIONS, 0, b"")
+            except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows on the first read
+                raise _tls_failure(exc, sec, host) from None
             except (ConnectionResetError, BrokenPipeError):
                 if not sec.tls and speaks_tls(host, int(port), max(0.5, deadline - time.monotonic())):
                     raise _Failed("tls", "the listener speaks TLS but the client does not: "
                                          "use security_protocol SSL or SASL_SSL") from None
+                if sec.tls and not sec.sasl:  # Kafka answers ApiVersions before SASL: TLS refused us
+                    cert = ("it may not accept our client certificate (ssl_certfile)" if sec.certfile else
+                            "it probably requires a client certificate (ssl_certfile, ssl_keyfile)")
+                    raise _Failed("tls", f"the broker closed the connection right after the TLS handshake: {cert}, "
+                                         "or a SASL login (security_protocol SASL_SSL)") from None
                 hint = ("it requires SASL authentication (security_protocol SASL_PLAINTEXT or SASL_SSL)"
-                        if not sec.sasl else "it may expect another security_protocol")
+                        if not sec.sasl else "it may expect another security_protocol"
+                        + ("" if not sec.tls or sec.certfile else " or a client certificate (ssl_certfile, ssl_keyfile)"))
                 raise _Failed("authentication" if not sec.sasl else "protocol",
                               f"the broker closed the connection before answering: {hint}") from None
             error = r.take(">h")

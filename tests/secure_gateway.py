@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mechanisms", default="PLAIN,SCRAM-SHA-256,SCRAM-SHA-512")
     p.add_argument("--cert")
     p.add_argument("--key")
+    p.add_argument("--client-ca", help="require client certificates signed by this CA (mutual TLS)")
     args = p.parse_args(argv)
     host, _, up_port = args.upstream.rpartition(":")
     users = json.loads(Path(args.users).read_text())
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.cert, args.key)
+        if args.client_ca:
+            ctx.load_verify_locations(args.client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
     gateway = Gateway((host, int(up_port)), users, args.mechanisms.split(","))
     try:
         asyncio.run(serve(args.port, gateway, ctx))

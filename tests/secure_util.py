@@ -31,13 +31,21 @@ def make_certificates(folder: Path, host: str = "127.0.0.1") -> dict[str, Path]:
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
             "-days", "2", "-subj", f"/CN=tgastream test {ca}")
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={host}")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=tgastream")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "client.pem", "-days", "2")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key", "-out", "stranger.csr", "-subj", "/CN=stranger")
+    run("x509", "-req", "-in", "stranger.csr", "-CA", "other-ca.pem", "-CAkey", "other-ca.key", "-CAcreateserial",
+        "-out", "stranger.pem", "-days", "2")
     (folder / "ext.cnf").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
     for key in folder.glob("*.key"):
         key.chmod(0o600)
     return {"ca": folder / "ca.pem", "other_ca": folder / "other-ca.pem",
-            "cert": folder / "server.pem", "key": folder / "server.key"}
+            "cert": folder / "server.pem", "key": folder / "server.key",
+            "client_cert": folder / "client.pem", "client_key": folder / "client.key",
+            "stranger_cert": folder / "stranger.pem", "stranger_key": folder / "stranger.key"}
 
 
 @dataclass
@@ -49,6 +57,7 @@ class SecuredBroker:
     users: dict[str, str]
     tls: bool = True
     mechanisms: str = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+    mutual_tls: bool = False  # require client certificates signed by the test CA
     port: int = 0
     inner: int = 0
     certs: dict[str, Path] = field(default_factory=dict)
@@ -69,6 +78,8 @@ class SecuredBroker:
               "--upstream", f"127.0.0.1:{self.inner}", "--users", str(users), "--mechanisms", self.mechanisms]
         if self.tls:
             gw += ["--cert", str(self.certs["cert"]), "--key", str(self.certs["key"])]
+            if self.mutual_tls:
+                gw += ["--client-ca", str(self.certs["ca"])]
         self._procs.append(subprocess.Popen(gw, cwd=ROOT, stdout=open(self.folder / "gateway.log", "wb"),
                                             stderr=subprocess.STDOUT, start_new_session=True))
         url, advertised = f"tcp://127.0.0.1:{self.inner}", f"tcp://127.0.0.1:{self.port}"

@@ -323,3 +323,29 @@ def test_the_demo_runs_over_sasl_ssl_with_the_password_from_the_environment_and_
     assert any(p.suffix == ".log" for p in files) and (out / "report.json") in files
     for text in [run.stdout, run.stderr, *(p.read_text(errors="replace") for p in files)]:
         assert PASSWORD not in text
+
+
+def test_mutual_tls_client_certificates_from_the_settings(tmp_path):
+    """SSL with client certificates (no SASL): kafka-python and the probe present ssl_certfile/
+    ssl_keyfile; without one, or with one from another CA, the failure is named."""
+    from kafka import KafkaAdminClient
+
+    with SecuredBroker(tmp_path / "mtls", {}, tls=True, mutual_tls=True, mechanisms="SCRAM-SHA-512") as b:
+        c = b.certs
+        good = KafkaSecurity("SSL", cafile=str(c["ca"]), certfile=str(c["client_cert"]), keyfile=str(c["client_key"]))
+        assert probe(b.bootstrap, good, 5.0).stage == "authentication"  # TLS passed; the gateway still wants SASL
+        none = probe(b.bootstrap, KafkaSecurity("SSL", cafile=str(c["ca"])), 5.0)
+        assert (none.ok, none.stage) == (False, "tls") and "requires a client certificate" in none.message, none
+        stranger = probe(b.bootstrap, KafkaSecurity("SSL", cafile=str(c["ca"]), certfile=str(c["stranger_cert"]),
+                                                    keyfile=str(c["stranger_key"])), 5.0)
+        assert (stranger.ok, stranger.stage) == (False, "tls") and "client certificate" in stranger.message, stranger
+    with SecuredBroker(tmp_path / "mtls-sasl", {USER: PASSWORD}, tls=True, mutual_tls=True) as b:
+        c = b.certs
+        sec = KafkaSecurity("SASL_SSL", "SCRAM-SHA-512", USER, PASSWORD, cafile=str(c["ca"]),
+                            certfile=str(c["client_cert"]), keyfile=str(c["client_key"]))
+        assert probe(b.bootstrap, sec, 5.0).ok
+        admin = KafkaAdminClient(**kafka_python_args(b.bootstrap, sec, request_timeout_ms=5000))
+        try:
+            assert isinstance(admin.list_topics(), list)
+        finally:
+            admin.close()
