@@ -23,7 +23,7 @@ HELP = "event-to-embedding freshness (p50/p99) at a sustained replay rate, worke
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--rate", type=float, default=2000.0, help="replay rate, events/s (default: 2000)")
     p.add_argument("--data", type=Path, help="log to replay (default: a generated one)")
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the result as JSON")
     p.add_argument("--compare-guard", type=int, default=0, metavar="PAIRS",
                    help="run PAIRS pairs (guard off, guard on, alternating order) and report on/off ratios (default: 0 = one run)")
-    add_setting_flags(p, "bootstrap", "partitions", "device", "batch_size")
+    add_setting_flags(p, "bootstrap", "partitions", "device", "batch_size", *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

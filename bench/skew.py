@@ -101,12 +101,14 @@ def _get_json(url: str, timeout_s: float = 10.0) -> dict | None:
         raise
 
 
-def _wait_materialized(bootstrap: str, topic: str, store, timeout_s: float = 60.0) -> float:
+def _wait_materialized(bootstrap: str, topic: str, store, timeout_s: float = 60.0, security=None) -> float:
     """Wait until the replica's store holds the embeddings topic up to its end offsets as of now;
     the seconds waited. The condition read is the one needed: the store's recorded offsets."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    from tgastream.core.kafka_security import PLAINTEXT, kafka_python_args
+
+    consumer = KafkaConsumer(**kafka_python_args(bootstrap, security or PLAINTEXT, enable_auto_commit=False, group_id=None))
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
@@ -142,7 +144,7 @@ def read_served(live, targets: dict[str, Event], k: int, secondary: Path) -> Sna
     republished = total(metrics, "tgastream_embeddings_republished_total")
     store = ServingStore.reader(data_dir / "api" / "api-serving", secondary)
     try:
-        waited = _wait_materialized(settings.bootstrap, settings.embeddings_topic, store)
+        waited = _wait_materialized(settings.bootstrap, settings.embeddings_topic, store, security=settings.kafka_security)
         read_at = time.time()
         served: dict[str, list[str]] = {}
         served_versions: dict[str, int] = {}

@@ -45,7 +45,7 @@ TAKE_N = 2000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--input", type=Path, help="event log to replay (Taobao CSV, JSON lines, ...); "
                    "default: a seeded synthetic log of --synth-events events")
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per variant (default: 900)")
     p.add_argument("--json", type=Path, help="write the figures as JSON to this path")
     p.add_argument("--work-dir", type=Path, help="where children keep their state (default: a temp dir)")
-    add_setting_flags(p, "bootstrap", "partitions", "worker_batch", "worker_flush_s")
+    add_setting_flags(p, "bootstrap", "partitions", "worker_batch", "worker_flush_s", *KAFKA_SECURITY_SETTINGS)
 
 
 @dataclass
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from tqdm import tqdm
 
-    from tgastream.stream.broker import connect_or_start, install_sigterm_handler
+    from tgastream.stream.broker import connect_with, install_sigterm_handler
     from tgastream.core.errors import CommandError
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(f"no such file: {args.input}")
     install_sigterm_handler()
     tag = uuid.uuid4().hex[:8]
-    with connect_or_start(settings.bootstrap) as broker, tempfile.TemporaryDirectory(prefix="tgabench-") as tmp:
+    with connect_with(settings) as broker, tempfile.TemporaryDirectory(prefix="tgabench-") as tmp:
         work = args.work_dir or Path(tmp)
         settings = settings.replace(bootstrap=broker.bootstrap, events_topic=f"bench-{tag}-events",
                              dlq_topic=f"bench-{tag}-dlq", samples_topic=f"bench-{tag}-samples",
@@ -141,7 +141,7 @@ def _load(settings: Settings, path: Path, limit: int) -> int:
     from tgastream.stream.replay import ReplayConfig, replay_file
     from tgastream.stream.topics import ensure_topics
 
-    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
+    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions, security=settings.kafka_security)
     summary = replay_file(settings.bootstrap, settings, ReplayConfig(path=path, order="time", limit=limit))
     return summary.sent
 
@@ -302,7 +302,8 @@ async def _child_reference(variant: str, settings: Settings, n: int) -> dict[str
     state = {"n": 0, "t0": None, "t1": None}
     done = asyncio.Event()
     if variant.startswith("table"):
-        ensure_topics(settings.bootstrap, {f"{group}-counts-changelog": {"cleanup.policy": "compact"}}, settings.partitions)
+        ensure_topics(settings.bootstrap, {f"{group}-counts-changelog": {"cleanup.policy": "compact"}}, settings.partitions,
+                      security=settings.kafka_security)
         counts = app.Table("counts", default=int, partitions=settings.partitions, key_type=bytes, value_type=int)
 
         @app.agent(topic)

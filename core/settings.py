@@ -10,7 +10,10 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from tgastream.core.kafka_security import KafkaSecurity
 
 ENV_PREFIX = "TGASTREAM_"
 
@@ -46,6 +49,16 @@ class Settings:
     samples_topic: str = field(default="training-samples", metadata={"help": "topic of training samples the workers emit and the trainer consumes"})
     embeddings_topic: str = field(default="embeddings", metadata={"help": "compacted topic of published user/item vectors, bought items and contexts (what API replicas read)"})
     features_topic: str = field(default="user-features", metadata={"help": "compacted topic of per-user features the workers publish"})
+    # Kafka security (docs/security.md): used by every Kafka client through core/kafka_security.py
+    security_protocol: str = field(default="PLAINTEXT", metadata={"help": "PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL"})
+    sasl_mechanism: str = field(default="SCRAM-SHA-512", metadata={"help": "PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with SASL_*)"})
+    sasl_username: str = field(default="", metadata={"help": "SASL user name"})
+    sasl_password: str = field(default="", metadata={"help": "SASL password: from the config file or TGASTREAM_SASL_PASSWORD only, never a flag (never printed)", "secret": True})
+    sasl_password_file: str = field(default="", metadata={"help": "file holding the SASL password (must be chmod 600)"})
+    ssl_cafile: str = field(default="", metadata={"help": "CA certificate(s) (PEM) that signed the brokers' certificates; empty = the system's CAs"})
+    ssl_certfile: str = field(default="", metadata={"help": "client certificate (PEM) for brokers that require one (mutual TLS)"})
+    ssl_keyfile: str = field(default="", metadata={"help": "client private key (PEM) of ssl_certfile (must be chmod 600)"})
+    ssl_check_hostname: bool = field(default=True, metadata={"help": "check that a broker's certificate names its host"})
     # state
     data_dir: Path = field(default=Path("tgastream-data"), metadata={"help": "where RocksDB stores, checkpoints and reports live"})
     max_len: int = field(default=MAX_LEN, metadata={"help": "events kept per user graph"})
@@ -87,6 +100,9 @@ class Settings:
     api_host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP API listens on"})
     api_port: int = field(default=8080, metadata={"help": "port of the HTTP API"})
     api_token: str = field(default="", metadata={"help": "bearer token every API route but /healthz requires; empty = none (never printed)", "secret": True})
+    api_token_file: str = field(default="", metadata={"help": "file holding the API bearer token (must be chmod 600); instead of api_token"})
+    api_ssl_certfile: str = field(default="", metadata={"help": "serve the API over HTTPS with this certificate (PEM); with api_ssl_keyfile"})
+    api_ssl_keyfile: str = field(default="", metadata={"help": "private key (PEM) of api_ssl_certfile (must be chmod 600)"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics listens on (0.0.0.0 in containers)"})
     seed: int = field(default=0, metadata={"help": "random seed: the online learner, the shadow evaluation, tgastream eval's default"})
@@ -131,7 +147,53 @@ class Settings:
         for name in ("api_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"{name} must be a port number, got {getattr(self, name)}")
+        from tgastream.core.kafka_security import MECHANISMS, PROTOCOLS
+
+        if self.security_protocol not in PROTOCOLS:
+            raise SettingsError(f"security_protocol must be one of {', '.join(PROTOCOLS)}, got {self.security_protocol!r}")
+        if self.sasl_mechanism not in MECHANISMS:
+            raise SettingsError(f"sasl_mechanism must be one of {', '.join(MECHANISMS)}, got {self.sasl_mechanism!r}")
+        if self.sasl_password and self.sasl_password_file:
+            raise SettingsError("give sasl_password or sasl_password_file, not both")
+        if self.api_token and self.api_token_file:
+            raise SettingsError("give api_token or api_token_file, not both")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile) and self.ssl_keyfile:
+            raise SettingsError("ssl_keyfile needs ssl_certfile")
+        if bool(self.api_ssl_certfile) != bool(self.api_ssl_keyfile):
+            raise SettingsError("api_ssl_certfile and api_ssl_keyfile go together")
         return self
+
+    @property
+    def kafka_security(self) -> "KafkaSecurity":
+        """TLS and SASL of every Kafka client (the password read from its file now); a bad
+        secret file or a missing credential raises :class:`SettingsError` in one line."""
+        from tgastream.core.kafka_security import SecurityError, kafka_security
+
+        try:
+            return kafka_security(self)
+        except SecurityError as exc:
+            raise SettingsError(str(exc)) from None
+
+    def secrets(self) -> list[str]:
+        """Every secret value of these settings (to redact from logs and error lines)."""
+        values = [str(getattr(self, f.name)) for f in fields(self) if f.metadata.get("secret") and getattr(self, f.name)]
+        for read in (lambda: self.kafka_security.password, self.resolved_api_token):
+            try:
+                values.append(read())
+            except SettingsError:
+                pass  # an unusable secret file: the command that needs it says so in one line
+        return sorted({v for v in values if v})
+
+    def resolved_api_token(self) -> str:
+        """The API bearer token: ``api_token``, or the content of ``api_token_file`` (checked chmod 600)."""
+        if not self.api_token_file:
+            return self.api_token
+        from tgastream.core.kafka_security import SecurityError, read_secret_file
+
+        try:
+            return read_secret_file(self.api_token_file, "api_token")
+        except SecurityError as exc:
+            raise SettingsError(str(exc)) from None
 
     @property
     def checkpoints(self) -> Path:
@@ -196,6 +258,13 @@ def _apply(base: dict[str, Any], values: Mapping[str, Any], origin: str) -> None
         base[name] = _coerce(name, FIELD_TYPES[name], value)
 
 
+def _check_private(path: Path, secrets: list[str]) -> None:
+    """A config file that holds a secret must not be readable by group or others (like ssh keys)."""
+    if secrets and path.stat().st_mode & 0o077:
+        raise SettingsError(f"config file {path} holds {', '.join(secrets)} and is accessible by group or others; "
+                            f"run: chmod 600 {path}")
+
+
 def load_settings(
     config_file: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -210,7 +279,9 @@ def load_settings(
             raise SettingsError(f"config file {config_file} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {config_file} is not valid TOML: {exc}") from None
-        _apply(values, data.get("tgastream", data), str(config_file))
+        section = data.get("tgastream", data)
+        _check_private(Path(config_file), [f.name for f in fields(Settings) if f.metadata.get("secret") and section.get(f.name)])
+        _apply(values, section, str(config_file))
     if env:
         _apply(values, {k[len(ENV_PREFIX):].lower(): v for k, v in env.items()
                         if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG"}, "environment")

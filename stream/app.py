@@ -19,6 +19,7 @@ from typing import Any
 
 import faust
 
+from tgastream.core.kafka_security import faust_args
 from tgastream.state.store import StateStore, StoreConfig
 from tgastream.stream.generations import Generations
 from tgastream.stream.batch_consumer import BatchConsumer, BatchHandler, BatchTransport
@@ -59,7 +60,7 @@ def worker_topics(settings: Settings) -> dict[str, dict[str, str]]:
 def faust_config(settings: Settings, datadir: Path) -> dict[str, Any]:
     """faust settings of a worker (short rebalance timeout for Tansu, no web server, no declares)."""
     return dict(
-        broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap.split(",")],
+        **faust_args(settings.bootstrap, settings.kafka_security),  # broker URLs and credentials
         datadir=str(datadir),
         store="memory://",
         topic_partitions=settings.partitions,
@@ -129,7 +130,8 @@ def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | No
         flush_s=settings.worker_flush_s,
         generation=generations.source,
     )
-    producer = BatchedProducer(settings.bootstrap, client_id=f"{settings.consumer_group}-worker")
+    producer = BatchedProducer(settings.bootstrap, client_id=f"{settings.consumer_group}-worker",
+                               security=settings.kafka_security)
     pipeline = Pipeline(config, store, producer, metrics, totals)
     app = WorkerApp(settings.consumer_group, batch_handlers={settings.events_topic: pipeline.handle},
                     **faust_config(settings, data_dir / "faust"))

@@ -16,6 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
+
+if TYPE_CHECKING:
+    from tgastream.core.settings import Settings
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -43,7 +49,7 @@ def port_open(bootstrap: str, timeout_s: float = 0.5) -> bool:
     return False
 
 
-def answers_metadata(bootstrap: str, timeout_s: float = 5.0) -> bool:
+def answers_metadata(bootstrap: str, timeout_s: float = 5.0, security: KafkaSecurity = PLAINTEXT) -> bool:
     """True when a Kafka broker at ``bootstrap`` answers a metadata request within ``timeout_s``."""
     if not port_open(bootstrap):
         return False
@@ -51,8 +57,8 @@ def answers_metadata(bootstrap: str, timeout_s: float = 5.0) -> bool:
     from kafka.errors import KafkaError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
-                                 bootstrap_timeout_ms=int(timeout_s * 1000))
+        admin = KafkaAdminClient(**kafka_python_args(bootstrap, security, request_timeout_ms=int(timeout_s * 1000),
+                                                     bootstrap_timeout_ms=int(timeout_s * 1000)))
     except (KafkaError, OSError, ValueError):
         return False
     try:
@@ -177,16 +183,39 @@ class BrokerHandle:
         self.close()
 
 
-def connect_or_start(bootstrap: str = "", allow_embedded: bool = True) -> BrokerHandle:
+def check_access(bootstrap: str, security: KafkaSecurity, timeout_s: float = 8.0) -> None:
+    """Raise :class:`BrokerError` naming the failing step (connection, TLS, authentication, ...)
+    when a client with ``security`` cannot use ``bootstrap``; Kafka clients would retry such a
+    failure until their timeouts and then report only "Unable to bootstrap"."""
+    from tgastream.stream.kafka_probe import probe
+
+    result = probe(bootstrap, security, timeout_s)
+    if not result.ok:
+        raise BrokerError(f"Kafka at {bootstrap} ({security.protocol}): {result.stage} failed: {result.message}")
+
+
+def connect_or_start(bootstrap: str = "", allow_embedded: bool = True, security: KafkaSecurity = PLAINTEXT,
+                     timeout_s: float = 8.0) -> BrokerHandle:
     """Resolve the broker to use.
 
-    An explicit ``bootstrap`` must answer, or :class:`BrokerError` says so in one line. With none,
-    a broker already on ``127.0.0.1:9092`` is used, else an embedded one is started (when allowed).
+    An explicit ``bootstrap`` must answer, or :class:`BrokerError` says so in one line (naming the
+    step that fails, within ``timeout_s``). With none, a broker already on ``127.0.0.1:9092`` is
+    used, else an embedded one is started (when allowed; it has neither TLS nor SASL).
     """
     if bootstrap:
-        if answers_metadata(bootstrap):
+        if security.tls or security.sasl:
+            check_access(bootstrap, security, timeout_s)
+        if answers_metadata(bootstrap, security=security):
             return BrokerHandle(bootstrap)
+        if port_open(bootstrap):
+            check_access(bootstrap, security, timeout_s)  # says why (e.g. the listener requires SASL)
         raise BrokerError(f"no Kafka broker answers at {bootstrap} (start one with `tgastream broker`, or omit --bootstrap)")
+    if security.tls or security.sasl:
+        if port_open(DEFAULT_BOOTSTRAP):
+            check_access(DEFAULT_BOOTSTRAP, security, timeout_s)
+            return BrokerHandle(DEFAULT_BOOTSTRAP)
+        raise BrokerError(f"security_protocol {security.protocol} needs a secured cluster: pass --bootstrap HOST:PORT "
+                          "(the embedded broker has neither TLS nor SASL)")
     if answers_metadata(DEFAULT_BOOTSTRAP, 2.0):
         return BrokerHandle(DEFAULT_BOOTSTRAP)
     if not allow_embedded:
@@ -202,3 +231,10 @@ def install_sigterm_handler() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _raise)
+
+
+def connect_with(settings: "Settings", allow_embedded: bool = True) -> BrokerHandle:
+    """:func:`connect_or_start` for ``settings``: its bootstrap and TLS/SASL, a failing step
+    reported within ``stop_timeout_s`` (8 s when that is 0)."""
+    return connect_or_start(settings.bootstrap, allow_embedded, settings.kafka_security,
+                            timeout_s=settings.stop_timeout_s or 8.0)

@@ -16,6 +16,7 @@ from types import ModuleType
 from typing import Sequence
 
 from tgastream.core.errors import CommandError
+from tgastream.core.kafka_security import install_log_redaction, process_secrets, redact
 from tgastream.core.settings import Settings, SettingsError, load_settings
 
 COMMANDS: dict[str, str] = {
@@ -40,8 +41,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tgastream.stream.broker import BrokerError
     from tgastream.stream.topics import TopicError
     from tgastream.state.registry import RegistryError
+    from tgastream.core.kafka_security import SecurityError
 
-    return (CommandError, SettingsError, BrokerError, TopicError, RegistryError, FileNotFoundError, IsADirectoryError)
+    return (CommandError, SettingsError, BrokerError, TopicError, RegistryError, SecurityError, FileNotFoundError,
+            IsADirectoryError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -53,11 +56,19 @@ class OneLineParser(argparse.ArgumentParser):
 
 _SETTING_FIELDS = {f.name: f for f in fields(Settings)}
 
+KAFKA_SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password_file",
+                           "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+"""Flags of every command that talks to Kafka (docs/security.md). The password itself has no flag
+(a flag shows in ``ps`` and shell history): TGASTREAM_SASL_PASSWORD, the config file, or
+--sasl-password-file."""
+
 
 def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
     """Add ``--name`` flags that override the settings of the same name (default: not given)."""
     for name in names:
         f = _SETTING_FIELDS[name]
+        if f.metadata.get("secret"):
+            raise ValueError(f"setting {name} is a secret: it gets no command-line flag")
         default = f.default
         helptext = f.metadata.get("help", name.replace("_", " "))
         parser.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None,
@@ -95,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = None
     try:
         settings = settings_from_args(args)
+        install_log_redaction(settings.secrets())  # every log line of this process, libraries' too
         return int(modules[args.command].run(args, settings) or 0)
     except user_errors() as exc:
         msg = exc.strerror + f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
-        print(f"tgastream {args.command}: error: {msg}", file=sys.stderr)
+        print(f"tgastream {args.command}: error: {redact(msg, process_secrets())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tgastream {args.command}: interrupted", file=sys.stderr)

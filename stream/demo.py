@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tgastream.stream.broker import connect_or_start, die_with_parent, free_port, port_open
+from tgastream.stream.broker import connect_with, die_with_parent, free_port, port_open
 from tgastream.stream.plots import save_chart
 from tgastream.stream.promscrape import scrape, total
 from tgastream.stream.replay import ReplayConfig, ReplaySummary, replay_file
 from tgastream.core.settings import Settings
+from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS
 from tgastream.stream.synth import SynthConfig, write_file
 from tgastream.stream.topics import ensure_app_topics
 
@@ -71,11 +72,11 @@ class Proc:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
 
-def spawn(name: str, args: list[str], log_dir: Path) -> Proc:
+def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
     log = log_dir / f"{name}.log"
     fh = open(log, "ab")
     popen = subprocess.Popen([sys.executable, "-m", "tgastream.stream.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
     fh.close()
     return Proc(name, popen, log)
@@ -91,8 +92,23 @@ class Series:
         self.rows.append(row)
 
 
+DEFAULTS = Settings()
+
+
 def _common(settings: Settings) -> list[str]:
-    return ["--bootstrap", settings.bootstrap, "--partitions", str(settings.partitions)]
+    """Flags every child process gets: the broker, and its TLS/SASL settings (the password
+    itself travels in the environment, see :func:`_child_env`, never on a command line)."""
+    flags = ["--bootstrap", settings.bootstrap, "--partitions", str(settings.partitions)]
+    for name in KAFKA_SECURITY_SETTINGS:
+        value = getattr(settings, name)
+        if value != getattr(DEFAULTS, name):
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """Environment additions of the children: a SASL password given in the config file."""
+    return {"TGASTREAM_SASL_PASSWORD": settings.sasl_password} if settings.sasl_password else {}
 
 
 def _metric(value: float | None) -> str:
@@ -124,7 +140,7 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
     data_dir = opts.out / "data"
     _clear_previous_run(data_dir, logs, say)
     logs.mkdir()
-    with connect_or_start(settings.bootstrap) as broker:
+    with connect_with(settings) as broker:
         settings = settings.replace(bootstrap=broker.bootstrap, data_dir=data_dir)
         say(f"broker: {broker.bootstrap}{' (embedded, memory only)' if broker.embedded else ''}")
         ensure_app_topics(broker.bootstrap, settings)
@@ -137,14 +153,14 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
         api_port = settings.api_port if settings.api_port and not port_open(f"127.0.0.1:{settings.api_port}") else free_port()
         procs = [
             spawn("worker", ["worker", *_common(settings), "--data-dir", str(data_dir / "worker"),
-                             "--metrics-port", str(w_port), "--quiet"], logs),
+                             "--metrics-port", str(w_port), "--quiet"], logs, _child_env(settings)),
             spawn("trainer", ["train", *_common(settings), "--data-dir", str(data_dir / "trainer"),
                               "--metrics-port", str(t_port), "--quiet", "--device", settings.device,
                               "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
                               "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy,
                               "--republish-rate", str(settings.republish_rate)],
-                  logs),
+                  logs, _child_env(settings)),
         ]
         try:
             _wait_up(procs, [w_port, t_port])
@@ -152,7 +168,7 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
             # scoring with the newest checkpoint in the trainer's checkpoint directory
             procs.append(spawn("api", ["serve", *_common(settings), "--data-dir", str(data_dir / "api"),
                                        "--checkpoint-dir", str(data_dir / "trainer" / "checkpoints"),
-                                       "--api-port", str(api_port), "--device", "cpu"], logs))
+                                       "--api-port", str(api_port), "--device", "cpu"], logs, _child_env(settings)))
             return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say, on_settled)
         finally:
             for p in reversed(procs):

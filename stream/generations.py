@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
 from tgastream.state.store import StateStore
 from tgastream.stream.pipeline import MARKER_KEY
 
@@ -36,10 +37,11 @@ def generation_of(topic_id: str | None) -> int:
     return zlib.crc32(topic_id.encode()) if topic_id else 0
 
 
-def topic_ids(bootstrap: str, topics: list[str], timeout_s: float = 5.0) -> dict[str, str | None]:
+def topic_ids(bootstrap: str, topics: list[str], timeout_s: float = 5.0,
+              security: KafkaSecurity = PLAINTEXT) -> dict[str, str | None]:
     """The id of each topic (None: the topic does not exist). Raises KafkaError when the broker
     does not answer."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = KafkaAdminClient(**kafka_python_args(bootstrap, security, request_timeout_ms=int(timeout_s * 1000)))
     try:
         out: dict[str, str | None] = {t: None for t in topics}
         for meta in admin.describe_topics(topics):
@@ -63,15 +65,17 @@ class Generations:
         return generation_of(self.events_id)
 
 
-def read_generations(bootstrap: str, events_topic: str, changelog_topic: str) -> Generations:
-    ids = topic_ids(bootstrap, [events_topic, changelog_topic])
+def read_generations(bootstrap: str, events_topic: str, changelog_topic: str,
+                     security: KafkaSecurity = PLAINTEXT) -> Generations:
+    ids = topic_ids(bootstrap, [events_topic, changelog_topic], security=security)
     return Generations(ids[events_topic], ids[changelog_topic])
 
 
-def changed(bootstrap: str, events_topic: str, changelog_topic: str, known: Generations) -> str | None:
+def changed(bootstrap: str, events_topic: str, changelog_topic: str, known: Generations,
+            security: KafkaSecurity = PLAINTEXT) -> str | None:
     """Which topic has another generation than ``known``, or None. Raises KafkaError or OSError
     when the broker does not answer (which tells nothing either way)."""
-    now = read_generations(bootstrap, events_topic, changelog_topic)
+    now = read_generations(bootstrap, events_topic, changelog_topic, security)
     if now.events_id != known.events_id:
         return events_topic
     if now.changelog_id != known.changelog_id:
@@ -79,30 +83,32 @@ def changed(bootstrap: str, events_topic: str, changelog_topic: str, known: Gene
     return None
 
 
-def changed_or_none(bootstrap: str, events_topic: str, changelog_topic: str, known: Generations) -> str | None:
+def changed_or_none(bootstrap: str, events_topic: str, changelog_topic: str, known: Generations,
+                    security: KafkaSecurity = PLAINTEXT) -> str | None:
     """:func:`changed` for a periodic watch: a broker that does not answer is asked again later."""
     try:
-        return changed(bootstrap, events_topic, changelog_topic, known)
+        return changed(bootstrap, events_topic, changelog_topic, known, security)
     except (KafkaError, OSError):
         return None
 
 
 async def changed_surely(bootstrap: str, events_topic: str, changelog_topic: str, known: Generations,
-                         timeout_s: float = 10.0) -> str | None:
+                         timeout_s: float = 10.0, security: KafkaSecurity = PLAINTEXT) -> str | None:
     """:func:`changed`, asked until the broker answers; with no answer within ``timeout_s`` the
     events topic counts as changed (restarting the worker is safe, applying a batch of an unknown
     generation is not)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return await asyncio.to_thread(changed, bootstrap, events_topic, changelog_topic, known)
+            return await asyncio.to_thread(changed, bootstrap, events_topic, changelog_topic, known, security)
         except (KafkaError, OSError):
             if time.monotonic() >= deadline:
                 return events_topic
             await asyncio.sleep(0.5)
 
 
-def reseed_changelog(store: StateStore, bootstrap: str, changelog_topic: str, changelog_id: str) -> list[int]:
+def reseed_changelog(store: StateStore, bootstrap: str, changelog_topic: str, changelog_id: str,
+                     security: KafkaSecurity = PLAINTEXT) -> list[int]:
     """Write every local partition database that mirrors another generation of the changelog into
     the current one (users, then a marker), and make it replay the whole new changelog on its next
     recovery. Returns the partitions re-seeded."""
@@ -116,7 +122,7 @@ def reseed_changelog(store: StateStore, bootstrap: str, changelog_topic: str, ch
             if db.changelog_id() in (None, changelog_id):
                 continue  # the same generation, or a database from before ids were recorded
             if producer is None:
-                producer = make_producer(bootstrap, enable_idempotence=False)
+                producer = make_producer(bootstrap, security, enable_idempotence=False)
             users = 0
             for key, value in db.items():
                 producer.send(changelog_topic, key=key, value=value, partition=partition)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
 from tgastream.state.serving import ServingStore, VectorRecord
 from tgastream.stream.generations import topic_ids
 
@@ -64,8 +65,9 @@ class LiveItemIndex:
 class TopicMaterializer:
     """Consumes the embeddings topic into a store and an item index (call :meth:`run` as a task)."""
 
-    def __init__(self, bootstrap: str, topic: str, store: ServingStore, index: LiveItemIndex) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self, bootstrap: str, topic: str, store: ServingStore, index: LiveItemIndex,
+                 security: KafkaSecurity = PLAINTEXT) -> None:
+        self.bootstrap, self.topic, self.security = bootstrap, topic, security
         self.store, self.index = store, index
         self.records = 0
         self.bad_records = 0  # vectors that did not decode: skipped, never fatal
@@ -73,13 +75,13 @@ class TopicMaterializer:
         self.error: str | None = None  # the last failure of the follow loop (it retries)
 
     def _consumer(self) -> KafkaConsumer:
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None,
-                                 auto_offset_reset="earliest", fetch_max_wait_ms=50,
-                                 max_partition_fetch_bytes=8 * 1024 * 1024)
+        consumer = KafkaConsumer(**kafka_python_args(self.bootstrap, self.security, enable_auto_commit=False,
+                                                     group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=50,
+                                                     max_partition_fetch_bytes=8 * 1024 * 1024))
         parts = consumer.partitions_for_topic(self.topic) or set()
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         consumer.assign(tps)
-        current = topic_ids(self.bootstrap, [self.topic])[self.topic]
+        current = topic_ids(self.bootstrap, [self.topic], security=self.security)[self.topic]
         offsets = self.store.offsets() if current and current == self.store.source_id() else {}
         if current and current != self.store.source_id():
             if self.store.source_id() is not None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, aiokafka_args
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
@@ -49,9 +51,9 @@ class BatchedProducer:
     """An aiokafka producer fed through per-partition batch builders."""
 
     def __init__(self, bootstrap: str, *, client_id: str = "tgastream-worker",
-                 max_batch_bytes: int = MAX_BATCH_BYTES, **config: Any) -> None:
-        self._config: dict[str, Any] = dict(
-            bootstrap_servers=bootstrap, client_id=client_id, acks="all", max_batch_size=max_batch_bytes,
+                 max_batch_bytes: int = MAX_BATCH_BYTES, security: KafkaSecurity = PLAINTEXT, **config: Any) -> None:
+        self._config: dict[str, Any] = aiokafka_args(
+            bootstrap, security, client_id=client_id, acks="all", max_batch_size=max_batch_bytes,
             max_request_size=4 * max_batch_bytes, request_timeout_ms=30_000, **config)
         self._producer: AIOKafkaProducer | None = None  # made in start(): aiokafka needs the running loop
         self.idempotent = True

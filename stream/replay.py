@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
 from tqdm import tqdm
 
 from tgastream.core.events import WATERMARK_KEY, Event, Rejection, read_log, watermark_value
@@ -57,10 +59,10 @@ class ReplaySummary:
         return "\n".join(lines)
 
 
-def make_producer(bootstrap: str, **overrides: object) -> KafkaProducer:
+def make_producer(bootstrap: str, security: KafkaSecurity = PLAINTEXT, **overrides: object) -> KafkaProducer:
     """Idempotent, acks=all producer: no duplicates and no loss on retries."""
-    config: dict[str, object] = dict(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20,
+    config: dict[str, object] = kafka_python_args(
+        bootstrap, security, acks="all", enable_idempotence=True, linger_ms=20,
         batch_size=256 * 1024, max_in_flight_requests_per_connection=5, retries=2**31 - 1,
         delivery_timeout_ms=120_000,
     )
@@ -113,7 +115,7 @@ def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress
     records = _ordered(read_log(opts.path, opts.fmt), opts.order)
     if opts.limit:
         records = records[: opts.limit]
-    producer = make_producer(bootstrap)
+    producer = make_producer(bootstrap, settings.kafka_security)
     summary, rejected = ReplaySummary(), Counter()
     pacer = Pacer(opts.rate, opts.speedup)
     max_ts = float("-inf")
@@ -197,10 +199,10 @@ def _older_than(consumer: KafkaConsumer, tp: TopicPartition, offset: int, since_
 
 
 def copy_topic(bootstrap: str, source: str, dest: str, since_ms: int, idle_s: float = 3.0,
-               progress: bool = True) -> CopySummary:
+               progress: bool = True, security: KafkaSecurity = PLAINTEXT) -> CopySummary:
     """Re-send every record of ``source`` with timestamp >= ``since_ms`` to ``dest`` (same key, headers)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    producer = make_producer(bootstrap)
+    consumer = KafkaConsumer(**kafka_python_args(bootstrap, security, enable_auto_commit=False, group_id=None))
+    producer = make_producer(bootstrap, security)
     summary = CopySummary()
     start = time.monotonic()
     try:

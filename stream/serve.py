@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from tgastream.core.events import MAX_ID_CHARS  # the stream rejects longer ids: none can be stored
 from tgastream.state.registry import MANIFEST, serving_state
 from tgastream.state.serving import ServingStore
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity
 from tgastream.stream.materialize import LiveItemIndex, TopicMaterializer
 
 from tgastream.stream.openapi import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_K, spec  # the limits are the API's contract
@@ -293,22 +295,24 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
 
 def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = None,
                print_address: Callable[[str], None] = print, token: str = "",
-               topic: tuple[str, str] | None = None, checkpoint_dir: Path | None = None) -> None:
+               topic: tuple[str, str] | None = None, checkpoint_dir: Path | None = None,
+               security: KafkaSecurity = PLAINTEXT, ssl_context: ssl.SSLContext | None = None) -> None:
     """Serve until interrupted (blocking). With ``topic`` (bootstrap, embeddings topic) the API
     materializes that topic into its own store at ``store_path``; without, ``store_path`` is the
-    trainer's serving store, read as a secondary."""
+    trainer's serving store, read as a secondary. ``security``: TLS/SASL of the topic's consumer;
+    ``ssl_context``: serve HTTPS (docs/security.md)."""
     materializer = None
     if topic is not None:
         store = ServingStore(store_path)  # this replica's own: it is the only writer
-        materializer = TopicMaterializer(topic[0], topic[1], store, LiveItemIndex.from_store(store))
+        materializer = TopicMaterializer(topic[0], topic[1], store, LiveItemIndex.from_store(store), security)
     else:
         if not (store_path / "CURRENT").exists():
             ServingStore(store_path).close()  # an empty store until the trainer writes one
         secondary = store_path.parent / f"{store_path.name}.reader-{port}"
         store = ServingStore.reader(store_path, secondary)
     app = build_app(store, scorer, token=token, materializer=materializer, model_state=ModelState(checkpoint_dir))
-    print_address(f"API listening on http://{host}:{port}")
+    print_address(f"API listening on http{'s' if ssl_context else ''}://{host}:{port}")
     try:
-        web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+        web.run_app(app, host=host, port=port, print=None, handle_signals=True, ssl_context=ssl_context)
     finally:
         store.close()

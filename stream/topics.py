@@ -11,6 +11,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
 from tgastream.core.settings import Settings
 
 
@@ -39,9 +40,12 @@ def partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int
 
 
 def ensure_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions: int,
-                  timeout_s: float = 15.0) -> None:
+                  timeout_s: float = 15.0, security: KafkaSecurity = PLAINTEXT) -> None:
     """Create the missing topics with ``partitions`` partitions; fail if one exists with another count."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        admin = KafkaAdminClient(**kafka_python_args(bootstrap, security, request_timeout_ms=int(timeout_s * 1000)))
+    except KafkaError as exc:
+        raise TopicError(f"could not connect to {bootstrap} ({security.protocol}): {exc}") from None
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -70,4 +74,4 @@ def ensure_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions:
 
 
 def ensure_app_topics(bootstrap: str, settings: Settings) -> None:
-    ensure_topics(bootstrap, app_topics(settings), settings.partitions)
+    ensure_topics(bootstrap, app_topics(settings), settings.partitions, security=settings.kafka_security)

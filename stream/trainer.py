@@ -39,6 +39,8 @@ from typing import Callable, TypeVar
 import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from tgastream.core.kafka_security import kafka_python_args
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -185,6 +187,7 @@ class Trainer:
                  publish_every: int = 1, progress: Callable[[dict], None] | None = None) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
+        self.security = settings.kafka_security  # TLS/SASL of every client of the trainer
         self.learner = learner
         self.metrics = metrics or TrainerMetrics()
         self.publish_every = max(1, publish_every)
@@ -320,9 +323,10 @@ class Trainer:
 
     def _consumer(self, positions: dict[int, int]) -> tuple[KafkaConsumer, list[TopicPartition]]:
         """A consumer of every samples partition, at ``positions`` (else the beginning)."""
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None,
-                                 auto_offset_reset="earliest",  # a position past the end: a re-created topic
-                                 max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_wait_ms=100)
+        consumer = KafkaConsumer(**kafka_python_args(
+            self.bootstrap, self.security, enable_auto_commit=False, group_id=None,
+            auto_offset_reset="earliest",  # a position past the end: a re-created topic
+            max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_wait_ms=100))
         deadline = time.monotonic() + 30
         parts = consumer.partitions_for_topic(self.settings.samples_topic)
         while not parts and time.monotonic() < deadline:
@@ -371,7 +375,7 @@ class Trainer:
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
         """Run until stopped (SIGTERM/SIGINT), idle for ``idle_exit_s`` (0 = never) or ``max_samples``
         consumed (and, with ``train_policy`` all, trained)."""
-        producer = self._until_connected(lambda: make_producer(self.bootstrap, linger_ms=5), "the producer")
+        producer = self._until_connected(lambda: make_producer(self.bootstrap, self.security, linger_ms=5), "the producer")
         self.dir.mkdir(parents=True, exist_ok=True)
         serving = ServingStore(self.dir / "serving")
         self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
@@ -625,7 +629,7 @@ class Trainer:
     # -- re-created topics ---------------------------------------------------------------------
 
     def _samples_id(self) -> str | None:
-        return topic_ids(self.bootstrap, [self.settings.samples_topic])[self.settings.samples_topic]
+        return topic_ids(self.bootstrap, [self.settings.samples_topic], security=self.security)[self.settings.samples_topic]
 
     def _check_samples_generation(self) -> bool:
         """Whether the samples topic was re-created (a new id, e.g. after a broker restart) since

@@ -90,6 +90,8 @@ def drop_stale_partitions(worker: StreamWorker) -> list[int]:
     """
     from kafka import KafkaConsumer, TopicPartition
 
+    from tgastream.core.kafka_security import kafka_python_args
+
     store = worker.store
     local = {}
     for partition in store.local_partitions():
@@ -100,7 +102,8 @@ def drop_stale_partitions(worker: StreamWorker) -> list[int]:
     if not local:
         return []
     topic = changelog_topic(worker.settings)
-    consumer = KafkaConsumer(bootstrap_servers=worker.settings.bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(**kafka_python_args(worker.settings.bootstrap, worker.settings.kafka_security,
+                                                 enable_auto_commit=False, group_id=None))
     try:
         ends = consumer.end_offsets([TopicPartition(topic, p) for p in local])
     finally:
@@ -280,17 +283,20 @@ def dump_tasks(*loops: asyncio.AbstractEventLoop | None) -> None:
 async def _prepare_incarnation(settings: Settings, data_dir: Path, metrics: WorkerMetrics,
                                totals: PipelineTotals) -> StreamWorker:
     """Topics, generations, local state made consistent with the changelog: a worker ready to start."""
-    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions)
+    security = settings.kafka_security
+    ensure_topics(settings.bootstrap, worker_topics(settings), settings.partitions, security=security)
     changelog = changelog_topic(settings)
-    generations = await asyncio.to_thread(read_generations, settings.bootstrap, settings.events_topic, changelog)
+    generations = await asyncio.to_thread(read_generations, settings.bootstrap, settings.events_topic, changelog,
+                                          security)
     worker = build_worker(settings, data_dir, metrics, generations=generations, totals=totals)
     log.info("worker of group %s on %s, state in %s (events generation %08x)", settings.consumer_group,
              settings.bootstrap, data_dir, generations.source)
     if generations.changelog_id:
-        await asyncio.to_thread(reseed_changelog, worker.store, settings.bootstrap, changelog, generations.changelog_id)
+        await asyncio.to_thread(reseed_changelog, worker.store, settings.bootstrap, changelog, generations.changelog_id,
+                                security)
     drop_stale_partitions(worker)
     worker.pipeline.generation_check = lambda: changed_surely(
-        settings.bootstrap, settings.events_topic, changelog, generations)
+        settings.bootstrap, settings.events_topic, changelog, generations, security=security)
     return worker
 
 
@@ -345,7 +351,8 @@ async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.
                 return f"recreated:{topic}"
         if check is None and options.generation_check_s and now >= next_check:
             check = asyncio.ensure_future(asyncio.to_thread(
-                changed_or_none, settings.bootstrap, settings.events_topic, changelog, worker.generations))
+                changed_or_none, settings.bootstrap, settings.events_topic, changelog, worker.generations,
+                settings.kafka_security))
             next_check = now + options.generation_check_s
         if worker.pipeline.recreated is not None:
             return f"recreated:{worker.pipeline.recreated}"

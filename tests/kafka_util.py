@@ -6,15 +6,17 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
+from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
+
 
 def read_topic(bootstrap: str, topic: str, expected: int | None = None, idle_s: float = 2.0,
-               timeout_s: float = 60.0) -> list:
+               timeout_s: float = 60.0, security: KafkaSecurity = PLAINTEXT) -> list:
     """Every record of ``topic`` from the beginning, partition by partition in offset order.
 
     Stops once ``expected`` records are read (then waits ``idle_s`` more for extras) or, without a
     count, after ``idle_s`` with no new record. Counting records avoids Tansu's short end offsets.
     """
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(**kafka_python_args(bootstrap, security, enable_auto_commit=False, group_id=None))
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]

@@ -11,7 +11,7 @@ HELP = "run broker, stream worker, trainer and API on one machine, replay a log,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--out", type=Path, default=Path("demo-report"), help="report folder (default: demo-report)")
     p.add_argument("--data", type=Path, help="replay this log instead of generating one (Taobao CSV, JSON lines, RetailRocket)")
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="stop after this many seconds (default: 900)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_setting_flags(p, "bootstrap", "partitions", "device", "dim", "layers", "heads", "batch_size", "sample_len", "train_policy",
-                      "api_port", "republish_rate")
+                      "api_port", "republish_rate", "stop_timeout_s", *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

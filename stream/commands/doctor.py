@@ -15,8 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tgastream.core.settings import Settings
+
+if TYPE_CHECKING:
+    from tgastream.core.kafka_security import KafkaSecurity
 
 HELP = "check this installation: fused kernel or reference path, CUDA or CPU, broker, data dir, versions"
 
@@ -34,11 +38,11 @@ class Check:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--require-fused", action="store_true", help="exit 1 when the fused CPU kernel is not available")
     p.add_argument("--require-broker", action="store_true", help="exit 1 when no Kafka broker answers at the bootstrap")
-    add_setting_flags(p, "bootstrap", "data_dir", "device")
+    add_setting_flags(p, "bootstrap", "data_dir", "device", "stop_timeout_s", *KAFKA_SECURITY_SETTINGS)
 
 
 def kernel_check(required: bool) -> Check:
@@ -65,12 +69,36 @@ def compute_check(device_setting: str) -> Check:
     return Check("compute", True, f"{describe(device)}; torch {torch.__version__}, {cuda}")
 
 
-def broker_check(bootstrap: str, required: bool) -> Check:
-    from tgastream.stream.broker import answers_metadata, port_open
+def security_check(settings: Settings) -> tuple[Check, "KafkaSecurity | None"]:
+    """The Kafka TLS/SASL settings: usable (secret files readable and private, files present)?"""
+    from tgastream.core.settings import SettingsError
 
+    try:
+        sec = settings.kafka_security
+    except SettingsError as exc:
+        return Check("kafka auth", False, str(exc)), None
+    return Check("kafka auth", True, sec.describe()), sec
+
+
+def broker_check(bootstrap: str, required: bool, security: "KafkaSecurity | None" = None,
+                 timeout_s: float = 5.0) -> Check:
+    """Connection, TLS, authentication and metadata, step by step: which one fails."""
+    from tgastream.stream.broker import answers_metadata, port_open
+    from tgastream.stream.kafka_probe import probe
+
+    if security is None:
+        return Check("broker", False, f"{bootstrap} not tried: the Kafka security settings are unusable", required)
+    if security.tls or security.sasl:
+        result = probe(bootstrap, security, timeout_s)
+        if not result.ok:
+            return Check("broker", False, f"{bootstrap}: {result.stage} failed: {result.message}", required)
+        return Check("broker", True, result.message)
     if answers_metadata(bootstrap, timeout_s=5.0):
         return Check("broker", True, f"{bootstrap} answers (Kafka metadata)")
-    why = "listens but answers no Kafka metadata request" if port_open(bootstrap) else "nothing listens there"
+    why = "nothing listens there"
+    if port_open(bootstrap):
+        result = probe(bootstrap, security, timeout_s)
+        why = f"{result.stage} failed: {result.message}" if not result.ok else "listens but answers no Kafka metadata request"
     hint = "" if required else " (not required: demo/tests start the embedded broker; pass --bootstrap HOST:PORT)"
     return Check("broker", False, f"{bootstrap} unreachable: {why}{hint}", required)
 
@@ -115,11 +143,13 @@ def packages_check() -> Check:
 def run_checks(settings: Settings, args: argparse.Namespace) -> list[Check]:
     from tgastream.stream.broker import DEFAULT_BOOTSTRAP
 
+    security, kafka = security_check(settings)
     return [
         packages_check(),
         kernel_check(args.require_fused),
         compute_check(settings.device),
-        broker_check(settings.bootstrap or DEFAULT_BOOTSTRAP, args.require_broker),
+        security,
+        broker_check(settings.bootstrap or DEFAULT_BOOTSTRAP, args.require_broker, kafka, settings.stop_timeout_s or 5.0),
         data_dir_check(Path(settings.data_dir)),
     ]
 

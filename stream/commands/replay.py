@@ -15,7 +15,7 @@ HELP = "replay an event log file (or re-read a topic from a timestamp) into the 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("file", nargs="?", type=Path, help="log file: JSON lines, Taobao CSV or RetailRocket events.csv (.gz ok)")
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto-detect)")
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-topic", help="instead of a file: re-read this topic into --to (default: the events topic)")
     p.add_argument("--since", help="with --from-topic: first record time, ISO 8601 or epoch seconds")
     p.add_argument("--to", help="with --from-topic: destination topic")
-    add_setting_flags(p, "bootstrap", "partitions", "events_topic", "dlq_topic")
+    add_setting_flags(p, "bootstrap", "partitions", "events_topic", "dlq_topic", *KAFKA_SECURITY_SETTINGS)
 
 
 def parse_time(text: str) -> float:
@@ -48,7 +48,7 @@ def parse_time(text: str) -> float:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from tgastream.stream.broker import connect_or_start, install_sigterm_handler
+    from tgastream.stream.broker import connect_with, install_sigterm_handler
     from tgastream.core.errors import CommandError
     from tgastream.stream.replay import ReplayConfig, copy_topic, replay_file, write_summary_json
     from tgastream.stream.topics import ensure_app_topics
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     install_sigterm_handler()
-    with connect_or_start(settings.bootstrap) as broker:
+    with connect_with(settings) as broker:
         if broker.embedded:
             print(f"using an embedded broker on {broker.bootstrap} (memory only; it stops when replay ends)", file=sys.stderr)
         ensure_app_topics(broker.bootstrap, settings)
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             dest = args.to or settings.events_topic
             if dest == args.from_topic:
                 raise CommandError("--to must differ from --from-topic")
-            summary = copy_topic(broker.bootstrap, args.from_topic, dest, int(since * 1000), progress=not args.quiet)
+            summary = copy_topic(broker.bootstrap, args.from_topic, dest, int(since * 1000), progress=not args.quiet,
+                                 security=settings.kafka_security)
             print(json.dumps(summary.to_json()))
             return 0
         opts = ReplayConfig(path=args.file, fmt=args.format, order=args.order, rate=args.rate,

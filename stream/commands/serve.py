@@ -16,28 +16,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path,
                    help="read this trainer's serving RocksDB (a secondary reader beside the trainer) instead of "
                         "materializing the embeddings topic into DATA_DIR/api-serving (the default)")
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS
+
     add_setting_flags(p, "bootstrap", "partitions", "embeddings_topic", "data_dir", "checkpoint_dir", "api_host", "api_port",
-                      "device")
+                      "device", "api_token_file", "api_ssl_certfile", "api_ssl_keyfile", *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from tgastream.stream.broker import connect_or_start, install_sigterm_handler
+    from tgastream.core.kafka_security import server_ssl_context
+    from tgastream.stream.broker import connect_with, install_sigterm_handler
     from tgastream.stream.serve import run_server
     from tgastream.stream.topics import ensure_app_topics
 
     install_sigterm_handler()
+    token = settings.resolved_api_token()  # from api_token or api_token_file (chmod 600)
+    https = server_ssl_context(settings.api_ssl_certfile, settings.api_ssl_keyfile)
     topic = None
     if args.store is not None:
         store = args.store
         print(f"tgastream serve: the trainer's store {store}")
     else:
-        broker = connect_or_start(settings.bootstrap, allow_embedded=False)
+        broker = connect_with(settings, allow_embedded=False)
         ensure_app_topics(broker.bootstrap, settings)
         store = Path(settings.data_dir) / "api-serving"
         topic = (broker.bootstrap, settings.embeddings_topic)
         print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
     run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
-               token=settings.api_token, topic=topic, checkpoint_dir=settings.checkpoints)
+               token=token, topic=topic, checkpoint_dir=settings.checkpoints, security=settings.kafka_security,
+               ssl_context=https)
     return 0
 
 

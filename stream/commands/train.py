@@ -14,7 +14,7 @@ HELP = "run the online trainer: consume training-samples, fine-tune TGA, publish
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--idle-exit", type=float, default=0.0, metavar="S",
                    help="exit after S seconds without new samples (default: 0 = run until stopped)")
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len",
                       "train_policy", "stop_timeout_s", "checkpoint_dir", "republish_rate",
                       "drift_delta", "guard", "guard_margin", "guard_window", "guard_min_retrievals",
-                      "guard_min_positives", "shadow_share", "seed")
+                      "guard_min_positives", "shadow_share", "seed", *KAFKA_SECURITY_SETTINGS)
 
 
 def torchrun_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.model.device import resolve_device
     from tgastream.model.online import OnlineLearner
     from tgastream.stream.configs import online_config, online_model_config
-    from tgastream.stream.broker import connect_or_start
+    from tgastream.stream.broker import connect_with
     from tgastream.core.errors import CommandError
     from tgastream.stream.topics import ensure_app_topics
     from tgastream.stream.trainer import Trainer, TrainerMetrics, install_stop_handlers
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.warm_start is not None and not args.warm_start.is_file():
         raise CommandError(f"no such model file: {args.warm_start}")
     print("tgastream train: settings\n" + settings.describe(), file=sys.stderr)
-    handle = connect_or_start(settings.bootstrap, allow_embedded=False)
+    handle = connect_with(settings, allow_embedded=False)
     ensure_app_topics(handle.bootstrap, settings)
     if world > 1:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))

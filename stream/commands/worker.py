@@ -11,7 +11,7 @@ HELP = "run a stream worker: consume behavior-events, keep user graphs in RocksD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--progress", type=float, default=10.0, metavar="S",
                    help="seconds between progress lines (default: 10; 0 = none)")
@@ -21,14 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_flags(p, "bootstrap", "partitions", "events_topic", "dlq_topic", "samples_topic",
                       "features_topic", "data_dir", "metrics_port", "metrics_host", "worker_group",
                       "worker_batch", "worker_flush_s", "standby_replicas", "rebalance_timeout_s",
-                      "stop_timeout_s", "join_timeout_s")
+                      "stop_timeout_s", "join_timeout_s", *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
     import logging
 
-    from tgastream.stream.broker import connect_or_start
+    from tgastream.stream.broker import connect_with
     from tgastream.core.errors import CommandError
     from tgastream.stream.worker import WorkerConfig, configure_logging, run_worker, tune_gc
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--progress and --max-seconds must be >= 0")
     configure_logging(logging.WARNING if args.quiet else logging.INFO)
     tune_gc()
-    broker = connect_or_start(settings.bootstrap, allow_embedded=False)
+    broker = connect_with(settings, allow_embedded=False)
     settings = settings.replace(bootstrap=broker.bootstrap)
     print("tgastream worker settings:\n" + settings.describe(), file=sys.stderr, flush=True)
     options = WorkerConfig(progress_s=0.0 if args.quiet else args.progress, max_seconds=args.max_seconds,
