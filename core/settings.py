@@ -87,13 +87,16 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_token: str = field(default="", metadata={"help": "bearer token every API route but /healthz requires; empty = none (never printed)", "secret": True})
+    ann_exact_below: int = field(default=50_000, metadata={"help": "API replica: below this many items recommendations scan every item exactly; at or above it an approximate index (faiss IVF) answers (docs/scaling.md)"})
+    ann_nprobe: int = field(default=24, metadata={"help": "API replica: inverted lists of the approximate index scanned per query (more: better recall, slower)"})
+    ann_update_chunk: int = field(default=256, metadata={"help": "API replica: most item vectors written to the index at once; a query waits for at most one such chunk"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics listens on (0.0.0.0 in containers)"})
     seed: int = 0
 
     def validate(self) -> "Settings":
         for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst",
-                     "checkpoint_every_steps"):
+                     "checkpoint_every_steps", "ann_nprobe", "ann_update_chunk"):
             _positive(name, getattr(self, name))
         if self.threads < 0:
             raise SettingsError(f"threads must be >= 0, got {self.threads}")
@@ -116,6 +119,8 @@ class Settings:
         for name in ("stop_timeout_s", "join_timeout_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ann_exact_below < 0:
+            raise SettingsError(f"ann_exact_below must be >= 0, got {self.ann_exact_below}")
         if self.standby_replicas < 0:
             raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
         if not 0.0 <= self.replay_share < 1.0:
@@ -132,6 +137,13 @@ class Settings:
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"{name} must be a port number, got {getattr(self, name)}")
         return self
+
+    def ann_config(self):
+        """How an API replica's item index searches (state/ann_index.py)."""
+        from tgastream.state.ann_index import AnnConfig
+
+        return AnnConfig(exact_below=self.ann_exact_below, nprobe=self.ann_nprobe,
+                         update_chunk=self.ann_update_chunk, seed=self.seed)
 
     @property
     def checkpoints(self) -> Path:

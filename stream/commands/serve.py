@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read this trainer's serving RocksDB (a secondary reader beside the trainer) instead of "
                         "materializing the embeddings topic into DATA_DIR/api-serving (the default)")
     add_setting_flags(p, "bootstrap", "partitions", "embeddings_topic", "data_dir", "checkpoint_dir", "api_host", "api_port",
-                      "device")
+                      "device", "ann_exact_below", "ann_nprobe", "ann_update_chunk")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         topic = (broker.bootstrap, settings.embeddings_topic)
         print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
     run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
-               token=settings.api_token, topic=topic, checkpoint_dir=settings.checkpoints)
+               token=settings.api_token, topic=topic, checkpoint_dir=settings.checkpoints, ann=settings.ann_config())
     return 0
 
 
