@@ -12,8 +12,10 @@ item by its row number. Removed rows are marked dead and reused. A query scores
 ``⟨user, item⟩`` over the ``nprobe`` inverted lists whose centroids score highest with the user
 (IVF) or over every live row (exact), drops excluded items, and returns the k best.
 
-Concurrency: one lock guards the matrix and the faiss index. Writers take it per chunk of at most
-``update_chunk`` vectors, so a query waits for at most one chunk (a bounded time). A (re)build
+Concurrency: one first-come-first-served lock guards the matrix and the faiss index. Writers take
+it per chunk of at most ``update_chunk`` vectors, so a query waits for at most one chunk (a bounded
+time) plus the queries queued before it; and being FIFO, a stream of queries cannot starve the
+writer either (Python's plain lock lets the thread that releases it take it again at once). A (re)build
 (the catalogue crossed ``exact_below`` or grew ``rebuild_growth``×) trains on a snapshot in a
 background thread without the lock, then replays the rows changed meanwhile, chunk by chunk, and
 swaps the new index in; queries keep being served by the old index (or the exact scan) until then.
@@ -45,6 +47,38 @@ class AnnConfig:
     seed: int = 0
 
 
+def _faiss(threads: int):
+    """faiss, with its OpenMP team for the calling thread set to ``threads``: the setting is per
+    thread, and faiss's default team (every core) spin-waits on a loaded machine, making a
+    256-vector add take ~70 ms instead of ~1 ms."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, threads))
+    return faiss
+
+
+class FairLock:
+    """A mutex granted in arrival order (tickets)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self) -> "FairLock":
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 def _exact_top(scores: np.ndarray, want: int) -> np.ndarray:
     """Positions of the ``want`` highest ``scores``, best first (stable for ties)."""
     if want < len(scores):
@@ -59,7 +93,7 @@ class ItemVectorIndex:
 
     def __init__(self, config: AnnConfig | None = None) -> None:
         self.config = config or AnnConfig()
-        self._lock = threading.Lock()
+        self._lock = FairLock()
         self._build_lock = threading.Lock()
         self._ivf = None  # faiss.IndexIVFFlat over live rows (ids = row numbers), or None
         self._ivf_items = 0  # live items when the current IVF was built
@@ -165,6 +199,7 @@ class ItemVectorIndex:
                 self.matrix[r] = vecs
                 self.live[r] = True
                 if self._ivf is not None:
+                    _faiss(self.config.threads)
                     old = r[~np.asarray(fresh)]
                     if len(old):
                         self._ivf.remove_ids(old)
@@ -206,6 +241,7 @@ class ItemVectorIndex:
                     heapq.heappush(self._free, row)
                 if rows:
                     if self._ivf is not None:
+                        _faiss(self.config.threads)
                         self._ivf.remove_ids(np.asarray(rows, dtype=np.int64))
                     if self._dirty is not None:
                         self._dirty.update(rows)
@@ -242,10 +278,8 @@ class ItemVectorIndex:
     def build(self) -> None:
         """Train an IVF on a snapshot of the live rows, add them, replay what changed meanwhile,
         swap it in. The lock is held only for the snapshot and for each replayed chunk."""
-        import faiss
-
         cfg = self.config
-        faiss.omp_set_num_threads(max(1, cfg.threads))
+        faiss = _faiss(cfg.threads)
         t0 = time.perf_counter()
         with self._lock:
             dim = self.dim
@@ -350,8 +384,7 @@ class ItemVectorIndex:
         return out
 
     def _approx(self, user: np.ndarray, k: int, exclude: set[str], rows: np.ndarray | None) -> list[tuple[str, float]]:
-        import faiss
-
+        faiss = _faiss(self.config.threads)
         want = min(len(self.rows), k + len(exclude))
         params = None
         if rows is not None:  # a category: only its rows, more lists (a small share of each)
