@@ -54,6 +54,7 @@ def test_two_nodes_train_one_stream_every_sample_once(topic_settings, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_nodes_survive_one_nodes_kill_9_and_restart(topic_settings, tmp_path):
     settings = topic_settings
     ensure_app_topics(settings.bootstrap, settings)
@@ -74,6 +75,9 @@ def test_two_nodes_survive_one_nodes_kill_9_and_restart(topic_settings, tmp_path
         except ProcessLookupError:
             pass
     b.wait(30)
+    while "will restart worker group" not in logs[0].read_text():  # a saw its peer go and restarts
+        assert a.poll() is None and time.monotonic() < deadline + 300, _logs(*logs)
+        time.sleep(0.2)
     b_again = _node(settings, data, logs[2], endpoint, run_id, *extra)  # the supervisor starts it again
     assert a.wait(600) == 0, _logs(*logs)
     assert b_again.wait(120) == 0, _logs(*logs)
