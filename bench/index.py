@@ -76,7 +76,9 @@ class _Ours(_Method):
     def __init__(self, settings: Settings, exact: bool) -> None:
         from tgastream.state.ann_index import AnnConfig, ItemVectorIndex
 
-        cfg = settings.ann_config()
+        from tgastream.stream.configs import ann_config
+
+        cfg = ann_config(settings)
         self.exact = exact
         self.name = "exact" if exact else "faiss-ivf"
         self.index = ItemVectorIndex(AnnConfig(exact_below=2**62, update_chunk=cfg.update_chunk) if exact else cfg)
@@ -295,7 +297,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               f"{r['topk_p50_ms']:>7.2f} {r['topk_p99_ms']:>7.2f} {r['topk_p50_ms_8_clients']:>8.2f} "
               f"{r['topk_p99_ms_8_clients']:>8.2f} {r['topk_p99_ms_during_updates'] or 0:>8.2f} "
               f"{r['recall@10']:>9.3f} {r['memory_mb']:>7.1f}")
-    cfg = settings.ann_config()
+    from tgastream.stream.configs import ann_config
+
+    cfg = ann_config(settings)
     write_json(args.json, {"rows": rows, "k": args.k, "dim": dim, "queries": args.queries, "clients": CLIENTS,
                            "update_chunk": chunk, "update_s": args.update_s, "nprobe": cfg.nprobe,
                            "lists_factor": cfg.lists_factor, "recall_queries": 100,

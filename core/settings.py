@@ -138,13 +138,6 @@ class Settings:
                 raise SettingsError(f"{name} must be a port number, got {getattr(self, name)}")
         return self
 
-    def ann_config(self):
-        """How an API replica's item index searches (state/ann_index.py)."""
-        from tgastream.state.ann_index import AnnConfig
-
-        return AnnConfig(exact_below=self.ann_exact_below, nprobe=self.ann_nprobe,
-                         update_chunk=self.ann_update_chunk, seed=self.seed)
-
     @property
     def checkpoints(self) -> Path:
         """The checkpoint directory: ``checkpoint_dir``, else ``data_dir/checkpoints``."""

@@ -35,7 +35,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AnnConfig:
-    """How the item index searches; ``Settings.ann_config()`` makes one from the settings."""
+    """How the item index searches; ``stream.configs.ann_config`` makes one from the settings."""
 
     exact_below: int = 50_000  # fewer live items than this: exact scan (also the reference)
     nprobe: int = 24  # inverted lists scanned per query
@@ -95,6 +95,7 @@ class ItemVectorIndex:
         self.config = config or AnnConfig()
         self._lock = FairLock()
         self._build_lock = threading.Lock()
+        self._one_build = threading.Lock()
         self._ivf = None  # faiss.IndexIVFFlat over live rows (ids = row numbers), or None
         self._ivf_items = 0  # live items when the current IVF was built
         self._building: threading.Thread | None = None
@@ -277,7 +278,12 @@ class ItemVectorIndex:
 
     def build(self) -> None:
         """Train an IVF on a snapshot of the live rows, add them, replay what changed meanwhile,
-        swap it in. The lock is held only for the snapshot and for each replayed chunk."""
+        swap it in. The lock is held only for the snapshot and for each replayed chunk; one
+        build runs at a time."""
+        with self._one_build:
+            self._build()
+
+    def _build(self) -> None:
         cfg = self.config
         faiss = _faiss(cfg.threads)
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ replica's store on restart, honours the filters, and reaches recall@10 ≥ 0.95 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -64,14 +65,18 @@ def test_a_rebuild_while_updates_arrive_misses_none_of_them():
     x = _catalogue(4000, 8, 2)
     index = ItemVectorIndex(AnnConfig(exact_below=1000, nprobe=10_000, rebuild_growth=2.0, update_chunk=50))
     index.put_many([f"i{i}" for i in range(1000)], x[:1000])  # builds in the background ...
-    for start in range(1000, 4000, 100):  # ... while more arrive, and rebuilds as it grows
+    index.wait_built()
+    rebuild = threading.Thread(target=index.build)  # ... and once more, by hand, while more arrive
+    rebuild.start()
+    for start in range(1000, 4000, 100):
         index.put_many([f"i{i}" for i in range(start, start + 100)], x[start:start + 100])
         index.remove([f"i{start - 500}"])
-    index.wait_built()
+        index.put_many([f"i{start - 400}"], -x[start - 400:start - 399])
+    rebuild.join()
     deadline = time.monotonic() + 30
     while index._building is not None and time.monotonic() < deadline:
         index.wait_built(1)
-    assert index.builds >= 2 and index._ivf.ntotal == len(index)
+    assert index.builds >= 2 and index._ivf.ntotal == len(index) == 3970
     _assert_same_as_exact(index, np.random.default_rng(3).standard_normal((10, 8), dtype=np.float32))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +27,18 @@ ARGS = ("--batch-size", "64", "--burst", "2", "--sample-len", "20", "--lr", "0.0
 def _node(settings, data: Path, log: Path, endpoint: str, run_id: str, *extra: str) -> subprocess.Popen:
     return start_trainer(settings, data, log, "--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
                          "--rdzv-id", run_id, *ARGS, *extra)
+
+
+def _wait_listening(endpoint: str, proc: subprocess.Popen, logs: list[Path], timeout: float = 120) -> None:
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, _logs(*logs)
+            time.sleep(0.2)
 
 
 def _trained(data: Path) -> list[tuple]:
@@ -63,7 +76,8 @@ def test_two_nodes_survive_one_nodes_kill_9_and_restart(topic_settings, tmp_path
     endpoint, run_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8]
     logs = [tmp_path / "node-a.log", tmp_path / "node-b.log", tmp_path / "node-b-again.log"]
     extra = ("--idle-exit", "6", "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--max-restarts", "2")
-    a = _node(settings, data, logs[0], endpoint, run_id, *extra)  # hosts the rendezvous store
+    a = _node(settings, data, logs[0], endpoint, run_id, *extra)
+    _wait_listening(endpoint, a, logs)  # a hosts the rendezvous store (the first to bind it does)
     b = _node(settings, data, logs[1], endpoint, run_id, *extra)
     deadline = time.monotonic() + 300
     while not list((data / "checkpoints").glob("ckpt-*.pt")) or len(history(data / "rank-0")) < 13:

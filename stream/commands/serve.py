@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.stream.broker import connect_or_start, install_sigterm_handler
+    from tgastream.stream.configs import ann_config
     from tgastream.stream.serve import run_server
     from tgastream.stream.topics import ensure_app_topics
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         topic = (broker.bootstrap, settings.embeddings_topic)
         print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
     run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
-               token=settings.api_token, topic=topic, checkpoint_dir=settings.checkpoints, ann=settings.ann_config())
+               token=settings.api_token, topic=topic, checkpoint_dir=settings.checkpoints, ann=ann_config(settings))
     return 0
 
 
