@@ -272,7 +272,7 @@ def _idmap_at(n: int, chunk: int) -> dict:
     rss0 = _rss_mb()
     m = IdMap(chunk)
     t0 = time.perf_counter()
-    step = 100_000
+    step = max(1, min(100_000, n // 10))  # ids of one batch share a use time
     for start in range(0, n, step):
         m.lookup([str(10_000_000 + i) for i in range(start, min(n, start + step))], now=float(start))
     fill_s = time.perf_counter() - t0
