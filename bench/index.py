@@ -1,22 +1,30 @@
-"""``tgastream bench index``: the cost of an API replica's item index at 100k and 1M items.
+"""``tgastream bench index``: an API replica's item index, exact scan and approximate index side by
+side, per catalogue size (100k and 1M items by default).
 
-The replica keeps every item vector in one growing matrix, updated in place as item records
-arrive on the embeddings topic (:class:`stream.materialize.LiveItemIndex`); a recommendation is one
-matrix-vector product over it plus a partial sort (:func:`stream.serve.top_k`). This measures, per
-catalogue size: building the index record by record, updating 10,000 items in place (a model
-step's worth), and top-k latency (p50/p99), all in one process, side by side.
+Per (size, method) in one process, on one synthetic clustered catalogue (item embeddings gather by
+kind; the users are noisy copies of items): build time (every vector put, the index trained),
+query latency p50/p99 with one client and with 8 concurrent clients (threads), updates per second
+(vectors replaced in place, in chunks, while a client queries all the time, for ``--update-s``
+seconds), recall@10 against the exact scan, and the memory the vectors take. Methods:
+``exact`` (state/ann_index.py below ``ann_exact_below``) and ``faiss-ivf`` (above it, what the
+replica serves with); ``--libraries`` adds the HNSW libraries that were weighed against it
+(hnswlib, usearch, faiss HNSW) at the smallest size, through the same measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from tgastream.core.settings import Settings
 from tgastream.bench.report import write_json
 
-HELP = "item index of an API replica: build, in-place updates and top-k latency at 100k and 1M items"
+HELP = "item index of an API replica: exact vs approximate top-k (build, updates while querying, p50/p99, recall@10, memory)"
+CLIENTS = 8
 
 
 def _ints(text: str) -> list[int]:
@@ -24,55 +32,304 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from tgastream.stream.cli import add_setting_flags
+
+    add_setting_flags(p, "ann_exact_below", "ann_nprobe", "ann_update_chunk", "seed")
     p.add_argument("--items", type=_ints, default=[100_000, 1_000_000], help="catalogue sizes (default: 100000,1000000)")
     p.add_argument("--dim", type=int, default=None, help="vector width (default: settings dim)")
-    p.add_argument("--queries", type=int, default=200, help="top-k queries per size (default: 200)")
+    p.add_argument("--queries", type=int, default=400, help="top-k queries per measurement (default: 400)")
     p.add_argument("--k", type=int, default=10, help="k of top-k (default: 10)")
+    p.add_argument("--update-s", type=float, default=5.0, help="seconds of updates while querying (default: 5)")
+    p.add_argument("--libraries", action="store_true",
+                   help="also measure hnswlib, usearch and faiss HNSW at the smallest size (the choice of library)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--png", type=Path, help="plot latency and recall against catalogue size here")
+
+
+def catalogue(n: int, dim: int, seed: int):
+    """Clustered item vectors [n, d] (n/100 kinds) and the generator that made them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 100), dim), dtype=np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.7 * rng.standard_normal((n, dim), dtype=np.float32)
+    return x, rng
+
+
+class _Method:
+    """One index under test: build(ids, x), query(u, k) -> ids, replace(rows, x), memory_mb()."""
+
+    name = ""
+
+    def build(self, x) -> None: ...
+
+    def query(self, u, k: int) -> list[int]: ...
+
+    def replace(self, rows, x) -> None: ...
+
+    def memory_mb(self) -> float: ...
+
+
+class _Ours(_Method):
+    """state/ann_index.py, forced exact or approximate."""
+
+    def __init__(self, settings: Settings, exact: bool) -> None:
+        from tgastream.state.ann_index import AnnConfig, ItemVectorIndex
+
+        from tgastream.stream.configs import ann_config
+
+        cfg = ann_config(settings)
+        self.exact = exact
+        self.name = "exact" if exact else "faiss-ivf"
+        self.index = ItemVectorIndex(AnnConfig(exact_below=2**62, update_chunk=cfg.update_chunk) if exact else cfg)
+
+    def build(self, x) -> None:
+        self.ids = [str(i) for i in range(len(x))]
+        self.index.put_many(self.ids, x)
+        self.index.wait_built()
+
+    def query(self, u, k: int) -> list[int]:
+        return [int(i) for i, _ in self.index.top_k(u, k, exact=self.exact)]
+
+    def replace(self, rows, x) -> None:
+        self.index.put_many([self.ids[r] for r in rows], x)
+
+    def memory_mb(self) -> float:
+        return self.index.memory_bytes() / 2**20
+
+
+class _Hnswlib(_Method):
+    name = "hnswlib"
+
+    def build(self, x) -> None:
+        import hnswlib
+
+        self.index = hnswlib.Index("ip", x.shape[1])
+        self.index.init_index(len(x), M=16, ef_construction=100)
+        self.index.set_num_threads(1)
+        self.index.add_items(x, list(range(len(x))))
+        self.index.set_ef(128)
+        self.n, self.d = len(x), x.shape[1]
+
+    def query(self, u, k: int) -> list[int]:
+        return [int(i) for i in self.index.knn_query(u, k)[0][0]]
+
+    def replace(self, rows, x) -> None:
+        self.index.add_items(x, rows)
+
+    def memory_mb(self) -> float:
+        return self.n * (self.d * 4 + 16 * 2 * 4 + 8) / 2**20  # vectors + level-0 links (M = 16) + label
+
+
+class _Usearch(_Method):
+    name = "usearch"
+
+    def build(self, x) -> None:
+        import numpy as np
+        from usearch.index import Index
+
+        self.index = Index(ndim=x.shape[1], metric="ip", dtype="f32", connectivity=16, expansion_add=100,
+                           expansion_search=128)
+        self.index.add(np.arange(len(x)), x, threads=1)
+
+    def query(self, u, k: int) -> list[int]:
+        return [int(i) for i in self.index.search(u, k, threads=1).keys]
+
+    def replace(self, rows, x) -> None:
+        import numpy as np
+
+        keys = np.asarray(rows, dtype=np.uint64)
+        self.index.remove(keys)
+        self.index.add(keys, x, threads=1)
+
+    def memory_mb(self) -> float:
+        return self.index.memory_usage / 2**20
+
+
+class _FaissHnsw(_Method):
+    name = "faiss-hnsw"
+
+    def build(self, x) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        self.index = faiss.IndexHNSWFlat(x.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = 100
+        self.index.add(x)
+        self.index.hnsw.efSearch = 128
+        self.n, self.d = len(x), x.shape[1]
+
+    def query(self, u, k: int) -> list[int]:
+        return [int(i) for i in self.index.search(u[None, :], k)[1][0]]
+
+    def replace(self, rows, x) -> None:
+        raise NotImplementedError("faiss HNSW cannot remove or replace a vector")
+
+    def memory_mb(self) -> float:
+        return self.n * (self.d * 4 + 16 * 2 * 4) / 2**20
+
+
+def exact_top(x, users, k: int) -> list[list[int]]:
+    """The true top-k rows of each user by dot product (the reference of recall@k)."""
+    import numpy as np
+
+    out = []
+    for start in range(0, len(users), 10):
+        scores = users[start:start + 10] @ x.T  # [10, n]
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out += [sorted(t.tolist(), key=lambda i, s=s: -s[i]) for t, s in zip(top, scores)]
+    return out
+
+
+def _latencies(query: Callable, users, k: int, clients: int) -> list[float]:
+    """Milliseconds per query, ``clients`` threads sharing ``users``."""
+    out: list[float] = []
+    lock = threading.Lock()
+
+    def client(part) -> None:
+        mine = []
+        for u in part:
+            t0 = time.perf_counter()
+            query(u, k)
+            mine.append((time.perf_counter() - t0) * 1e3)
+        with lock:
+            out.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(users[c::clients],)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _updates_while_querying(method: _Method, x, rng, seconds: float, chunk: int, users, k: int) -> tuple[float, list[float]]:
+    """Replace random vectors in chunks for ``seconds`` while one client queries without pause:
+    (updates per second, the client's latencies in ms)."""
+    import numpy as np
+
+    stop = threading.Event()
+    lat: list[float] = []
+
+    def client() -> None:
+        i = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            method.query(users[i % len(users)], k)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            i += 1
+
+    t = threading.Thread(target=client)
+    t.start()
+    done, t0 = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < seconds:
+            rows = np.unique(rng.integers(0, len(x), chunk))  # one vector per item per chunk
+            method.replace(rows.tolist(), x[rows] + 0.01 * rng.standard_normal((len(rows), x.shape[1]), dtype=np.float32))
+            done += len(rows)
+    except NotImplementedError:
+        done = 0
+    finally:
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        t.join()
+    return done / elapsed, lat
+
+
+def _measure(method: _Method, x, users, truth, k: int, rng, update_s: float, chunk: int) -> dict:
+    import numpy as np
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    method.build(x)
+    build_s = time.perf_counter() - t0
+    one = _latencies(method.query, users, k, 1)
+    many = _latencies(method.query, users, k, CLIENTS)
+    found = [method.query(u, k) for u in tqdm(users[:len(truth)], desc=f"recall {method.name}", leave=False)]
+    recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+    ups, during = _updates_while_querying(method, x, rng, update_s, chunk, users, k)
+
+    def q(a, p):
+        return round(float(np.quantile(np.asarray(a), p)), 3) if a else None
+
+    return {"items": len(x), "method": method.name, "build_s": round(build_s, 2),
+            "updates_per_s": round(ups), "topk_p50_ms": q(one, 0.5), "topk_p99_ms": q(one, 0.99),
+            f"topk_p50_ms_{CLIENTS}_clients": q(many, 0.5), f"topk_p99_ms_{CLIENTS}_clients": q(many, 0.99),
+            "topk_p99_ms_during_updates": q(during, 0.99), "recall@10": round(recall, 4),
+            "memory_mb": round(method.memory_mb(), 1)}
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import numpy as np
-    from tqdm import tqdm
 
     from tgastream.core.errors import CommandError
-    from tgastream.stream.materialize import LiveItemIndex
-    from tgastream.stream.serve import top_k
 
     dim = args.dim or settings.dim
-    if min(args.items, default=0) < args.k or args.queries < 1 or dim < 1:
-        raise CommandError("--items must each be >= --k, --queries and --dim >= 1")
-    rng = np.random.default_rng(settings.seed)
+    if min(args.items, default=0) < max(args.k, 1000) or args.queries < CLIENTS or dim < 1 or args.update_s <= 0:
+        raise CommandError("--items must each be >= 1000 and >= --k, --queries >= 8, --dim >= 1, --update-s > 0")
+    chunk = settings.ann_update_chunk
     rows = []
     for n in args.items:
-        vectors = rng.standard_normal((n, dim), dtype=np.float32)  # [N, d]
-        index = LiveItemIndex()
-        t0 = time.perf_counter()
-        for i in tqdm(range(n), desc=f"build {n:,}", unit="item", leave=False):
-            index.put(f"i{i}", vectors[i])
-        build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in rng.integers(0, n, 10_000):
-            index.put(f"i{i}", vectors[i] * 0.5)
-        update_ms = (time.perf_counter() - t0) * 1e3
-        ids, matrix = index.get()
-        exclude = {f"i{i}" for i in range(5)}
-        lat = []
-        for _ in range(args.queries):
-            user = rng.standard_normal(dim, dtype=np.float32)
-            t0 = time.perf_counter()
-            top_k(user, ids, matrix, args.k, exclude)
-            lat.append((time.perf_counter() - t0) * 1e3)
-        lat_arr = np.asarray(lat)
-        rows.append({"items": n, "dim": dim, "build_s": round(build_s, 3),
-                     "build_items_per_s": round(n / build_s), "update_10k_ms": round(update_ms, 2),
-                     "topk_p50_ms": round(float(np.quantile(lat_arr, 0.5)), 3),
-                     "topk_p99_ms": round(float(np.quantile(lat_arr, 0.99)), 3),
-                     "matrix_mb": round(matrix.nbytes / 2**20, 1)})
-    print(f"{'items':>10} {'dim':>4} {'build s':>8} {'items/s':>10} {'10k updates ms':>15} {'top-k p50 ms':>13} "
-          f"{'top-k p99 ms':>13} {'matrix MB':>10}")
+        x, rng = catalogue(n, dim, settings.seed)
+        users = x[rng.integers(0, n, args.queries)] + rng.standard_normal((args.queries, dim), dtype=np.float32)
+        methods: list[_Method] = [_Ours(settings, exact=True), _Ours(settings, exact=False)]
+        if args.libraries and n == min(args.items):
+            methods += [_Hnswlib(), _Usearch(), _FaissHnsw()]
+        truth = exact_top(x, users[:100], args.k)
+        for m in methods:
+            print(f"{n:,} items: {m.name} ...", flush=True)
+            try:
+                rows.append(_measure(m, x, users, truth, args.k, rng, args.update_s, chunk))
+            except ImportError as exc:
+                print(f"  skipped: {exc}")
+                continue
+            except Exception as exc:  # a library that fails one measurement must not lose the others
+                if m.name in ("exact", "faiss-ivf"):
+                    raise
+                print(f"  {m.name} failed: {type(exc).__name__}: {exc}")
+                continue
+            print("  " + json.dumps(rows[-1]), flush=True)
+    header = (f"{'items':>10} {'method':>10} {'build s':>8} {'updates/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'p50 8cl':>8} {'p99 8cl':>8} {'p99 upd':>8} {'recall@10':>9} {'MB':>7}")
+    print(header)
     for r in rows:
-        print(f"{r['items']:>10,} {r['dim']:>4} {r['build_s']:>8.2f} {r['build_items_per_s']:>10,} "
-              f"{r['update_10k_ms']:>15.1f} {r['topk_p50_ms']:>13.2f} {r['topk_p99_ms']:>13.2f} {r['matrix_mb']:>10.1f}")
-    write_json(args.json, {"rows": rows, "k": args.k, "queries": args.queries})
+        print(f"{r['items']:>10,} {r['method']:>10} {r['build_s']:>8.2f} {r['updates_per_s']:>10,} "
+              f"{r['topk_p50_ms']:>7.2f} {r['topk_p99_ms']:>7.2f} {r['topk_p50_ms_8_clients']:>8.2f} "
+              f"{r['topk_p99_ms_8_clients']:>8.2f} {r['topk_p99_ms_during_updates'] or 0:>8.2f} "
+              f"{r['recall@10']:>9.3f} {r['memory_mb']:>7.1f}")
+    from tgastream.stream.configs import ann_config
+
+    cfg = ann_config(settings)
+    write_json(args.json, {"rows": rows, "k": args.k, "dim": dim, "queries": args.queries, "clients": CLIENTS,
+                           "update_chunk": chunk, "update_s": args.update_s, "nprobe": cfg.nprobe,
+                           "lists_factor": cfg.lists_factor, "recall_queries": 100,
+                           "catalogue": "clustered: n/100 Gaussian centres, noise 0.7; users = item + N(0, 1)"})
+    if args.png:
+        _plot(rows, args.png)
     return 0
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in sorted({r["method"] for r in rows}):
+        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["items"])
+        xs = [r["items"] for r in mine]
+        axes[0].plot(xs, [r["topk_p99_ms"] for r in mine], marker="o", label=f"{name} p99")
+        axes[0].plot(xs, [r["topk_p50_ms"] for r in mine], marker=".", linestyle="--", label=f"{name} p50")
+        axes[1].plot(xs, [r["updates_per_s"] for r in mine], marker="o", label=name)
+    for ax, title in zip(axes, ("top-10 latency (ms, one client)", "updates/s while querying")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("items")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[0].axhline(5, color="grey", linewidth=0.5)
+    axes[1].axhline(10_000, color="grey", linewidth=0.5)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -103,13 +103,16 @@ class Settings:
     api_token_file: str = field(default="", metadata={"help": "file holding the API bearer token (must be chmod 600); instead of api_token"})
     api_ssl_certfile: str = field(default="", metadata={"help": "serve the API over HTTPS with this certificate (PEM); with api_ssl_keyfile"})
     api_ssl_keyfile: str = field(default="", metadata={"help": "private key (PEM) of api_ssl_certfile (must be chmod 600)"})
+    ann_exact_below: int = field(default=50_000, metadata={"help": "API replica: below this many items recommendations scan every item exactly; at or above it an approximate index (faiss IVF) answers (docs/scaling.md)"})
+    ann_nprobe: int = field(default=24, metadata={"help": "API replica: inverted lists of the approximate index scanned per query (more: better recall, slower)"})
+    ann_update_chunk: int = field(default=256, metadata={"help": "API replica: most item vectors written to the index at once; a query waits for at most one such chunk"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port of this process; 0 = pick a free one"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address /metrics listens on (0.0.0.0 in containers)"})
     seed: int = field(default=0, metadata={"help": "random seed: the online learner, the shadow evaluation, tgastream eval's default"})
 
     def validate(self) -> "Settings":
         for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst",
-                     "checkpoint_every_steps"):
+                     "checkpoint_every_steps", "ann_nprobe", "ann_update_chunk"):
             _positive(name, getattr(self, name))
         if self.threads < 0:
             raise SettingsError(f"threads must be >= 0, got {self.threads}")
@@ -132,6 +135,8 @@ class Settings:
         for name in ("stop_timeout_s", "join_timeout_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ann_exact_below < 0:
+            raise SettingsError(f"ann_exact_below must be >= 0, got {self.ann_exact_below}")
         if self.standby_replicas < 0:
             raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
         if not 0.0 <= self.replay_share < 1.0:

@@ -7,7 +7,8 @@ the topic offsets it holds in the same batches.
 
 Keys (the same on the ``embeddings`` topic): ``user:<id>`` / ``item:<id>`` (vectors),
 ``bought:<user id>`` (items the user bought, newline-separated, for excluding them from
-recommendations), ``context:<user id>`` (the user's latest context graph, for conversion scoring);
+recommendations), ``context:<user id>`` (the user's latest context graph, for conversion scoring),
+``itemcat:<item id>`` (the item's category, for the category filter of recommendations);
 in the store only: ``meta:model_version``, and for a materialized store ``meta:offset:<partition>``
 and ``meta:topic_id``.
 """
@@ -65,6 +66,10 @@ def context_key(user_id: str) -> bytes:
     return b"context:" + user_id.encode()
 
 
+def item_category_key(item_id: str) -> bytes:
+    return b"itemcat:" + item_id.encode()
+
+
 def bought_value(items: Iterable[str]) -> bytes:
     return "\n".join(sorted(set(items))).encode()
 
@@ -102,8 +107,9 @@ class ServingStore:
 
     def write(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord],
               bought: dict[str, Iterable[str]] | None = None, contexts: dict[str, bytes] | None = None,
-              model_version: int | None = None) -> None:
-        """One atomic batch of vectors (and optionally bought items, contexts, model version)."""
+              model_version: int | None = None, categories: dict[str, str] | None = None) -> None:
+        """One atomic batch of vectors (and optionally bought items, contexts, model version,
+        item categories)."""
         wb = WriteBatch(raw_mode=True)
         for uid, rec in users.items():
             wb.put(user_key(uid), rec.to_bytes())
@@ -113,6 +119,8 @@ class ServingStore:
             wb.put(bought_key(uid), bought_value(its))
         for uid, ctx in (contexts or {}).items():
             wb.put(context_key(uid), ctx)
+        for iid, cat in (categories or {}).items():
+            wb.put(item_category_key(iid), cat.encode())
         if model_version is not None:
             wb.put(b"meta:model_version", str(model_version).encode())
         self._db.write(wb)
@@ -189,6 +197,10 @@ class ServingStore:
         if not vecs:
             return [], np.zeros((0, 0), dtype=np.float32)
         return ids, np.stack(vecs)  # [I, d]
+
+    def item_categories(self) -> dict[str, str]:
+        """Item id → category of every item the trainer published one for."""
+        return {key[8:].decode(): raw.decode() for key, raw in self._scan(b"itemcat:")}
 
     def records(self, kind: str) -> Iterator[tuple[str, VectorRecord]]:
         """Every stored ``"user"`` or ``"item"`` vector with its id (model version included), for

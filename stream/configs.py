@@ -11,6 +11,7 @@ from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.guard import GuardConfig
 from tgastream.model.guardrails import GuardrailsConfig
 from tgastream.model.shadow import ShadowConfig
+from tgastream.state.ann_index import AnnConfig
 
 
 def online_model_config(settings: Settings) -> ModelConfig:
@@ -18,6 +19,12 @@ def online_model_config(settings: Settings) -> ModelConfig:
     ``n_items`` / ``n_categories`` here are placeholders."""
     return ModelConfig(n_items=1, n_categories=1, dim=settings.dim, layers=settings.layers, heads=settings.heads,
                        dropout=0.0)
+
+
+def ann_config(settings: Settings) -> AnnConfig:
+    """How an API replica's item index searches (state/ann_index.py)."""
+    return AnnConfig(exact_below=settings.ann_exact_below, nprobe=settings.ann_nprobe,
+                     update_chunk=settings.ann_update_chunk, seed=settings.seed)
 
 
 def online_config(settings: Settings, **changes) -> OnlineConfig:

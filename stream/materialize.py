@@ -1,5 +1,6 @@
 """An API replica's own copy of what the trainer publishes: the compacted ``embeddings`` topic as a
-table (RocksDB), kept current by a background consumer, plus an item index updated in place.
+table (RocksDB), kept current by a background consumer, plus an item index updated in place
+(state/ann_index.py: exact below a size, approximate above).
 
 The topic is the changelog of the serving table: ``user:<id>`` / ``item:<id>`` (vectors),
 ``bought:<id>`` (bought items) and ``context:<id>`` (the user's latest context graph) records are
@@ -19,53 +20,51 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
 from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
+from tgastream.state.ann_index import AnnConfig, ItemVectorIndex
 from tgastream.state.serving import ServingStore, VectorRecord
 from tgastream.stream.generations import topic_ids
 
 log = logging.getLogger("tgastream.api.materialize")
 
 ITEM_PREFIX = b"item:"
+CATEGORY_PREFIX = b"itemcat:"
 
 
 @dataclass
-class LiveItemIndex:
-    """Item vectors as one growing matrix, updated row by row as records arrive (no rescan per
-    model version): top-k is one matrix-vector product over the rows filled so far."""
+class IndexOps:
+    """What a batch of topic records does to the item index: the last record of an item wins."""
 
-    ids: list[str] = field(default_factory=list)
-    rows: dict[str, int] = field(default_factory=dict)
-    matrix: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # item → new vector
+    removed: set[str] = field(default_factory=set)  # items whose record was deleted (evicted)
+    categories: dict[str, str] = field(default_factory=dict)
 
-    def put(self, item_id: str, vector: np.ndarray) -> None:
-        row = self.rows.get(item_id)
-        if self.matrix.shape[1] != vector.shape[0]:  # the first vector, or the model changed width: start over
-            self.ids, self.rows, row = [], {}, None
-            self.matrix = np.zeros((0, vector.shape[0]), dtype=np.float32)
-        if row is None:
-            row = self.rows[item_id] = len(self.ids)
-            self.ids.append(item_id)
-            if row >= self.matrix.shape[0]:
-                grown = np.zeros((max(1024, 2 * self.matrix.shape[0]), vector.shape[0]), dtype=np.float32)
-                grown[:self.matrix.shape[0]] = self.matrix
-                self.matrix = grown  # [capacity, d]
-        self.matrix[row] = vector
+    def apply_to(self, index: ItemVectorIndex) -> None:
+        """Into ``index``, chunk by chunk (each chunk holds its lock briefly: queries wait at most one)."""
+        if self.vectors:
+            ids = list(self.vectors)
+            index.put_many(ids, np.stack([self.vectors[i] for i in ids]))  # [n, d]
+        if self.removed:
+            index.remove(self.removed)
+        if self.categories:
+            index.set_categories(self.categories)
 
-    def get(self) -> tuple[list[str], np.ndarray]:
-        return self.ids, self.matrix[:len(self.ids)]  # [I, d]
 
-    @classmethod
-    def from_store(cls, store: ServingStore) -> "LiveItemIndex":
-        index = cls()
-        ids, matrix = store.item_matrix()
-        for item_id, vec in zip(ids, matrix):
-            index.put(item_id, vec)
-        return index
+def index_from_store(store: ServingStore, config: AnnConfig | None = None) -> ItemVectorIndex:
+    """A replica's item index rebuilt from its store (at start-up: what it served before it stopped)."""
+    index = ItemVectorIndex(config)
+    ids, matrix = store.item_matrix()
+    cats = store.item_categories()
+    if ids:
+        index.put_many(ids, matrix, [cats.pop(i, "0") for i in ids])
+    index.set_categories(cats)  # categories of items with no vector yet
+    index.wait_built()
+    return index
 
 
 class TopicMaterializer:
     """Consumes the embeddings topic into a store and an item index (call :meth:`run` as a task)."""
 
-    def __init__(self, bootstrap: str, topic: str, store: ServingStore, index: LiveItemIndex,
+    def __init__(self, bootstrap: str, topic: str, store: ServingStore, index: ItemVectorIndex,
                  security: KafkaSecurity = PLAINTEXT) -> None:
         self.bootstrap, self.topic, self.security = bootstrap, topic, security
         self.store, self.index = store, index
@@ -95,9 +94,15 @@ class TopicMaterializer:
         return consumer
 
     def apply(self, records: list) -> None:
-        """One atomic store batch for ``records`` (and their offsets), then the index. A vector
-        that does not decode is counted and left out; nothing else about it can stop the replica."""
+        """:meth:`apply_store`, then the index (callers that are not the event loop)."""
+        self.apply_store(records).apply_to(self.index)
+
+    def apply_store(self, records: list) -> IndexOps:
+        """One atomic store batch for ``records`` (and their offsets); returns what they do to the
+        item index. A vector that does not decode is counted and left out; nothing else about it
+        can stop the replica. A deleted ``item:`` record (a tombstone) removes the item."""
         puts, versions = [], []
+        ops = IndexOps()
         for r in records:
             if r.key is None:
                 continue
@@ -109,12 +114,21 @@ class TopicMaterializer:
                     continue
                 versions.append(vec.model_version)
                 if r.key.startswith(ITEM_PREFIX):
-                    self.index.put(r.key[len(ITEM_PREFIX):].decode(errors="replace"), vec.vector)
+                    iid = r.key[len(ITEM_PREFIX):].decode(errors="replace")
+                    ops.vectors[iid] = vec.vector
+                    ops.removed.discard(iid)
+            elif r.key.startswith(ITEM_PREFIX):  # a tombstone: the item is gone
+                iid = r.key[len(ITEM_PREFIX):].decode(errors="replace")
+                ops.vectors.pop(iid, None)
+                ops.removed.add(iid)
+            elif r.key.startswith(CATEGORY_PREFIX) and r.value:
+                ops.categories[r.key[len(CATEGORY_PREFIX):].decode(errors="replace")] = r.value.decode(errors="replace")
             puts.append((r.key, r.value))
         self.store.write_raw(puts, {r.partition: r.offset + 1 for r in records})
         if versions:
             self.store.note_model_version(max(versions))
         self.records += len(records)
+        return ops
 
     async def run(self, poll_ms: int = 100, retry_s: float = 1.0) -> None:
         """Follow the topic until cancelled; the blocking poll runs in a thread, the writes here.
@@ -136,7 +150,8 @@ class TopicMaterializer:
                 polled = await asyncio.to_thread(consumer.poll, poll_ms, 5000)
                 records = [r for tp in sorted(polled, key=lambda t: t.partition) for r in polled[tp]]
                 if records:
-                    self.apply(records)
+                    # the index in a thread, chunk by chunk: requests wait for one chunk at most
+                    await asyncio.to_thread(self.apply_store(records).apply_to, self.index)
                 else:
                     self.caught_up = True
         finally:

@@ -64,11 +64,14 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
     }},
     "/v1/users/{user_id}/recommendations": {"get": {
         "summary": "Top-k items for a user",
-        "description": "Items ranked by the dot product of the user's vector with every item vector, "
-                       "excluding items the user bought.",
+        "description": "Items ranked by the dot product of the user's vector with the item vectors, "
+                       "excluding items the user bought (and, with `category`, items of other categories): "
+                       "an exact scan below `ann_exact_below` items, an approximate index (faiss IVF) above.",
         "operationId": "userRecommendations",
         "parameters": [_USER_ID, {"name": "k", "in": "query", "required": False, "description": "how many items",
-                                  "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}}],
+                                  "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}},
+                       {"name": "category", "in": "query", "required": False,
+                        "description": "only items of this category id", "schema": {"type": "string"}}],
         "responses": {
             "200": _json("the items, best first", {"$ref": "#/components/schemas/Recommendations"},
                          {"user_id": "42", "k": 2, "model_version": 118,

@@ -1,8 +1,9 @@
 """The HTTP API over the serving store (aiohttp): embeddings, recommendations, conversion scores.
 
-Routes: ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{id}/recommendations?k=10``,
-``POST /v1/score``, ``GET /healthz``, ``GET /metrics``, ``GET /openapi.json`` (the document of all
-of them, stream/openapi.py). Errors are JSON ``{"error": ...}`` with a
+Routes: ``GET /v1/users/{id}/embedding``, ``GET /v1/users/{id}/recommendations?k=10[&category=C]``
+(items the user bought are left out; state/ann_index.py searches), ``POST /v1/score``,
+``GET /healthz``, ``GET /metrics``, ``GET /openapi.json`` (the document of all of them,
+stream/openapi.py). Errors are JSON ``{"error": ...}`` with a
 4xx/5xx status, for every failure: bad input, unknown routes and methods, oversized bodies, and
 an unexpected exception (500, logged). With a token set, every route but ``/healthz`` requires
 ``Authorization: Bearer <token>``. The store is opened as a RocksDB secondary and caught up at most every
@@ -29,7 +30,8 @@ from tgastream.core.events import MAX_ID_CHARS  # the stream rejects longer ids:
 from tgastream.state.registry import MANIFEST, serving_state
 from tgastream.state.serving import ServingStore
 from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity
-from tgastream.stream.materialize import LiveItemIndex, TopicMaterializer
+from tgastream.state.ann_index import AnnConfig, ItemVectorIndex
+from tgastream.stream.materialize import TopicMaterializer, index_from_store
 
 from tgastream.stream.openapi import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_K, spec  # the limits are the API's contract
 OPEN_ROUTES = frozenset({"/healthz"})  # answered without the token: liveness probes carry none
@@ -79,20 +81,21 @@ class ModelState:
 
 
 class ItemIndex:
-    """Item vectors as one matrix, reloaded when the model version changes (or ``max_age_s`` passes)."""
+    """Item vectors of the trainer's store (read as a secondary), reloaded when the model version
+    changes (or ``max_age_s`` passes) into an exact index: a reload per model step could not
+    afford an approximate build (replicas following the topic update theirs in place)."""
 
     def __init__(self, store: ServingStore, max_age_s: float = 5.0) -> None:
         self.store, self.max_age_s = store, max_age_s
         self.version, self.loaded_at = -1, 0.0
-        self.ids: list[str] = []
-        self.matrix = np.zeros((0, 0), dtype=np.float32)
+        self.index = ItemVectorIndex(AnnConfig(exact_below=2**62))
 
-    def get(self) -> tuple[list[str], np.ndarray]:
+    def get(self) -> ItemVectorIndex:
         version = self.store.model_version()
         if version != self.version or time.monotonic() - self.loaded_at > self.max_age_s:
-            self.ids, self.matrix = self.store.item_matrix()
+            self.index = index_from_store(self.store, AnnConfig(exact_below=2**62))
             self.version, self.loaded_at = version, time.monotonic()
-        return self.ids, self.matrix
+        return self.index
 
 
 def top_k(user: np.ndarray, ids: list[str], matrix: np.ndarray, k: int, exclude: set[str]) -> list[tuple[str, float]]:
@@ -137,7 +140,8 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
     registry = registry or CollectorRegistry()
     metrics = ApiMetrics(registry)
     model_state = model_state or ModelState(None)
-    index = materializer.index if materializer is not None else ItemIndex(store)
+    items_now: Callable[[], ItemVectorIndex] = (lambda: materializer.index) if materializer is not None \
+        else ItemIndex(store).get
     last_catch_up = [0.0]
 
     def fresh() -> None:
@@ -202,13 +206,16 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
             return _error(400, f"k must be an integer, got {raw_k!r}")
         if not 1 <= k <= MAX_K:
             return _error(400, f"k must be in [1, {MAX_K}], got {k}")
+        category = request.query.get("category")
+        if category is not None and not 0 < len(category) <= MAX_ID_CHARS:
+            return _error(400, f"category must have 1 to {MAX_ID_CHARS} characters")
         rec = store.user(uid)
         if rec is None:
             return _error(404, f"unknown user {uid!r}")
-        ids, matrix = index.get()
-        if matrix.shape[0] and matrix.shape[1] != rec.vector.shape[0]:
+        index = items_now()
+        if len(index) and index.dim != rec.vector.shape[0]:
             return _error(503, "item vectors and user vector differ in size (model changing); retry")
-        items = top_k(rec.vector, ids, matrix, k, store.bought(uid))
+        items = index.top_k(rec.vector, k, store.bought(uid), category=category)
         return web.json_response({"user_id": uid, "k": k, "model_version": rec.model_version,
                                   "items": [{"item_id": i, "score": round(s, 6)} for i, s in items]})
 
@@ -296,7 +303,8 @@ def _parse_score_body(body: object) -> tuple[str, list[tuple[str, str]]] | str:
 def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = None,
                print_address: Callable[[str], None] = print, token: str = "",
                topic: tuple[str, str] | None = None, checkpoint_dir: Path | None = None,
-               security: KafkaSecurity = PLAINTEXT, ssl_context: ssl.SSLContext | None = None) -> None:
+               security: KafkaSecurity = PLAINTEXT, ssl_context: ssl.SSLContext | None = None,
+               ann: AnnConfig | None = None) -> None:
     """Serve until interrupted (blocking). With ``topic`` (bootstrap, embeddings topic) the API
     materializes that topic into its own store at ``store_path``; without, ``store_path`` is the
     trainer's serving store, read as a secondary. ``security``: TLS/SASL of the topic's consumer;
@@ -304,7 +312,7 @@ def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = N
     materializer = None
     if topic is not None:
         store = ServingStore(store_path)  # this replica's own: it is the only writer
-        materializer = TopicMaterializer(topic[0], topic[1], store, LiveItemIndex.from_store(store), security)
+        materializer = TopicMaterializer(topic[0], topic[1], store, index_from_store(store, ann), security)
     else:
         if not (store_path / "CURRENT").exists():
             ServingStore(store_path).close()  # an empty store until the trainer writes one

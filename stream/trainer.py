@@ -54,7 +54,7 @@ from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_pa
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
 from tgastream.state.serving import (
-    ServingStore, VectorRecord, bought_key, bought_value, context_key, item_key, user_key,
+    ServingStore, VectorRecord, bought_key, bought_value, context_key, item_category_key, item_key, user_key,
 )
 from tgastream.core.settings import Settings
 from tgastream.stream.configs import guardrails_config
@@ -671,7 +671,8 @@ class Trainer:
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
         bought = {u: b for u, b in out.bought.items() if u in users}
         contexts = {u: c for u, c in out.contexts.items() if u in users}
-        self._send(users, items, bought, contexts, producer, serving)
+        categories = {i: c for i in items if (c := out.item_categories.get(i, "0")) != self._published_category(i)}
+        self._send(users, items, bought, contexts, producer, serving, categories)
         for u, rec in users.items():
             if u in contexts:
                 self.published.user(u, version, contexts[u], rec.event_ts)
@@ -681,6 +682,10 @@ class Trainer:
         for f in fresh:
             self.metrics.freshness.observe(f)
         self.run.note_freshness(fresh)
+
+    def _published_category(self, item_id: str) -> str | None:
+        entry = self.published.items.get(item_id)
+        return None if entry is None else entry[1]
 
     def _republish(self, producer: KafkaProducer, serving: ServingStore) -> None:
         """Publish again, with the current model, vectors an older one made (bounded rate)."""
@@ -707,9 +712,12 @@ class Trainer:
         self.metrics.version_lag.set(self.published.version_lag(version))
 
     def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
-              contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore) -> None:
-        """Vectors (and bought items, contexts) to the serving store and the embeddings topic."""
-        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.serving_version)
+              contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore,
+              categories: dict[str, str] | None = None) -> None:
+        """Vectors (and bought items, contexts, categories of items new to the topic) to the
+        serving store and the embeddings topic."""
+        serving.write(users, items, bought=bought, contexts=contexts, model_version=self.serving_version,
+                      categories=categories)
         topic = self.settings.embeddings_topic  # the changelog of every API replica's serving table
         for u, rec in users.items():
             producer.send(topic, key=user_key(u), value=rec.to_bytes())
@@ -719,6 +727,8 @@ class Trainer:
             producer.send(topic, key=bought_key(u), value=bought_value(b))
         for u, c in contexts.items():
             producer.send(topic, key=context_key(u), value=c)
+        for i, cat in (categories or {}).items():
+            producer.send(topic, key=item_category_key(i), value=cat.encode())
         self.run.published_users += len(users)
         self.run.published_items += len(items)
         self.metrics.published.labels("user").inc(len(users))

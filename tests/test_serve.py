@@ -82,6 +82,24 @@ def test_embedding_and_recommendations_exclude_bought_items(api):
     assert [i["item_id"] for i in r.json()["items"]] == ["d", "c", "a", "b"]
 
 
+def test_recommendations_keep_one_category_when_asked(api):
+    base, writer = api
+    writer.write(users={}, items={}, categories={"a": "x", "b": "y", "c": "x", "d": "y"}, model_version=5)
+
+    def ids(user: str, category: str) -> list[str]:
+        r = httpx.get(base + f"/v1/users/{user}/recommendations", params={"k": 10, "category": category})
+        assert r.status_code == 200, r.text
+        return [i["item_id"] for i in r.json()["items"]]
+
+    deadline = time.monotonic() + 5
+    while ids("u1", "x") != ["c"]:  # a is x too, but bought
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert ids("u2", "y") == ["d", "b"] and ids("u2", "no such category") == []
+    r = httpx.get(base + "/v1/users/u1/recommendations", params={"category": "x" * 300})
+    assert r.status_code == 400 and "category" in r.json()["error"]
+
+
 def test_new_writes_become_visible_to_the_running_server(api):
     base, writer = api
     assert httpx.get(base + "/v1/users/u9/embedding").status_code == 404

@@ -79,9 +79,9 @@ def test_a_replica_serves_the_topic_sees_new_vectors_within_a_second_and_resumes
 
 
 def test_the_live_item_index_updates_rows_in_place_and_grows():
-    from tgastream.stream.materialize import LiveItemIndex
+    from tgastream.state.ann_index import ItemVectorIndex
 
-    index = LiveItemIndex()
+    index = ItemVectorIndex()
     for k in range(1500):  # past the first capacity of 1024 rows
         index.put(f"i{k}", np.array([k, 1.0], dtype=np.float32))
     index.put("i7", np.array([-1.0, -1.0], dtype=np.float32))  # an update keeps its row

@@ -7,7 +7,7 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = ("run a benchmark: stream, model, online, freshness, api, index, trainer, skew or guard "
+HELP = ("run a benchmark: stream, model, online, freshness, api, index, scale, trainer, skew or guard "
         "(each prints a table; --json writes it)")
 
 BENCHES: dict[str, str] = {
@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "freshness": "tgastream.bench.freshness",
     "api": "tgastream.bench.api",
     "index": "tgastream.bench.index",
+    "scale": "tgastream.bench.scale",
     "trainer": "tgastream.bench.trainer",
     "skew": "tgastream.bench.skew",
     "guard": "tgastream.bench.guard",

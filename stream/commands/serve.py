@@ -19,12 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS
 
     add_setting_flags(p, "bootstrap", "partitions", "embeddings_topic", "data_dir", "checkpoint_dir", "api_host", "api_port",
-                      "device", "api_token_file", "api_ssl_certfile", "api_ssl_keyfile", *KAFKA_SECURITY_SETTINGS)
+                      "device", "api_token_file", "api_ssl_certfile", "api_ssl_keyfile", "ann_exact_below", "ann_nprobe",
+                      "ann_update_chunk", *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.core.kafka_security import server_ssl_context
     from tgastream.stream.broker import connect_with, install_sigterm_handler
+    from tgastream.stream.configs import ann_config
     from tgastream.stream.serve import run_server
     from tgastream.stream.topics import ensure_app_topics
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
     run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
                token=token, topic=topic, checkpoint_dir=settings.checkpoints, security=settings.kafka_security,
-               ssl_context=https)
+               ssl_context=https, ann=ann_config(settings))
     return 0
 
 
