@@ -393,6 +393,8 @@ def evaluate_neural(name: str, cfg: EvalConfig, data: EvalData, device: torch.de
     out.row.update(params=sum(p.numel() for p in model.parameters()), train_samples_per_s=round(res.samples_per_s, 1),
                    epochs=res.epochs, best_epoch=res.best_epoch, train_seconds=round(res.seconds, 1),
                    valid_history=res.history)
+    if model.does_retrieval and model.retrieval_head.repeat_coefficients is not None:
+        out.row["repeat_prior"] = model.retrieval_head.repeat_coefficients  # the learned a, β, γ
     if tuned is not None:
         out.row.update(best_head_epoch=res.best_head_epoch, finetune_epochs=tuned.epochs,
                        finetune_best_epoch=tuned.best_epoch,
@@ -610,7 +612,8 @@ def summarise(outputs: dict[str, list[ModelOutput]], cases: TestCases, cfg: Eval
         stats[name] = _statistics(outs, cases, cfg.k)
         m["ci"] = {key: bootstrap_interval(f, weights) for key, f in stats[name].items()} if len(weights) else {}
         m["seeds"] = [{"seed": s} | {key: r[key] for key in SEED_METRICS if r.get(key) is not None}
-                      | {key: r[key] for key in ("best_epoch", "valid_history", "best_head_epoch",
+                      | {key: r[key] for key in ("best_epoch", "valid_history", "best_head_epoch", "repeat_prior",
+                                                 "train_seconds",
                                                  "finetune_best_epoch", "finetune_history") if key in r}
                       for s, r in zip(seeds if name in NEURAL else [None], rows)]
         models[name] = m
