@@ -28,7 +28,7 @@ from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
-from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits,
+from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits, repeat_level,
                                             scatter_logsumexp)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 
@@ -60,7 +60,9 @@ class SequenceRecommender(nn.Module):
         self.item_bias = nn.Embedding(cfg.n_items, 1) if self.does_retrieval else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
-        self.retrieval_head = RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets) if self.does_retrieval else None
+        self.retrieval_head = (RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets, cfg.repeat_prior,
+                                             repeat_level(cfg.temperature, cfg.max_positions))
+                               if self.does_retrieval else None)
         # DIN's own input for the conversion head (cfg.conversion_raw): a separate embedding, conversion-trained
         raw = cfg.conversion_raw and self.does_conversion and self.does_retrieval
         # DIN (conversion only) is the baseline and keeps its plain head whatever the config says
@@ -145,7 +147,7 @@ class SequenceRecommender(nn.Module):
         if self._uses_prior(batch):
             z = z + self.prior_weight * prior_catalogue_logits(batch.prior_keys, batch.prior_vals, z.shape[1])
         if head.copy:
-            c = head.node_logits(u, states, batch.mask, batch.lengths)  # [B, N]
+            c = head.node_logits(u, states, batch.mask, batch.lengths, batch.keys)  # [B, N]
             c = c.masked_fill(batch.keys <= 0, float("-inf"))
             z = torch.logaddexp(z, scatter_logsumexp(c, (batch.keys - 1).clamp(min=0), z.shape[1]))
         return z
@@ -254,7 +256,7 @@ class SequenceRecommender(nn.Module):
         parts_den = [pos.unsqueeze(1), neg_in, neg_uni]
         parts_num = [pos.unsqueeze(1)]
         if head.copy:
-            c = head.node_logits(u, st, sub.mask, sub.lengths)  # [r, N]
+            c = head.node_logits(u, st, sub.mask, sub.lengths, sub.keys)  # [r, N]
             match = (sub.keys == sub.target_key.unsqueeze(1)) & sub.mask
             parts_den.append(c)
             parts_num.append(c.masked_fill(~match, float("-inf")))

@@ -29,6 +29,8 @@ class ModelConfig:
     ffn_mult: int = 1  # SASRec's original point-wise FFN is d -> d -> d; 4 is the BERT habit
     dropout: float = 0.2
     copy: bool = True  # retrieval may point back at the user's own nodes (TGA default)
+    repeat_prior: bool = True  # the pointer starts as repeat-recent (a learned prior over the context's distinct
+    # items by recency and touch count, model/retrieval_head.py); only with copy
     recency_buckets: int = 24  # pointer recency bias: nodes back from the newest, exact < 16, then log2
     max_positions: int = 8192  # SASRec's learned positions (distance from the newest node)
     n_behaviors: int = N_BEHAVIORS

@@ -28,6 +28,35 @@ learned at 20× the learning rate, see ``base.PRIOR_SCALE``). In the
 sampled-softmax loss the uniform negatives get π = 0 (their keys are unknown there; a uniform
 draw lands among P named candidates with probability P / catalogue size).
 
+Repeat-recent prior (``ModelConfig.repeat_prior``, on by default): the pointer starts as the
+repeat-recent heuristic and learns away from it only where the data says so. Let the context's
+distinct items be ordered by their newest occurrence, k_i = 0 for the most recent one (exactly
+the order of the repeat-recent baseline, ``evaluation.repeat_ranks``: every event counts, whatever
+its behavior), and n_i = the number of nodes holding item i. The newest node n* of every item
+gets an extra logit
+
+    π_{n*} = a + g(u) - β · log(1 + k_i) + γ · log n_i,     g(u) = w_g · u + b_g
+
+(every older occurrence gets π = 0) and the pointer logit is c_n + π_n. a, β, γ are learned
+scalars stored as value / REPEAT_SCALE (Adam moves a parameter by about lr a step, so a bare
+scalar would hardly leave its start in one epoch); w_g, b_g a learned per-user correction of the
+level, zero at the start. Initialisation: β = 1, γ = 0, w_g = b_g = 0, a = a_0 and the pointer's
+query projection W_p = 0, so that c_n = ρ = 0 for every node. Then for a context item
+
+    logit(i) = logaddexp(s(i), log(e^{a_0 - log(1 + k_i)} + (n_i - 1)))
+             = a_0 - log(1 + k_i) + ε,   0 ≤ ε ≤ (e^{s(i)} + n_i - 1) · e^{-(a_0 - log(1 + k_i))}
+
+and for every other item logit(i) = s(i) ≤ 1/τ + b_i = 1/τ (cosine scores, zero biases at the
+start). With a_0 = 1/τ + log(1 + K) + 12 (K = ``max_positions``, the longest context) every context
+item is above every other item by at least 12, ε < n_i e^{-12} ≈ 6e-6 · n_i, and consecutive
+distinct ranks differ by log((k + 2)/(k + 1)) ≥ 1/(K + 1) ≫ ε for the contexts used here, so the
+untrained model ranks exactly as repeat-recent does: own items newest first, then the rest (where
+repeat-recent ties them, the model orders them by s(i)). Training then moves a (how often a user
+comes back at all), β (how fast the return chance falls with distinct rank), γ (touch counts:
+items touched often return more), g(u) (per user), and the learned pointer c_n (which item, from
+the node states) away from that start; the gradient of every one of them is non-zero from the
+first step (W_p = 0 still gets ∂c/∂W_p = (W_k h_n) u^T / √d).
+
 Repeating an item the user just viewed (a fifth of Taobao's next events; carted items bought
 later) is then a matter of the pointer, while s(i) is free to model what comes new. Node states,
 not item embeddings, carry the pointer, so items without an embedding row can be pointed at too.
@@ -51,18 +80,75 @@ def recency_bucket(distance: torch.Tensor, n_buckets: int, exact: int = 16) -> t
     return torch.where(d < exact, d, far).clamp(max=n_buckets - 1)
 
 
+REPEAT_SCALE = 50.0
+"""The repeat prior's scalars a, β, γ are learned as value / REPEAT_SCALE (their learning rate × 50: the
+level a starts ~20 logits above where data puts it and has to get there within one epoch of ~100 steps)."""
+REPEAT_MARGIN = 12.0
+"""How far (in logits) the untrained model puts the last context item above any other item."""
+
+
+def repeat_level(temperature: float, longest: int) -> float:
+    """a_0: the start of the repeat prior's level, so that the untrained pointer ranks as
+    repeat-recent (see the module docstring); ``temperature`` 0 (plain dot scores) assumes |s| ≤ 5."""
+    top = 1.0 / temperature if temperature > 0 else 5.0
+    return top + math.log1p(max(longest, 1)) + REPEAT_MARGIN
+
+
+def repeat_features(keys: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per node of a right-padded context (keys [B, N], 0 = none; mask [B, N]):
+    newest [B, N] bool (the node is its item's most recent occurrence), rank [B, N] float (k: how
+    many distinct items occur more recently; meaningful on newest nodes) and count [B, N] float
+    (n_i: nodes holding the same item)."""
+    valid = mask & (keys > 0)  # [B, N]
+    n = keys.shape[1]
+    same = (keys.unsqueeze(2) == keys.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # [B, N, N]
+    later = torch.ones(n, n, dtype=torch.bool, device=keys.device).triu(1)  # [N, N]: m > n
+    newest = valid & ~(same & later).any(-1)  # [B, N]
+    rank = (newest.unsqueeze(1) & later).sum(-1).to(torch.float32)  # [B, N]
+    count = same.sum(-1).to(torch.float32)  # [B, N]
+    return newest, rank, count
+
+
 class RetrievalHead(nn.Module):
-    def __init__(self, dim: int, copy: bool, recency_buckets: int) -> None:
+    def __init__(self, dim: int, copy: bool, recency_buckets: int, repeat_prior: bool = False,
+                 repeat_start: float = 0.0) -> None:
+        """``repeat_prior``: the pointer gets the repeat-recent prior (module docstring) starting
+        at level ``repeat_start`` (a_0, see :func:`repeat_level`)."""
         super().__init__()
         self.dim, self.copy = dim, copy
         self.pool_query = nn.Linear(dim, dim)
         self.user = nn.Linear(2 * dim, dim)
+        self.repeat = self.repeat_gate = None
         if copy:
             self.ptr_query = nn.Linear(dim, dim)
             self.ptr_key = nn.Linear(dim, dim, bias=False)
             self.recency = nn.Embedding(recency_buckets, 1)
             nn.init.zeros_(self.recency.weight)
+            if repeat_prior:
+                # a, β, γ (/ REPEAT_SCALE); the learned pointer starts at 0 so the prior alone ranks
+                self.repeat = nn.Parameter(torch.tensor([repeat_start, 1.0, 0.0]) / REPEAT_SCALE)
+                self.repeat_gate = nn.Linear(dim, 1)
+                nn.init.zeros_(self.repeat_gate.weight)
+                nn.init.zeros_(self.repeat_gate.bias)
+                nn.init.zeros_(self.ptr_query.weight)
+                nn.init.zeros_(self.ptr_query.bias)
         self.recency_buckets = recency_buckets
+
+    @property
+    def repeat_coefficients(self) -> dict[str, float] | None:
+        """The repeat prior's current a, β, γ (None without the prior)."""
+        if self.repeat is None:
+            return None
+        a, beta, gamma = (REPEAT_SCALE * self.repeat.detach()).tolist()
+        return {"a": a, "beta": beta, "gamma": gamma}
+
+    def repeat_logits(self, u: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """π_n [B, N] of the repeat-recent prior (0 on all but each item's newest node)."""
+        newest, rank, count = repeat_features(keys, mask)  # [B, N] each
+        a, beta, gamma = REPEAT_SCALE * self.repeat  # scalars
+        level = a + self.repeat_gate(u)  # [B, 1]
+        pi = level - beta * torch.log1p(rank) + gamma * torch.log(count.clamp(min=1.0))  # [B, N]
+        return torch.where(newest, pi, torch.zeros_like(pi))
 
     def user_vector(self, states: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """states [B, N, d], mask [B, N], last [B] index of the newest node → u [B, d]."""
@@ -72,13 +158,18 @@ class RetrievalHead(nn.Module):
         pooled = torch.einsum("bn,bnd->bd", att, states)  # [B, d]
         return self.user(torch.cat([h_last, pooled], -1))
 
-    def node_logits(self, u: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
-                    ) -> torch.Tensor:
-        """Pointer logits c_n [B, N] (-inf on padding)."""
+    def node_logits(self, u: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+                    keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Pointer logits c_n [B, N] (-inf on padding), plus the repeat prior π_n when the head has
+        one (it needs the nodes' item ``keys`` [B, N])."""
         pos = torch.arange(states.shape[1], device=states.device)  # [N]
         bucket = recency_bucket(lengths.unsqueeze(1) - 1 - pos.unsqueeze(0), self.recency_buckets)  # [B, N]
         c = torch.einsum("bd,bnd->bn", self.ptr_query(u), self.ptr_key(states)) / math.sqrt(self.dim)
         c = c + self.recency(bucket).squeeze(-1)
+        if self.repeat is not None:
+            if keys is None:
+                raise ValueError("the repeat prior needs the nodes' item keys")
+            c = c + self.repeat_logits(u, keys, mask)
         return c.masked_fill(~mask, float("-inf"))
 
 

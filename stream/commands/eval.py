@@ -45,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transition-prior", type=int, default=32,
                    help="co-visitation candidates per next-event sample fed to TGA as a learned logit term, "
                         "0 = none (default: %(default)s)")
+    p.add_argument("--repeat-prior", action=argparse.BooleanOptionalAction, default=None,
+                   help="pointer models start as repeat-recent (learned repeat prior, model/retrieval_head.py; "
+                        "default: on)")
+    p.add_argument("--patience", type=int, default=2,
+                   help="epochs without a better validation score before stopping (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=EPOCHS,
@@ -100,13 +105,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               seed=settings.seed if args.seed is None else args.seed,
                               max_train_samples=args.max_train_samples, weight_decay=args.weight_decay,
-                              conversion_finetune_epochs=args.conversion_finetune),
+                              conversion_finetune_epochs=args.conversion_finetune, patience=args.patience),
             device=args.device or settings.device, max_test_cases=args.max_test_cases,
             seeds=args.seeds, bootstrap=args.bootstrap, on_validation=args.on_validation,
             transition_prior=args.transition_prior, conversion_raw=args.conversion_raw,
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
                                                                   ("conversion_grad", args.conversion_grad),
-                                                                  ("conversion_features", args.conversion_features))
+                                                                  ("conversion_features", args.conversion_features),
+                                                                  ("repeat_prior", args.repeat_prior))
                                   if value is not None),
         ).validate()
         if cfg.dim % cfg.heads:
