@@ -47,7 +47,7 @@ from tgastream.model.sasrec import SASRec
 from tgastream.model.tga import TGA
 from tgastream.model.training import finetune_conversion, fit
 from tgastream.model.vocab import InMemoryVocab
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, Sample, UserState
 from tgastream.core.events import BEHAVIOR_CODE, Event
 from tgastream.core.settings import CONVERSION_WINDOW_S, DIM, HEADS, LAYERS, MAX_LEN, SAMPLE_LEN
 
@@ -220,7 +220,8 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
         if st is None:
             st = states[ev.user_id] = UserState.new(ev.user_id, cfg.max_len)
         for s in st.apply(ev, None, cfg.window_s, cfg.sample_len):
-            route(s)
+            if s.kind != CLICK:  # (offline, a click is judged by its conversion sample, whose label is known)
+                route(s)
         if cfg.transition_prior and ev.ts < split_ts:  # count the event after its own samples are routed
             past, key = history.setdefault(ev.user_id, []), int(catalogue.lookup([ev.item_id])[0])
             cov_split.add(past, key)
