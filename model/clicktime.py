@@ -57,6 +57,7 @@ class ClickTimeStore:
     joined: int = 0
     evicted: int = 0  # dropped unlabelled because the store was full
     unmatched: int = 0  # labels that found no prediction
+    history: list | None = None  # a list to also append every (key, version, probs) to (benchmarks); None: off
 
     def predict(self, clicks: Sequence[Sample], probs: np.ndarray, version: int) -> None:
         """Keep the predictions ``probs`` [C] or [C, M] of ``clicks`` made by model ``version``."""
@@ -66,6 +67,8 @@ class ClickTimeStore:
             self.pending.pop(key, None)  # (the same click again, e.g. read again: the newest counts)
             self.pending[key] = (int(version), tuple(row))
             self.predicted += 1
+            if self.history is not None:
+                self.history.append((key, int(version), tuple(row)))
         while len(self.pending) > self.capacity:
             self.pending.popitem(last=False)
             self.evicted += 1
