@@ -129,13 +129,28 @@ class Cases:
     def __init__(self, samples: list, cut: int) -> None:
         from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL
 
-        labels = {s.click_key: float(s.label) for s in samples if s.kind == CONVERSION}
+        # a key (user, item, click time) may recur once its window closed (day-resolution logs): the
+        # n-th click of a key goes with its n-th label, so cases are (key, occurrence)
+        labels: dict = {}
+        for s in samples:
+            if s.kind == CONVERSION:
+                labels.setdefault(s.click_key, []).append(float(s.label))
+        seen: dict = {}
+        self.before_cut: dict = {}
+        clicks = []
+        for j, s in enumerate(samples):
+            if j == cut:
+                self.before_cut = {k: n + 1 for k, n in seen.items()}  # clicks of each key in the warm-up
+            if s.kind == CLICK:
+                n = seen[s.click_key] = seen.get(s.click_key, -1) + 1
+                if j >= cut and n < len(labels.get(s.click_key, [])):
+                    clicks.append((s, n, j - cut))
         after = samples[cut:]
-        self.clicks = [s for s in after if s.kind == CLICK and s.click_key in labels]
-        self.keys = [s.click_key for s in self.clicks]
-        self.labels = np.asarray([labels[k] for k in self.keys])  # [C]
+        self.clicks = [s for s, _n, _j in clicks]
+        self.keys = [(s.click_key, n) for s, n, _j in clicks]
+        self.labels = np.asarray([labels[k][n] for k, n in self.keys])  # [C]
+        self.click_at = np.asarray([j for _s, _n, j in clicks])  # [C]
         pos = {id(s): cut + j for j, s in enumerate(after)}
-        self.click_at = np.asarray([pos[id(s)] - cut for s in self.clicks])  # [C]
         self.retrievals = [s for s in after if s.kind == RETRIEVAL]
         self.rank_at = np.asarray([pos[id(s)] - cut for s in self.retrievals])  # [R]
         users = sorted({s.user_id for s in self.clicks} | {s.user_id for s in self.retrievals})
@@ -146,10 +161,18 @@ class Cases:
         self.n_after = len(after)
 
 
-def _probs(history: list, keys: list) -> np.ndarray:
-    """Each case's click-time prediction from a store's history (the latest for a key)."""
-    by_key = {k: row[0] for k, _v, row in history}
-    return np.asarray([by_key.get(k, np.nan) for k in keys])
+def _probs(history: list, keys: list, skipped: dict | None = None) -> np.ndarray:
+    """Each case's (key, occurrence) click-time prediction from a store's history; ``skipped``:
+    occurrences of each key before the model started predicting (a frozen copy's warm-up)."""
+    by_key: dict = {}
+    for k, _v, row in history:
+        by_key.setdefault(k, []).append(row[0])
+    skipped = skipped or {}
+    out = []
+    for k, n in keys:
+        got, m = by_key.get(k, ()), n - skipped.get(k, 0)
+        out.append(got[m] if 0 <= m < len(got) else np.nan)
+    return np.asarray(out)
 
 
 def _weighted_ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, bins: int = 10) -> float | None:
@@ -193,7 +216,7 @@ def figures(cases: Cases, probs: np.ndarray | None, ranks: np.ndarray, calibrate
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from tgastream.model.metrics import bootstrap_user_weights, group_aucs, reliability
+    from tgastream.model.metrics import reliability
     from tgastream.model.online import OnlineLearner
     from tgastream.model.shadow import repeat_interest, repeat_rank  # the trainer's shadow scores the same
     from tgastream.stream.configs import online_config, online_model_config
@@ -246,7 +269,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             probs[f"online_{mode}"].append(_probs(learner.clicktime.history, cases.keys))
             ranks[f"online_{mode}"].append(np.asarray(learner.metrics.ranks))
             if frozen is not None:
-                probs["frozen"].append(_probs(frozen.clicktime.history, cases.keys))
+                probs["frozen"].append(_probs(frozen.clicktime.history, cases.keys, cases.before_cut))
                 ranks["frozen"].append(np.asarray(frozen.metrics.ranks))
         probs["repeat"].append(rep_probs)
         ranks["repeat"].append(rep_ranks)
