@@ -49,7 +49,8 @@ class RollingMetrics:
 
     def snapshot(self) -> dict[str, float | None]:
         """AUC, GAUC (per user, when users were given), logloss and ECE (10 equal-mass bins) of
-        the conversion window, HR@k and NDCG@k of the rank window."""
+        the conversion window and the cases they rest on (``auc_clicks``, ``auc_buys``), HR@k and
+        NDCG@k of the rank window."""
         y, s = np.asarray(self.conv_labels), np.asarray(self.conv_scores)
         ranking = ranking_metrics(np.asarray(self.ranks), self.k)
         g = None
@@ -62,6 +63,7 @@ class RollingMetrics:
                 _, sub = np.unique(codes[keep], return_inverse=True)
                 g = gauc(y[keep], s[keep], sub)
         return {"auc": auc(y, s), "gauc": g, "logloss": logloss(y, s), "ece": ece(y, s),
+                "auc_clicks": len(y), "auc_buys": int((y > 0.5).sum()),
                 f"hr@{self.k}": ranking["hr"], f"ndcg@{self.k}": ranking["ndcg"]}
 
     def state_dict(self) -> dict:

@@ -46,6 +46,7 @@ from tgastream.model.distributed import Group, Solo
 from tgastream.model.drift import LossDrift
 from tgastream.model.guardrails import Event, Guardrails
 from tgastream.model.inference import IncompatibleCheckpoint
+from tgastream.model.metrics import reliability
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
 from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_parts, save_part
@@ -166,6 +167,14 @@ def _newer_published(serving: ServingStore, user_id: str, event_ts: float) -> bo
     older context (a conversion sample's, which ends at its click) must not replace it."""
     current = serving.user(user_id)
     return current is not None and current.event_ts > event_ts
+
+
+def _reliability(learner: Learner) -> list[dict]:
+    """Reliability bins (10, equal-mass) of the learner's click-time predictions in its rolling window."""
+    m = getattr(learner, "metrics", None)
+    if m is None or not hasattr(m, "conv_scores"):
+        return []
+    return reliability(np.asarray(m.conv_labels), np.asarray(m.conv_scores), 10)
 
 
 def decode_samples(records: list, metrics: TrainerMetrics, count_bad: bool = True) -> list[Sample]:
@@ -775,6 +784,7 @@ class Trainer:
                 "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,
+                "reliability": _reliability(self.learner),
                 "device": str(self.learner.device), "rank": self.group.rank, "world": self.group.world,
                 "time": time.time()}
 

@@ -168,3 +168,21 @@ def test_wait_and_fnw_learners_train_the_same_retrievals_and_only_fnw_the_clicks
         assert sum(x.kind == CONVERSION for x in rows) == trained_convs
         assert sum(x.kind == RETRIEVAL for x in rows) == sum(x.kind == RETRIEVAL for x in batch)
         assert L.version == 1
+
+
+def test_the_demo_report_carries_the_click_time_auc_with_its_cases_and_plots_calibration(tmp_path):
+    from tgastream.model.metrics import reliability
+    from tgastream.stream.demo import online_metrics_plot, online_report
+
+    rng = np.random.default_rng(0)
+    p = rng.random(400) * 0.2
+    y = (rng.random(400) < p).astype(float)
+    stats = {"online": {"auc": 0.61, "auc_clicks": 400, "auc_buys": int(y.sum()), "logloss": 0.3, "ece": 0.01,
+                        "hr@10": 0.2, "clicktime_unmatched": 0, "clicktime_pending": 7},
+             "reliability": reliability(y, p, 10)}
+    on = online_report(stats)
+    assert (on["auc"], on["auc_clicks"], on["auc_buys"], on["clicks_pending"]) == (0.61, 400, int(y.sum()), 7)
+    assert len(on["reliability"]) == 10
+    history = [{"time": 100.0 + k, "hr@10": 0.1, "auc": 0.6, "logloss": 0.3, "ece": 0.02} for k in range(5)]
+    online_metrics_plot(history, on, tmp_path / "online_metrics.png")
+    assert (tmp_path / "online_metrics.png").stat().st_size > 1000
