@@ -143,7 +143,8 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
                               "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
                               "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy,
-                              "--republish-rate", str(settings.republish_rate)],
+                              "--republish-rate", str(settings.republish_rate),
+                              "--conversion-feedback", settings.conversion_feedback],
                   logs),
         ]
         try:

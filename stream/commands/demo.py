@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="stop after this many seconds (default: 900)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_setting_flags(p, "bootstrap", "partitions", "device", "dim", "layers", "heads", "batch_size", "sample_len", "train_policy",
-                      "api_port", "republish_rate")
+                      "api_port", "republish_rate", "conversion_feedback")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
