@@ -184,7 +184,8 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
     def replay() -> None:
         try:
             result["replay"] = replay_file(settings.bootstrap, settings,
-                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True), progress=False)
+                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True,
+                                                        watermark_every_s=3600.0), progress=False)
         except Exception as exc:  # surfaced below; the demo must still stop its processes
             result["error"] = exc
         finally:
