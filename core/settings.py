@@ -64,6 +64,8 @@ class Settings:
     max_len: int = field(default=MAX_LEN, metadata={"help": "events kept per user graph"})
     sample_len: int = field(default=SAMPLE_LEN, metadata={"help": "graph nodes carried by a training sample"})
     conversion_window_s: float = field(default=CONVERSION_WINDOW_S, metadata={"help": "click → buy conversion window (event time)"})
+    conversion_feedback: str = field(default="wait", metadata={"help": "trainer: how a click is trained before its label is known: wait (once, when its window closes) or fnw (at once as a fake negative, again as a positive at the buy, importance-weighted; Ktena et al. RecSys 2019); docs/conversion.md"})
+    pending_predictions: int = field(default=200_000, metadata={"help": "trainer: click-time P(buy) predictions kept until their label arrives; past it the oldest is dropped and counted"})
     # stream workers
     worker_group: str = field(default="", metadata={"help": "consumer group (faust app id) of stream workers; empty = tgastream-<events_topic>"})
     worker_batch: int = field(default=5000, metadata={"help": "stream worker: most records fetched and applied per batch"})
@@ -130,6 +132,9 @@ class Settings:
             raise SettingsError(f"guard_min_retrievals ({self.guard_min_retrievals}) must be <= guard_window ({self.guard_window})")
         if not 0.0 < self.shadow_share <= 1.0:
             raise SettingsError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
+        if self.conversion_feedback not in ("wait", "fnw"):
+            raise SettingsError(f"conversion_feedback must be wait or fnw, got {self.conversion_feedback!r}")
+        _positive("pending_predictions", self.pending_predictions)
         if self.train_policy not in ("all", "bounded"):
             raise SettingsError(f"train_policy must be all or bounded, got {self.train_policy!r}")
         for name in ("stop_timeout_s", "join_timeout_s"):

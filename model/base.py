@@ -28,6 +28,7 @@ from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
+from tgastream.model.feedback import conversion_loss
 from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits, repeat_level,
                                             scatter_logsumexp)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
@@ -182,14 +183,15 @@ class SequenceRecommender(nn.Module):
             self.item_category[view.targets[0]] = view.targets[1]
             self.item_category[0] = 0
 
-    def loss(self, batch: Batch, view: GlobalView | None = None) -> LossOutput:
+    def loss(self, batch: Batch, view: GlobalView | None = None, feedback: str = "wait") -> LossOutput:
         """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch.
 
         ``view`` (data-parallel ranks, model/distributed.py) is the union of every rank's batch:
         its retrieval targets are the in-batch negatives, its counts are observed and normalise
         the loss, its uniform negatives are shared; the value is then this rank's share of the
         union's loss, (1/R) Σ_{own retrieval rows} ℓ_ret + w (1/C) Σ_{own conversion rows} ℓ_bce.
-        Without it the union is ``batch`` itself (one process)."""
+        Without it the union is ``batch`` itself (one process). ``feedback`` ``fnw`` weighs ℓ_bce
+        by the fake-negative importance weights (model/feedback.py)."""
         ret = (batch.kind == RETRIEVAL) if self.does_retrieval else torch.zeros_like(batch.kind, dtype=torch.bool)
         conv = (batch.kind == CONVERSION) if self.does_conversion else torch.zeros_like(ret)
         n_ret, n_conv = int(ret.sum()), int(conv.sum())
@@ -223,7 +225,7 @@ class SequenceRecommender(nn.Module):
             # the balance of the two heads: a conversion-only model (DIN) has nothing to balance
             g, w = (self.cfg.conversion_grad, self.cfg.conversion_weight) if self.does_retrieval else (1.0, 1.0)
             logits = self.conversion_logits(_rows(batch, idx), scale_grad(states[idx], g), scale_grad(vecs[idx], g))
-            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx].to(logits.dtype), reduction="sum") / view.n_conversion
+            lc = conversion_loss(logits, batch.label[idx], feedback) / view.n_conversion
             total = total + w * lc
             c_loss = float(lc.detach())
         return LossOutput(total, r_loss, c_loss, n_ret, n_conv)

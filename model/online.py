@@ -6,10 +6,12 @@ For every micro-batch the trainer calls, in this order:
    (:class:`model.rows.EmbeddingRows`) and returns the vectors of the batch's users (their graph
    *including* the newest event) and items, for the trainer to publish;
 2. :meth:`OnlineLearner.score`: scores the batch with the current model *before* learning from it
-   (the online metric, :class:`model.prequential.RollingMetrics`): the conversion probability of
-   each conversion sample, the full-catalogue mid-rank of each retrieval target;
-3. :meth:`OnlineLearner.learn`: one optimizer step on the batch mixed with ``replay_share`` older
-   samples drawn from a bounded reservoir (limits forgetting); now and then evicts idle rows.
+   (the online metric, :class:`model.prequential.RollingMetrics`): P(buy) of each click at click
+   time (its CLICK sample), kept until its label arrives with the conversion sample and judged
+   then (model/clicktime.py); the full-catalogue mid-rank of each retrieval target;
+3. :meth:`OnlineLearner.learn`: one optimizer step on the batch (what of it is trained depends on
+   ``conversion_feedback``, model/feedback.py) mixed with ``replay_share`` older samples drawn
+   from a bounded reservoir (limits forgetting); now and then evicts idle rows.
 
 No Kafka here: the trainer (stream/trainer.py), the online-vs-frozen benchmark and tests drive it
 with lists of :class:`Sample`.
@@ -28,8 +30,10 @@ import torch
 from torch import nn
 
 from tgastream.model.batching import collate
+from tgastream.model.clicktime import ClickTimeStore
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.device import cpu_threads, resolve_device
+from tgastream.model.feedback import check_mode, training_samples
 from tgastream.model.distributed import Group, Solo, all_reduce_gradients, broadcast_module, global_view, sync_rows
 from tgastream.model.inference import conversion_proba, load_model, model_state
 from tgastream.model.learner import StepOutput
@@ -39,7 +43,7 @@ from tgastream.model.rows import EmbeddingRows
 from tgastream.model.tga import TGA
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.graph import UserGraph
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, Sample
 from tgastream.core.events import BEHAVIOR_CODE
 
 BUY = BEHAVIOR_CODE["buy"]
@@ -105,6 +109,8 @@ class OnlineLearner:
         self.optimizer: torch.optim.Optimizer | None = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.metrics = RollingMetrics(window=cfg.metric_window)
         self.reservoir = Reservoir(cfg.reservoir)
+        check_mode(cfg.conversion_feedback)
+        self.clicktime = ClickTimeStore(cfg.pending_predictions)  # click-time P(buy) awaiting labels
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
         self.last_replayed = 0  # reservoir samples in the last step
@@ -148,18 +154,24 @@ class OnlineLearner:
 
     @torch.no_grad()
     def score(self, samples: Sequence[Sample], score_limit: int = 0) -> None:
-        """Score the new samples (a random ``score_limit`` of them) with the model as it is:
-        prequential test-then-train, into the rolling metrics."""
+        """Score the new samples with the model as it is (prequential test-then-train): every
+        click's P(buy), kept until its label arrives; a random ``score_limit`` of the retrieval
+        targets; then the labels that arrived join their clicks' predictions, into the rolling
+        metrics."""
         vocabs = self.rows.vocabs()
-        scored = list(samples)
-        if 0 < score_limit < len(scored):
-            scored = self.rng.sample(scored, score_limit)
-        # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
-        new = collate(scored, vocabs, self.device, keys=vocabs.items)
-        self.model.eval()
-        states = self.model.encode(new)
-        self._score_conversions(new, states)
-        self._score_retrievals(new, states)
+        clicks = [s for s in samples if s.kind == CLICK]  # all of them: each label will look for its click
+        rest = [s for s in samples if s.kind == RETRIEVAL]
+        if 0 < score_limit < len(rest):
+            rest = self.rng.sample(rest, score_limit)
+        scored = clicks + rest
+        if scored:
+            # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
+            new = collate(scored, vocabs, self.device, keys=vocabs.items)
+            self.model.eval()
+            states = self.model.encode(new)
+            self._score_conversions(new, states, clicks)
+            self._score_retrievals(new, states)
+        self._judge_conversions(samples)
 
     def learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
         """One optimizer step on the samples (a random ``train_limit`` of them) plus
@@ -171,7 +183,7 @@ class OnlineLearner:
         when the union is empty; the loss returned is the union's."""
         if not self.cfg.train or self.optimizer is None:
             return float("nan")
-        train = list(samples)
+        train = training_samples(samples, self.cfg.conversion_feedback)
         if 0 < train_limit < len(train):
             train = self.rng.sample(train, train_limit)
         k = 0
@@ -192,7 +204,7 @@ class OnlineLearner:
                            self.shared_gen, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         if batch is not None:
-            loss = self.model.loss(batch, view).loss
+            loss = self.model.loss(batch, view, feedback=self.cfg.conversion_feedback).loss
             loss.backward()
             share = loss.detach().reshape(1)
         else:  # nothing here this step: observe the union like every rank, contribute zeros
@@ -202,18 +214,26 @@ class OnlineLearner:
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.optimizer.step()
         self.version += 1
-        self.reservoir.offer(samples, self.rng)
+        self.reservoir.offer(training_samples(samples, self.cfg.conversion_feedback), self.rng)
         self.last_loss = float(total[0])
         if self.version % self.cfg.evict_every == 0:
             self.rows.evict(self.model, self.optimizer, float(head[1]), self.cfg.idle_ttl_s, self.shared_gen)
         return self.last_loss
 
-    def _score_conversions(self, batch, states: torch.Tensor) -> None:
-        """P(buy) of the conversion rows, with their labels, into the rolling metrics."""
-        conv = (batch.kind == CONVERSION).nonzero().squeeze(1)
-        if len(conv):
-            probs = torch.sigmoid(self.model.conversion_logits(batch.select(conv), states[conv]))  # [V]
-            self.metrics.add_conversion(batch.label[conv].cpu().numpy(), probs.float().cpu().numpy())
+    def _score_conversions(self, batch, states: torch.Tensor, clicks: Sequence[Sample] = ()) -> None:
+        """P(buy) of the click rows (the batch's CLICK samples, ``clicks`` in row order), kept with
+        this model version until their labels arrive (:meth:`_judge_conversions`)."""
+        rows = (batch.kind == CLICK).nonzero().squeeze(1)
+        if len(rows):
+            probs = torch.sigmoid(self.model.conversion_logits(batch.select(rows), states[rows]))  # [V]
+            self.clicktime.predict(clicks, probs.float().cpu().numpy(), self.version)
+
+    def _judge_conversions(self, samples: Sequence[Sample]) -> None:
+        """The labels that arrived (conversion samples) with their clicks' click-time predictions,
+        into the rolling metrics; a label whose prediction was lost is counted, not scored."""
+        joined = self.clicktime.join([s for s in samples if s.kind == CONVERSION])
+        if len(joined):
+            self.metrics.add_conversion(joined.labels, joined.probs[:, 0], joined.users)
 
     def _score_retrievals(self, batch, states: torch.Tensor) -> None:
         """Mid-rank of each retrieval target among every item that has a row (full catalogue,
@@ -302,8 +322,11 @@ class OnlineLearner:
         return conversion_proba(self.model, self.rows, self.device, context, candidates)
 
     def online_metrics(self) -> dict[str, float | None]:
-        """Rolling prequential metrics, plus the last batch's own HR@10 (``batch_hr@10``)."""
-        return {**self.metrics.snapshot(), "batch_hr@10": self.batch_hr}
+        """Rolling prequential metrics (conversion: click-time predictions joined to their labels),
+        plus the last batch's own HR@10 (``batch_hr@10``) and the click-time store's counts
+        (``clicktime_*``: pending, evicted, unmatched, ...)."""
+        return {**self.metrics.snapshot(), "batch_hr@10": self.batch_hr,
+                **{f"clicktime_{k}": v for k, v in self.clicktime.counts().items()}}
 
     def idmap_stats(self) -> list[tuple[str, int, int]]:
         return self.rows.stats()
@@ -317,6 +340,7 @@ class OnlineLearner:
         twin.optimizer = None
         twin.metrics = RollingMetrics(window=self.cfg.metric_window)
         twin.reservoir = Reservoir(0)
+        twin.clicktime = ClickTimeStore(self.cfg.pending_predictions)
         return twin
 
     # -- persistence -------------------------------------------------------------------------
@@ -330,6 +354,7 @@ class OnlineLearner:
             "version": self.version, "seen": self.reservoir.seen,
             "reservoir": [s.to_bytes() for s in self.reservoir.samples],
             "metrics": self.metrics.state_dict(),
+            "clicktime": self.clicktime.state_dict(),  # pending click-time predictions: a restart keeps them
             "rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "shared_rng": self.shared_gen.get_state(),  # uniform negatives, fresh rows: a resumed run draws the same
@@ -346,12 +371,19 @@ class OnlineLearner:
         self.version = d["version"]
         self.reservoir.load(d["reservoir"], d["seen"])
         self.metrics.load_state_dict(d["metrics"])
+        self._load_clicktime(d)
         self.rng.setstate(d["rng"])
         torch.set_rng_state(d["torch_rng"])
         if "shared_rng" in d:  # (checkpoints before data-parallel ranks: the seed's state)
             self.shared_gen.set_state(d["shared_rng"])
 
-    RANK_KEYS = ("seen", "reservoir", "metrics", "rng", "torch_rng")
+    RANK_KEYS = ("seen", "reservoir", "metrics", "clicktime", "rng", "torch_rng")
+
+    def _load_clicktime(self, d: dict) -> None:
+        """The pending click-time predictions of a state (none in a checkpoint older than them)."""
+        self.clicktime = ClickTimeStore(self.cfg.pending_predictions)
+        if "clicktime" in d:
+            self.clicktime.load_state_dict(d["clicktime"])
 
     def rank_state_dict(self) -> dict:
         """What differs between data-parallel ranks (reservoir, rolling metrics, random states):
@@ -363,6 +395,7 @@ class OnlineLearner:
         """Restore a rank's part (after :meth:`load_state_dict` of the shared part)."""
         self.reservoir.load(d["reservoir"], d["seen"])
         self.metrics.load_state_dict(d["metrics"])
+        self._load_clicktime(d)
         self.rng.setstate(d["rng"])
         torch.set_rng_state(d["torch_rng"])
 

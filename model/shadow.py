@@ -6,7 +6,10 @@ first seen after it gets a fresh row, so the baseline is judged as what a rollba
 Every step, a random ``share`` of the step's new samples (chosen once, for all three) is scored
 prequentially, before the online model learns from them:
 
-- conversion clicks: P(buy) of each model, with the label;
+- conversion clicks: P(buy) of each model *at the click* (its CLICK sample), kept until the
+  label arrives (the conversion sample) and judged then, so all three are judged on what they
+  said when the click happened (model/clicktime.py); the baseline's only while it is the same
+  baseline (a case predicted by the one before is judged for the online model and repeat only);
 - retrieval rows: the target's mid-rank over each model's own catalogue (every item with a row),
   a bounded number of rows per step (``rank_budget`` / catalogue, as the learner's own scoring);
 - repeat-recent on the same retrieval rows: the user's distinct context items, most recent first.
@@ -27,12 +30,13 @@ import torch
 
 from tgastream.core.events import BEHAVIOR_CODE
 from tgastream.model.batching import collate
+from tgastream.model.clicktime import ClickTimeStore
 from tgastream.model.guard import PairedWindow
 from tgastream.model.metrics import ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
 from tgastream.model.tga import TGA
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, Sample
 
 K = 10
 
@@ -43,6 +47,7 @@ class ShadowConfig:
     rank_budget: int = 2_000_000  # (retrieval rows × catalogue items) per model per step at most
     window: int = 2000  # rolling window of the per-model metrics
     seed: int = 0
+    pending: int = 100_000  # click-time predictions awaiting their label
 
 
 @dataclass
@@ -98,12 +103,15 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
 
 @dataclass
 class Scored:
-    """One step's shadow cases: labels [C] and each model's outcomes on the same cases."""
+    """One step's shadow cases: labels [C] (of clicks whose label arrived this step) and each
+    model's outcomes on the same cases; ``paired`` [C]: the baseline's prediction came from the
+    current baseline (only those cases count for it)."""
 
     labels: np.ndarray
     online: Outcomes
     repeat: Outcomes
     baseline: Outcomes | None  # None without a baseline
+    paired: np.ndarray | None = None
 
 
 class Baseline(Protocol):
@@ -125,6 +133,8 @@ class Shadow:
         self.baseline: Baseline | None = None
         self.rolling = {m: RollingMetrics(window=cfg.window, k=K) for m in self.MODELS}
         self.paired = PairedWindow(window=paired_window, keep_positives=keep_positives)
+        # click-time scores [online, repeat, baseline (NaN without one)], version = the baseline's (-1 none)
+        self.pending = ClickTimeStore(cfg.pending, width=3)
 
     def set_baseline(self, baseline: Baseline | None) -> None:
         """A new baseline: the paired window restarts (outcomes against the old one do not count)."""
@@ -133,10 +143,10 @@ class Shadow:
         self.rolling["baseline"] = RollingMetrics(window=self.cfg.window, k=K)
 
     def pick(self, samples: Sequence[Sample], catalogue: int) -> tuple[list[Sample], list[Sample]]:
-        """The subset all models score: conversion clicks, retrieval rows (bounded for ranking)."""
+        """The subset all models score: clicks (at click time), retrieval rows (bounded for ranking)."""
         n = min(len(samples), max(1, math.ceil(self.cfg.share * len(samples))))
         chosen = self.rng.sample(list(samples), n) if n < len(samples) else list(samples)
-        conv = [s for s in chosen if s.kind == CONVERSION]
+        conv = [s for s in chosen if s.kind == CLICK]
         ret = [s for s in chosen if s.kind == RETRIEVAL]
         cap = max(16, self.cfg.rank_budget // max(catalogue, 1))
         return conv, ret[:cap]
@@ -144,22 +154,30 @@ class Shadow:
     def evaluate(self, samples: Sequence[Sample], model: TGA, rows: EmbeddingRows,
                  device: torch.device) -> Scored | None:
         """Score the online model (``model``, ``rows``: as it is, before it learns from these
-        samples), the baseline and repeat-recent on the same subset of ``samples`` (None when
-        nothing was picked). Plain arrays: ranks pool them (model/guardrails.py)."""
+        samples), the baseline and repeat-recent on the same subset of ``samples``: the picked
+        clicks are predicted and kept; the step's labels join the predictions of their clicks
+        (None when there is nothing to judge). Plain arrays: ranks pool them (model/guardrails.py)."""
         if not samples:
             return None
         conv, ret = self.pick(samples, model.cfg.n_items)
-        if not conv and not ret:
-            return None
-        labels = np.asarray([s.label for s in conv], dtype=float)  # [C]
         online = score_outcomes(model, rows, device, conv, ret)
         n_items = max(len(rows.items), 1)
-        rep = Outcomes(np.asarray([repeat_interest(s) for s in conv]), np.asarray([repeat_rank(s, n_items) for s in ret]))
-        base = None
+        rep_ranks = np.asarray([repeat_rank(s, n_items) for s in ret])
+        base, base_version = None, -1
         if self.baseline is not None:
             b = self.baseline.aligned()
-            base = score_outcomes(b.model, b.rows, b.device, conv, ret)
-        return Scored(labels, online, rep, base)
+            base, base_version = score_outcomes(b.model, b.rows, b.device, conv, ret), self.baseline.version
+        if conv:
+            cols = [online.probs, np.asarray([repeat_interest(s) for s in conv], dtype=float),
+                    base.probs if base is not None else np.full(len(conv), np.nan)]
+            self.pending.predict(conv, np.stack(cols, 1), base_version)  # [C, 3]
+        # only a share of clicks was predicted: the other labels are not this shadow's cases
+        joined = self.pending.join([s for s in samples if s.kind == CONVERSION and s.click_key in self.pending.pending])
+        if not len(joined) and not ret:
+            return None
+        paired = joined.versions == base_version if base is not None else np.zeros(len(joined), bool)
+        return Scored(joined.labels, Outcomes(joined.probs[:, 0], online.ranks), Outcomes(joined.probs[:, 1], rep_ranks),
+                      None if base is None else Outcomes(joined.probs[:, 2], base.ranks), paired)
 
     def note(self, scored: Scored) -> None:
         """Add scored outcomes to the rolling metrics and, with a baseline, the paired window."""
@@ -167,9 +185,11 @@ class Shadow:
         self._note("repeat", scored.labels, scored.repeat)
         if scored.baseline is None or self.baseline is None:
             return
-        self._note("baseline", scored.labels, scored.baseline)
-        self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels, scored.online.probs,
-                        scored.baseline.probs)
+        ok = scored.paired if scored.paired is not None else np.ones(len(scored.labels), bool)
+        base = Outcomes(scored.baseline.probs[ok], scored.baseline.ranks)
+        self._note("baseline", scored.labels[ok], base)
+        self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels[ok],
+                        scored.online.probs[ok], base.probs)
 
     def _note(self, name: str, labels: np.ndarray, out: Outcomes) -> None:
         if len(out.probs):

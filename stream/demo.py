@@ -159,7 +159,8 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
                               "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
                               "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy,
-                              "--republish-rate", str(settings.republish_rate)],
+                              "--republish-rate", str(settings.republish_rate),
+                              "--conversion-feedback", settings.conversion_feedback],
                   logs, _child_env(settings)),
         ]
         try:
@@ -199,7 +200,8 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
     def replay() -> None:
         try:
             result["replay"] = replay_file(settings.bootstrap, settings,
-                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True), progress=False)
+                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True,
+                                                        watermark_every_s=3600.0), progress=False)
         except Exception as exc:  # surfaced below; the demo must still stop its processes
             result["error"] = exc
         finally:
@@ -236,7 +238,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             say(f"[{row['t']:6.0f}s] events {row['events_applied']:>8,.0f}  samples {row['samples_emitted']:>8,.0f}  "
                 f"published {row['trainer_samples']:>8,.0f}  trained {row['trainer_trained']:>8,.0f}  "
                 f"steps {row['steps']:>6,.0f}  "
-                f"HR@10 {_metric(row['hr@10'])}  AUC {_metric(row['auc'])}  lag {row['lag']:,.0f}")
+                f"HR@10 {_metric(row['hr@10'])}  AUC@click {_metric(row['auc'])}  lag {row['lag']:,.0f}")
         if "error" in result:
             raise result["error"]
         if replay_done.is_set():
@@ -264,7 +266,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         "rejected": rejected,
         "samples": int(final["samples_emitted"]),
         "train_steps": int(trainer_stats.get("steps", final["steps"])),
-        "online": {"auc": trainer_stats.get("online", {}).get("auc"), "hr@10": trainer_stats.get("online", {}).get("hr@10")},
+        "online": online_report(trainer_stats),
         "freshness_p50_s": trainer_stats.get("freshness_p50_s"),
         "freshness_p99_s": trainer_stats.get("freshness_p99_s"),
         "events_per_s": round(replay_summary.events_per_s, 1),
@@ -283,11 +285,59 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
     return report
 
 
+def online_report(trainer_stats: dict) -> dict:
+    """The online figures of report.json: conversion judged at the click (each click's P(buy) by
+    the model of that moment, joined to its label when the window closed; model/clicktime.py)
+    over the trainer's rolling window, with the cases it rests on, and HR@10."""
+    on = trainer_stats.get("online", {})
+    return {"auc": on.get("auc"), "auc_clicks": on.get("auc_clicks"), "auc_buys": on.get("auc_buys"),
+            "gauc": on.get("gauc"), "logloss": on.get("logloss"), "ece": on.get("ece"), "hr@10": on.get("hr@10"),
+            "clicks_unjudged": on.get("clicktime_unmatched"), "clicks_pending": on.get("clicktime_pending"),
+            "reliability": trainer_stats.get("reliability", []),
+            "judged": "at the click: the conversion window's label joined to the P(buy) made when the click arrived"}
+
+
 def _busy_rate(rows: list[dict], key: str) -> float:
     """Per-second rate of a counter over the seconds it was rising (its busy time)."""
     busy = [(b[key] - a[key], b["t"] - a["t"]) for a, b in zip(rows, rows[1:]) if b[key] > a[key]]
     seconds = sum(dt for _, dt in busy)
     return round(sum(dv for dv, _ in busy) / seconds, 1) if seconds else 0.0
+
+
+def online_metrics_plot(history: list[dict], online: dict, path: Path) -> None:
+    """Rolling HR@10 and click-time AUC over trainer time; click-time logloss and ECE; and the
+    reliability of the click-time P(buy) at the end (10 equal-mass bins)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if history:
+        t0 = history[0]["time"]
+        ht = [h["time"] - t0 for h in history]
+        for ax, keys in ((axes[0], (("hr@10", "HR@10"), ("auc", "conversion AUC, judged at the click"))),
+                         (axes[1], (("logloss", "logloss at the click"), ("ece", "ECE at the click")))):
+            for key, label in keys:
+                ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history],
+                        label=f"{label} (rolling)")
+            ax.set_xlabel("trainer time (s)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    rows = online.get("reliability") or []
+    if rows:
+        mp, rate = [r["mean_prob"] for r in rows], [r["rate"] for r in rows]
+        top = max(*mp, *rate, 1e-3)
+        axes[2].plot(mp, rate, "-o", label=f"online (ECE {online.get('ece') or float('nan'):.4f})")
+        axes[2].plot([0, top], [0, top], ":", color="grey", label="calibrated")
+        axes[2].legend(fontsize=8)
+    axes[2].set_xlabel("mean predicted P(buy) at the click")
+    axes[2].set_ylabel("observed buy rate")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(f"Online metrics (test-then-train; conversion judged at the click: AUC "
+                 f"{online.get('auc') or float('nan'):.3f} on {online.get('auc_clicks') or 0} clicks, "
+                 f"{online.get('auc_buys') or 0} bought)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(out: Path, report: dict, series: Series, history_path: Path) -> None:
@@ -302,14 +352,8 @@ def write_report(out: Path, report: dict, series: Series, history_path: Path) ->
     rows = series.rows
     t = [r["t"] for r in rows]
 
-    fig, ax = plt.subplots(figsize=(8, 4))
     history = [json.loads(x) for x in history_path.read_text().splitlines()] if history_path.exists() else []
-    if history:
-        t0 = history[0]["time"]
-        ht = [h["time"] - t0 for h in history]
-        for key in ("hr@10", "auc"):
-            ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history], label=f"online {key} (rolling)")
-    save_chart(fig, ax, out / "online_metrics.png", "trainer time (s)", "prequential metric", "Online metrics (test-then-train)")
+    online_metrics_plot(history, report.get("online", {}), out / "online_metrics.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, label in (("events_applied", "events applied/s (worker)"),

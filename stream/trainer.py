@@ -48,11 +48,12 @@ from tgastream.model.distributed import Group, Solo
 from tgastream.model.drift import LossDrift
 from tgastream.model.guardrails import Event, Guardrails
 from tgastream.model.inference import IncompatibleCheckpoint
+from tgastream.model.metrics import reliability
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
 from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_parts, save_part
 from tgastream.state.graph import UserGraph
-from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
+from tgastream.state.samples import CLICK, CONVERSION, RedeliveryGuard, Sample
 from tgastream.state.serving import (
     ServingStore, VectorRecord, bought_key, bought_value, context_key, item_category_key, item_key, user_key,
 )
@@ -124,6 +125,9 @@ class TrainerMetrics:
         self.checkpoint_age = Gauge("tgastream_checkpoint_age_seconds", "seconds since the last checkpoint", registry=r)
         self.idmap_size = Gauge("tgastream_idmap_size", "ids with an embedding row", ["kind"], registry=r)
         self.idmap_evictions = Gauge("tgastream_idmap_evictions", "id map rows evicted so far", ["kind"], registry=r)
+        self.clicktime = Gauge("tgastream_clicktime_predictions", "click-time P(buy) predictions: pending (label "
+                               "not yet known), joined to a label, evicted unlabelled (store full), unmatched "
+                               "(a label whose prediction was lost: not scored)", ["state"], registry=r)
         self.lag = Gauge("tgastream_trainer_lag", "samples on the topic not yet consumed (approximate on Tansu)", registry=r)
 
 
@@ -165,6 +169,14 @@ def _newer_published(serving: ServingStore, user_id: str, event_ts: float) -> bo
     older context (a conversion sample's, which ends at its click) must not replace it."""
     current = serving.user(user_id)
     return current is not None and current.event_ts > event_ts
+
+
+def _reliability(learner: Learner) -> list[dict]:
+    """Reliability bins (10, equal-mass) of the learner's click-time predictions in its rolling window."""
+    m = getattr(learner, "metrics", None)
+    if m is None or not hasattr(m, "conv_scores"):
+        return []
+    return reliability(np.asarray(m.conv_labels), np.asarray(m.conv_scores), 10)
 
 
 def decode_samples(records: list, metrics: TrainerMetrics, count_bad: bool = True) -> list[Sample]:
@@ -500,8 +512,10 @@ class Trainer:
                 self._publish(out, producer, serving)
             self.run.samples += len(samples)
             conversions = sum(1 for s in samples if s.kind == CONVERSION)
+            clicks = sum(1 for s in samples if s.kind == CLICK)
             self.metrics.samples.labels("conversion").inc(conversions)
-            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
+            self.metrics.samples.labels("click").inc(clicks)
+            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions - clicks)
             if self.bounded:
                 fresh = self._admit(samples)
                 if len(fresh) > self.settings.batch_size:
@@ -548,8 +562,9 @@ class Trainer:
         self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
         version = self.learner.version
         loss = self.learner.learn(samples)  # (ranks: a collective; a step of the union of their samples)
-        if self.learner.version == version:
-            return  # no rank had samples: no step
+        if self.learner.version == version:  # no step: no rank had anything to train on
+            self._consumed(samples)  # (e.g. only clicks under conversion_feedback wait: consumed all the same)
+            return
         self.trained_log.append(samples)
         self.run.steps += 1
         self.run.trained += len(samples)
@@ -567,7 +582,11 @@ class Trainer:
         event = self._on_guard(self.guardrails.after_step())
         online = self.learner.online_metrics()
         for name, value in online.items():
-            if value is not None:
+            if value is None:
+                continue
+            if name.startswith("clicktime_"):
+                self.metrics.clicktime.labels(name.removeprefix("clicktime_")).set(value)
+            else:
                 self.metrics.online.labels("online", name).set(value)
         shadow = self._note_guard()
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
@@ -575,6 +594,15 @@ class Trainer:
                                         "serving_version": self.guardrails.serving_version,
                                         "model_state": self.guardrails.state, "guard_event": event and event.kind,
                                         "shadow": shadow}) + "\n")
+
+    def _consumed(self, samples: list[Sample]) -> None:
+        """Samples a step took but had nothing to learn from (a click under ``wait`` is only
+        predicted): logged and counted as trained, so every identity is consumed exactly once."""
+        if not samples:
+            return
+        self.trained_log.append(samples)
+        self.run.trained += len(samples)
+        self.metrics.trained.inc(len(samples))
 
     # -- guardrails (model/guardrails.py decides; these hooks publish and count) ---------------------
 
@@ -770,6 +798,7 @@ class Trainer:
                 "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,
+                "reliability": _reliability(self.learner),
                 "device": str(self.learner.device), "rank": self.group.rank, "world": self.group.world,
                 "time": time.time()}
 

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len",
                       "train_policy", "stop_timeout_s", "checkpoint_dir", "republish_rate",
                       "drift_delta", "guard", "guard_margin", "guard_window", "guard_min_retrievals",
-                      "guard_min_positives", "shadow_share", "seed", *KAFKA_SECURITY_SETTINGS)
+                      "guard_min_positives", "shadow_share", "seed", "conversion_feedback", "pending_predictions",
+                      *KAFKA_SECURITY_SETTINGS)
 
 
 def torchrun_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
