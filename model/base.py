@@ -44,6 +44,7 @@ class LossOutput:
     conversion: float  # mean conversion BCE (nan when none)
     n_retrieval: int
     n_conversion: int
+    states: torch.Tensor | None = None  # node states [B, N, d] of the forward (``loss(keep_states=True)``)
 
 
 class SequenceRecommender(nn.Module):
@@ -180,14 +181,16 @@ class SequenceRecommender(nn.Module):
             self.item_category[view.targets[0]] = view.targets[1]
             self.item_category[0] = 0
 
-    def loss(self, batch: Batch, view: GlobalView | None = None) -> LossOutput:
+    def loss(self, batch: Batch, view: GlobalView | None = None, keep_states: bool = False) -> LossOutput:
         """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch.
 
         ``view`` (data-parallel ranks, model/distributed.py) is the union of every rank's batch:
         its retrieval targets are the in-batch negatives, its counts are observed and normalise
         the loss, its uniform negatives are shared; the value is then this rank's share of the
         union's loss, (1/R) Σ_{own retrieval rows} ℓ_ret + w (1/C) Σ_{own conversion rows} ℓ_bce.
-        Without it the union is ``batch`` itself (one process)."""
+        Without it the union is ``batch`` itself (one process). ``keep_states``: the forward's
+        node states come back too (``LossOutput.states``), for scoring the batch from this very
+        pass (model/online.py)."""
         ret = (batch.kind == RETRIEVAL) if self.does_retrieval else torch.zeros_like(batch.kind, dtype=torch.bool)
         conv = (batch.kind == CONVERSION) if self.does_conversion else torch.zeros_like(ret)
         n_ret, n_conv = int(ret.sum()), int(conv.sum())
@@ -224,7 +227,7 @@ class SequenceRecommender(nn.Module):
             lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx].to(logits.dtype), reduction="sum") / view.n_conversion
             total = total + w * lc
             c_loss = float(lc.detach())
-        return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
+        return LossOutput(total, r_loss, c_loss, n_ret, n_conv, states if keep_states else None)
 
     def _retrieval_loss(self, sub: Batch, st: torch.Tensor, view: GlobalView, e_t: torch.Tensor, b_t: torch.Tensor,
                         e_u: torch.Tensor, b_u: torch.Tensor) -> torch.Tensor:

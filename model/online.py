@@ -45,6 +45,26 @@ from tgastream.core.events import BEHAVIOR_CODE
 BUY = BEHAVIOR_CODE["buy"]
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether any dropout of ``model`` would change a training forward (p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference: same weights (copied), no gradients, eval mode."""
+    grads = {p: p.grad for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = None
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
+
+
 class Reservoir:
     """Reservoir sampling: every sample offered has the same chance to be in the bounded buffer."""
 
@@ -119,8 +139,7 @@ class OnlineLearner:
         With ranks, every rank calls this together (``samples`` may be empty): the rows are
         assigned from the union of the ranks' ids (:func:`model.distributed.sync_rows`)."""
         if self.cfg.train:  # a frozen model knows only the rows it was trained with
-            sync_rows(self.group, self.rows, samples)
-            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+            self.assign_rows(samples)
         if not samples:
             return StepOutput(users={}, items={}, loss=float("nan"))
         users, contexts, bought = self.user_vectors(samples)
@@ -136,15 +155,36 @@ class OnlineLearner:
                           arrivals=arrivals, from_clicks=from_clicks,
                           item_categories={i: touched[i] for i in items})
 
+    def assign_rows(self, samples: Sequence[Sample]) -> None:
+        """Give every id of the batch a row (with ranks: of every rank's batch, a collective) and
+        grow the tables to the maps. The trainer's publishing thread assigns rows itself, under
+        ``rows.lock`` (stream/trainer.py); :meth:`learn` grows the tables to whatever it finds."""
+        with self.rows.lock:
+            sync_rows(self.group, self.rows, samples)
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+
     def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> StepOutput:
         """Vectors, then prequential scoring, then learning: the trainer's order, in one call.
 
         With ``train_limit`` > 0 a larger batch is trained on a random ``train_limit`` of it, and
-        with ``score_limit`` > 0 scored on a random ``score_limit`` of it."""
+        with ``score_limit`` > 0 scored on a random ``score_limit`` of it. Scoring comes from the
+        training forward (:meth:`learn` with ``score_limit``) where that pass is the model as it
+        is (:meth:`scores_from_training`), else from a pass of its own (:meth:`score`)."""
         out = self.vectors(samples)
-        self.score(samples, score_limit)  # still the model before this step's update: prequential
-        out.loss = self.learn(samples, train_limit)
+        if self.scores_from_training(train_limit, len(samples)):
+            out.loss = self.learn(samples, train_limit, score_limit=score_limit)
+        else:
+            self.score(samples, score_limit)  # still the model before this step's update: prequential
+            out.loss = self.learn(samples, train_limit)
         return out
+
+    def scores_from_training(self, train_limit: int = 0, n_samples: int = 0) -> bool:
+        """Whether :meth:`learn` can score the new samples from its own forward pass: it learns,
+        trains on every new sample (no ``train_limit`` below their number), and its model has no
+        active dropout, so the training forward is the eval forward (the online model's dropout is
+        0: stream/configs.py). With dropout the scores come from a separate eval pass."""
+        return (self.cfg.train and self.optimizer is not None and not (0 < train_limit < n_samples)
+                and not has_dropout(self.model))
 
     @torch.no_grad()
     def score(self, samples: Sequence[Sample], score_limit: int = 0) -> None:
@@ -161,14 +201,25 @@ class OnlineLearner:
         self._score_conversions(new, states)
         self._score_retrievals(new, states)
 
-    def learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
+    def learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int | None = None) -> float:
         """One optimizer step on the samples (a random ``train_limit`` of them) plus
         ``replay_share`` drawn from the reservoir. Uses only the model's public API (``encode``,
         heads, ``loss``), so encoders can change beneath it.
 
+        ``score_limit`` not None: the new samples (a random ``score_limit`` of them, 0 = all) are
+        scored prequentially from this step's own forward pass, whose node states are those of
+        the model before the update (one forward per step instead of a separate eval pass); the
+        catalogue's item categories are taken as they were before the step observed its targets,
+        as the separate pass sees them. Where that pass is not the eval pass
+        (:meth:`scores_from_training` False: dropout, ``train_limit``) the scoring is a pass of
+        its own (:meth:`score`), first.
+
         With ranks, every rank calls this together with its own samples (possibly none): the
         step is taken on the union of the ranks' batches (model/distributed.py), or by no rank
         when the union is empty; the loss returned is the union's."""
+        if score_limit is not None and samples and not self.scores_from_training(train_limit, len(samples)):
+            self.score(samples, score_limit)
+            score_limit = None
         if not self.cfg.train or self.optimizer is None:
             return float("nan")
         train = list(samples)
@@ -185,14 +236,22 @@ class OnlineLearner:
         if head[0] == 0:
             return float("nan")
         self.last_replayed = len(replay)
-        vocabs = self.rows.vocabs()
-        batch = collate(rows, vocabs, self.device, keys=vocabs.items) if rows else None
+        with self.rows.lock:  # rows a publishing thread assigned since: tables grown to them first
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+            vocabs = self.rows.vocabs()
+            batch = collate(rows, vocabs, self.device, keys=vocabs.items) if rows else None
         self.model.train()
         view = global_view(self.group, batch, self.model.cfg.n_items, self.model.cfg.uniform_negatives,
                            self.shared_gen, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         if batch is not None:
-            loss = self.model.loss(batch, view).loss
+            scoring = score_limit is not None and bool(train)
+            categories = self.model.item_category.clone() if scoring else None  # [n_items], before observe
+            out = self.model.loss(batch, view, keep_states=scoring)
+            loss = out.loss
+            if scoring:
+                with torch.no_grad():
+                    self._score_from(batch, out.states.detach(), len(train), score_limit or 0, categories)
             loss.backward()
             share = loss.detach().reshape(1)
         else:  # nothing here this step: observe the union like every rank, contribute zeros
@@ -201,12 +260,31 @@ class OnlineLearner:
         total = all_reduce_gradients(self.group, list(self.model.parameters()), share)
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # (no gradients kept between steps: lighter copies)
         self.version += 1
         self.reservoir.offer(samples, self.rng)
         self.last_loss = float(total[0])
         if self.version % self.cfg.evict_every == 0:
             self.rows.evict(self.model, self.optimizer, float(head[1]), self.cfg.idle_ttl_s, self.shared_gen)
         return self.last_loss
+
+    def _score_from(self, batch, states: torch.Tensor, n_new: int, score_limit: int,
+                    categories: torch.Tensor) -> None:
+        """Prequential scores of the batch's first ``n_new`` rows (the new samples; the rest is
+        replay) from the training forward's node states [B, N, d], with the catalogue's item
+        categories ``categories`` as they were before this step."""
+        idx = list(range(n_new))
+        if 0 < score_limit < n_new:
+            idx = self.rng.sample(idx, score_limit)
+        sel = torch.as_tensor(idx, dtype=torch.long, device=states.device)
+        now = self.model.item_category
+        self.model.item_category = categories
+        try:
+            new = batch.select(sel)
+            self._score_conversions(new, states[sel])
+            self._score_retrievals(new, states[sel])
+        finally:
+            self.model.item_category = now
 
     def _score_conversions(self, batch, states: torch.Tensor) -> None:
         """P(buy) of the conversion rows, with their labels, into the rolling metrics."""
@@ -288,11 +366,11 @@ class OnlineLearner:
     @torch.no_grad()
     def item_vectors_of(self, items: dict[str, str]) -> dict[str, np.ndarray]:
         """Item tower vectors [d] of items (id → category id) that have rows."""
-        ids = [i for i in items if i in self.rows.items]
+        ids, item_rows = self.rows.peek_items(list(items))
         if not ids:
             return {}
-        rows = torch.as_tensor(self.rows.items.peek(ids), device=self.device)
-        cats = torch.as_tensor(self.rows.categories.peek([items[i] for i in ids]), device=self.device)
+        rows = torch.as_tensor(item_rows, device=self.device)
+        cats = torch.as_tensor(self.rows.vocabs().categories.lookup([items[i] for i in ids]), device=self.device)
         vecs, _bias = self.model.item_vectors(rows, cats)
         arr = vecs.float().cpu().numpy()  # [M, d]
         return {i: arr[k] for k, i in enumerate(ids)}
@@ -307,6 +385,17 @@ class OnlineLearner:
 
     def idmap_stats(self) -> list[tuple[str, int, int]]:
         return self.rows.stats()
+
+    def inference_copy(self, version: int | None = None) -> "OnlineLearner":
+        """A copy to publish vectors with while this learner trains (stream/trainer.py): its own
+        model (a copy of the weights now, no gradients), this learner's id maps (shared, behind
+        their lock), no optimizer; it never learns and never assigns rows itself."""
+        twin = copy.copy(self)
+        twin.cfg = dataclasses.replace(self.cfg, train=False)
+        twin.model = inference_model(self.model)
+        twin.optimizer = None
+        twin.version = self.version if version is None else version
+        return twin
 
     def frozen_copy(self) -> "OnlineLearner":
         """A copy that scores but never learns or assigns rows (the benchmark's frozen model)."""

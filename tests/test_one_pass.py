@@ -1,0 +1,72 @@
+"""One forward per step: the prequential scores that ``learn`` takes from its own training
+forward equal those of the separate eval pass (``score`` before ``learn``) on a model without
+dropout, replay rows mixed in; with dropout the learner scores in a pass of its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tgastream.core.events import BEHAVIORS, Event
+from tgastream.model.config import ModelConfig, OnlineConfig
+from tgastream.model.online import OnlineLearner
+from tgastream.state.samples import CONVERSION, samples_from_events
+from tgastream.stream.synth import SynthConfig, generate
+
+BATCH = 64
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rows = generate(SynthConfig(users=60, events=3000, items=300, seed=5))
+    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
+    return samples_from_events(events, sample_len=20, final_watermark=events[-1].ts + 2 * 86400)[:BATCH * STEPS]
+
+
+@pytest.fixture
+def float64():
+    """Both passes in float64: the equality is of the computation, not of float32 rounding
+    (the two passes batch the rows with different widths and neighbours)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def _learner(dropout: float = 0.0) -> OnlineLearner:
+    model = ModelConfig(n_items=1, n_categories=1, dim=16, heads=2, layers=1, dropout=dropout)
+    return OnlineLearner(model, OnlineConfig(device="cpu", threads=1, sample_len=20, chunk=64, reservoir=300,
+                                             replay_share=0.3, seed=2))
+
+
+def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, float64):
+    separate, one_pass = _learner(), _learner()
+    assert one_pass.scores_from_training(0, BATCH)
+    for k in range(STEPS):
+        batch = samples[k * BATCH:(k + 1) * BATCH]
+        separate.vectors(batch)
+        separate.score(batch)
+        separate.learn(batch)
+        one_pass.vectors(batch)
+        one_pass.learn(batch, score_limit=0)
+    a, b = separate.metrics.state_dict(), one_pass.metrics.state_dict()
+    n_conv = sum(s.kind == CONVERSION for s in samples)
+    assert a["conversions_seen"] == b["conversions_seen"] == n_conv > 0
+    assert a["retrievals_seen"] == b["retrievals_seen"] == len(samples) - n_conv
+    assert a["conv_labels"] == b["conv_labels"]
+    np.testing.assert_allclose(b["conv_scores"], a["conv_scores"], rtol=1e-9, atol=1e-12)
+    assert b["ranks"] == a["ranks"]  # mid-ranks over the full catalogue, every retrieval row
+    assert one_pass.last_replayed > 0  # replay rows were in the training batch beside the scored ones
+    for (name, p), q in zip(separate.model.state_dict().items(), one_pass.model.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=name)  # the same steps were taken
+
+
+def test_with_dropout_the_scores_come_from_an_eval_pass_of_their_own(samples):
+    L = _learner(dropout=0.2)
+    assert not L.scores_from_training(0, BATCH)
+    batch = samples[:BATCH]
+    out = L.step(batch)
+    assert np.isfinite(out.loss) and L.version == 1
+    assert L.metrics.retrievals_seen + L.metrics.conversions_seen == len(batch)
