@@ -99,6 +99,12 @@ class GoodModel:
         """An inference-only learner (never learns or assigns rows) with the good weights on the
         online learner's current rows; rebuilt when those rows change."""
         L = self.learner
+        with L.rows.lock:  # (a publishing thread may assign rows meanwhile: built on one state of the maps)
+            if hasattr(L, "grow_tables"):
+                L.grow_tables()  # tables as large as the maps, as the graft's
+            return self._aligned(L)
+
+    def _aligned(self, L: OnlineLearner) -> OnlineLearner:
         key = (id(L.model), id(L.rows), L.rows.items.capacity, len(L.rows.items), L.rows.items.evictions,
                L.rows.categories.capacity, len(L.rows.categories), L.rows.categories.evictions)
         if key != self._key or self._twin is None:

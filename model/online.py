@@ -163,6 +163,12 @@ class OnlineLearner:
             sync_rows(self.group, self.rows, samples)
             self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
 
+    def grow_tables(self) -> None:
+        """Grow the tables (and their optimizer state) to the id maps: rows assigned by another
+        thread since (stream/trainer.py's publishing thread) get their table rows."""
+        with self.rows.lock:
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+
     def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> StepOutput:
         """Vectors, then prequential scoring, then learning: the trainer's order, in one call.
 
@@ -309,7 +315,7 @@ class OnlineLearner:
         rows = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
         vectors, bias = m.item_vectors(rows, m.item_category[rows])
         scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
-        holds_item = self.rows.used_items(self.device)[1:].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+        holds_item = self.rows.used_items(self.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1]
         ranks = ranks_of_targets(scores, sub.target_item - 1, holds_item).cpu().numpy()  # [R]; no row: a miss
         self.metrics.add_ranks(ranks)
         self.batch_hr = ranking_metrics(ranks, self.metrics.k)["hr"]

@@ -91,7 +91,7 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
         items = torch.arange(1, n, device=device)  # catalogue column c = row c + 1
         vectors, bias = model.item_vectors(items, model.item_category[items])
         scores = model.score_catalogue(batch, vectors, bias, states)  # [R, n - 1]
-        holds = rows.used_items(device)[1:].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+        holds = rows.used_items(device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1] (maps may be ahead)
         ranks = ranks_of_targets(scores, batch.target_item - 1, holds).cpu().numpy()  # [R]
     return Outcomes(probs, ranks)
 
