@@ -42,7 +42,7 @@ from tgastream.model.online import OnlineLearner, Reservoir
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.inference import load_model
 from tgastream.model.rollback import graft_model, rollback_learner
-from tgastream.model.shadow import Shadow, ShadowConfig
+from tgastream.model.shadow import Cases, Outcomes, Scored, Shadow, ShadowConfig
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.rank_checkpoint import part_path
 from tgastream.state.registry import ModelVersion, Registry, RegistryError, editing
@@ -211,11 +211,30 @@ class Guardrails:
         return None
 
     def before_learn(self, samples: list) -> None:
-        """Score the step's new samples (before the online model learns from them). With ranks
-        every rank calls it every step (with or without samples): the scored cases are pooled."""
+        """Score the step's new samples (before the online model learns from them), the online
+        model in a pass of its own. With ranks every rank calls it every step (with or without
+        samples): the scored cases are pooled."""
         if not self.cfg.enabled or (not samples and not self.group.distributed):
             return
-        scored = self.shadow.evaluate(samples, self.learner.model, self.learner.rows, self.learner.device)
+        self._note_scored(self.shadow.evaluate(samples, self.learner.model, self.learner.rows, self.learner.device))
+
+    def cases(self, samples: list) -> Cases | None:
+        """The step's shadow cases, scored by the baseline and repeat-recent (before the online
+        model learns); the online model scores them in its training step (``learn(cases=...)``)
+        and :meth:`note_cases` takes its outcomes. None: nothing to score."""
+        if not self.cfg.enabled or not samples:
+            return None
+        return self.shadow.prepare(samples, self.learner.model.cfg.n_items, self.learner.rows)
+
+    def note_cases(self, cases: Cases | None, online: Outcomes | None) -> None:
+        """The cases of :meth:`cases` with the online outcomes of the step, into the shadow's
+        metrics and the guard's window. With ranks every rank calls it every step (a collective)."""
+        if not self.cfg.enabled or (cases is None and not self.group.distributed):
+            return
+        scored = None if cases is None or online is None else self.shadow.complete(cases, online)
+        self._note_scored(scored)
+
+    def _note_scored(self, scored: Scored | None) -> None:
         pooled = self.group.gather_objects(scored) if self.group.distributed else [scored]
         online = self.shadow.rolling["online"]
         before = online.retrievals_seen + online.conversions_seen

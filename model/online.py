@@ -36,6 +36,7 @@ from tgastream.model.learner import StepOutput
 from tgastream.model.metrics import ranking_metrics, ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
+from tgastream.model.shadow import Outcomes, score_outcomes
 from tgastream.model.tga import TGA
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.graph import UserGraph
@@ -129,6 +130,7 @@ class OnlineLearner:
         self.last_loss = float("nan")
         self.last_replayed = 0  # reservoir samples in the last step
         self.batch_hr: float | None = None  # HR@10 of the last batch alone (not rolling)
+        self.last_cases: Outcomes | None = None  # the shadow cases' outcomes of the last learn(cases=...)
 
     # -- one micro-batch ---------------------------------------------------------------------
 
@@ -207,7 +209,8 @@ class OnlineLearner:
         self._score_conversions(new, states)
         self._score_retrievals(new, states)
 
-    def learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int | None = None) -> float:
+    def learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int | None = None,
+              cases: tuple[Sequence[Sample], Sequence[Sample]] | None = None) -> float:
         """One optimizer step on the samples (a random ``train_limit`` of them) plus
         ``replay_share`` drawn from the reservoir. Uses only the model's public API (``encode``,
         heads, ``loss``), so encoders can change beneath it.
@@ -220,12 +223,20 @@ class OnlineLearner:
         (:meth:`scores_from_training` False: dropout, ``train_limit``) the scoring is a pass of
         its own (:meth:`score`), first.
 
+        ``cases`` (conversion, retrieval samples among ``samples``: the guard's shadow cases,
+        model/shadow.py) are scored from the same pass too, into :attr:`last_cases` (P(buy) of
+        each conversion case, the full-catalogue mid-rank of each retrieval case).
+
         With ranks, every rank calls this together with its own samples (possibly none): the
         step is taken on the union of the ranks' batches (model/distributed.py), or by no rank
         when the union is empty; the loss returned is the union's."""
+        self.last_cases = None
         if score_limit is not None and samples and not self.scores_from_training(train_limit, len(samples)):
             self.score(samples, score_limit)
             score_limit = None
+        if cases is not None and (score_limit is None or not self.cfg.train):  # scored in a pass of their own
+            self.last_cases = score_outcomes(self.model, self.rows, self.device, cases[0], cases[1])
+            cases = None
         if not self.cfg.train or self.optimizer is None:
             return float("nan")
         train = list(samples)
@@ -258,6 +269,8 @@ class OnlineLearner:
             if scoring:
                 with torch.no_grad():
                     self._score_from(batch, out.states.detach(), len(train), score_limit or 0, categories)
+                    if cases is not None:
+                        self.last_cases = self._case_outcomes(batch, out.states.detach(), train, cases, categories)
             loss.backward()
             share = loss.detach().reshape(1)
         else:  # nothing here this step: observe the union like every rank, contribute zeros
@@ -291,6 +304,27 @@ class OnlineLearner:
             self._score_retrievals(new, states[sel])
         finally:
             self.model.item_category = now
+
+    def _case_outcomes(self, batch, states: torch.Tensor, train: list[Sample],
+                       cases: tuple[Sequence[Sample], Sequence[Sample]], categories: torch.Tensor) -> Outcomes:
+        """The shadow cases' outcomes from the training forward (as :func:`model.shadow.score_outcomes`
+        computes them in a pass of its own): P(buy) [C] and full-catalogue mid-ranks [R]."""
+        m = self.model
+        at = {id(s): k for k, s in enumerate(train)}
+        conv = torch.as_tensor([at[id(s)] for s in cases[0]], dtype=torch.long, device=states.device)
+        ret = torch.as_tensor([at[id(s)] for s in cases[1]], dtype=torch.long, device=states.device)
+        probs, ranks = np.zeros(0), np.zeros(0)
+        if len(conv):
+            probs = torch.sigmoid(m.conversion_logits(batch.select(conv), states[conv])).float().cpu().numpy()  # [C]
+        if len(ret):
+            sub = batch.select(ret)
+            n = m.cfg.n_items
+            items = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
+            vectors, bias = m.item_vectors(items, categories[items])
+            scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
+            holds = self.rows.used_items(self.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+            ranks = ranks_of_targets(scores, sub.target_item - 1, holds).cpu().numpy()  # [R]
+        return Outcomes(probs, ranks)
 
     def _score_conversions(self, batch, states: torch.Tensor) -> None:
         """P(buy) of the conversion rows, with their labels, into the rolling metrics."""

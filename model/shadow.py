@@ -97,6 +97,22 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
 
 
 @dataclass
+class Cases:
+    """One step's picked shadow cases, scored by every model but the online one: the online
+    model's outcomes come from its training step (model/online.py ``learn(cases=...)``)."""
+
+    conv: list[Sample]
+    ret: list[Sample]
+    labels: np.ndarray  # [C]
+    repeat: Outcomes
+    baseline: Outcomes | None
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.conv + self.ret
+
+
+@dataclass
 class Scored:
     """One step's shadow cases: labels [C] and each model's outcomes on the same cases."""
 
@@ -146,20 +162,33 @@ class Shadow:
         """Score the online model (``model``, ``rows``: as it is, before it learns from these
         samples), the baseline and repeat-recent on the same subset of ``samples`` (None when
         nothing was picked). Plain arrays: ranks pool them (model/guardrails.py)."""
+        cases = self.prepare(samples, model.cfg.n_items, rows)
+        if cases is None:
+            return None
+        return self.complete(cases, score_outcomes(model, rows, device, cases.conv, cases.ret))
+
+    def prepare(self, samples: Sequence[Sample], catalogue: int, rows: EmbeddingRows) -> Cases | None:
+        """Pick the step's cases and score them with repeat-recent and the baseline (None when
+        nothing was picked); the online model's outcomes are added by :meth:`complete`."""
         if not samples:
             return None
-        conv, ret = self.pick(samples, model.cfg.n_items)
+        conv, ret = self.pick(samples, catalogue)
         if not conv and not ret:
             return None
         labels = np.asarray([s.label for s in conv], dtype=float)  # [C]
-        online = score_outcomes(model, rows, device, conv, ret)
         n_items = max(len(rows.items), 1)
         rep = Outcomes(np.asarray([repeat_interest(s) for s in conv]), np.asarray([repeat_rank(s, n_items) for s in ret]))
         base = None
         if self.baseline is not None:
             b = self.baseline.aligned()
             base = score_outcomes(b.model, b.rows, b.device, conv, ret)
-        return Scored(labels, online, rep, base)
+        return Cases(conv, ret, labels, rep, base)
+
+    @staticmethod
+    def complete(cases: Cases, online: Outcomes) -> Scored:
+        """The cases with the online model's outcomes (conversion probs [C], ranks [R], in the
+        cases' order)."""
+        return Scored(cases.labels, online, cases.repeat, cases.baseline)
 
     def note(self, scored: Scored) -> None:
         """Add scored outcomes to the rolling metrics and, with a baseline, the paired window."""

@@ -105,6 +105,8 @@ class TrainerMetrics:
                                       registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.samples_per_s = Gauge("tgastream_trainer_samples_per_second", "samples/s over the last minute", registry=r)
         self.loss = Gauge("tgastream_trainer_loss", "training loss of the last step", registry=r)
+        self.train_seconds = Counter("tgastream_trainer_train_seconds", "seconds spent in training steps (the "
+                                     "trainer's capacity: samples trained / these seconds)", registry=r)
         self.online = Gauge("tgastream_online_metric", "rolling prequential metric of the online model, and of the "
                             "baseline (last good checkpoint) and repeat-recent scored on the same samples",
                             ["model", "metric"], registry=r)
@@ -511,17 +513,18 @@ class Trainer:
         the weights (never waiting for a step in progress), published; the head moves on."""
         t0 = time.perf_counter()
         samples = decode_samples(records, self.metrics)
-        twin = self.latest.get()
         if samples:
             rows = self.learner.rows  # type: ignore[attr-defined]
             with rows.lock:
                 sync_rows(self.group, rows, samples)
-            # rows beyond the copy's tables: grown in the copy (fresh rows; the next copy has the learner's)
-            rows.grow_tables(twin.model, None, self._twin_gen)
-            out = twin.vectors(samples)
+            with self.latest.use() as twin:
+                # rows beyond the copy's tables: grown in the copy (fresh rows; the next copy has the learner's)
+                rows.grow_tables(twin.model, None, self._twin_gen)
+                out = twin.vectors(samples)
+                version = twin.version
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
-                self._publish(out, producer, serving, twin.version)
+                self._publish(out, producer, serving, version)
             conversions = sum(1 for s in samples if s.kind == CONVERSION)
             self.metrics.samples.labels("conversion").inc(conversions)
             self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
@@ -535,8 +538,7 @@ class Trainer:
     def _put_latest(self) -> None:
         """Training thread: an inference copy of the serving model (the online learner, or the
         good model while rolled back) for the publishing thread."""
-        serving = self.guardrails.serving
-        self.latest.put(serving.inference_copy(self.guardrails.serving_version))
+        self.latest.put(self.guardrails.serving, self.guardrails.serving_version)
 
     def _rank_loop(self, head: KafkaConsumer, trainer: KafkaConsumer | None, tps: list[TopicPartition],
                    producer: KafkaProducer, serving: ServingStore, idle_exit_s: float, max_samples: int) -> None:
@@ -624,6 +626,7 @@ class Trainer:
     def _train_step(self, trainer: KafkaConsumer, wait: bool = True) -> None:
         """One optimizer step on the next (at most ``batch_size``) samples behind the head
         (``wait`` False: only what the consumer has fetched already)."""
+        t0 = time.perf_counter()
         polled = trainer.poll(200 if wait else 0, max_records=self.settings.batch_size)
         records: list = []
         for tp in sorted(polled, key=lambda t: t.partition):
@@ -638,6 +641,8 @@ class Trainer:
             for r in records:
                 self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
         self._learn(self._admit(decode_samples(records, self.metrics, count_bad=False)))
+        if records:
+            self.metrics.train_seconds.inc(time.perf_counter() - t0)
 
     def _admit(self, samples: list[Sample]) -> list[Sample]:
         """The samples not trained before (re-deliveries counted and dropped)."""
@@ -655,11 +660,14 @@ class Trainer:
             return
         if self._threaded:  # rows the publishing thread gave the batch's new ids: in the tables first
             self.learner.grow_tables()
-        self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
+        # shadow cases: baseline and repeat-recent scored now, before learning
+        cases = self.guardrails.cases(samples)
         version = self.learner.version
-        # prequential scores from the step's own forward (the model before the update); ranks: a
-        # collective, a step of the union of their samples
-        loss = self.learner.learn(samples, score_limit=self.settings.batch_size)
+        # prequential scores and the online model's shadow outcomes from the step's own forward
+        # (the model before the update); ranks: a collective, a step of the union of their samples
+        loss = self.learner.learn(samples, score_limit=self.settings.batch_size,
+                                  cases=None if cases is None else (cases.conv, cases.ret))
+        self.guardrails.note_cases(cases, self.learner.last_cases)  # (ranks: a collective)
         if self.learner.version == version:
             return  # no rank had samples: no step
         self.trained_log.append(samples)
@@ -814,11 +822,16 @@ class Trainer:
             return
         self._last_republish = now
         if self._threaded:  # the publishing thread: with its newest copy of the weights
-            model = self.latest.get()
-            version = model.version
+            with self.latest.use() as model:
+                self.learner.rows.grow_tables(model.model, None, self._twin_gen)  # type: ignore[attr-defined]
+                self._republish_with(model, model.version, budget, producer, serving)
         else:
-            version = self.serving_version
-            model = self.guardrails.serving
+            self._republish_with(self.guardrails.serving, self.serving_version, budget, producer, serving)
+        with self._lock:
+            self.metrics.version_lag.set(self.published.version_lag(self.serving_version))
+
+    def _republish_with(self, model, version: int, budget: int, producer: KafkaProducer,
+                        serving: ServingStore) -> None:
         with self._lock:
             stale_users, stale_items = self.published.stale(version, budget)
         if stale_users or stale_items:
@@ -834,8 +847,6 @@ class Trainer:
                     self.published.item(i, version, cat)  # (an evicted item keeps no row: dropped next time)
             self.metrics.republished.labels("user").inc(len(users))
             self.metrics.republished.labels("item").inc(len(items))
-        with self._lock:
-            self.metrics.version_lag.set(self.published.version_lag(self.serving_version))
 
     def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
               contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore) -> None:

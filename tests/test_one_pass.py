@@ -11,6 +11,7 @@ import torch
 from tgastream.core.events import BEHAVIORS, Event
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.online import OnlineLearner
+from tgastream.model.shadow import score_outcomes
 from tgastream.state.samples import CONVERSION, samples_from_events
 from tgastream.stream.synth import SynthConfig, generate
 
@@ -44,13 +45,23 @@ def _learner(dropout: float = 0.0) -> OnlineLearner:
 def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, float64):
     separate, one_pass = _learner(), _learner()
     assert one_pass.scores_from_training(0, BATCH)
+    n_cases = n_picked = 0
     for k in range(STEPS):
         batch = samples[k * BATCH:(k + 1) * BATCH]
+        # shadow cases (model/shadow.py): every third sample, conversion and retrieval apart
+        cases = ([s for s in batch[::3] if s.kind == CONVERSION], [s for s in batch[::3] if s.kind != CONVERSION])
         separate.vectors(batch)
         separate.score(batch)
+        expected = score_outcomes(separate.model, separate.rows, separate.device, *cases)
         separate.learn(batch)
         one_pass.vectors(batch)
-        one_pass.learn(batch, score_limit=0)
+        one_pass.learn(batch, score_limit=0, cases=cases)
+        got = one_pass.last_cases
+        np.testing.assert_allclose(got.probs, expected.probs, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(got.ranks, expected.ranks)
+        n_cases += len(got.probs) + len(got.ranks)
+        n_picked += len(batch[::3])
+    assert n_cases == n_picked > 0
     a, b = separate.metrics.state_dict(), one_pass.metrics.state_dict()
     n_conv = sum(s.kind == CONVERSION for s in samples)
     assert a["conversions_seen"] == b["conversions_seen"] == n_conv > 0

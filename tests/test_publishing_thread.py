@@ -29,11 +29,11 @@ class HeldLearner(OnlineLearner):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def learn(self, samples, train_limit: int = 0, score_limit: int | None = None) -> float:
+    def learn(self, samples, *args, **kwargs) -> float:
         if self.version == 0 and samples:
             self.entered.set()
             assert self.release.wait(300), "never released"
-        return super().learn(samples, train_limit, score_limit)
+        return super().learn(samples, *args, **kwargs)
 
 
 def _samples(n_events: int) -> list:
