@@ -28,8 +28,7 @@ from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
-from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits,
-                                            scatter_logsumexp)
+from tgastream.model.retrieval_head import RetrievalHead, prior_catalogue_logits, prior_logits
 from tgastream.state.samples import CONVERSION, RETRIEVAL
 
 
@@ -147,8 +146,7 @@ class SequenceRecommender(nn.Module):
             z = z + self.prior_weight * prior_catalogue_logits(batch.prior_keys, batch.prior_vals, z.shape[1])
         if head.copy:
             c = head.node_logits(u, states, batch.mask, batch.lengths)  # [B, N]
-            c = c.masked_fill(batch.keys <= 0, float("-inf"))
-            z = torch.logaddexp(z, scatter_logsumexp(c, (batch.keys - 1).clamp(min=0), z.shape[1]))
+            z = _add_pointer(z, c, batch.keys)
         return z
 
     def _catalogue_logits(self, u: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -264,6 +262,31 @@ class SequenceRecommender(nn.Module):
         den = torch.logsumexp(torch.cat(parts_den, 1), 1)
         num = torch.logsumexp(torch.cat(parts_num, 1), 1)
         return (den - num).sum() / big_r
+
+
+def _add_pointer(z: torch.Tensor, c: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """z [B, C] with the pointer's mass added at the columns of each row's nodes:
+
+        z'[b, k] = log(exp z[b, k] + Σ_{n : keys[b, n] = k + 1} exp c[b, n])
+
+    (c [B, N] node logits, keys [B, N] column + 1, 0 = padding/none). Only the ≤ N columns a row's
+    nodes name change, so the log-sum-exp is taken there (B × N entries) instead of over the
+    whole [B, C] catalogue (what ``logaddexp(z, scatter_logsumexp(...))`` computed: two
+    transcendental passes over every catalogue column, most of the ranking's time)."""
+    valid = keys > 0  # [B, N]
+    if not bool(valid.any()):
+        return z
+    cols = (keys - 1).clamp(min=0)  # [B, N]
+    c = c.masked_fill(~valid, float("-inf"))
+    m = c.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # [B, 1], finite
+    w = torch.exp(c - m)  # [B, N], 0 off the nodes
+    mass = torch.zeros_like(z).scatter_add(1, cols, w)  # [B, C]: Σ exp(c - m) per column
+    rows, at = valid.nonzero(as_tuple=True)  # the node entries [V]
+    col = cols[rows, at]  # [V]
+    pointer = torch.log(mass[rows, col]) + m[rows, 0]  # [V]; a column named twice gets the same value twice
+    out = z.clone()
+    out[rows, col] = torch.logaddexp(z[rows, col], pointer)
+    return out
 
 
 def scale_grad(t: torch.Tensor, g: float) -> torch.Tensor:
