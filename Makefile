@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-chaos test-wheel clean
+.PHONY: install demo test test-slow test-chaos test-wheel bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test-chaos: $(STAMP)
 # the built wheel in a fresh virtualenv, outside the checkout: doctor --require-fused + a small demo
 test-wheel:
 	.ci/wheel-check
+
+# every device figure from one run on a lent GPU (bench model, trainer, freshness with --device cuda),
+# JSON into one folder: OUT=bench-gpu by default (bench/gpu.sh; under 8 minutes)
+bench-gpu: $(STAMP)
+	bench/gpu.sh $(or $(OUT),bench-gpu)
 
 clean:
 	rm -rf $(VENV) .pytest_cache tgastream-data

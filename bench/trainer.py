@@ -10,7 +10,7 @@ the publish vectors, prequential scoring, one optimizer step on the union of the
 with none). Trained samples/s = samples / wall time of the step loop (slowest rank).
 
 Step split (seconds per step, rank 0): ``idmap_sync`` (row sync incl. its all-gather),
-``publish`` (user and item vectors of the batch), ``score`` (prequential scoring),
+``publish`` (user and item vectors of the batch), ``score`` (prequential scoring: from the training forward's node states, inside ``learn``, where the model has no dropout),
 ``encode_forward`` (the encoder in the training forward pass), ``negatives_catalogue`` (the rest
 of the loss: item lookups, in-batch and uniform negatives, pointer, heads), ``backward`` (what
 ``learn`` spends outside forward, collectives and the optimizer: batching, backward, clipping),
@@ -139,6 +139,8 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
         steps = int(group.all_max(torch.tensor([steps], dtype=torch.float64))[0])
         group.barrier()
     learner.optimizer.step = timers.wrap("optimizer", learner.optimizer.step)
+    one_pass = learner.scores_from_training(0, bs)
+    learner._score_from = timers.wrap("score", learner._score_from)  # inside learn: scores from its forward
     start, cpu0 = time.perf_counter(), time.process_time()
     for k in range(steps):
         if rank == 0 and spec.get("progress") and k % 10 == 0:
@@ -148,13 +150,14 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
         learner.vectors(batch)
         _sync(device)
         timers.add("vectors", time.perf_counter() - t)
+        if not one_pass:  # (dropout: a scoring pass of its own)
+            t = time.perf_counter()
+            if batch:
+                learner.score(batch, score_limit=bs)
+            _sync(device)
+            timers.add("score", time.perf_counter() - t)
         t = time.perf_counter()
-        if batch:
-            learner.score(batch, score_limit=bs)
-        _sync(device)
-        timers.add("score", time.perf_counter() - t)
-        t = time.perf_counter()
-        learner.learn(batch)
+        learner.learn(batch, score_limit=bs if one_pass else None)
         _sync(device)
         timers.add("learn", time.perf_counter() - t)
     if group is not None:
@@ -163,8 +166,8 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
     tt, ex = timers.total, timers.extra
     tt["publish"] = ex["vectors"] - tt["idmap_sync"]
     tt["negatives_catalogue"] = ex["forward"] - tt["encode_forward"]
-    tt["backward"] = ex["learn"] - ex["forward"] - tt["all_reduce"] - tt["optimizer"]
-    out = {"rank": rank, "world": world, "samples": len(mine), "steps": steps, "wall_s": wall, "cpu_s": cpu,
+    tt["backward"] = ex["learn"] - ex["forward"] - tt["all_reduce"] - tt["optimizer"] - (tt["score"] if one_pass else 0.0)
+    out = {"one_pass": one_pass, "rank": rank, "world": world, "samples": len(mine), "steps": steps, "wall_s": wall, "cpu_s": cpu,
            "per_step_s": {k: v / steps for k, v in tt.items()}, "device": str(device),
            "loss": learner.last_loss, "version": learner.version}
     Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(out))

@@ -40,8 +40,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tgastream.stream.broker import BrokerError
     from tgastream.stream.topics import TopicError
     from tgastream.state.registry import RegistryError
+    from tgastream.model.device import DeviceUnavailable
 
-    return (CommandError, SettingsError, BrokerError, TopicError, RegistryError, FileNotFoundError, IsADirectoryError)
+    return (CommandError, SettingsError, BrokerError, TopicError, RegistryError, FileNotFoundError, IsADirectoryError,
+            DeviceUnavailable)
 
 
 class OneLineParser(argparse.ArgumentParser):
