@@ -46,6 +46,17 @@ from tgastream.core.events import BEHAVIOR_CODE
 BUY = BEHAVIOR_CODE["buy"]
 
 
+def online_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam of the online learner, torch's fused kernel where it runs (one pass over all
+    parameters instead of a Python loop of ~20 tensor ops per parameter: ~19 → ~3 ms a step on
+    CPU); the same update rule, so checkpoints of either load in the other."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def has_dropout(model: nn.Module) -> bool:
     """Whether any dropout of ``model`` would change a training forward (p > 0)."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
@@ -123,7 +134,7 @@ class OnlineLearner:
         self.model = TGA(dataclasses.replace(model_cfg, n_items=self.rows.items.capacity,
                                              n_categories=self.rows.categories.capacity)).to(self.device)
         broadcast_module(self.group, self.model)
-        self.optimizer: torch.optim.Optimizer | None = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer: torch.optim.Optimizer | None = online_adam(self.model.parameters(), cfg.lr)
         self.metrics = RollingMetrics(window=cfg.metric_window)
         self.reservoir = Reservoir(cfg.reservoir)
         self.version = 0  # optimizer steps taken
@@ -469,7 +480,7 @@ class OnlineLearner:
         has another shape than this learner's."""
         # tables sized exactly as the saved id maps (whatever chunk this process would have used)
         self.model, self.rows = load_model(d, self.model.cfg, self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.optimizer = online_adam(self.model.parameters(), self.cfg.lr)
         if d["optimizer"] is not None:
             self.optimizer.load_state_dict(d["optimizer"])
         self.version = d["version"]

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from tgastream.model.inference import load_model
-from tgastream.model.online import OnlineLearner
+from tgastream.model.online import OnlineLearner, online_adam
 from tgastream.model.rows import INIT_STD, EmbeddingRows
 from tgastream.model.tga import TGA
 from tgastream.state.idmap import IdMap
@@ -98,7 +98,7 @@ def rollback_learner(learner: OnlineLearner, good_state: dict, reservoir: dict |
     (``reservoir``: where it comes from instead, e.g. a trainer rank's own checkpoint part)."""
     good, good_rows = load_model(good_state, learner.model.cfg, learner.device)
     learner.model = graft_model(good, good_rows, learner.model, learner.rows, learner.device)
-    learner.optimizer = torch.optim.Adam(learner.model.parameters(), lr=learner.cfg.lr)
+    learner.optimizer = online_adam(learner.model.parameters(), learner.cfg.lr)
     if good_state.get("optimizer"):
         learner.optimizer.load_state_dict(graft_optimizer(good_state["optimizer"], learner.model, learner.rows,
                                                           good_rows))
