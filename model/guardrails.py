@@ -105,9 +105,16 @@ class GoodModel:
             return self._aligned(L)
 
     def _aligned(self, L: OnlineLearner) -> OnlineLearner:
-        key = (id(L.model), id(L.rows), L.rows.items.capacity, len(L.rows.items), L.rows.items.evictions,
-               L.rows.categories.capacity, len(L.rows.categories), L.rows.categories.evictions)
-        if key != self._key or self._twin is None:
+        """Rebuilt when the tables grow or rows are evicted. Ids that only got rows since are
+        already right in the last graft: a row the good model lacks holds the seeded fresh value
+        of its row number, whatever id it got (rebuilding on every new id cost a graft, O(ids) of
+        Python and a model's initialisation, per trainer step). The catalogue's categories follow
+        the online model's at every call."""
+        key = (id(L.model), id(L.rows), L.rows.items.capacity, L.rows.items.evictions,
+               L.rows.categories.capacity, L.rows.categories.evictions)
+        if self._twin is not None and key == self._key:
+            self._twin.model.item_category.copy_(L.model.item_category)
+        else:
             twin = copy.copy(L)
             twin.cfg = dataclasses.replace(L.cfg, train=False)
             twin.model = graft_model(self.model, self.rows, L.model, L.rows, L.device)

@@ -27,12 +27,15 @@ def _remap(good: torch.Tensor, fresh: torch.Tensor, cur: IdMap, old: IdMap) -> t
     where ``old`` (the good model's map) has one; row 0 (padding) from ``good``."""
     out = fresh.clone()
     out[0] = good[0]
-    pairs = [(r, old.row_of(ext)) for ext, r in cur.items()]
-    pairs = [(r, g) for r, g in pairs if 0 < g < good.shape[0]]
-    if pairs:
-        dst = torch.as_tensor([r for r, _ in pairs], device=out.device)
-        src = torch.as_tensor([g for _, g in pairs], device=out.device)
-        out[dst] = good[src]
+    entries = cur.items()
+    if not entries:
+        return out
+    exts, rows = zip(*entries)
+    dst = torch.as_tensor(rows, dtype=torch.long)  # [n] current rows
+    src = torch.as_tensor(old.peek(exts), dtype=torch.long)  # [n] the good model's rows, 0 = none
+    keep = (src > 0) & (src < good.shape[0])
+    if bool(keep.any()):
+        out[dst[keep].to(out.device)] = good[src[keep].to(good.device)]
     return out
 
 
