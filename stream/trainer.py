@@ -284,18 +284,24 @@ class Trainer:
             "trained_log_bytes": self.trained_log.size(),
             "samples_topic_id": self.samples_topic_id,
             # consumed as of the trained offsets: the head's lead is read (and counted) again on a restart
-            "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
+            "run": self._consumed_counters(),
         }, protect=self.guardrails.protected_files())
         self._last_ckpt = time.monotonic()
         self.guardrails.after_checkpoint(path, self.run.steps, self.learner.online_metrics())
         self.learner.after_checkpoint(self.dir, self.run.steps)
         return path
 
+    def _consumed_counters(self) -> dict[str, int]:
+        """The run's counters as of the trained offsets: the head's lead is read (and counted)
+        again on a restart. Read together, under the lock the publishing thread updates them under."""
+        with self._lock:
+            return {**self.run.counters(), "samples": self.run.samples - self.backlog()}
+
     def _rank_part(self) -> dict:
         """What this rank alone knows: its partitions' offsets, guard, trained log, learner part."""
         return {"offsets": dict(self.offsets), "guard": self.guard.state_dict(),
                 "trained_log_bytes": self.trained_log.size(), "samples_topic_id": self.samples_topic_id,
-                "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
+                "run": self._consumed_counters(),
                 "learner_rank": self.learner.rank_state_dict()}
 
     def _checkpoint_ranks(self) -> Path:
