@@ -101,3 +101,33 @@ def test_a_long_training_step_does_not_delay_publishing(topic_settings, one_thre
     finally:
         serving.close()
     assert versions and max(versions) <= learner.version
+
+
+def test_the_inference_copy_is_refreshed_in_place_but_never_while_it_is_published_from():
+    import torch
+
+    from tgastream.stream.publisher import LatestModel
+
+    learner = OnlineLearner(online_model_config(_small()), OnlineConfig(device="cpu", threads=1, chunk=64))
+    weight = lambda m: m.model.embed.item.weight  # noqa: E731
+    latest = LatestModel()
+    latest.put(learner, 0)
+    with latest.use() as held:
+        before = weight(held).clone()
+        with torch.no_grad():
+            weight(learner).add_(1.0)
+        latest.put(learner, 1)
+        latest.put(learner, 2)  # the spare is the held copy: a new one is built instead
+        assert held.version == 0 and torch.equal(weight(held), before)
+        assert latest.get() is not held and latest.get().version == 2
+    first_after = latest.get()
+    latest.put(learner, 3)  # the spare (version 1's copy) is free: refreshed in place, swapped in
+    current = latest.get()
+    assert current is not first_after and current.version == 3 and latest.rebuilt == 3 and latest.swaps == 4
+    assert torch.equal(weight(current), weight(learner)) and not weight(current).requires_grad
+
+
+def _small():
+    from tgastream.core.settings import Settings
+
+    return Settings(dim=16, heads=2, layers=1)
