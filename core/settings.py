@@ -93,7 +93,7 @@ class Settings:
     guard_min_positives: int = field(default=30, metadata={"help": "trainer: bought clicks (and as many not bought) in the window before the AUC leg may trip"})
     shadow_share: float = field(default=0.25, metadata={"help": "trainer: share of each step's new samples scored by the online model, the baseline and repeat-recent"})
     republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores ÷ ranks - 1 (at least 1), leaving a core to Kafka I/O, the publishing thread and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_dir: str = field(default="", metadata={"help": "where the trainer writes checkpoints and API replicas read the scoring model (a shared volume); empty = DATA_DIR/checkpoints"})
     checkpoint_every_steps: int = field(default=200, metadata={"help": "trainer: write a checkpoint every this many steps"})

@@ -96,9 +96,27 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
         items = torch.arange(1, n, device=device)  # catalogue column c = row c + 1
         vectors, bias = model.item_vectors(items, model.item_category[items])
         scores = model.score_catalogue(batch, vectors, bias, states)  # [R, n - 1]
-        holds = rows.used_items(device)[1:].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+        holds = rows.used_items(device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1] (maps may be ahead)
         ranks = ranks_of_targets(scores, batch.target_item - 1, holds).cpu().numpy()  # [R]
     return Outcomes(probs, ranks)
+
+
+@dataclass
+class Cases:
+    """One step's picked shadow cases, scored by every model but the online one: the online
+    model's outcomes come from its training step (model/online.py ``learn(cases=...)``)."""
+
+    conv: list[Sample]  # picked clicks: predicted now, judged when their labels arrive
+    ret: list[Sample]  # picked retrieval targets: ranked now
+    repeat_interest: np.ndarray  # [C] repeat-recent's P(buy) of the clicks
+    repeat_ranks: np.ndarray  # [R]
+    baseline: Outcomes | None
+    baseline_version: int  # -1 without a baseline
+    labelled: list[Sample]  # the step's conversion samples: labels for earlier clicks
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.conv + self.ret
 
 
 @dataclass
@@ -157,26 +175,43 @@ class Shadow:
         samples), the baseline and repeat-recent on the same subset of ``samples``: the picked
         clicks are predicted and kept; the step's labels join the predictions of their clicks
         (None when there is nothing to judge). Plain arrays: ranks pool them (model/guardrails.py)."""
+        cases = self.prepare(samples, model.cfg.n_items, rows)
+        if cases is None:
+            return None
+        return self.complete(cases, score_outcomes(model, rows, device, cases.conv, cases.ret))
+
+    def prepare(self, samples: Sequence[Sample], catalogue: int, rows: EmbeddingRows) -> Cases | None:
+        """Pick the step's cases and score them with repeat-recent and the baseline (None without
+        samples); the online model's outcomes are added by :meth:`complete`, which also joins the
+        step's labels to earlier clicks' predictions (so cases come back even when none is picked)."""
         if not samples:
             return None
-        conv, ret = self.pick(samples, model.cfg.n_items)
-        online = score_outcomes(model, rows, device, conv, ret)
+        conv, ret = self.pick(samples, catalogue)
         n_items = max(len(rows.items), 1)
         rep_ranks = np.asarray([repeat_rank(s, n_items) for s in ret])
         base, base_version = None, -1
         if self.baseline is not None:
             b = self.baseline.aligned()
             base, base_version = score_outcomes(b.model, b.rows, b.device, conv, ret), self.baseline.version
+        labelled = [s for s in samples if s.kind == CONVERSION]
+        return Cases(conv, ret, np.asarray([repeat_interest(s) for s in conv], dtype=float), rep_ranks, base,
+                     base_version, labelled)
+
+    def complete(self, cases: Cases, online: Outcomes) -> Scored | None:
+        """The cases with the online model's outcomes (P(buy) [C] of the picked clicks, ranks [R],
+        in the cases' order): the clicks' predictions of every model are kept until their labels
+        arrive; the labels of this step join the clicks predicted before (None: nothing to judge)."""
+        conv, base = cases.conv, cases.baseline
         if conv:
-            cols = [online.probs, np.asarray([repeat_interest(s) for s in conv], dtype=float),
+            cols = [online.probs, cases.repeat_interest,
                     base.probs if base is not None else np.full(len(conv), np.nan)]
-            self.pending.predict(conv, np.stack(cols, 1), base_version)  # [C, 3]
+            self.pending.predict(conv, np.stack(cols, 1), cases.baseline_version)  # [C, 3]
         # only a share of clicks was predicted: the other labels are not this shadow's cases
-        joined = self.pending.join([s for s in samples if s.kind == CONVERSION and s.click_key in self.pending.pending])
-        if not len(joined) and not ret:
+        joined = self.pending.join([s for s in cases.labelled if s.click_key in self.pending.pending])
+        if not len(joined) and not cases.ret:
             return None
-        paired = joined.versions == base_version if base is not None else np.zeros(len(joined), bool)
-        return Scored(joined.labels, Outcomes(joined.probs[:, 0], online.ranks), Outcomes(joined.probs[:, 1], rep_ranks),
+        paired = joined.versions == cases.baseline_version if base is not None else np.zeros(len(joined), bool)
+        return Scored(joined.labels, Outcomes(joined.probs[:, 0], online.ranks), Outcomes(joined.probs[:, 1], cases.repeat_ranks),
                       None if base is None else Outcomes(joined.probs[:, 2], base.ranks), paired)
 
     def note(self, scored: Scored) -> None:

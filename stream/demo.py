@@ -36,6 +36,7 @@ class DemoConfig:
     rate: float = 1000.0
     timeout_s: float = 900.0
     quiet: bool = False
+    trainer_ranks: int = 1  # data-parallel trainer ranks (tgastream train --nproc N when > 1)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
             n = write_file(SynthConfig(users=opts.users, events=opts.events, seed=opts.seed), log_path)
             say(f"generated {n:,} events of {opts.users:,} users → {log_path}")
         w_port, t_port = free_port(), free_port()
+        ranks = ["--nproc", str(opts.trainer_ranks)] if opts.trainer_ranks > 1 else []  # rank r: metrics t_port + r
         api_port = settings.api_port if settings.api_port and not port_open(f"127.0.0.1:{settings.api_port}") else free_port()
         procs = [
             spawn("worker", ["worker", *_common(settings), "--data-dir", str(data_dir / "worker"),
@@ -160,7 +162,7 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
                               "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy,
                               "--republish-rate", str(settings.republish_rate),
-                              "--conversion-feedback", settings.conversion_feedback],
+                              "--conversion-feedback", settings.conversion_feedback, *ranks],
                   logs, _child_env(settings)),
         ]
         try:
@@ -170,7 +172,8 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
             procs.append(spawn("api", ["serve", *_common(settings), "--data-dir", str(data_dir / "api"),
                                        "--checkpoint-dir", str(data_dir / "trainer" / "checkpoints"),
                                        "--api-port", str(api_port), "--device", "cpu"], logs, _child_env(settings)))
-            return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say, on_settled)
+            return _drive(settings, opts, log_path, procs, w_port, [t_port + r for r in range(opts.trainer_ranks)],
+                          api_port, say, on_settled)
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -187,9 +190,10 @@ def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0) -> N
             time.sleep(0.3)
 
 
-def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Proc], w_port: int, t_port: int,
+def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Proc], w_port: int, t_ports: list[int],
            api_port: int, say, on_settled: Callable[[Live], None] | None = None) -> dict:
     worker, trainer, api = procs
+    t_port = t_ports[0]
     _wait_up([api], [api_port])
     say(f"worker metrics :{w_port}/metrics   trainer metrics :{t_port}/metrics")
     say(f"API: http://127.0.0.1:{api_port}  (try /v1/users/<id>/recommendations?k=10)")
@@ -218,6 +222,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             if not p.alive():
                 raise RuntimeError(f"{p.name} died:\n{p.tail()}")
         wm, tm = scrape(w_port), scrape(t_port)
+        tms = [tm] + [scrape(p) for p in t_ports[1:]]  # every trainer rank's counters (rank 0's gauges)
         row = {
             "t": time.time() - start,
             "events_applied": total(wm, "tgastream_events_applied_total"),
@@ -225,8 +230,10 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             "worker_rejected": total(wm, "tgastream_events_rejected_total"),
             "samples_emitted": total(wm, "tgastream_samples_emitted_total"),
             "lag": total(wm, "tgastream_partition_lag"),
-            "trainer_samples": total(tm, "tgastream_trainer_samples_total"),
-            "trainer_trained": total(tm, "tgastream_trainer_samples_trained_total"),
+            "trainer_samples": sum(total(m, "tgastream_trainer_samples_total") for m in tms),
+            "trainer_trained": sum(total(m, "tgastream_trainer_samples_trained_total") for m in tms),
+            "train_seconds": max(total(m, "tgastream_trainer_train_seconds_total") for m in tms),
+            "replaying": not replay_done.is_set(),
             "steps": total(tm, "tgastream_trainer_steps_total"),
             "hr@10": tm.get("tgastream_online_metric{metric=hr@10,model=online}"),
             "auc": tm.get("tgastream_online_metric{metric=auc,model=online}"),
@@ -255,7 +262,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             say("timeout: stopping before the trainer caught up (figures below are partial)")
             break
     trainer.stop()  # checkpoint + final stats
-    stats_path = Path(settings.data_dir) / "trainer" / "trainer-stats.json"
+    stats_path = Path(settings.data_dir) / "trainer" / ("rank-0" if opts.trainer_ranks > 1 else "") / "trainer-stats.json"
     trainer_stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     replay_summary: ReplaySummary = result["replay"]
     final = series.rows[-1]
@@ -277,6 +284,10 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         "version_lag": trainer_stats.get("version_lag"),
         "trainer_samples_per_s": _busy_rate(series.rows, "trainer_samples"),
         "trained_samples_per_s": _busy_rate(series.rows, "trainer_trained"),
+        **capacity(series.rows, settings.batch_size),
+        "trainer_ranks": opts.trainer_ranks,
+        "publishing": trainer_stats.get("publishing"),
+        "published_version_lag_max": trainer_stats.get("published_version_lag_max"),
         "device": trainer_stats.get("device"),
         "seconds": round(time.time() - start, 1),
         "api": f"http://127.0.0.1:{api_port}",
@@ -295,6 +306,29 @@ def online_report(trainer_stats: dict) -> dict:
             "clicks_unjudged": on.get("clicktime_unmatched"), "clicks_pending": on.get("clicktime_pending"),
             "reliability": trainer_stats.get("reliability", []),
             "judged": "at the click: the conversion window's label joined to the P(buy) made when the click arrived"}
+
+
+def capacity(rows: list[dict], batch_size: int) -> dict:
+    """The trainer against the stream while the replay ran (from the first sample to the first
+    second after the replay ended): samples produced per second, samples trained per second of
+    training (the training thread's busy time: what it could train), their ratio
+    ``trainer_capacity_ratio`` (≥ 1: the trainer keeps pace), the share of the produced samples
+    trained by then, and ``trained_lag_at_stream_end`` (produced, not yet trained, in samples)."""
+    live = [r for r in rows if r["samples_emitted"] > 0]
+    end = next((r for r in live if not r.get("replaying", True)), live[-1] if live else None)
+    if end is None or not live or end["t"] <= live[0]["t"]:
+        return {"trainer_capacity_ratio": None, "trained_lag_at_stream_end": None}
+    first = live[0]
+    produced = end["samples_emitted"] / max(end["t"] - first["t"] + 1.0, 1e-9)  # (first second: partial)
+    busy = end["train_seconds"] - first.get("train_seconds", 0.0)
+    trained = end["trainer_trained"] - first["trainer_trained"]
+    train_rate = trained / busy if busy > 0 else None
+    lag = int(end["samples_emitted"] - end["trainer_trained"])
+    return {"produced_samples_per_s_during_replay": round(produced, 1),
+            "trained_samples_per_busy_s": None if train_rate is None else round(train_rate, 1),
+            "trainer_capacity_ratio": None if train_rate is None else round(train_rate / produced, 3),
+            "trained_share_at_stream_end": round(end["trainer_trained"] / end["samples_emitted"], 3),
+            "trained_lag_at_stream_end": lag, "trained_lag_at_stream_end_batches": round(lag / batch_size, 2)}
 
 
 def _busy_rate(rows: list[dict], key: str) -> float:

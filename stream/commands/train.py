@@ -97,11 +97,9 @@ def launch_ranks(args: argparse.Namespace) -> int:
 def rank_threads(settings: Settings, local_world: int) -> int:
     """Torch threads of one rank: the setting, else the cores shared by the ranks on this
     machine, one left for Kafka I/O (at least 1)."""
-    import os
+    from tgastream.model.device import cpu_threads
 
-    if settings.threads > 0:
-        return settings.threads
-    return max(1, (os.cpu_count() or 1) // max(1, local_world) - 1)
+    return cpu_threads(settings.threads, local_world)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
