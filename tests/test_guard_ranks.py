@@ -7,6 +7,7 @@ weights (their models stay equal) and rank 1 replays only its own reservoir afte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -41,12 +42,15 @@ def _rank(rank: int, port: int, root: str) -> None:
     from tgastream.stream.configs import online_config, online_model_config
     from tgastream.stream.trainer import Trainer
 
-    # the live guard test's settings (tests/test_guard_live.py), one process per rank
+    # the live guard test's settings (tests/test_guard_live.py), one process per rank. The pointer
+    # without its repeat prior: with it, this stream's clean part is learned *away* from the prior's
+    # ranking (rolling HR@10 0.53 -> 0.41 by step 23 while the loss falls), a true trip before the
+    # poison; this test pins the collective decision on a poisoned rank, not the model's quality
     settings = Settings(data_dir=Path(root), batch_size=BATCH, sample_len=20, seed=0, device="cpu", threads=1,
                         guard_window=400, guard_min_retrievals=150, guard_min_positives=5, shadow_share=0.5,
                         guard_margin=0.06)
-    learner = OnlineLearner(online_model_config(settings), online_config(settings),
-                            group=init_group(torch.device("cpu")))
+    model_cfg = dataclasses.replace(online_model_config(settings), repeat_prior=False)
+    learner = OnlineLearner(model_cfg, online_config(settings), group=init_group(torch.device("cpu")))
     trainer = Trainer(settings, "127.0.0.1:1", learner)  # never connects: the test drives its steps
     trainer.dir.mkdir(parents=True, exist_ok=True)
     trainer._history = open(trainer.dir / "trainer-history.jsonl", "a", buffering=1)
@@ -61,8 +65,7 @@ def _rank(rank: int, port: int, root: str) -> None:
     trainer._history.close()
     owners = {_owner(s) for s in learner.reservoir.samples}
     # a restart of both ranks: the guard's lineage continues from the restored version
-    again = Trainer(settings, "127.0.0.1:1", OnlineLearner(online_model_config(settings), online_config(settings),
-                                                           group=learner.group))
+    again = Trainer(settings, "127.0.0.1:1", OnlineLearner(model_cfg, online_config(settings), group=learner.group))
     assert again.restore()
     again.guardrails.start(again._restored_version)
     torch.save({"params": learner.model.state_dict(), "reservoir_owners": owners, "restored": again._restored_version,
