@@ -150,19 +150,32 @@ def row_from(t: float, worker: dict[str, float] | None, trainer: dict[str, float
 RATES = {"events_in": "events_in_per_s", "events_applied": "events_applied_per_s",
          "samples_produced": "samples_produced_per_s", "samples_trained": "samples_trained_per_s",
          "vectors_out": "vectors_out_per_s"}
+RATE_WINDOW_S = 3.0  # rates over ~3 s: the worker's counters move in steps (one per fetched batch)
+FRESHNESS_WINDOW_S = 10.0
 
 
-def with_rates(row: dict, before: dict | None, window: dict | None) -> dict:
-    """``row`` plus per-second rates against ``before`` (the previous row) and freshness p50/p99
-    over the vectors published since ``window`` (a row ~10 s older; the whole run without one)."""
+def _base(row: dict, earlier: list[dict], key: str, window_s: float) -> dict | None:
+    """The row to take a difference against: the newest earlier one at least ``window_s`` older
+    with ``key`` known, else the oldest with it (the series' start); None without one."""
+    known = [r for r in earlier if r.get(key) is not None and r["t"] < row["t"]]
+    old = [r for r in known if row["t"] - r["t"] >= window_s - 0.5]
+    return old[-1] if old else known[0] if known else None
+
+
+def with_rates(row: dict, earlier: list[dict]) -> dict:
+    """``row`` (absolute values) plus per-second rates of its counters over ~RATE_WINDOW_S against
+    ``earlier`` rows (oldest first), and freshness p50/p99 of the vectors published in the last
+    ~FRESHNESS_WINDOW_S (the whole run when there is no older row). A counter that fell (the
+    process restarted) gives no rate for that row."""
     out = {k: v for k, v in row.items() if not k.startswith("_")}
-    dt = row["t"] - before["t"] if before is not None else 0.0
     for key, rate in RATES.items():
-        a, b = (before or {}).get(key), row.get(key)
-        out[rate] = max(0.0, (b - a) / dt) if a is not None and b is not None and dt > 0 else None
+        base = _base(row, earlier, key, RATE_WINDOW_S) if row.get(key) is not None else None
+        dv = row[key] - base[key] if base is not None else None
+        out[rate] = dv / (row["t"] - base["t"]) if dv is not None and dv >= 0 else None
     fresh = row["_freshness"]
-    if window is not None and window.get("_freshness"):
-        fresh = _delta(fresh, window["_freshness"])
+    base = _base(row, [r for r in earlier if r.get("_freshness")], "_freshness", FRESHNESS_WINDOW_S)
+    if base is not None:
+        fresh = _delta(fresh, base["_freshness"])
     out["freshness_p50"] = histogram_quantile(fresh, 0.5)
     out["freshness_p99"] = histogram_quantile(fresh, 0.99)
     return out
@@ -170,20 +183,36 @@ def with_rates(row: dict, before: dict | None, window: dict | None) -> dict:
 
 # -- metrics: the sampler -----------------------------------------------------------------------
 
+DOWN_AFTER_S = 5.0  # a process busy for a second or two (a long training step) is not down
+
+
 @dataclass
 class Source:
-    """One scraped process: up or not, since when."""
+    """One scraped process: when it last answered, and its last error."""
 
     name: str
     url: str
-    up: bool = False
     ever_up: bool = False
-    since: float = field(default_factory=time.time)  # when ``up`` last changed
+    last_ok: float = 0.0
+    first_failure: float = 0.0  # when it stopped answering (0 while it answers)
     error: str = ""
 
-    def status(self) -> dict:
-        state = "not configured" if not self.url else "up" if self.up else "down" if self.ever_up else "not up yet"
-        return {"name": self.name, "state": state, "since": self.since, "error": self.error}
+    def ok(self, now: float) -> None:
+        self.ever_up, self.last_ok, self.first_failure, self.error = True, now, 0.0, ""
+
+    def failed(self, now: float, error: str) -> None:
+        self.first_failure = self.first_failure or now
+        self.error = error
+
+    def status(self, now: float) -> dict:
+        if not self.url:
+            state = "not configured"
+        elif not self.ever_up:
+            state = "not up yet"
+        else:
+            state = "up" if now - self.last_ok < DOWN_AFTER_S else "down"
+        return {"name": self.name, "state": state, "since": self.last_ok if state == "down" else 0.0,
+                "error": self.error}
 
 
 class MetricsSampler:
@@ -195,32 +224,26 @@ class MetricsSampler:
         self.sources = {"worker": Source("worker", config.worker_metrics),
                         "trainer": Source("trainer", config.trainer_metrics)}
         self.rows: deque[dict] = deque(maxlen=config.history)
-        self.raw: deque[dict] = deque(maxlen=16)  # absolute rows, for rates and the freshness window
+        self.raw: deque[dict] = deque(maxlen=32)  # absolute rows, for rates and the freshness window
         self.markers: deque[dict] = deque(maxlen=200)  # {"t", "kind": "rollback", "version"}
 
     async def _get(self, session: aiohttp.ClientSession, source: Source) -> dict[str, float] | None:
         if not source.url:
             return None
         try:
-            async with session.get(source.url, timeout=aiohttp.ClientTimeout(total=0.9)) as resp:
+            async with session.get(source.url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
                 resp.raise_for_status()
                 metrics = parse_metrics(await resp.text())
         except Exception as exc:  # down, refused, timed out, garbled: the panel says so
-            if source.up or not source.error:
-                source.since = time.time()
-            source.up, source.error = False, f"{type(exc).__name__}: {exc}"[:200]
+            source.failed(time.time(), f"{type(exc).__name__}: {exc}"[:200])
             return None
-        if not source.up:
-            source.since = time.time()
-        source.up, source.ever_up, source.error = True, True, ""
+        source.ok(time.time())
         return metrics
 
     def add(self, row: dict) -> dict:
         """Append one absolute row; return its rated row (also kept in :attr:`rows`)."""
-        before = self.raw[-1] if self.raw else None
-        window = next((r for r in self.raw if row["t"] - r["t"] <= 10.5), None)
-        rated = with_rates(row, before, window)
-        prev = before.get("rollbacks") if before else None
+        rated = with_rates(row, list(self.raw))
+        prev = next((r["rollbacks"] for r in reversed(self.raw) if r.get("rollbacks") is not None), None)
         if row.get("rollbacks") is not None and prev is not None and row["rollbacks"] > prev:
             self.markers.append({"t": row["t"], "kind": "rollback", "version": row.get("serving_version")})
         self.raw.append(row)
@@ -369,12 +392,12 @@ def stream_state(now: float, sampler: MetricsSampler, tail: EventTail) -> dict:
     """Whether the stream runs: ``live``, ``ended`` (events came, none for IDLE_S, or every
     source that was up went down) or ``waiting`` (nothing seen yet), with a plain sentence."""
     sources = list(sampler.sources.values())
-    configured = [s for s in sources if s.url]
-    if configured and all(s.ever_up and not s.up for s in configured):
+    configured = [s.status(now)["state"] for s in sources if s.url]
+    if configured and all(state == "down" for state in configured):
         return {"state": "ended", "text": "stream ended: the worker and trainer stopped (last state shown)"}
     if tail.last_event and now - tail.last_event > IDLE_S:
-        return {"state": "ended", "text": f"stream ended: no new events for {now - tail.last_event:.0f} s"}
-    if tail.last_event or any(s.up for s in sources):
+        return {"state": "ended", "text": f"stream ended: no new events for {now - tail.last_event:.0f} s (last state shown)"}
+    if tail.last_event or "up" in configured:
         return {"state": "live", "text": "live"}
     return {"state": "waiting", "text": "waiting for the stream to start"}
 
@@ -408,7 +431,7 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
     def status() -> dict:
         now = time.time()
         return {"now": now, "stream": stream_state(now, sampler, tail),
-                "sources": {**{k: s.status() for k, s in sampler.sources.items()}, "events": tail.status()},
+                "sources": {**{k: s.status(now) for k, s in sampler.sources.items()}, "events": tail.status()},
                 "model_state": model_state(), "active_users": tail.active()}
 
     async def page(request: web.Request) -> web.FileResponse:

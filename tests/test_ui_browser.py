@@ -96,6 +96,20 @@ def _browser():
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
 
 
+def _click_first(driver, selector: str) -> bool:
+    """Click the first element matching ``selector``; False when there is none (yet) or it was
+    just redrawn (the list of active users changes as events arrive)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        if found:
+            found[0].click()
+        return bool(found)
+    except StaleElementReferenceException:
+        return False
+
+
 def _produce(bootstrap: str, topic: str, user: str, item: str, ts: float) -> None:
     from kafka import KafkaProducer
 
@@ -129,8 +143,7 @@ def test_live_page_follows_the_demo_in_a_real_browser(tmp_path: Path, broker):
         assert js("tgaUi.rows.length") > 2 and js("tgaUi.rows[tgaUi.rows.length - 1].t") > first["t"]
 
         # a user: pick the most active one, wait for their vector, then replay one new event of theirs
-        _wait("active users", lambda: driver.find_elements(By.CSS_SELECTOR, "#active-list .pick-user"), 30)
-        driver.find_elements(By.CSS_SELECTOR, "#active-list .pick-user")[0].click()
+        _wait("a click on an active user's button", lambda: _click_first(driver, "#active-list .pick-user"), 30)
         user = js("tgaUi.user")
         view = _wait(f"user {user}'s vector and events", lambda: js(
             "tgaUi.view && tgaUi.view.model_version !== null && tgaUi.view.events.length > 0 ? tgaUi.view : null"), 30)
@@ -146,12 +159,8 @@ def test_live_page_follows_the_demo_in_a_real_browser(tmp_path: Path, broker):
             By.ID, "rec-version").text not in ("–", str(version0)), 60, every_s=0.25)
         assert len(driver.find_elements(By.CSS_SELECTOR, "#user-recs li")) == 10
 
-        # the charts drew something and the page logged no error
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(SCREENSHOT))
-        assert SCREENSHOT.stat().st_size > 20_000
 
         # a wrong token: the stream is refused, the page gets and shows no data
         driver.get(f"{base}/ui#token=wrong-{TOKEN}")
@@ -160,9 +169,19 @@ def test_live_page_follows_the_demo_in_a_real_browser(tmp_path: Path, broker):
         assert "refused" in driver.find_element(By.ID, "message").text
         assert httpx.get(f"{base}/ui/stream", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
 
-        # the demo stops: the page keeps its last state and says the stream ended
+        # the screenshot, with the run's history (up to 25 s of it: the replay may be over sooner)
         driver.get(f"{base}/ui?user={user}#token={TOKEN}")
         _wait("rows again", lambda: js("tgaUi.rows.length > 0 && tgaUi.view !== null"), 15)
+        end = time.monotonic() + 25
+        while time.monotonic() < end and js("tgaUi.rows.length") < 25:
+            time.sleep(0.5)
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(SCREENSHOT))
+        assert SCREENSHOT.stat().st_size > 20_000
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+        assert not errors, errors  # (the 401 is the wrong token's, above)
+
+        # the demo stops: the page keeps its last state and says the stream ended
         proc.send_signal(signal.SIGTERM)
         _wait("'stream ended' on the page", lambda: "stream ended" in driver.find_element(By.ID, "stream-state").text, 60,
               every_s=0.25)

@@ -68,7 +68,13 @@ function addRows(rows, markers) {
   redraw();
 }
 
-function clock(t) { return t ? new Date(t * 1000).toLocaleTimeString() : "–"; }
+const pad = n => String(n).padStart(2, "0");
+function clock(t) {
+  if (!t) return "–";
+  const d = new Date(t * 1000);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+const SHOWN_EVENTS = 20;
 
 function sourceText(s) {
   if (s.state === "up") return "up";
@@ -97,6 +103,9 @@ function setStatus(st) {
   if (st.sources.events.state === "down") notes.push("The events topic cannot be read: " + (st.sources.events.error || "no broker"));
   showMessage(notes.join(" "));
   const list = $("active-list"), data = $("active-users");
+  const shown = st.active_users.join("\n");
+  if (list.dataset.users === shown) return;  // unchanged: keep the buttons (and a click on one)
+  list.dataset.users = shown;
   list.replaceChildren(); data.replaceChildren();
   for (const u of st.active_users) {
     const b = document.createElement("button");
@@ -120,10 +129,10 @@ function renderUser(view) {
   const fresh = before == null ? 0 : Math.max(0, view.events_seen - before);
   const body = $("user-events");
   body.replaceChildren();
-  view.events.forEach((e, i) => {
+  view.events.slice(0, SHOWN_EVENTS).forEach((e, i) => {
     const tr = document.createElement("tr");
     if (i < fresh) tr.className = "new";
-    for (const v of [clock(e.arrived), e.behavior, e.item, e.category, new Date(e.ts * 1000).toISOString().slice(0, 19).replace("T", " ")]) {
+    for (const v of [clock(e.arrived), e.behavior, e.item, e.category, new Date(e.ts * 1000).toISOString().slice(5, 19).replace("T", " ")]) {
       const td = document.createElement("td"); td.textContent = v; tr.append(td);
     }
     tr.dataset.item = e.item;
@@ -134,7 +143,9 @@ function renderUser(view) {
   recs.replaceChildren();
   for (const r of view.recommendations) {
     const li = document.createElement("li");
-    li.textContent = `${r.item}  (${r.score})`;
+    const name = document.createElement("span"), score = document.createElement("span");
+    name.textContent = r.item; score.textContent = r.score.toFixed(3); score.className = "score";
+    li.append(name, score);
     if (r.touched) li.className = "touched";
     recs.append(li);
   }

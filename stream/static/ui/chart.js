@@ -36,14 +36,16 @@ class LineChart {
     const y = v => top + ph - (v - lo) / (hi - lo) * ph;
     // grid and y labels
     g.strokeStyle = "#e6e9ed"; g.fillStyle = "#6b7580"; g.lineWidth = 1;
+    const axisDigits = hi - lo < 3 ? Math.max(this.opts.digits, 2) : this.opts.digits;
     for (let i = 0; i <= 3; i++) {
       const v = lo + (hi - lo) * i / 3, yy = y(v);
       g.beginPath(); g.moveTo(left, yy); g.lineTo(left + pw, yy); g.stroke();
-      g.fillText(fmt(v, this.opts.digits), 2, yy + 4);
+      g.fillText(fmt(v, axisDigits), 2, yy + 4);
     }
     // time labels: seconds before the newest row
     for (let i = 0; i <= 4; i++) {
-      const t = t0 + (t1 - t0) * i / 4, label = i === 4 ? "now" : `-${Math.round(t1 - t)} s`;
+      const t = t0 + (t1 - t0) * i / 4, ago = Math.round(t1 - t);
+      const label = i === 4 ? "now" : ago >= 120 ? `-${Math.round(ago / 60)} min` : `-${ago} s`;
       g.fillText(label, Math.min(x(t) - 10, w - 26), h - 4);
     }
     // rollback markers
