@@ -39,10 +39,11 @@ log = logging.getLogger("tgastream.api.ui")
 
 STATIC = Path(__file__).parent / "static" / "ui"
 PAGE_FILES = ("app.js", "chart.js", "ui.css")
-UI_PAGE_PATHS = frozenset({"/ui", "/ui/", *(f"/ui/{name}" for name in PAGE_FILES)})
+UI_PAGE_PATHS = frozenset({"/ui", *(f"/ui/{name}" for name in PAGE_FILES)})
 """Paths of the page itself: static, no data, answered without the token (a browser cannot add a
 header to a navigation)."""
 
+UI_KEY: web.AppKey = web.AppKey("ui", tuple)  # (sampler, tail) of a running app, for tests and tools
 TOP_K = 10
 IDLE_S = 10.0  # no new event for this long, after some: the stream has ended (or paused)
 
@@ -61,6 +62,7 @@ class UiConfig:
     backfill: int = 2000  # events read back per partition at start (recent history of users)
     per_user: int = 30  # recent events kept per user
     max_users: int = 20_000  # users kept (least recently active dropped first)
+    down_after_s: float = 5.0  # a process is down after this long without an answer (a busy one is not)
 
 
 # -- metrics: pure functions ------------------------------------------------------------------
@@ -183,15 +185,13 @@ def with_rates(row: dict, earlier: list[dict]) -> dict:
 
 # -- metrics: the sampler -----------------------------------------------------------------------
 
-DOWN_AFTER_S = 5.0  # a process busy for a second or two (a long training step) is not down
-
-
 @dataclass
 class Source:
     """One scraped process: when it last answered, and its last error."""
 
     name: str
     url: str
+    down_after_s: float = 5.0
     ever_up: bool = False
     last_ok: float = 0.0
     first_failure: float = 0.0  # when it stopped answering (0 while it answers)
@@ -210,7 +210,7 @@ class Source:
         elif not self.ever_up:
             state = "not up yet"
         else:
-            state = "up" if now - self.last_ok < DOWN_AFTER_S else "down"
+            state = "up" if now - self.last_ok < self.down_after_s else "down"
         return {"name": self.name, "state": state, "since": self.last_ok if state == "down" else 0.0,
                 "error": self.error}
 
@@ -221,8 +221,8 @@ class MetricsSampler:
 
     def __init__(self, config: UiConfig) -> None:
         self.config = config
-        self.sources = {"worker": Source("worker", config.worker_metrics),
-                        "trainer": Source("trainer", config.trainer_metrics)}
+        self.sources = {"worker": Source("worker", config.worker_metrics, config.down_after_s),
+                        "trainer": Source("trainer", config.trainer_metrics, config.down_after_s)}
         self.rows: deque[dict] = deque(maxlen=config.history)
         self.raw: deque[dict] = deque(maxlen=32)  # absolute rows, for rates and the freshness window
         self.markers: deque[dict] = deque(maxlen=200)  # {"t", "kind": "rollback", "version"}
@@ -437,10 +437,11 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
     async def page(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    def static(name: str):
-        async def handler(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
-        return handler
+    async def static(request: web.Request) -> web.FileResponse:
+        name = request.match_info["file"]
+        if name not in PAGE_FILES:  # only the page's own files: nothing else of the package is served
+            raise web.HTTPNotFound(reason=f"no page file {name!r}")
+        return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
     async def stream(request: web.Request) -> web.StreamResponse:
         user = request.query.get("user", "")[:128]
@@ -477,10 +478,8 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
         return resp
 
     app.router.add_get("/ui", page)
-    app.router.add_get("/ui/", page)
-    for name in PAGE_FILES:
-        app.router.add_get(f"/ui/{name}", static(name))
-    app.router.add_get("/ui/stream", stream)
+    app.router.add_get("/ui/stream", stream)  # before /ui/{file}: the first match wins
+    app.router.add_get("/ui/{file}", static)
 
     async def background(app: web.Application):
         tail.start()
@@ -499,4 +498,4 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
 
     app.cleanup_ctx.append(background)
     app.on_shutdown.append(close_streams)
-    app["ui"] = (sampler, tail)
+    app[UI_KEY] = (sampler, tail)
