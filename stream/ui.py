@@ -228,12 +228,13 @@ class MetricsSampler:
         self.markers: deque[dict] = deque(maxlen=200)  # {"t", "kind": "rollback", "version"}
 
     async def _get(self, session: aiohttp.ClientSession, source: Source) -> dict[str, float] | None:
+        """Every process behind ``source`` (its URLs, each host's addresses), merged; None unless all answered."""
         if not source.url:
             return None
         try:
-            async with session.get(source.url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                resp.raise_for_status()
-                metrics = parse_metrics(await resp.text())
+            targets = [t for url in source.url.split(",") if url.strip() for t in await _targets(url.strip())]
+            texts = await asyncio.gather(*(_fetch(session, url, host) for url, host in targets))
+            metrics = merge_processes([parse_metrics(text) for text in texts])
         except Exception as exc:  # down, refused, timed out, garbled: the panel says so
             source.failed(time.time(), f"{type(exc).__name__}: {exc}"[:200])
             return None
@@ -258,6 +259,53 @@ class MetricsSampler:
                                                        self._get(session, self.sources["trainer"]))
                 self.add(row_from(time.time(), worker, trainer))
                 await asyncio.sleep(max(0.05, self.config.interval_s - (time.monotonic() - started)))
+
+
+async def _targets(url: str) -> list[tuple[str, str | None]]:
+    """``url`` once per IPv4 address of its host: a name with several (compose replicas behind one
+    service name) is every replica, like Prometheus's DNS discovery. ``(url, Host header)`` pairs."""
+    import socket
+
+    import yarl
+
+    parsed = yarl.URL(url)
+    host = parsed.host or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port, family=socket.AF_INET,
+                                                             type=socket.SOCK_STREAM)
+    except OSError:
+        return [(url, None)]  # let the request itself fail (and say why)
+    addresses = sorted({info[4][0] for info in infos})
+    if len(addresses) <= 1:
+        return [(url, None)]
+    return [(str(parsed.with_host(a)), parsed.raw_authority) for a in addresses]
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, host: str | None) -> str:
+    headers = {"Host": host} if host else None
+    async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+        resp.raise_for_status()
+        return await resp.text()
+
+
+SHARED = ("tgastream_model_version", "tgastream_serving_model_version", "tgastream_model_rolled_back",
+          "tgastream_trainer_rollbacks_total", "tgastream_online_metric")
+"""What every trainer rank reports alike (one model): the highest is taken, not the sum."""
+
+
+def merge_processes(scrapes: list[dict[str, float]]) -> dict[str, float]:
+    """Several processes of one role (worker replicas, trainer ranks) as one: counters, lags and
+    histogram buckets summed; the model's version, state and metrics (:data:`SHARED`) the highest."""
+    out: dict[str, float] = {}
+    for metrics in scrapes:
+        for key, value in metrics.items():
+            if key not in out:
+                out[key] = value
+            elif key.split("{", 1)[0] in SHARED:
+                out[key] = max(out[key], value)
+            else:
+                out[key] += value
+    return out
 
 
 # -- events: the tail -----------------------------------------------------------------------------

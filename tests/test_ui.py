@@ -19,8 +19,8 @@ from tgastream.core.events import Event
 from tgastream.state.serving import ServingStore, VectorRecord
 from tgastream.stream.broker import free_port
 from tgastream.stream.serve import build_app
-from tgastream.stream.ui import (UI_KEY, EventTail, MetricsSampler, UiConfig, histogram_quantile, parse_metrics,
-                                 row_from, stream_state, with_rates)
+from tgastream.stream.ui import (UI_KEY, EventTail, MetricsSampler, UiConfig, histogram_quantile, merge_processes,
+                                 parse_metrics, row_from, stream_state, with_rates)
 
 TOKEN = "ui-token"
 
@@ -65,6 +65,43 @@ def test_a_process_that_does_not_answer_leaves_its_fields_empty():
     assert row["events_in"] == 7.0 and row["worker_lag"] == 5.0
     assert row["model_version"] is None and row["auc"] is None and row["samples_trained"] is None
     assert row_from(1.0, worker, {})["auc"] is None  # a trainer without click-time metrics: not available
+
+
+def test_replicas_and_ranks_merge_into_one_role_summing_counts_but_not_the_model():
+    ranks = [{"tgastream_trainer_samples_trained_total": 10.0, "tgastream_model_version": 7.0,
+              "tgastream_online_metric{metric=auc,model=online}": 0.6, "tgastream_trainer_rollbacks_total": 1.0},
+             {"tgastream_trainer_samples_trained_total": 5.0, "tgastream_model_version": 7.0,
+              "tgastream_online_metric{metric=auc,model=online}": 0.7, "tgastream_trainer_rollbacks_total": 1.0}]
+    merged = merge_processes(ranks)
+    assert merged["tgastream_trainer_samples_trained_total"] == 15.0 and merged["tgastream_model_version"] == 7.0
+    assert merged["tgastream_trainer_rollbacks_total"] == 1.0
+    assert merged["tgastream_online_metric{metric=auc,model=online}"] == 0.7
+
+
+def test_the_sampler_scrapes_every_url_of_a_role_and_needs_them_all():
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    for n, reg in enumerate(regs):
+        Counter("tgastream_events_consumed", "events", registry=reg).inc(10 * (n + 1))
+    ports = [free_port(), free_port()]
+    servers = [start_http_server(port, "127.0.0.1", registry=reg)[0] for port, reg in zip(ports, regs)]
+    urls = ",".join(f"http://127.0.0.1:{p}/metrics" for p in ports)
+    sampler = MetricsSampler(UiConfig(worker_metrics=urls, trainer_metrics=urls + f",http://127.0.0.1:{free_port()}/metrics"))
+
+    async def scrape() -> tuple:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return (await sampler._get(session, sampler.sources["worker"]),
+                    await sampler._get(session, sampler.sources["trainer"]))
+
+    try:
+        worker, trainer = asyncio.run(scrape())
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert worker["tgastream_events_consumed_total"] == 30.0
+    assert trainer is None and "Connect" in sampler.sources["trainer"].error  # one rank down: no partial sums
 
 
 def test_a_rising_rollback_counter_marks_the_time_axis():
