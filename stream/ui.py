@@ -174,6 +174,8 @@ def with_rates(row: dict, earlier: list[dict]) -> dict:
         base = _base(row, earlier, key, RATE_WINDOW_S) if row.get(key) is not None else None
         dv = row[key] - base[key] if base is not None else None
         out[rate] = dv / (row["t"] - base["t"]) if dv is not None and dv >= 0 else None
+    produced, trained = row.get("samples_produced"), row.get("samples_trained")
+    out["samples_backlog"] = max(0.0, produced - trained) if produced is not None and trained is not None else None
     fresh = row["_freshness"]
     base = _base(row, [r for r in earlier if r.get("_freshness")], "_freshness", FRESHNESS_WINDOW_S)
     if base is not None:
@@ -345,7 +347,7 @@ class EventTail:
             self.seq[event.user_id] = self.seq.get(event.user_id, 0) + 1
             self.recent.append(event.user_id)
             self.records += 1
-            self.last_event = arrived
+            self.last_event = time.time()  # read now (``arrived`` may be a backfilled record's past)
 
     def of(self, user: str) -> tuple[int, list[dict]]:
         """(events seen, recent events newest first) of ``user``."""
@@ -414,8 +416,8 @@ class EventTail:
                         if r.key == WATERMARK_KEY or r.value is None:
                             continue
                         parsed = parse_json(r.value)
-                        if isinstance(parsed, Event):
-                            self.add(parsed, now)
+                        if isinstance(parsed, Event):  # arrived: when it was produced (a backfilled one too)
+                            self.add(parsed, r.timestamp / 1000 if r.timestamp and r.timestamp > 0 else now)
             except Exception as exc:  # broker gone or topic re-created: retry, the panel says so
                 with self.lock:
                     self.connected, self.error = False, f"{type(exc).__name__}: {exc}"[:200]

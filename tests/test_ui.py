@@ -47,6 +47,7 @@ def test_rates_are_taken_over_a_few_seconds_and_a_restarted_counter_gives_none()
     assert rated["samples_produced_per_s"] is None  # unknown counter: no rate
     assert with_rates(_row(5, 3.0), rows)["events_in_per_s"] is None  # the worker restarted: no negative rate
     assert with_rates(_row(0, 0.0), [])["events_in_per_s"] is None  # the first row has nothing to compare with
+    assert with_rates({**_row(5, 1.0), "samples_produced": 90.0, "samples_trained": 60.0}, rows)["samples_backlog"] == 30.0
 
 
 def test_freshness_quantiles_cover_the_recent_window_not_the_whole_run():

@@ -53,9 +53,9 @@ def _wait(what: str, condition, timeout_s: float, every_s: float = 0.1):
 
 
 def _start_demo(tmp_path: Path, bootstrap: str, env: dict[str, str]) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
-    """A small demo whose replay lasts ~30 s (long enough to watch), its stdout lines in a queue."""
+    """A small demo whose replay lasts ~45 s (long enough to watch, with margin on a loaded machine), its stdout lines in a queue."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tgastream.stream.cli", "demo", "--out", str(tmp_path / "report"), "--events", "4000",
+        [sys.executable, "-m", "tgastream.stream.cli", "demo", "--out", str(tmp_path / "report"), "--events", "6000",
          "--users", "20", "--rate", "130", "--bootstrap", bootstrap, "--dim", "16", "--heads", "2", "--layers", "1",
          "--batch-size", "64", "--partitions", "2", "--timeout", "300", "--api-port", "0", "--quiet"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},

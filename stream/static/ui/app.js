@@ -29,6 +29,8 @@ const charts = {
   version: new LineChart($("chart-version"), [
     {key: "model_version", label: "model", color: "#1d232b"},
     {key: "serving_version", label: "serving", color: "#2ca02c"}], {yMin: null, digits: 0}),
+  backlog: new LineChart($("chart-backlog"), [
+    {key: "samples_backlog", label: "samples", color: "#9467bd"}], {digits: 0}),
 };
 
 function token() {
