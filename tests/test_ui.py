@@ -263,3 +263,23 @@ def test_the_routes_serve_the_page_openly_and_the_data_only_with_the_token(tmp_p
         w_server.shutdown()
         w_server.server_close()
         store.close()
+
+
+def test_with_no_source_configured_the_stream_says_so_and_carries_the_guard_state(tmp_path: Path):
+    store = ServingStore(tmp_path / "serving")
+
+    async def scenario() -> dict:
+        app = build_app(store, model_state=lambda: {"state": "rolled_back", "version": 40})
+        async with TestClient(TestServer(app)) as client:
+            async with client.get("/ui/stream?user=nobody") as resp:
+                return await _events(resp, {"hello", "user"})
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        store.close()
+    status = got["hello"]["status"]
+    assert status["model_state"] == {"state": "rolled_back", "version": 40}
+    assert {s["state"] for s in status["sources"].values()} == {"not configured"}
+    assert status["stream"]["state"] == "waiting"
+    assert got["user"]["known"] is False and got["user"]["recommendations"] == []
