@@ -60,8 +60,8 @@ class UiConfig:
     interval_s: float = 1.0  # scrape period
     history: int = 900  # rows kept (15 min at 1 s)
     backfill: int = 2000  # events read back per partition at start (recent history of users)
-    per_user: int = 30  # recent events kept per user
-    max_users: int = 20_000  # users kept (least recently active dropped first)
+    per_user: int = 20  # recent events kept per user (the page shows 20)
+    max_users: int = 10_000  # users kept, least recently active dropped first (≤ 200k small tuples: tens of MB)
     down_after_s: float = 5.0  # a process is down after this long without an answer (a busy one is not)
 
 
@@ -312,6 +312,9 @@ def merge_processes(scrapes: list[dict[str, float]]) -> dict[str, float]:
 
 # -- events: the tail -----------------------------------------------------------------------------
 
+EVENT_FIELDS = ("item", "category", "behavior", "ts", "arrived")
+
+
 class EventTail:
     """The events topic's recent records per user, read by a kafka-python consumer in a daemon
     thread (no consumer group: it commits nothing and disturbs no worker). Starts ``backfill``
@@ -320,7 +323,7 @@ class EventTail:
     def __init__(self, config: UiConfig) -> None:
         self.config = config
         self.lock = threading.Lock()
-        self.users: OrderedDict[str, deque[dict]] = OrderedDict()
+        self.users: OrderedDict[str, deque[tuple]] = OrderedDict()
         self.seq: dict[str, int] = {}  # user → events seen (the page redraws when it changes)
         self.recent: deque[str] = deque(maxlen=200)  # users of the latest events, newest last
         self.records = 0
@@ -332,8 +335,7 @@ class EventTail:
 
     def add(self, event: Event, arrived: float) -> None:
         """Keep ``event`` in its user's ring (bounded users, least recently active dropped)."""
-        row = {"item": event.item_id, "category": event.category_id, "behavior": event.behavior,
-               "ts": event.ts, "arrived": arrived}
+        row = (event.item_id, event.category_id, event.behavior, event.ts, arrived)  # a tuple: ~half a dict's bytes
         with self.lock:
             ring = self.users.get(event.user_id)
             if ring is None:
@@ -352,7 +354,8 @@ class EventTail:
     def of(self, user: str) -> tuple[int, list[dict]]:
         """(events seen, recent events newest first) of ``user``."""
         with self.lock:
-            return self.seq.get(user, 0), list(reversed(self.users.get(user, ())))
+            seen, rows = self.seq.get(user, 0), list(reversed(self.users.get(user, ())))
+        return seen, [dict(zip(EVENT_FIELDS, row)) for row in rows]
 
     def active(self, n: int = 12) -> list[str]:
         """The ``n`` users with the latest events, newest first."""
