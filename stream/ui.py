@@ -46,6 +46,7 @@ header to a navigation)."""
 UI_KEY: web.AppKey = web.AppKey("ui", tuple)  # (sampler, tail) of a running app, for tests and tools
 TOP_K = 10
 IDLE_S = 10.0  # no new event for this long, after some: the stream has ended (or paused)
+TAIL_IDLE_S = 60.0  # the events topic is read while a page is open and this long after the last one closed
 
 
 @dataclass(frozen=True)
@@ -371,13 +372,22 @@ class EventTail:
     def status(self) -> dict:
         if self.config.bootstrap is None:
             return {"state": "not configured", "records": 0, "last_event": 0.0, "error": ""}
+        running = self.running
         with self.lock:
-            state = "up" if self.connected else "down"
+            state = ("up" if self.connected else "down" if self.error else "connecting") if running else "idle"
             return {"state": state, "records": self.records, "last_event": self.last_event, "error": self.error}
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
-        if self.config.bootstrap is None:
+        """Start reading (no-op without a broker or when already reading)."""
+        if self.config.bootstrap is None or self.running:
             return
+        self._stop.clear()
+        with self.lock:
+            self.connected, self.error = False, ""
         self._thread = threading.Thread(target=self._run, daemon=True, name="ui-event-tail")
         self._thread.start()
 
@@ -464,6 +474,7 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
     sampler = MetricsSampler(config)
     tail = EventTail(config)
     closing = [False]  # set on shutdown: open streams end, or the server would wait its shutdown timeout on them
+    viewers = {"open": 0, "last": time.monotonic()}  # open streams; when the last one closed
 
     def user_view(user: str) -> dict:
         refresh()
@@ -501,10 +512,12 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
+        viewers["open"] += 1
+        tail.start()  # the events topic is read only while someone looks (and TAIL_IDLE_S after)
         try:
             await resp.write(_sse("hello", {"history": list(sampler.rows), "markers": list(sampler.markers),
                                             "status": status(), "panels": ONLINE_METRICS}))
-            sent_rows, user_key, next_status = len(sampler.rows), None, 0.0
+            user_key, next_status = None, 0.0
             last_row_t = sampler.rows[-1]["t"] if sampler.rows else 0.0
             while not closing[0]:
                 now = time.monotonic()
@@ -528,21 +541,31 @@ def add_ui_routes(app: web.Application, config: UiConfig, store, items: Callable
                 await asyncio.sleep(0.2)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
+        finally:
+            viewers["open"] -= 1
+            viewers["last"] = time.monotonic()
         return resp
 
     app.router.add_get("/ui", page)
     app.router.add_get("/ui/stream", stream)  # before /ui/{file}: the first match wins
     app.router.add_get("/ui/{file}", static)
 
+    async def stop_idle_tail() -> None:
+        """A replica nobody watches reads no events: the tail stops TAIL_IDLE_S after the last page left."""
+        while True:
+            await asyncio.sleep(min(5.0, TAIL_IDLE_S))
+            if tail.running and not viewers["open"] and time.monotonic() - viewers["last"] > TAIL_IDLE_S:
+                await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+
     async def background(app: web.Application):
-        tail.start()
-        task = asyncio.ensure_future(sampler.run())
+        tasks = [asyncio.ensure_future(sampler.run()), asyncio.ensure_future(stop_idle_tail())]
         yield
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
+        for task in tasks:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
         await asyncio.get_running_loop().run_in_executor(None, tail.stop)
 
     async def close_streams(app: web.Application) -> None:

@@ -283,3 +283,40 @@ def test_with_no_source_configured_the_stream_says_so_and_carries_the_guard_stat
     assert {s["state"] for s in status["sources"].values()} == {"not configured"}
     assert status["stream"]["state"] == "waiting"
     assert got["user"]["known"] is False and got["user"]["recommendations"] == []
+
+
+def test_the_events_topic_is_read_only_while_a_page_is_open(tmp_path: Path, broker, monkeypatch):
+    from kafka import KafkaProducer
+
+    from tgastream.core.settings import Settings
+    from tgastream.stream import ui
+    from tgastream.stream.topics import ensure_app_topics
+
+    monkeypatch.setattr(ui, "TAIL_IDLE_S", 0.5)
+    topic = f"ui-lazy-{uuid.uuid4().hex[:8]}"
+    ensure_app_topics(broker.bootstrap, Settings(bootstrap=broker.bootstrap, events_topic=topic, partitions=2))
+    store = ServingStore(tmp_path / "serving")
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+
+    async def scenario() -> None:
+        app = build_app(store, ui=UiConfig(bootstrap=broker.bootstrap, events_topic=topic))
+        async with TestClient(TestServer(app)) as client:
+            tail = app[UI_KEY][1]
+            assert not tail.running and tail.status()["state"] == "idle"  # nobody looks: nothing read
+            async with client.get("/ui/stream?user=u9") as resp:
+                assert tail.running
+                producer.send(topic, key=b"u9", value=Event("u9", "seen", "c", "click", 1.0).to_json())
+                producer.flush()
+                deadline = time.monotonic() + 20
+                while not (await _events(resp, {"user"}))["user"]["events"]:
+                    assert time.monotonic() < deadline, "the event never reached the page"
+            deadline = time.monotonic() + 10
+            while tail.running:  # the page left: the tail stops after TAIL_IDLE_S
+                assert time.monotonic() < deadline, "the tail kept reading with no page open"
+                await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        producer.close()
+        store.close()

@@ -102,7 +102,7 @@ function setStatus(st) {
   const notes = [];
   if (st.sources.trainer.state === "down") notes.push("The trainer is not answering: its panels keep their last values.");
   if (st.sources.worker.state === "down") notes.push("The stream worker is not answering: its panels keep their last values.");
-  if (st.sources.events.state === "down") notes.push("The events topic cannot be read: " + (st.sources.events.error || "no broker"));
+  if (st.sources.events.state === "down") notes.push("The events topic cannot be read: " + (st.sources.events.error || "no broker") + ".");
   showMessage(notes.join(" "));
   const list = $("active-list"), data = $("active-users");
   const shown = st.active_users.join("\n");
