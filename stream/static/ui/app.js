@@ -51,7 +51,10 @@ function redraw() {
   drawPending = true;
   requestAnimationFrame(() => {
     drawPending = false;
-    for (const c of Object.values(charts)) c.draw(ui.rows, ui.markers);
+    // the time axis starts when events first flowed (not at the API's start, minutes before a replay)
+    const first = ui.rows.findIndex(r => r.events_in_per_s != null || r.samples_trained_per_s != null);
+    const shown = first > 0 ? ui.rows.slice(Math.max(0, first - 2)) : ui.rows;
+    for (const c of Object.values(charts)) c.draw(shown, ui.markers);
     const has = keys => ui.rows.some(r => keys.some(k => r[k] != null));
     $("quality-na").classList.toggle("hidden", has(["auc", "hr@10"]));
     $("calibration-na").classList.toggle("hidden", has(["logloss", "ece"]));
