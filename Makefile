@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-chaos test-wheel docs docs-ref docs-serve clean
+.PHONY: install demo test test-slow test-chaos test-wheel bench-gpu docs docs-ref docs-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ docs-ref: $(STAMP)
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+# every device figure from one run on a lent GPU (bench model, trainer, freshness with --device cuda),
+# JSON into one folder: OUT=bench-gpu by default (bench/gpu.sh; under 8 minutes)
+bench-gpu: $(STAMP)
+	bench/gpu.sh $(or $(OUT),bench-gpu)
 
 clean:
 	rm -rf $(VENV) .pytest_cache tgastream-data site

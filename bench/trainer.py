@@ -10,7 +10,7 @@ the publish vectors, prequential scoring, one optimizer step on the union of the
 with none). Trained samples/s = samples / wall time of the step loop (slowest rank).
 
 Step split (seconds per step, rank 0): ``idmap_sync`` (row sync incl. its all-gather),
-``publish`` (user and item vectors of the batch), ``score`` (prequential scoring),
+``publish`` (user and item vectors of the batch), ``score`` (prequential scoring: from the training forward's node states, inside ``learn``, where the model has no dropout),
 ``encode_forward`` (the encoder in the training forward pass), ``negatives_catalogue`` (the rest
 of the loss: item lookups, in-batch and uniform negatives, pointer, heads), ``backward`` (what
 ``learn`` spends outside forward, collectives and the optimizer: batching, backward, clipping),
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", default="1,2", help="rank counts to compare, comma-separated (default: 1,2)")
     p.add_argument("--rank-threads", type=int, default=1, help="torch threads per rank (default: 1)")
     p.add_argument("--partitions-of-stream", type=int, default=4, help="partitions of the stored stream (default: 4)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="N runs of each rank count; rows and the ratio are the medians (default: 1)")
     p.add_argument("--json", type=Path, help="write the result here")
     add_setting_flags(p, "device", "dim", "layers", "heads", "batch_size", "sample_len", "lr", "seed")
 
@@ -139,6 +142,8 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
         steps = int(group.all_max(torch.tensor([steps], dtype=torch.float64))[0])
         group.barrier()
     learner.optimizer.step = timers.wrap("optimizer", learner.optimizer.step)
+    one_pass = learner.scores_from_training(0, bs)
+    learner._score_from = timers.wrap("score", learner._score_from)  # inside learn: scores from its forward
     start, cpu0 = time.perf_counter(), time.process_time()
     for k in range(steps):
         if rank == 0 and spec.get("progress") and k % 10 == 0:
@@ -148,13 +153,14 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
         learner.vectors(batch)
         _sync(device)
         timers.add("vectors", time.perf_counter() - t)
+        if not one_pass:  # (dropout: a scoring pass of its own)
+            t = time.perf_counter()
+            if batch:
+                learner.score(batch, score_limit=bs)
+            _sync(device)
+            timers.add("score", time.perf_counter() - t)
         t = time.perf_counter()
-        if batch:
-            learner.score(batch, score_limit=bs)
-        _sync(device)
-        timers.add("score", time.perf_counter() - t)
-        t = time.perf_counter()
-        learner.learn(batch)
+        learner.learn(batch, score_limit=bs if one_pass else None)
         _sync(device)
         timers.add("learn", time.perf_counter() - t)
     if group is not None:
@@ -163,8 +169,8 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
     tt, ex = timers.total, timers.extra
     tt["publish"] = ex["vectors"] - tt["idmap_sync"]
     tt["negatives_catalogue"] = ex["forward"] - tt["encode_forward"]
-    tt["backward"] = ex["learn"] - ex["forward"] - tt["all_reduce"] - tt["optimizer"]
-    out = {"rank": rank, "world": world, "samples": len(mine), "steps": steps, "wall_s": wall, "cpu_s": cpu,
+    tt["backward"] = ex["learn"] - ex["forward"] - tt["all_reduce"] - tt["optimizer"] - (tt["score"] if one_pass else 0.0)
+    out = {"one_pass": one_pass, "rank": rank, "world": world, "samples": len(mine), "steps": steps, "wall_s": wall, "cpu_s": cpu,
            "per_step_s": {k: v / steps for k, v in tt.items()}, "device": str(device),
            "loss": learner.last_loss, "version": learner.version}
     Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(out))
@@ -253,6 +259,12 @@ def matmul_flops_per_s(device_name: str, threads: int, seconds: float = 1.0) -> 
     return 2 * n ** 3 * reps / dt
 
 
+def _median_run(rows: list[dict]) -> dict:
+    """The run with the median trained samples/s (its own step split; the others' rates kept)."""
+    ordered = sorted(rows, key=lambda r: r["trained_samples_per_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def format_table(result: dict) -> str:
     lines = [f"{'ranks':>5} {'threads':>7} {'samples':>8} {'steps':>6} {'wall s':>7} {'trained/s':>10} "
              f"{'CPU ms/sample':>14} {'CPU per rank':>13}"]
@@ -304,19 +316,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         spec = {"stream": str(path), "device": settings.device, "dim": settings.dim, "layers": settings.layers,
                 "heads": settings.heads, "batch_size": settings.batch_size, "sample_len": settings.sample_len,
                 "lr": settings.lr, "seed": settings.seed, "threads": args.rank_threads}
-        rows = []
-        for world in ranks:
-            print(f"bench trainer: {world} rank(s) x {args.rank_threads} thread(s) ...", file=sys.stderr, flush=True)
-            rows.append(run_ranks(world, spec))
-            print(f"bench trainer: {world} rank(s): {rows[-1]['trained_samples_per_s']:,.0f} trained samples/s",
-                  file=sys.stderr, flush=True)
+        runs: dict[int, list[dict]] = {w: [] for w in ranks}
+        for k in range(max(1, args.repeat)):  # rank counts alternate within each repeat: side by side
+            for world in ranks:
+                print(f"bench trainer: {world} rank(s) x {args.rank_threads} thread(s) (run {k + 1}) ...",
+                      file=sys.stderr, flush=True)
+                runs[world].append(run_ranks(world, spec))
+                print(f"bench trainer: {world} rank(s): {runs[world][-1]['trained_samples_per_s']:,.0f} trained samples/s",
+                      file=sys.stderr, flush=True)
+        rows = [_median_run(runs[w]) for w in ranks]
     by = {r["ranks"]: r for r in rows}
+    ratios = [b["trained_samples_per_s"] / a["trained_samples_per_s"] for a, b in zip(runs.get(1, []), runs.get(2, []))]
     flops = flops_per_sample(spec, stream)
     peak = matmul_flops_per_s(settings.device, args.rank_threads)
     one = by.get(1)
     result = {
         "rows": rows,
-        "ratio_2_to_1": by[2]["trained_samples_per_s"] / by[1]["trained_samples_per_s"] if 1 in by and 2 in by else None,
+        "ratio_2_to_1": statistics.median(ratios) if ratios else None,  # median of the runs' side-by-side ratios
+        "ratios_2_to_1": ratios, "repeat": max(1, args.repeat),
+        "runs": {str(w): [r["trained_samples_per_s"] for r in rs] for w, rs in runs.items()},
         "breakdown": {str(r["ranks"]): r["breakdown_s_per_step"] for r in rows},
         "flops_per_sample": flops, "matmul_gflops": peak / 1e9,
         "utilization_1_rank": (flops * one["trained_samples_per_s"] / peak) if one else None,

@@ -64,6 +64,8 @@ class Settings:
     max_len: int = field(default=MAX_LEN, metadata={"help": "events kept per user graph"})
     sample_len: int = field(default=SAMPLE_LEN, metadata={"help": "graph nodes carried by a training sample"})
     conversion_window_s: float = field(default=CONVERSION_WINDOW_S, metadata={"help": "click → buy conversion window (event time)"})
+    conversion_feedback: str = field(default="wait", metadata={"help": "trainer: how a click is trained before its label is known: wait (once, when its window closes) or fnw (at once as a fake negative, again as a positive at the buy, importance-weighted; Ktena et al. RecSys 2019); docs/conversion.md"})
+    pending_predictions: int = field(default=200_000, metadata={"help": "trainer: click-time P(buy) predictions kept until their label arrives; past it the oldest is dropped and counted"})
     # stream workers
     worker_group: str = field(default="", metadata={"help": "consumer group (faust app id) of stream workers; empty = tgastream-<events_topic>"})
     worker_batch: int = field(default=5000, metadata={"help": "stream worker: most records fetched and applied per batch"})
@@ -91,7 +93,7 @@ class Settings:
     guard_min_positives: int = field(default=30, metadata={"help": "trainer: bought clicks (and as many not bought) in the window before the AUC leg may trip"})
     shadow_share: float = field(default=0.25, metadata={"help": "trainer: share of each step's new samples scored by the online model, the baseline and repeat-recent"})
     republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores - 1 (at least 1), leaving a core to Kafka I/O and the worker"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores ÷ ranks - 1 (at least 1), leaving a core to Kafka I/O, the publishing thread and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_dir: str = field(default="", metadata={"help": "where the trainer writes checkpoints and API replicas read the scoring model (a shared volume); empty = DATA_DIR/checkpoints"})
     checkpoint_every_steps: int = field(default=200, metadata={"help": "trainer: write a checkpoint every this many steps"})
@@ -133,6 +135,9 @@ class Settings:
             raise SettingsError(f"guard_min_retrievals ({self.guard_min_retrievals}) must be <= guard_window ({self.guard_window})")
         if not 0.0 < self.shadow_share <= 1.0:
             raise SettingsError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
+        if self.conversion_feedback not in ("wait", "fnw"):
+            raise SettingsError(f"conversion_feedback must be wait or fnw, got {self.conversion_feedback!r}")
+        _positive("pending_predictions", self.pending_predictions)
         if self.train_policy not in ("all", "bounded"):
             raise SettingsError(f"train_policy must be all or bounded, got {self.train_policy!r}")
         for name in ("stop_timeout_s", "join_timeout_s"):

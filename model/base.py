@@ -28,6 +28,7 @@ from tgastream.model.config import ModelConfig
 from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
+from tgastream.model.feedback import conversion_loss
 from tgastream.model.retrieval_head import (RetrievalHead, prior_catalogue_logits, prior_logits, repeat_level,
                                             scatter_logsumexp)
 from tgastream.state.samples import CONVERSION, RETRIEVAL
@@ -44,6 +45,7 @@ class LossOutput:
     conversion: float  # mean conversion BCE (nan when none)
     n_retrieval: int
     n_conversion: int
+    states: torch.Tensor | None = None  # node states [B, N, d] of the forward (``loss(keep_states=True)``)
 
 
 class SequenceRecommender(nn.Module):
@@ -148,8 +150,7 @@ class SequenceRecommender(nn.Module):
             z = z + self.prior_weight * prior_catalogue_logits(batch.prior_keys, batch.prior_vals, z.shape[1])
         if head.copy:
             c = head.node_logits(u, states, batch.mask, batch.lengths, batch.keys)  # [B, N]
-            c = c.masked_fill(batch.keys <= 0, float("-inf"))
-            z = torch.logaddexp(z, scatter_logsumexp(c, (batch.keys - 1).clamp(min=0), z.shape[1]))
+            z = _add_pointer(z, c, batch.keys)
         return z
 
     def _catalogue_logits(self, u: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -182,14 +183,18 @@ class SequenceRecommender(nn.Module):
             self.item_category[view.targets[0]] = view.targets[1]
             self.item_category[0] = 0
 
-    def loss(self, batch: Batch, view: GlobalView | None = None) -> LossOutput:
+    def loss(self, batch: Batch, view: GlobalView | None = None, feedback: str = "wait",
+             keep_states: bool = False) -> LossOutput:
         """Retrieval (sampled softmax + pointer) and conversion (BCE) losses of a mixed batch.
 
         ``view`` (data-parallel ranks, model/distributed.py) is the union of every rank's batch:
         its retrieval targets are the in-batch negatives, its counts are observed and normalise
         the loss, its uniform negatives are shared; the value is then this rank's share of the
         union's loss, (1/R) Σ_{own retrieval rows} ℓ_ret + w (1/C) Σ_{own conversion rows} ℓ_bce.
-        Without it the union is ``batch`` itself (one process)."""
+        Without it the union is ``batch`` itself (one process). ``feedback`` ``fnw`` weighs ℓ_bce
+        by the fake-negative importance weights (model/feedback.py). ``keep_states``: the forward's
+        node states come back too (``LossOutput.states``), for scoring the batch from this very
+        pass (model/online.py)."""
         ret = (batch.kind == RETRIEVAL) if self.does_retrieval else torch.zeros_like(batch.kind, dtype=torch.bool)
         conv = (batch.kind == CONVERSION) if self.does_conversion else torch.zeros_like(ret)
         n_ret, n_conv = int(ret.sum()), int(conv.sum())
@@ -223,10 +228,10 @@ class SequenceRecommender(nn.Module):
             # the balance of the two heads: a conversion-only model (DIN) has nothing to balance
             g, w = (self.cfg.conversion_grad, self.cfg.conversion_weight) if self.does_retrieval else (1.0, 1.0)
             logits = self.conversion_logits(_rows(batch, idx), scale_grad(states[idx], g), scale_grad(vecs[idx], g))
-            lc = F.binary_cross_entropy_with_logits(logits, batch.label[idx].to(logits.dtype), reduction="sum") / view.n_conversion
+            lc = conversion_loss(logits, batch.label[idx], feedback) / view.n_conversion
             total = total + w * lc
             c_loss = float(lc.detach())
-        return LossOutput(total, r_loss, c_loss, n_ret, n_conv)
+        return LossOutput(total, r_loss, c_loss, n_ret, n_conv, states if keep_states else None)
 
     def _retrieval_loss(self, sub: Batch, st: torch.Tensor, view: GlobalView, e_t: torch.Tensor, b_t: torch.Tensor,
                         e_u: torch.Tensor, b_u: torch.Tensor) -> torch.Tensor:
@@ -263,6 +268,31 @@ class SequenceRecommender(nn.Module):
         den = torch.logsumexp(torch.cat(parts_den, 1), 1)
         num = torch.logsumexp(torch.cat(parts_num, 1), 1)
         return (den - num).sum() / big_r
+
+
+def _add_pointer(z: torch.Tensor, c: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """z [B, C] with the pointer's mass added at the columns of each row's nodes:
+
+        z'[b, k] = log(exp z[b, k] + Σ_{n : keys[b, n] = k + 1} exp c[b, n])
+
+    (c [B, N] node logits, keys [B, N] column + 1, 0 = padding/none). Only the ≤ N columns a row's
+    nodes name change, so the log-sum-exp is taken there (B × N entries) instead of over the
+    whole [B, C] catalogue (what ``logaddexp(z, scatter_logsumexp(...))`` computed: two
+    transcendental passes over every catalogue column, most of the ranking's time)."""
+    valid = keys > 0  # [B, N]
+    if not bool(valid.any()):
+        return z
+    cols = (keys - 1).clamp(min=0)  # [B, N]
+    c = c.masked_fill(~valid, float("-inf"))
+    m = c.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # [B, 1], finite
+    w = torch.exp(c - m)  # [B, N], 0 off the nodes
+    mass = torch.zeros_like(z).scatter_add(1, cols, w)  # [B, C]: Σ exp(c - m) per column
+    rows, at = valid.nonzero(as_tuple=True)  # the node entries [V]
+    col = cols[rows, at]  # [V]
+    pointer = torch.log(mass[rows, col]) + m[rows, 0]  # [V]; a column named twice gets the same value twice
+    out = z.clone()
+    out[rows, col] = torch.logaddexp(z[rows, col], pointer)
+    return out
 
 
 def scale_grad(t: torch.Tensor, g: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from tgastream.model.config import SELF_EDGE_TYPE
 from tgastream.model.vocab import BatchKeys, Vocab
-from tgastream.state.graph import GraphArrays
+from tgastream.state.graph import GraphArrays, arrays_of
 from tgastream.state.samples import Sample
 
 
@@ -145,7 +145,7 @@ def encode_graphs(graphs: Sequence[GraphArrays], vocabs: Vocabs, keys: Vocab | N
 
 def encode_samples(samples: Sequence[Sample], vocabs: Vocabs, keys: Vocab | None = None) -> EncodedSamples:
     """Encode training/evaluation samples: their context graphs and their targets."""
-    return encode_graphs([s.graph.to_arrays() for s in samples], vocabs, keys, samples)
+    return encode_graphs(arrays_of([s.graph for s in samples]), vocabs, keys, samples)
 
 
 @dataclass

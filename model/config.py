@@ -102,3 +102,5 @@ class OnlineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = cores - 1 (at least 1)
     sample_len: int = SAMPLE_LEN  # graph nodes of a published user context
+    conversion_feedback: str = "wait"  # wait | fnw: how a click is trained before its label is known (model/feedback.py)
+    pending_predictions: int = 200_000  # click-time predictions kept until their label (model/clicktime.py)

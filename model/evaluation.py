@@ -42,12 +42,12 @@ from tgastream.model.din import DIN
 from tgastream.model.covisit import (Covisitation, CovisitConfig, rank_from_scores, recent_distinct,
                                      repeat_covisit_scores)
 from tgastream.model.metrics import (auc, bootstrap_interval, bootstrap_user_weights, gauc_of, group_aucs, hit_rate,
-                                     logloss, ranking_metrics, ranks_of_targets, weighted_auc)
+                                     ece, logloss, ranking_metrics, ranks_of_targets, weighted_auc)
 from tgastream.model.sasrec import SASRec
 from tgastream.model.tga import TGA
 from tgastream.model.training import finetune_conversion, fit
 from tgastream.model.vocab import InMemoryVocab
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample, UserState
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, Sample, UserState
 from tgastream.core.events import BEHAVIOR_CODE, Event
 from tgastream.core.settings import CONVERSION_WINDOW_S, DIM, HEADS, LAYERS, MAX_LEN, SAMPLE_LEN
 
@@ -58,9 +58,9 @@ PRIOR_MODELS = ("tga",)
 """Models fed the transition prior (co-visitation counts as a learned logit term) when ``transition_prior`` > 0."""
 BASELINES = ("pop", "repeat", "covisit", "repeat_covisit")
 ALL_MODELS = ("tga", "sasrec", "din", "pop", "repeat", "tga_nocopy", "sasrec_copy", "covisit", "repeat_covisit")
-METRIC_KEYS = ("auc", "gauc", "logloss", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
+METRIC_KEYS = ("auc", "gauc", "logloss", "ece", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
                "buy_ndcg@10", "train_samples_per_s", "params")
-SEED_METRICS = ("auc", "gauc", "logloss", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
+SEED_METRICS = ("auc", "gauc", "logloss", "ece", "hr@10", "hr@10_repeat", "hr@10_novel", "ndcg@10", "mrr", "buy_hr@10",
                 "buy_ndcg@10")
 """Metrics averaged over seeds (the top level of a model's JSON) with their sd under ``sd``."""
 BUY = BEHAVIOR_CODE["buy"]
@@ -220,7 +220,8 @@ def build_data(events: Sequence[Event], cfg: EvalConfig, progress: bool = True) 
         if st is None:
             st = states[ev.user_id] = UserState.new(ev.user_id, cfg.max_len)
         for s in st.apply(ev, None, cfg.window_s, cfg.sample_len):
-            route(s)
+            if s.kind != CLICK:  # (offline, a click is judged by its conversion sample, whose label is known)
+                route(s)
         if cfg.transition_prior and ev.ts < split_ts:  # count the event after its own samples are routed
             past, key = history.setdefault(ev.user_id, []), int(catalogue.lookup([ev.item_id])[0])
             cov_split.add(past, key)
@@ -516,6 +517,7 @@ def _case_row(out: ModelOutput, cases: TestCases, k: int) -> dict:
         row[f"hr@{k}_novel"] = ranking_metrics(out.ranks[~cases.repeat], k)["hr"]
     if out.probs is not None:
         row["auc"], row["logloss"] = auc(cases.labels, out.probs), logloss(cases.labels, out.probs)
+        row["ece"] = ece(cases.labels, out.probs, 10)  # 10 equal-mass bins
         row["gauc"] = gauc_of(*_group_aucs(out.probs, cases))
     return row
 
@@ -696,7 +698,8 @@ def _cell(m: dict, key: str, ci: bool = False) -> str:
 def format_table(result: dict) -> str:
     """The results as a fixed-width text table (one row per model: seed mean ± sd [95% interval]),
     then the paired comparisons and the case counts."""
-    cols = [("auc", "AUC", True), ("gauc", "GAUC", True), ("hr@10", "HR@10", True), ("hr@10_repeat", "HR@10 rep", False),
+    cols = [("auc", "AUC", True), ("gauc", "GAUC", True), ("logloss", "logloss", False), ("ece", "ECE", False),
+            ("hr@10", "HR@10", True), ("hr@10_repeat", "HR@10 rep", False),
             ("hr@10_novel", "HR@10 novel", True), ("buy_hr@10", "buy HR@10", False), ("ndcg@10", "NDCG@10", False),
             ("mrr", "MRR", False)]
     rows = [["model"] + [c[1] for c in cols] + ["params"]]

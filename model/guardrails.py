@@ -42,7 +42,7 @@ from tgastream.model.online import OnlineLearner, Reservoir
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.inference import load_model
 from tgastream.model.rollback import graft_model, rollback_learner
-from tgastream.model.shadow import Shadow, ShadowConfig
+from tgastream.model.shadow import Cases, Outcomes, Scored, Shadow, ShadowConfig
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.rank_checkpoint import part_path
 from tgastream.state.registry import ModelVersion, Registry, RegistryError, editing
@@ -99,9 +99,22 @@ class GoodModel:
         """An inference-only learner (never learns or assigns rows) with the good weights on the
         online learner's current rows; rebuilt when those rows change."""
         L = self.learner
-        key = (id(L.model), id(L.rows), L.rows.items.capacity, len(L.rows.items), L.rows.items.evictions,
-               L.rows.categories.capacity, len(L.rows.categories), L.rows.categories.evictions)
-        if key != self._key or self._twin is None:
+        with L.rows.lock:  # (a publishing thread may assign rows meanwhile: built on one state of the maps)
+            if hasattr(L, "grow_tables"):
+                L.grow_tables()  # tables as large as the maps, as the graft's
+            return self._aligned(L)
+
+    def _aligned(self, L: OnlineLearner) -> OnlineLearner:
+        """Rebuilt when the tables grow or rows are evicted. Ids that only got rows since are
+        already right in the last graft: a row the good model lacks holds the seeded fresh value
+        of its row number, whatever id it got (rebuilding on every new id cost a graft, O(ids) of
+        Python and a model's initialisation, per trainer step). The catalogue's categories follow
+        the online model's at every call."""
+        key = (id(L.model), id(L.rows), L.rows.items.capacity, L.rows.items.evictions,
+               L.rows.categories.capacity, L.rows.categories.evictions)
+        if self._twin is not None and key == self._key:
+            self._twin.model.item_category.copy_(L.model.item_category)
+        else:
             twin = copy.copy(L)
             twin.cfg = dataclasses.replace(L.cfg, train=False)
             twin.model = graft_model(self.model, self.rows, L.model, L.rows, L.device)
@@ -205,11 +218,30 @@ class Guardrails:
         return None
 
     def before_learn(self, samples: list) -> None:
-        """Score the step's new samples (before the online model learns from them). With ranks
-        every rank calls it every step (with or without samples): the scored cases are pooled."""
+        """Score the step's new samples (before the online model learns from them), the online
+        model in a pass of its own. With ranks every rank calls it every step (with or without
+        samples): the scored cases are pooled."""
         if not self.cfg.enabled or (not samples and not self.group.distributed):
             return
-        scored = self.shadow.evaluate(samples, self.learner.model, self.learner.rows, self.learner.device)
+        self._note_scored(self.shadow.evaluate(samples, self.learner.model, self.learner.rows, self.learner.device))
+
+    def cases(self, samples: list) -> Cases | None:
+        """The step's shadow cases, scored by the baseline and repeat-recent (before the online
+        model learns); the online model scores them in its training step (``learn(cases=...)``)
+        and :meth:`note_cases` takes its outcomes. None: nothing to score."""
+        if not self.cfg.enabled or not samples:
+            return None
+        return self.shadow.prepare(samples, self.learner.model.cfg.n_items, self.learner.rows)
+
+    def note_cases(self, cases: Cases | None, online: Outcomes | None) -> None:
+        """The cases of :meth:`cases` with the online outcomes of the step, into the shadow's
+        metrics and the guard's window. With ranks every rank calls it every step (a collective)."""
+        if not self.cfg.enabled or (cases is None and not self.group.distributed):
+            return
+        scored = None if cases is None or online is None else self.shadow.complete(cases, online)
+        self._note_scored(scored)
+
+    def _note_scored(self, scored: Scored | None) -> None:
         pooled = self.group.gather_objects(scored) if self.group.distributed else [scored]
         online = self.shadow.rolling["online"]
         before = online.retrievals_seen + online.conversions_seen

@@ -72,6 +72,33 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float |
     return float(val) if math.isfinite(val) else None
 
 
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Equal-mass reliability bins: the cases sorted by predicted probability and cut into ``bins``
+    groups of (nearly) equal size; each bin's mean prediction, observed rate and case count
+    (fewer bins when there are fewer cases). The points of a reliability plot."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if len(p) == 0:
+        return []
+    order = np.argsort(p, kind="mergesort")
+    return [{"mean_prob": float(p[part].mean()), "rate": float(y[part].mean()), "count": float(len(part))}
+            for part in np.array_split(order, min(bins, len(p))) if len(part)]
+
+
+def ece(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float | None:
+    """Expected calibration error over ``bins`` equal-mass bins (:func:`reliability`):
+
+        ECE = Σ_b (n_b / n) · | mean(p in b) − mean(y in b) |
+
+    0 for a calibrated model; None without cases. Equal-mass rather than equal-width bins because
+    conversion probabilities crowd near 0: equal-width bins would put nearly every case in one."""
+    rows = reliability(labels, probs, bins)
+    n = sum(r["count"] for r in rows)
+    if not n:
+        return None
+    return float(sum(r["count"] / n * abs(r["mean_prob"] - r["rate"]) for r in rows))
+
+
 # -- per-user figures and bootstrap intervals ---------------------------------------------------
 
 

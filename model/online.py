@@ -6,10 +6,12 @@ For every micro-batch the trainer calls, in this order:
    (:class:`model.rows.EmbeddingRows`) and returns the vectors of the batch's users (their graph
    *including* the newest event) and items, for the trainer to publish;
 2. :meth:`OnlineLearner.score`: scores the batch with the current model *before* learning from it
-   (the online metric, :class:`model.prequential.RollingMetrics`): the conversion probability of
-   each conversion sample, the full-catalogue mid-rank of each retrieval target;
-3. :meth:`OnlineLearner.learn`: one optimizer step on the batch mixed with ``replay_share`` older
-   samples drawn from a bounded reservoir (limits forgetting); now and then evicts idle rows.
+   (the online metric, :class:`model.prequential.RollingMetrics`): P(buy) of each click at click
+   time (its CLICK sample), kept until its label arrives with the conversion sample and judged
+   then (model/clicktime.py); the full-catalogue mid-rank of each retrieval target;
+3. :meth:`OnlineLearner.learn`: one optimizer step on the batch (what of it is trained depends on
+   ``conversion_feedback``, model/feedback.py) mixed with ``replay_share`` older samples drawn
+   from a bounded reservoir (limits forgetting); now and then evicts idle rows.
 
 No Kafka here: the trainer (stream/trainer.py), the online-vs-frozen benchmark and tests drive it
 with lists of :class:`Sample`.
@@ -28,21 +30,55 @@ import torch
 from torch import nn
 
 from tgastream.model.batching import collate
+from tgastream.model.clicktime import ClickTimeStore
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.device import cpu_threads, resolve_device
+from tgastream.model.feedback import check_mode, training_samples
 from tgastream.model.distributed import Group, Solo, all_reduce_gradients, broadcast_module, global_view, sync_rows
 from tgastream.model.inference import conversion_proba, load_model, model_state
 from tgastream.model.learner import StepOutput
 from tgastream.model.metrics import ranking_metrics, ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
+from tgastream.model.shadow import Outcomes, score_outcomes
 from tgastream.model.tga import TGA
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.graph import UserGraph
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, Sample
 from tgastream.core.events import BEHAVIOR_CODE
 
 BUY = BEHAVIOR_CODE["buy"]
+
+
+def online_adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam of the online learner, torch's fused kernel where it runs (one pass over all
+    parameters instead of a Python loop of ~20 tensor ops per parameter: ~19 → ~3 ms a step on
+    CPU); the same update rule, so checkpoints of either load in the other."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether any dropout of ``model`` would change a training forward (p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference: same weights (copied), no gradients, eval mode."""
+    grads = {p: p.grad for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = None
+    try:
+        twin = copy.deepcopy(model)
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
 
 
 class Reservoir:
@@ -102,13 +138,16 @@ class OnlineLearner:
         self.model = TGA(dataclasses.replace(model_cfg, n_items=self.rows.items.capacity,
                                              n_categories=self.rows.categories.capacity)).to(self.device)
         broadcast_module(self.group, self.model)
-        self.optimizer: torch.optim.Optimizer | None = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer: torch.optim.Optimizer | None = online_adam(self.model.parameters(), cfg.lr)
         self.metrics = RollingMetrics(window=cfg.metric_window)
         self.reservoir = Reservoir(cfg.reservoir)
+        check_mode(cfg.conversion_feedback)
+        self.clicktime = ClickTimeStore(cfg.pending_predictions)  # click-time P(buy) awaiting labels
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
         self.last_replayed = 0  # reservoir samples in the last step
         self.batch_hr: float | None = None  # HR@10 of the last batch alone (not rolling)
+        self.last_cases: Outcomes | None = None  # the shadow cases' outcomes of the last learn(cases=...)
 
     # -- one micro-batch ---------------------------------------------------------------------
 
@@ -119,8 +158,7 @@ class OnlineLearner:
         With ranks, every rank calls this together (``samples`` may be empty): the rows are
         assigned from the union of the ranks' ids (:func:`model.distributed.sync_rows`)."""
         if self.cfg.train:  # a frozen model knows only the rows it was trained with
-            sync_rows(self.group, self.rows, samples)
-            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+            self.assign_rows(samples)
         if not samples:
             return StepOutput(users={}, items={}, loss=float("nan"))
         users, contexts, bought = self.user_vectors(samples)
@@ -136,84 +174,222 @@ class OnlineLearner:
                           arrivals=arrivals, from_clicks=from_clicks,
                           item_categories={i: touched[i] for i in items})
 
+    def assign_rows(self, samples: Sequence[Sample]) -> None:
+        """Give every id of the batch a row (with ranks: of every rank's batch, a collective) and
+        grow the tables to the maps. The trainer's publishing thread assigns rows itself, under
+        ``rows.lock`` (stream/trainer.py); :meth:`learn` grows the tables to whatever it finds."""
+        with self.rows.lock:
+            sync_rows(self.group, self.rows, samples)
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+
+    def grow_tables(self) -> None:
+        """Grow the tables (and their optimizer state) to the id maps: rows assigned by another
+        thread since (stream/trainer.py's publishing thread) get their table rows."""
+        with self.rows.lock:
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+
     def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> StepOutput:
         """Vectors, then prequential scoring, then learning: the trainer's order, in one call.
 
         With ``train_limit`` > 0 a larger batch is trained on a random ``train_limit`` of it, and
-        with ``score_limit`` > 0 scored on a random ``score_limit`` of it."""
+        with ``score_limit`` > 0 scored on a random ``score_limit`` of it. Scoring comes from the
+        training forward (:meth:`learn` with ``score_limit``) where that pass is the model as it
+        is (:meth:`scores_from_training`), else from a pass of its own (:meth:`score`)."""
         out = self.vectors(samples)
-        self.score(samples, score_limit)  # still the model before this step's update: prequential
-        out.loss = self.learn(samples, train_limit)
+        if self.scores_from_training(train_limit, len(samples)):
+            out.loss = self.learn(samples, train_limit, score_limit=score_limit)
+        else:
+            self.score(samples, score_limit)  # still the model before this step's update: prequential
+            out.loss = self.learn(samples, train_limit)
         return out
+
+    def scores_from_training(self, train_limit: int = 0, n_samples: int = 0) -> bool:
+        """Whether :meth:`learn` can score the new samples from its own forward pass: it learns,
+        trains on every new sample (no ``train_limit`` below their number), and its model has no
+        active dropout, so the training forward is the eval forward (the online model's dropout is
+        0: stream/configs.py). With dropout the scores come from a separate eval pass."""
+        return (self.cfg.train and self.optimizer is not None and not (0 < train_limit < n_samples)
+                and not has_dropout(self.model))
 
     @torch.no_grad()
     def score(self, samples: Sequence[Sample], score_limit: int = 0) -> None:
-        """Score the new samples (a random ``score_limit`` of them) with the model as it is:
-        prequential test-then-train, into the rolling metrics."""
+        """Score the new samples with the model as it is (prequential test-then-train): every
+        click's P(buy), kept until its label arrives; a random ``score_limit`` of the retrieval
+        targets; then the labels that arrived join their clicks' predictions, into the rolling
+        metrics."""
         vocabs = self.rows.vocabs()
-        scored = list(samples)
-        if 0 < score_limit < len(scored):
-            scored = self.rng.sample(scored, score_limit)
-        # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
-        new = collate(scored, vocabs, self.device, keys=vocabs.items)
-        self.model.eval()
-        states = self.model.encode(new)
-        self._score_conversions(new, states)
-        self._score_retrievals(new, states)
+        clicks = [s for s in samples if s.kind == CLICK]  # all of them: each label will look for its click
+        rest = [s for s in samples if s.kind == RETRIEVAL]
+        if 0 < score_limit < len(rest):
+            rest = self.rng.sample(rest, score_limit)
+        scored = clicks + rest
+        if scored:
+            # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
+            new = collate(scored, vocabs, self.device, keys=vocabs.items)
+            self.model.eval()
+            states = self.model.encode(new)
+            self._score_conversions(new, states, clicks)
+            self._score_retrievals(new, states)
+        self._judge_conversions(samples)
 
-    def learn(self, samples: Sequence[Sample], train_limit: int = 0) -> float:
+    def learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int | None = None,
+              cases: tuple[Sequence[Sample], Sequence[Sample]] | None = None) -> float:
         """One optimizer step on the samples (a random ``train_limit`` of them) plus
         ``replay_share`` drawn from the reservoir. Uses only the model's public API (``encode``,
         heads, ``loss``), so encoders can change beneath it.
 
+        ``score_limit`` not None: the new samples are scored prequentially from this step's own
+        forward pass, whose node states are those of the model before the update (one forward per
+        step instead of a separate eval pass): every click's P(buy), kept until its label arrives
+        (under ``wait`` the clicks ride in the batch as rows the loss ignores), and a random
+        ``score_limit`` (0 = all) of the retrieval targets; the step's labels then join their
+        clicks' predictions. The
+        catalogue's item categories are taken as they were before the step observed its targets,
+        as the separate pass sees them. Where that pass is not the eval pass
+        (:meth:`scores_from_training` False: dropout, ``train_limit``) the scoring is a pass of
+        its own (:meth:`score`), first.
+
+        ``cases`` (conversion, retrieval samples among ``samples``: the guard's shadow cases,
+        model/shadow.py) are scored from the same pass too, into :attr:`last_cases` (P(buy) of
+        each conversion case, the full-catalogue mid-rank of each retrieval case).
+
         With ranks, every rank calls this together with its own samples (possibly none): the
         step is taken on the union of the ranks' batches (model/distributed.py), or by no rank
         when the union is empty; the loss returned is the union's."""
+        self.last_cases = None
+        if score_limit is not None and samples and not self.scores_from_training(train_limit, len(samples)):
+            self.score(samples, score_limit)
+            score_limit = None
+        if cases is not None and (score_limit is None or not self.cfg.train):  # scored in a pass of their own
+            self.last_cases = score_outcomes(self.model, self.rows, self.device, cases[0], cases[1])
+            cases = None
         if not self.cfg.train or self.optimizer is None:
             return float("nan")
-        train = list(samples)
-        if 0 < train_limit < len(train):
-            train = self.rng.sample(train, train_limit)
+        scoring = score_limit is not None
+        mode = self.cfg.conversion_feedback
+        # each trained row with the sample it came from (under fnw a click trains as a negative copy)
+        pairs = [(row, s) for s in samples for row in training_samples([s], mode)]
+        if 0 < train_limit < len(pairs):
+            pairs = self.rng.sample(pairs, train_limit)
+        train = [row for row, _ in pairs]
+        # rows only scored, never trained: under wait, the clicks (the loss ignores CLICK rows)
+        watch = [s for s in samples if s.kind == CLICK] if scoring and mode == "wait" else []
+        sources = [s for _, s in pairs] + watch
         k = 0
         if self.reservoir.samples and train:
             k = int(round(len(train) * self.cfg.replay_share / (1 - self.cfg.replay_share)))
         replay = self.reservoir.draw(k, self.rng)
-        rows = train + replay
-        # [rows in the largest batch, newest event time] over ranks: whether anyone steps, and when
-        head = self.group.all_max(torch.tensor([len(rows), max((s.event_ts for s in samples), default=float("-inf"))],
+        rows = train + watch + replay
+        # [trained rows in the largest batch, rows, newest event time] over ranks: whether anyone steps
+        head = self.group.all_max(torch.tensor([len(train) + len(replay), len(rows),
+                                                max((s.event_ts for s in samples), default=float("-inf"))],
                                                dtype=torch.float64))
-        if head[0] == 0:
+        if head[0] == 0:  # nobody trains: the scores (if asked) from an eval pass of their own, no step
+            if scoring:
+                self.score(samples, score_limit)
+                if cases is not None:
+                    self.last_cases = score_outcomes(self.model, self.rows, self.device, cases[0], cases[1])
             return float("nan")
         self.last_replayed = len(replay)
-        vocabs = self.rows.vocabs()
-        batch = collate(rows, vocabs, self.device, keys=vocabs.items) if rows else None
+        with self.rows.lock:  # rows a publishing thread assigned since: tables grown to them first
+            self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
+            vocabs = self.rows.vocabs()
+            batch = collate(rows, vocabs, self.device, keys=vocabs.items) if rows else None
         self.model.train()
         view = global_view(self.group, batch, self.model.cfg.n_items, self.model.cfg.uniform_negatives,
                            self.shared_gen, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         if batch is not None:
-            loss = self.model.loss(batch, view).loss
-            loss.backward()
+            categories = self.model.item_category.clone() if scoring else None  # [n_items], before observe
+            out = self.model.loss(batch, view, feedback=self.cfg.conversion_feedback, keep_states=scoring)
+            loss = out.loss
+            if scoring:
+                with torch.no_grad():
+                    states = out.states.detach()
+                    self._score_from(batch, states, sources, score_limit or 0, categories)
+                    if cases is not None:
+                        self.last_cases = self._case_outcomes(batch, states, sources, cases, categories)
+            if loss.requires_grad:  # (only scored rows here: nothing of this rank's to learn from)
+                loss.backward()
             share = loss.detach().reshape(1)
         else:  # nothing here this step: observe the union like every rank, contribute zeros
             self.model.observe(view)
             share = torch.zeros(1, device=self.device)
+            if cases is not None:  # (no row here: no click or retrieval case either)
+                self.last_cases = Outcomes(np.zeros(0), np.zeros(0))
+        if scoring:  # the labels that arrived join their clicks' predictions (made above or before)
+            self._judge_conversions(samples)
         total = all_reduce_gradients(self.group, list(self.model.parameters()), share)
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # (no gradients kept between steps: lighter copies)
         self.version += 1
-        self.reservoir.offer(samples, self.rng)
+        self.reservoir.offer(training_samples(samples, mode), self.rng)
         self.last_loss = float(total[0])
         if self.version % self.cfg.evict_every == 0:
-            self.rows.evict(self.model, self.optimizer, float(head[1]), self.cfg.idle_ttl_s, self.shared_gen)
+            self.rows.evict(self.model, self.optimizer, float(head[2]), self.cfg.idle_ttl_s, self.shared_gen)
         return self.last_loss
 
-    def _score_conversions(self, batch, states: torch.Tensor) -> None:
-        """P(buy) of the conversion rows, with their labels, into the rolling metrics."""
-        conv = (batch.kind == CONVERSION).nonzero().squeeze(1)
+    def _score_from(self, batch, states: torch.Tensor, sources: list[Sample], score_limit: int,
+                    categories: torch.Tensor) -> None:
+        """Prequential scores of the batch's first ``len(sources)`` rows (the new samples, each
+        row's source sample in ``sources``; the rest is replay) from the training forward's node
+        states [B, N, d], with the catalogue's item categories ``categories`` as they were before
+        this step: every click's P(buy) (kept until its label arrives) and a random
+        ``score_limit`` of the retrieval targets."""
+        clicks = [k for k, s in enumerate(sources) if s.kind == CLICK]
+        ret = [k for k, s in enumerate(sources) if s.kind == RETRIEVAL]
+        if 0 < score_limit < len(ret):
+            ret = self.rng.sample(ret, score_limit)
+        now = self.model.item_category
+        self.model.item_category = categories
+        try:
+            if clicks:
+                at = torch.as_tensor(clicks, dtype=torch.long, device=states.device)
+                probs = torch.sigmoid(self.model.conversion_logits(batch.select(at), states[at]))  # [V]
+                self.clicktime.predict([sources[k] for k in clicks], probs.float().cpu().numpy(), self.version)
+            if ret:
+                at = torch.as_tensor(ret, dtype=torch.long, device=states.device)
+                self._score_retrievals(batch.select(at), states[at])
+        finally:
+            self.model.item_category = now
+
+    def _case_outcomes(self, batch, states: torch.Tensor, sources: list[Sample],
+                       cases: tuple[Sequence[Sample], Sequence[Sample]], categories: torch.Tensor) -> Outcomes:
+        """The shadow cases' outcomes from the training forward (as :func:`model.shadow.score_outcomes`
+        computes them in a pass of its own): P(buy) [C] of the picked clicks and full-catalogue
+        mid-ranks [R] of the picked retrieval targets."""
+        m = self.model
+        at = {id(s): k for k, s in enumerate(sources)}
+        conv = torch.as_tensor([at[id(s)] for s in cases[0]], dtype=torch.long, device=states.device)
+        ret = torch.as_tensor([at[id(s)] for s in cases[1]], dtype=torch.long, device=states.device)
+        probs, ranks = np.zeros(0), np.zeros(0)
         if len(conv):
-            probs = torch.sigmoid(self.model.conversion_logits(batch.select(conv), states[conv]))  # [V]
-            self.metrics.add_conversion(batch.label[conv].cpu().numpy(), probs.float().cpu().numpy())
+            probs = torch.sigmoid(m.conversion_logits(batch.select(conv), states[conv])).float().cpu().numpy()  # [C]
+        if len(ret):
+            sub = batch.select(ret)
+            n = m.cfg.n_items
+            items = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
+            vectors, bias = m.item_vectors(items, categories[items])
+            scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
+            holds = self.rows.used_items(self.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+            ranks = ranks_of_targets(scores, sub.target_item - 1, holds).cpu().numpy()  # [R]
+        return Outcomes(probs, ranks)
+
+    def _score_conversions(self, batch, states: torch.Tensor, clicks: Sequence[Sample] = ()) -> None:
+        """P(buy) of the click rows (the batch's CLICK samples, ``clicks`` in row order), kept with
+        this model version until their labels arrive (:meth:`_judge_conversions`)."""
+        rows = (batch.kind == CLICK).nonzero().squeeze(1)
+        if len(rows):
+            probs = torch.sigmoid(self.model.conversion_logits(batch.select(rows), states[rows]))  # [V]
+            self.clicktime.predict(clicks, probs.float().cpu().numpy(), self.version)
+
+    def _judge_conversions(self, samples: Sequence[Sample]) -> None:
+        """The labels that arrived (conversion samples) with their clicks' click-time predictions,
+        into the rolling metrics; a label whose prediction was lost is counted, not scored."""
+        joined = self.clicktime.join([s for s in samples if s.kind == CONVERSION])
+        if len(joined):
+            self.metrics.add_conversion(joined.labels, joined.probs[:, 0], joined.users)
 
     def _score_retrievals(self, batch, states: torch.Tensor) -> None:
         """Mid-rank of each retrieval target among every item that has a row (full catalogue,
@@ -231,7 +407,7 @@ class OnlineLearner:
         rows = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
         vectors, bias = m.item_vectors(rows, m.item_category[rows])
         scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
-        holds_item = self.rows.used_items(self.device)[1:].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+        holds_item = self.rows.used_items(self.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1]
         ranks = ranks_of_targets(scores, sub.target_item - 1, holds_item).cpu().numpy()  # [R]; no row: a miss
         self.metrics.add_ranks(ranks)
         self.batch_hr = ranking_metrics(ranks, self.metrics.k)["hr"]
@@ -288,11 +464,11 @@ class OnlineLearner:
     @torch.no_grad()
     def item_vectors_of(self, items: dict[str, str]) -> dict[str, np.ndarray]:
         """Item tower vectors [d] of items (id → category id) that have rows."""
-        ids = [i for i in items if i in self.rows.items]
+        ids, item_rows = self.rows.peek_items(list(items))
         if not ids:
             return {}
-        rows = torch.as_tensor(self.rows.items.peek(ids), device=self.device)
-        cats = torch.as_tensor(self.rows.categories.peek([items[i] for i in ids]), device=self.device)
+        rows = torch.as_tensor(item_rows, device=self.device)
+        cats = torch.as_tensor(self.rows.vocabs().categories.lookup([items[i] for i in ids]), device=self.device)
         vecs, _bias = self.model.item_vectors(rows, cats)
         arr = vecs.float().cpu().numpy()  # [M, d]
         return {i: arr[k] for k, i in enumerate(ids)}
@@ -302,11 +478,25 @@ class OnlineLearner:
         return conversion_proba(self.model, self.rows, self.device, context, candidates)
 
     def online_metrics(self) -> dict[str, float | None]:
-        """Rolling prequential metrics, plus the last batch's own HR@10 (``batch_hr@10``)."""
-        return {**self.metrics.snapshot(), "batch_hr@10": self.batch_hr}
+        """Rolling prequential metrics (conversion: click-time predictions joined to their labels),
+        plus the last batch's own HR@10 (``batch_hr@10``) and the click-time store's counts
+        (``clicktime_*``: pending, evicted, unmatched, ...)."""
+        return {**self.metrics.snapshot(), "batch_hr@10": self.batch_hr,
+                **{f"clicktime_{k}": v for k, v in self.clicktime.counts().items()}}
 
     def idmap_stats(self) -> list[tuple[str, int, int]]:
         return self.rows.stats()
+
+    def inference_copy(self, version: int | None = None) -> "OnlineLearner":
+        """A copy to publish vectors with while this learner trains (stream/trainer.py): its own
+        model (a copy of the weights now, no gradients), this learner's id maps (shared, behind
+        their lock), no optimizer; it never learns and never assigns rows itself."""
+        twin = copy.copy(self)
+        twin.cfg = dataclasses.replace(self.cfg, train=False)
+        twin.model = inference_model(self.model)
+        twin.optimizer = None
+        twin.version = self.version if version is None else version
+        return twin
 
     def frozen_copy(self) -> "OnlineLearner":
         """A copy that scores but never learns or assigns rows (the benchmark's frozen model)."""
@@ -317,6 +507,7 @@ class OnlineLearner:
         twin.optimizer = None
         twin.metrics = RollingMetrics(window=self.cfg.metric_window)
         twin.reservoir = Reservoir(0)
+        twin.clicktime = ClickTimeStore(self.cfg.pending_predictions)
         return twin
 
     # -- persistence -------------------------------------------------------------------------
@@ -330,6 +521,7 @@ class OnlineLearner:
             "version": self.version, "seen": self.reservoir.seen,
             "reservoir": [s.to_bytes() for s in self.reservoir.samples],
             "metrics": self.metrics.state_dict(),
+            "clicktime": self.clicktime.state_dict(),  # pending click-time predictions: a restart keeps them
             "rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "shared_rng": self.shared_gen.get_state(),  # uniform negatives, fresh rows: a resumed run draws the same
@@ -340,18 +532,25 @@ class OnlineLearner:
         has another shape than this learner's."""
         # tables sized exactly as the saved id maps (whatever chunk this process would have used)
         self.model, self.rows = load_model(d, self.model.cfg, self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.optimizer = online_adam(self.model.parameters(), self.cfg.lr)
         if d["optimizer"] is not None:
             self.optimizer.load_state_dict(d["optimizer"])
         self.version = d["version"]
         self.reservoir.load(d["reservoir"], d["seen"])
         self.metrics.load_state_dict(d["metrics"])
+        self._load_clicktime(d)
         self.rng.setstate(d["rng"])
         torch.set_rng_state(d["torch_rng"])
         if "shared_rng" in d:  # (checkpoints before data-parallel ranks: the seed's state)
             self.shared_gen.set_state(d["shared_rng"])
 
-    RANK_KEYS = ("seen", "reservoir", "metrics", "rng", "torch_rng")
+    RANK_KEYS = ("seen", "reservoir", "metrics", "clicktime", "rng", "torch_rng")
+
+    def _load_clicktime(self, d: dict) -> None:
+        """The pending click-time predictions of a state (none in a checkpoint older than them)."""
+        self.clicktime = ClickTimeStore(self.cfg.pending_predictions)
+        if "clicktime" in d:
+            self.clicktime.load_state_dict(d["clicktime"])
 
     def rank_state_dict(self) -> dict:
         """What differs between data-parallel ranks (reservoir, rolling metrics, random states):
@@ -363,6 +562,7 @@ class OnlineLearner:
         """Restore a rank's part (after :meth:`load_state_dict` of the shared part)."""
         self.reservoir.load(d["reservoir"], d["seen"])
         self.metrics.load_state_dict(d["metrics"])
+        self._load_clicktime(d)
         self.rng.setstate(d["rng"])
         torch.set_rng_state(d["torch_rng"])
 

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from tgastream.model.inference import load_model
-from tgastream.model.online import OnlineLearner
+from tgastream.model.online import OnlineLearner, online_adam
 from tgastream.model.rows import INIT_STD, EmbeddingRows
 from tgastream.model.tga import TGA
 from tgastream.state.idmap import IdMap
@@ -27,12 +27,15 @@ def _remap(good: torch.Tensor, fresh: torch.Tensor, cur: IdMap, old: IdMap) -> t
     where ``old`` (the good model's map) has one; row 0 (padding) from ``good``."""
     out = fresh.clone()
     out[0] = good[0]
-    pairs = [(r, old.row_of(ext)) for ext, r in cur.items()]
-    pairs = [(r, g) for r, g in pairs if 0 < g < good.shape[0]]
-    if pairs:
-        dst = torch.as_tensor([r for r, _ in pairs], device=out.device)
-        src = torch.as_tensor([g for _, g in pairs], device=out.device)
-        out[dst] = good[src]
+    entries = cur.items()
+    if not entries:
+        return out
+    exts, rows = zip(*entries)
+    dst = torch.as_tensor(rows, dtype=torch.long)  # [n] current rows
+    src = torch.as_tensor(old.peek(exts), dtype=torch.long)  # [n] the good model's rows, 0 = none
+    keep = (src > 0) & (src < good.shape[0])
+    if bool(keep.any()):
+        out[dst[keep].to(out.device)] = good[src[keep].to(good.device)]
     return out
 
 
@@ -98,7 +101,7 @@ def rollback_learner(learner: OnlineLearner, good_state: dict, reservoir: dict |
     (``reservoir``: where it comes from instead, e.g. a trainer rank's own checkpoint part)."""
     good, good_rows = load_model(good_state, learner.model.cfg, learner.device)
     learner.model = graft_model(good, good_rows, learner.model, learner.rows, learner.device)
-    learner.optimizer = torch.optim.Adam(learner.model.parameters(), lr=learner.cfg.lr)
+    learner.optimizer = online_adam(learner.model.parameters(), learner.cfg.lr)
     if good_state.get("optimizer"):
         learner.optimizer.load_state_dict(graft_optimizer(good_state["optimizer"], learner.model, learner.rows,
                                                           good_rows))

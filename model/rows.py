@@ -8,6 +8,7 @@ for a while of event time are evicted and re-initialised, so a reused row starts
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -23,13 +24,16 @@ INIT_STD = 0.05  # std of fresh item/category embedding rows
 
 
 class _Rows:
-    """A :class:`model.vocab.Vocab` view of an :class:`IdMap` that never assigns (peek)."""
+    """A :class:`model.vocab.Vocab` view of an :class:`IdMap` that never assigns (peek), under
+    the maps' lock (a publishing thread assigns rows while the training thread batches)."""
 
-    def __init__(self, idmap: IdMap) -> None:
+    def __init__(self, idmap: IdMap, lock: threading.RLock) -> None:
         self.idmap = idmap
+        self.lock = lock
 
     def lookup(self, ids: Sequence[str]) -> np.ndarray:
-        return self.idmap.peek(ids)
+        with self.lock:
+            return self.idmap.peek(ids)
 
     def __len__(self) -> int:
         return self.idmap.capacity
@@ -79,11 +83,28 @@ def _reset_rows(param: nn.Parameter, rows: torch.Tensor, optimizer: torch.optim.
 
 
 class EmbeddingRows:
-    """The item and category :class:`IdMap` of a model, and growing/evicting its tables to match."""
+    """The item and category :class:`IdMap` of a model, and growing/evicting its tables to match.
+
+    ``lock`` (re-entrant) guards the maps where two threads share them: the trainer's publishing
+    thread assigns rows (stream/trainer.py) while its training thread batches, grows and evicts.
+    Lookups through :meth:`vocabs` take it themselves; a caller that assigns or evicts holds it."""
 
     def __init__(self, items: IdMap, categories: IdMap) -> None:
         self.items = items
         self.categories = categories
+        self.lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> "EmbeddingRows":
+        import copy
+
+        with self.lock:
+            return EmbeddingRows(copy.deepcopy(self.items, memo), copy.deepcopy(self.categories, memo))
+
+    def peek_items(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """The ids of ``ids`` that have an item row, and those rows (under the lock)."""
+        with self.lock:
+            known = [i for i in ids if i in self.items]
+            return known, self.items.peek(known)
 
     @classmethod
     def new(cls, chunk: int) -> "EmbeddingRows":
@@ -92,7 +113,7 @@ class EmbeddingRows:
 
     def vocabs(self) -> Vocabs:
         """Read-only vocabularies for batching: unknown ids map to row 0, nothing is assigned."""
-        return Vocabs(_Rows(self.items), _Rows(self.categories))
+        return Vocabs(_Rows(self.items, self.lock), _Rows(self.categories, self.lock))
 
     def grow_tables(self, model: SequenceRecommender, optimizer: torch.optim.Optimizer | None,
                     generator: torch.Generator | None = None) -> None:
@@ -116,7 +137,9 @@ class EmbeddingRows:
         """Free the rows unused since ``now - idle_ttl_s`` and re-initialise them in the model
         (from ``generator``, else torch's default one)."""
         device = model.embed.item.weight.device
-        rows = self.items.evict(now, idle_ttl_s)
+        with self.lock:
+            rows = self.items.evict(now, idle_ttl_s)
+            crows = self.categories.evict(now, idle_ttl_s)
         if len(rows):
             r = torch.as_tensor(rows, device=device)
             _reset_rows(model.embed.item.weight, r, optimizer, INIT_STD, generator)
@@ -124,15 +147,15 @@ class EmbeddingRows:
                 _reset_rows(model.item_bias.weight, r, optimizer, 0.0, generator)
             model.item_counts[r] = 0
             model.item_category[r] = 0
-        crows = self.categories.evict(now, idle_ttl_s)
         if len(crows):
             _reset_rows(model.embed.category.weight, torch.as_tensor(crows, device=device), optimizer, INIT_STD,
                         generator)
 
     def used_items(self, device: torch.device) -> torch.Tensor:
         """[capacity] bool: which item rows hold an item."""
-        used = torch.zeros(self.items.capacity, dtype=torch.bool, device=device)
-        used[torch.as_tensor(self.items.rows(), device=device, dtype=torch.long)] = True
+        with self.lock:
+            used = torch.zeros(self.items.capacity, dtype=torch.bool, device=device)
+            used[torch.as_tensor(self.items.rows(), device=device, dtype=torch.long)] = True
         return used
 
     def stats(self) -> list[tuple[str, int, int]]:
@@ -141,7 +164,8 @@ class EmbeddingRows:
                 ("category", len(self.categories), self.categories.evictions)]
 
     def to_state(self) -> dict[str, bytes]:
-        return {"items": self.items.to_bytes(), "categories": self.categories.to_bytes()}
+        with self.lock:
+            return {"items": self.items.to_bytes(), "categories": self.categories.to_bytes()}
 
     @classmethod
     def from_state(cls, d: dict) -> "EmbeddingRows":
@@ -149,5 +173,6 @@ class EmbeddingRows:
 
     def sync_to(self, data_dir: Path, step: int) -> None:
         """Mirror both maps to RocksDB (``idmap-items``, ``idmap-categories``) as of ``step``."""
-        self.items.sync_to(Path(data_dir) / "idmap-items", step)
-        self.categories.sync_to(Path(data_dir) / "idmap-categories", step)
+        with self.lock:
+            self.items.sync_to(Path(data_dir) / "idmap-items", step)
+            self.categories.sync_to(Path(data_dir) / "idmap-categories", step)

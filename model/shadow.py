@@ -6,7 +6,10 @@ first seen after it gets a fresh row, so the baseline is judged as what a rollba
 Every step, a random ``share`` of the step's new samples (chosen once, for all three) is scored
 prequentially, before the online model learns from them:
 
-- conversion clicks: P(buy) of each model, with the label;
+- conversion clicks: P(buy) of each model *at the click* (its CLICK sample), kept until the
+  label arrives (the conversion sample) and judged then, so all three are judged on what they
+  said when the click happened (model/clicktime.py); the baseline's only while it is the same
+  baseline (a case predicted by the one before is judged for the online model and repeat only);
 - retrieval rows: the target's mid-rank over each model's own catalogue (every item with a row),
   a bounded number of rows per step (``rank_budget`` / catalogue, as the learner's own scoring);
 - repeat-recent on the same retrieval rows: the user's distinct context items, most recent first.
@@ -27,12 +30,13 @@ import torch
 
 from tgastream.core.events import BEHAVIOR_CODE
 from tgastream.model.batching import collate
+from tgastream.model.clicktime import ClickTimeStore
 from tgastream.model.guard import PairedWindow
 from tgastream.model.metrics import ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
 from tgastream.model.tga import TGA
-from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, Sample
 
 K = 10
 
@@ -43,6 +47,7 @@ class ShadowConfig:
     rank_budget: int = 2_000_000  # (retrieval rows × catalogue items) per model per step at most
     window: int = 2000  # rolling window of the per-model metrics
     seed: int = 0
+    pending: int = 100_000  # click-time predictions awaiting their label
 
 
 @dataclass
@@ -91,19 +96,40 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
         items = torch.arange(1, n, device=device)  # catalogue column c = row c + 1
         vectors, bias = model.item_vectors(items, model.item_category[items])
         scores = model.score_catalogue(batch, vectors, bias, states)  # [R, n - 1]
-        holds = rows.used_items(device)[1:].unsqueeze(0).expand_as(scores)  # [R, n - 1]
+        holds = rows.used_items(device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1] (maps may be ahead)
         ranks = ranks_of_targets(scores, batch.target_item - 1, holds).cpu().numpy()  # [R]
     return Outcomes(probs, ranks)
 
 
 @dataclass
+class Cases:
+    """One step's picked shadow cases, scored by every model but the online one: the online
+    model's outcomes come from its training step (model/online.py ``learn(cases=...)``)."""
+
+    conv: list[Sample]  # picked clicks: predicted now, judged when their labels arrive
+    ret: list[Sample]  # picked retrieval targets: ranked now
+    repeat_interest: np.ndarray  # [C] repeat-recent's P(buy) of the clicks
+    repeat_ranks: np.ndarray  # [R]
+    baseline: Outcomes | None
+    baseline_version: int  # -1 without a baseline
+    labelled: list[Sample]  # the step's conversion samples: labels for earlier clicks
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.conv + self.ret
+
+
+@dataclass
 class Scored:
-    """One step's shadow cases: labels [C] and each model's outcomes on the same cases."""
+    """One step's shadow cases: labels [C] (of clicks whose label arrived this step) and each
+    model's outcomes on the same cases; ``paired`` [C]: the baseline's prediction came from the
+    current baseline (only those cases count for it)."""
 
     labels: np.ndarray
     online: Outcomes
     repeat: Outcomes
     baseline: Outcomes | None  # None without a baseline
+    paired: np.ndarray | None = None
 
 
 class Baseline(Protocol):
@@ -125,6 +151,8 @@ class Shadow:
         self.baseline: Baseline | None = None
         self.rolling = {m: RollingMetrics(window=cfg.window, k=K) for m in self.MODELS}
         self.paired = PairedWindow(window=paired_window, keep_positives=keep_positives)
+        # click-time scores [online, repeat, baseline (NaN without one)], version = the baseline's (-1 none)
+        self.pending = ClickTimeStore(cfg.pending, width=3)
 
     def set_baseline(self, baseline: Baseline | None) -> None:
         """A new baseline: the paired window restarts (outcomes against the old one do not count)."""
@@ -133,10 +161,10 @@ class Shadow:
         self.rolling["baseline"] = RollingMetrics(window=self.cfg.window, k=K)
 
     def pick(self, samples: Sequence[Sample], catalogue: int) -> tuple[list[Sample], list[Sample]]:
-        """The subset all models score: conversion clicks, retrieval rows (bounded for ranking)."""
+        """The subset all models score: clicks (at click time), retrieval rows (bounded for ranking)."""
         n = min(len(samples), max(1, math.ceil(self.cfg.share * len(samples))))
         chosen = self.rng.sample(list(samples), n) if n < len(samples) else list(samples)
-        conv = [s for s in chosen if s.kind == CONVERSION]
+        conv = [s for s in chosen if s.kind == CLICK]
         ret = [s for s in chosen if s.kind == RETRIEVAL]
         cap = max(16, self.cfg.rank_budget // max(catalogue, 1))
         return conv, ret[:cap]
@@ -144,22 +172,47 @@ class Shadow:
     def evaluate(self, samples: Sequence[Sample], model: TGA, rows: EmbeddingRows,
                  device: torch.device) -> Scored | None:
         """Score the online model (``model``, ``rows``: as it is, before it learns from these
-        samples), the baseline and repeat-recent on the same subset of ``samples`` (None when
-        nothing was picked). Plain arrays: ranks pool them (model/guardrails.py)."""
+        samples), the baseline and repeat-recent on the same subset of ``samples``: the picked
+        clicks are predicted and kept; the step's labels join the predictions of their clicks
+        (None when there is nothing to judge). Plain arrays: ranks pool them (model/guardrails.py)."""
+        cases = self.prepare(samples, model.cfg.n_items, rows)
+        if cases is None:
+            return None
+        return self.complete(cases, score_outcomes(model, rows, device, cases.conv, cases.ret))
+
+    def prepare(self, samples: Sequence[Sample], catalogue: int, rows: EmbeddingRows) -> Cases | None:
+        """Pick the step's cases and score them with repeat-recent and the baseline (None without
+        samples); the online model's outcomes are added by :meth:`complete`, which also joins the
+        step's labels to earlier clicks' predictions (so cases come back even when none is picked)."""
         if not samples:
             return None
-        conv, ret = self.pick(samples, model.cfg.n_items)
-        if not conv and not ret:
-            return None
-        labels = np.asarray([s.label for s in conv], dtype=float)  # [C]
-        online = score_outcomes(model, rows, device, conv, ret)
+        conv, ret = self.pick(samples, catalogue)
         n_items = max(len(rows.items), 1)
-        rep = Outcomes(np.asarray([repeat_interest(s) for s in conv]), np.asarray([repeat_rank(s, n_items) for s in ret]))
-        base = None
+        rep_ranks = np.asarray([repeat_rank(s, n_items) for s in ret])
+        base, base_version = None, -1
         if self.baseline is not None:
             b = self.baseline.aligned()
-            base = score_outcomes(b.model, b.rows, b.device, conv, ret)
-        return Scored(labels, online, rep, base)
+            base, base_version = score_outcomes(b.model, b.rows, b.device, conv, ret), self.baseline.version
+        labelled = [s for s in samples if s.kind == CONVERSION]
+        return Cases(conv, ret, np.asarray([repeat_interest(s) for s in conv], dtype=float), rep_ranks, base,
+                     base_version, labelled)
+
+    def complete(self, cases: Cases, online: Outcomes) -> Scored | None:
+        """The cases with the online model's outcomes (P(buy) [C] of the picked clicks, ranks [R],
+        in the cases' order): the clicks' predictions of every model are kept until their labels
+        arrive; the labels of this step join the clicks predicted before (None: nothing to judge)."""
+        conv, base = cases.conv, cases.baseline
+        if conv:
+            cols = [online.probs, cases.repeat_interest,
+                    base.probs if base is not None else np.full(len(conv), np.nan)]
+            self.pending.predict(conv, np.stack(cols, 1), cases.baseline_version)  # [C, 3]
+        # only a share of clicks was predicted: the other labels are not this shadow's cases
+        joined = self.pending.join([s for s in cases.labelled if s.click_key in self.pending.pending])
+        if not len(joined) and not cases.ret:
+            return None
+        paired = joined.versions == cases.baseline_version if base is not None else np.zeros(len(joined), bool)
+        return Scored(joined.labels, Outcomes(joined.probs[:, 0], online.ranks), Outcomes(joined.probs[:, 1], cases.repeat_ranks),
+                      None if base is None else Outcomes(joined.probs[:, 2], base.ranks), paired)
 
     def note(self, scored: Scored) -> None:
         """Add scored outcomes to the rolling metrics and, with a baseline, the paired window."""
@@ -167,9 +220,11 @@ class Shadow:
         self._note("repeat", scored.labels, scored.repeat)
         if scored.baseline is None or self.baseline is None:
             return
-        self._note("baseline", scored.labels, scored.baseline)
-        self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels, scored.online.probs,
-                        scored.baseline.probs)
+        ok = scored.paired if scored.paired is not None else np.ones(len(scored.labels), bool)
+        base = Outcomes(scored.baseline.probs[ok], scored.baseline.ranks)
+        self._note("baseline", scored.labels[ok], base)
+        self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels[ok],
+                        scored.online.probs[ok], base.probs)
 
     def _note(self, name: str, labels: np.ndarray, out: Outcomes) -> None:
         if len(out.probs):

@@ -122,6 +122,25 @@ class TGALayer(nn.Module):
             msg = agg(qkv, nbr4, etype4, self.r_score, self.r_msg, self.heads)  # [BN, d]
         return self._update(h, msg.view(b, n, d))
 
+    def forward_rows(self, h: torch.Tensor, nbr: torch.Tensor, etype: torch.Tensor, block: int) -> torch.Tensor:
+        """The layer on node rows: h [M, d]; nbr/etype [M, 3] predecessor rows of h and types (-1
+        none) → [M, d]. ``block``: rows per independent group for the fused backward's threads
+        (the sequence length of a [B, N] grid; M when the rows are packed graphs of any length)."""
+        m, d = h.shape
+        qkv = self.qkv(h)  # [M, 3d]
+        impl = self._resolved_impl(h)
+        if impl == "fused":
+            if h.device.type != "cpu":
+                raise ValueError("the fused TGA kernel runs on CPU only; use impl='reference' on CUDA")
+            msg = fused.FusedNeighborAttention.apply(qkv, nbr, etype, self.r_score, self.r_msg, self.heads, block)
+        else:
+            self_rows = torch.arange(m, device=h.device).unsqueeze(1)  # [M, 1]
+            nbr4 = torch.cat([nbr, self_rows], 1)  # [M, 4]
+            etype4 = torch.cat([etype, torch.full_like(self_rows, self.r_score.shape[0] - 1)], 1)  # [M, 4]
+            agg = aggregate_naive if impl == "naive" else aggregate_reference
+            msg = agg(qkv, nbr4, etype4, self.r_score, self.r_msg, self.heads)  # [M, d]
+        return self._update(h, msg)
+
     def _update(self, h: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
         h = self.norm1(h + self.drop(self.out(msg)))
         return self.norm2(h + self.drop(self.ffn(h)))

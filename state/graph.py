@@ -281,3 +281,34 @@ def reference_neighbors(items: Sequence[str], cats: Sequence[str]) -> list[tuple
         out.append((it, ct, j - 1))
     return out
 
+
+
+def arrays_of(graphs: Sequence["UserGraph"]) -> list[GraphArrays]:
+    """``[g.to_arrays() for g in graphs]``, the graphs not cached yet computed together: one set
+    of numpy operations over their concatenated nodes instead of one per graph (a trainer step
+    collates hundreds of new graphs; per graph, numpy's call overhead was most of the cost).
+    Element for element the same arithmetic as :meth:`UserGraph.to_arrays`."""
+    todo = list({id(g): g for g in graphs if g._arrays is None and len(g)}.values())
+    if len(todo) > 1:
+        lens = np.fromiter((len(g) for g in todo), dtype=np.int64, count=len(todo))  # [G]
+        total = int(lens.sum())
+        starts = np.cumsum(lens) - lens  # [G] first node of each graph in the concatenation
+        beh = np.fromiter(chain.from_iterable(g._beh for g in todo), dtype=np.int64, count=total)  # [T]
+        ts = np.fromiter(chain.from_iterable(g._ts for g in todo), dtype=np.float64, count=total)  # [T]
+        dist = np.fromiter(chain.from_iterable(chain.from_iterable(g._dist for g in todo)), dtype=np.int64,
+                           count=3 * total).reshape(total, 3)  # [T, 3]
+        first = np.repeat(starts, lens)  # [T] each node's graph start
+        local = (np.arange(total, dtype=np.int64) - first)[:, None]  # [T, 1] index within its graph
+        nbr = local - dist  # [T, 3]
+        valid = (dist > 0) & (nbr >= 0)
+        nbr = np.where(valid, nbr, -1)
+        src_beh = beh[np.where(valid, nbr + first[:, None], 0)]  # [T, 3]
+        etype = np.where(valid, np.arange(N_VIEWS)[None, :] * 16 + src_beh * 4 + beh[:, None], -1)
+        gaps = np.empty(total)
+        gaps[1:] = np.diff(ts)
+        gaps[starts] = np.nan  # a graph's first node has no previous event
+        buckets = gap_bucket(gaps)
+        for g, a, b in zip(todo, starts.tolist(), (starts + lens).tolist()):
+            g._arrays = GraphArrays(list(g._items), list(g._cats), beh[a:b], ts[a:b], buckets[a:b], nbr[a:b],
+                                    etype[a:b])
+    return [g.to_arrays() for g in graphs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import struct
+from itertools import repeat
 from pathlib import Path
 from typing import Sequence
 
@@ -87,7 +88,8 @@ class IdMap:
 
     def peek(self, ids: Sequence[str]) -> np.ndarray:
         """Rows of ``ids`` without assigning or touching; unknown → 0."""
-        return np.fromiter((self._row.get(e, 0) for e in ids), dtype=np.int64, count=len(ids))
+        # map over dict.get: no Python frame per id (a step looks up ~20k node ids)
+        return np.fromiter(map(self._row.get, ids, repeat(0, len(ids))), dtype=np.int64, count=len(ids))
 
     def evict(self, now: float, ttl_s: float) -> np.ndarray:
         """Free every row unused since ``now - ttl_s``; returns the freed rows (to re-initialise)."""

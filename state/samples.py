@@ -13,6 +13,13 @@ Samples:
   item: repeat clicks on it do not open another). A buy of i inside the window closes it with
   label 1; event time passing its end (the user's own later events or a partition watermark)
   closes it with label 0. The context is the graph up to and including the click.
+- click: when a window opens, a sample of kind CLICK with the same context, candidate and click
+  time as the conversion sample that will close it, label 0 (unknown yet). It carries the click
+  to the trainer *at click time*: the model serving then predicts P(buy) for it, and the
+  conversion sample later only brings the label (model/clicktime.py); with a delayed-feedback
+  mode it is also trained at once as a fake negative (model/feedback.py). Its identity is its
+  own (the click's record, after the event's other samples), distinct from the conversion
+  sample's (the buy's record or the closing watermark's).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from tgastream.state.graph import UserGraph
 from tgastream.core.events import BEHAVIOR_CODE, Event
 from tgastream.core.settings import CONVERSION_WINDOW_S, MAX_LEN, SAMPLE_LEN
 
-RETRIEVAL, CONVERSION = 0, 1
+RETRIEVAL, CONVERSION, CLICK = 0, 1, 2
 SAMPLE_VERSION = 2  # 2: + source identity (generation, partition, offset, seq); 1 is still read
 STATE_VERSION = 2  # 2: + the source generation after the header of 1 (which is still read)
 _SAMPLE_HEADER = struct.Struct("<BBBfdd")  # version, kind, target behavior, label, event ts, arrival ts
@@ -49,7 +56,7 @@ def _unpack_str(data: bytes, off: int) -> tuple[str, int]:
 class Sample:
     """One training example: a context graph and a target (item, behavior) or conversion label."""
 
-    kind: int  # RETRIEVAL or CONVERSION
+    kind: int  # RETRIEVAL, CONVERSION or CLICK
     user_id: str
     graph: UserGraph  # context, oldest node first
     item_id: str  # target item (retrieval) or candidate item (conversion)
@@ -64,6 +71,12 @@ class Sample:
     partition: int = -1
     offset: int = -1
     seq: int = 0
+
+    @property
+    def click_key(self) -> tuple[str, str, float]:
+        """The click a CLICK or CONVERSION sample is about: (user, item, click time). One open
+        window per (user, item), so a label and its click-time prediction meet on this key."""
+        return self.user_id, self.item_id, self.event_ts
 
     @property
     def source(self) -> tuple[int, int]:
@@ -195,6 +208,8 @@ class UserState:
         self.graph.append(ev.item_id, ev.category_id, beh, ev.ts)
         if ev.behavior == "click" and ev.item_id not in self.pending:
             self.pending[ev.item_id] = Pending(ev.item_id, ev.category_id, ev.ts, self.graph.total - 1)
+            out.append(Sample(CLICK, self.user_id, self.graph.tail(sample_len), ev.item_id, ev.category_id, 0, 0.0,
+                              ev.ts, arrival_ts))
         if offset is not None:
             self.offset, self.generation = offset, generation
         return out

@@ -42,9 +42,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tgastream.stream.topics import TopicError
     from tgastream.state.registry import RegistryError
     from tgastream.core.kafka_security import SecurityError
+    from tgastream.model.device import DeviceUnavailable
 
     return (CommandError, SettingsError, BrokerError, TopicError, RegistryError, SecurityError, FileNotFoundError,
-            IsADirectoryError)
+            IsADirectoryError, DeviceUnavailable)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -31,7 +31,8 @@ def online_config(settings: Settings, **changes) -> OnlineConfig:
     """Online learning as configured (``changes`` override fields that are not settings)."""
     return OnlineConfig(**{"lr": settings.lr, "replay_share": settings.replay_share, "seed": settings.seed,
                            "device": settings.device, "threads": settings.threads,
-                           "sample_len": settings.sample_len, **changes})
+                           "sample_len": settings.sample_len, "conversion_feedback": settings.conversion_feedback,
+                           "pending_predictions": settings.pending_predictions, **changes})
 
 
 

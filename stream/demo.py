@@ -36,6 +36,7 @@ class DemoConfig:
     rate: float = 1000.0
     timeout_s: float = 900.0
     quiet: bool = False
+    trainer_ranks: int = 1  # data-parallel trainer ranks (tgastream train --nproc N when > 1)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
             n = write_file(SynthConfig(users=opts.users, events=opts.events, seed=opts.seed), log_path)
             say(f"generated {n:,} events of {opts.users:,} users → {log_path}")
         w_port, t_port = free_port(), free_port()
+        ranks = ["--nproc", str(opts.trainer_ranks)] if opts.trainer_ranks > 1 else []  # rank r: metrics t_port + r
         api_port = settings.api_port if settings.api_port and not port_open(f"127.0.0.1:{settings.api_port}") else free_port()
         procs = [
             spawn("worker", ["worker", *_common(settings), "--data-dir", str(data_dir / "worker"),
@@ -159,7 +161,8 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
                               "--batch-size", str(settings.batch_size), "--dim", str(settings.dim),
                               "--layers", str(settings.layers), "--heads", str(settings.heads),
                               "--sample-len", str(settings.sample_len), "--train-policy", settings.train_policy,
-                              "--republish-rate", str(settings.republish_rate)],
+                              "--republish-rate", str(settings.republish_rate),
+                              "--conversion-feedback", settings.conversion_feedback, *ranks],
                   logs, _child_env(settings)),
         ]
         try:
@@ -170,9 +173,11 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
                                        "--checkpoint-dir", str(data_dir / "trainer" / "checkpoints"),
                                        "--api-port", str(api_port), "--device", "cpu",
                                        "--ui-worker-metrics", f"http://127.0.0.1:{w_port}/metrics",
-                                       "--ui-trainer-metrics", f"http://127.0.0.1:{t_port}/metrics"],
+                                       "--ui-trainer-metrics",  # every rank's (rank r: t_port + r)
+                                       ",".join(f"http://127.0.0.1:{t_port + r}/metrics" for r in range(opts.trainer_ranks))],
                                  logs, _child_env(settings)))
-            return _drive(settings, opts, log_path, procs, w_port, t_port, api_port, say, on_settled)
+            return _drive(settings, opts, log_path, procs, w_port, [t_port + r for r in range(opts.trainer_ranks)],
+                          api_port, say, on_settled)
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -200,9 +205,10 @@ def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0, up: 
             time.sleep(0.3)
 
 
-def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Proc], w_port: int, t_port: int,
+def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Proc], w_port: int, t_ports: list[int],
            api_port: int, say, on_settled: Callable[[Live], None] | None = None) -> dict:
     worker, trainer, api = procs
+    t_port = t_ports[0]
     _wait_up([api], [api_port], up=_healthy)
     say(f"worker metrics :{w_port}/metrics   trainer metrics :{t_port}/metrics")
     say(f"API: http://127.0.0.1:{api_port}  (try /v1/users/<id>/recommendations?k=10)")
@@ -214,7 +220,8 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
     def replay() -> None:
         try:
             result["replay"] = replay_file(settings.bootstrap, settings,
-                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True), progress=False)
+                                           ReplayConfig(path=log_path, rate=opts.rate, watermark=True,
+                                                        watermark_every_s=3600.0), progress=False)
         except Exception as exc:  # surfaced below; the demo must still stop its processes
             result["error"] = exc
         finally:
@@ -231,6 +238,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             if not p.alive():
                 raise RuntimeError(f"{p.name} died:\n{p.tail()}")
         wm, tm = scrape(w_port), scrape(t_port)
+        tms = [tm] + [scrape(p) for p in t_ports[1:]]  # every trainer rank's counters (rank 0's gauges)
         row = {
             "t": time.time() - start,
             "events_applied": total(wm, "tgastream_events_applied_total"),
@@ -238,8 +246,10 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             "worker_rejected": total(wm, "tgastream_events_rejected_total"),
             "samples_emitted": total(wm, "tgastream_samples_emitted_total"),
             "lag": total(wm, "tgastream_partition_lag"),
-            "trainer_samples": total(tm, "tgastream_trainer_samples_total"),
-            "trainer_trained": total(tm, "tgastream_trainer_samples_trained_total"),
+            "trainer_samples": sum(total(m, "tgastream_trainer_samples_total") for m in tms),
+            "trainer_trained": sum(total(m, "tgastream_trainer_samples_trained_total") for m in tms),
+            "train_seconds": max(total(m, "tgastream_trainer_train_seconds_total") for m in tms),
+            "replaying": not replay_done.is_set(),
             "steps": total(tm, "tgastream_trainer_steps_total"),
             "hr@10": tm.get("tgastream_online_metric{metric=hr@10,model=online}"),
             "auc": tm.get("tgastream_online_metric{metric=auc,model=online}"),
@@ -251,7 +261,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             say(f"[{row['t']:6.0f}s] events {row['events_applied']:>8,.0f}  samples {row['samples_emitted']:>8,.0f}  "
                 f"published {row['trainer_samples']:>8,.0f}  trained {row['trainer_trained']:>8,.0f}  "
                 f"steps {row['steps']:>6,.0f}  "
-                f"HR@10 {_metric(row['hr@10'])}  AUC {_metric(row['auc'])}  lag {row['lag']:,.0f}")
+                f"HR@10 {_metric(row['hr@10'])}  AUC@click {_metric(row['auc'])}  lag {row['lag']:,.0f}")
         if "error" in result:
             raise result["error"]
         if replay_done.is_set():
@@ -268,7 +278,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             say("timeout: stopping before the trainer caught up (figures below are partial)")
             break
     trainer.stop()  # checkpoint + final stats
-    stats_path = Path(settings.data_dir) / "trainer" / "trainer-stats.json"
+    stats_path = Path(settings.data_dir) / "trainer" / ("rank-0" if opts.trainer_ranks > 1 else "") / "trainer-stats.json"
     trainer_stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     replay_summary: ReplaySummary = result["replay"]
     final = series.rows[-1]
@@ -279,7 +289,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         "rejected": rejected,
         "samples": int(final["samples_emitted"]),
         "train_steps": int(trainer_stats.get("steps", final["steps"])),
-        "online": {"auc": trainer_stats.get("online", {}).get("auc"), "hr@10": trainer_stats.get("online", {}).get("hr@10")},
+        "online": online_report(trainer_stats),
         "freshness_p50_s": trainer_stats.get("freshness_p50_s"),
         "freshness_p99_s": trainer_stats.get("freshness_p99_s"),
         "events_per_s": round(replay_summary.events_per_s, 1),
@@ -290,6 +300,10 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
         "version_lag": trainer_stats.get("version_lag"),
         "trainer_samples_per_s": _busy_rate(series.rows, "trainer_samples"),
         "trained_samples_per_s": _busy_rate(series.rows, "trainer_trained"),
+        **capacity(series.rows, settings.batch_size),
+        "trainer_ranks": opts.trainer_ranks,
+        "publishing": trainer_stats.get("publishing"),
+        "published_version_lag_max": trainer_stats.get("published_version_lag_max"),
         "device": trainer_stats.get("device"),
         "seconds": round(time.time() - start, 1),
         "api": f"http://127.0.0.1:{api_port}",
@@ -298,11 +312,82 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
     return report
 
 
+def online_report(trainer_stats: dict) -> dict:
+    """The online figures of report.json: conversion judged at the click (each click's P(buy) by
+    the model of that moment, joined to its label when the window closed; model/clicktime.py)
+    over the trainer's rolling window, with the cases it rests on, and HR@10."""
+    on = trainer_stats.get("online", {})
+    return {"auc": on.get("auc"), "auc_clicks": on.get("auc_clicks"), "auc_buys": on.get("auc_buys"),
+            "gauc": on.get("gauc"), "logloss": on.get("logloss"), "ece": on.get("ece"), "hr@10": on.get("hr@10"),
+            "clicks_unjudged": on.get("clicktime_unmatched"), "clicks_pending": on.get("clicktime_pending"),
+            "reliability": trainer_stats.get("reliability", []),
+            "judged": "at the click: the conversion window's label joined to the P(buy) made when the click arrived"}
+
+
+def capacity(rows: list[dict], batch_size: int) -> dict:
+    """The trainer against the stream while the replay ran (from the first sample to the first
+    second after the replay ended): samples produced per second, samples trained per second of
+    training (the training thread's busy time: what it could train), their ratio
+    ``trainer_capacity_ratio`` (≥ 1: the trainer keeps pace), the share of the produced samples
+    trained by then, and ``trained_lag_at_stream_end`` (produced, not yet trained, in samples)."""
+    live = [r for r in rows if r["samples_emitted"] > 0]
+    end = next((r for r in live if not r.get("replaying", True)), live[-1] if live else None)
+    if end is None or not live or end["t"] <= live[0]["t"]:
+        return {"trainer_capacity_ratio": None, "trained_lag_at_stream_end": None}
+    first = live[0]
+    produced = end["samples_emitted"] / max(end["t"] - first["t"] + 1.0, 1e-9)  # (first second: partial)
+    busy = end["train_seconds"] - first.get("train_seconds", 0.0)
+    trained = end["trainer_trained"] - first["trainer_trained"]
+    train_rate = trained / busy if busy > 0 else None
+    lag = int(end["samples_emitted"] - end["trainer_trained"])
+    return {"produced_samples_per_s_during_replay": round(produced, 1),
+            "trained_samples_per_busy_s": None if train_rate is None else round(train_rate, 1),
+            "trainer_capacity_ratio": None if train_rate is None else round(train_rate / produced, 3),
+            "trained_share_at_stream_end": round(end["trainer_trained"] / end["samples_emitted"], 3),
+            "trained_lag_at_stream_end": lag, "trained_lag_at_stream_end_batches": round(lag / batch_size, 2)}
+
+
 def _busy_rate(rows: list[dict], key: str) -> float:
     """Per-second rate of a counter over the seconds it was rising (its busy time)."""
     busy = [(b[key] - a[key], b["t"] - a["t"]) for a, b in zip(rows, rows[1:]) if b[key] > a[key]]
     seconds = sum(dt for _, dt in busy)
     return round(sum(dv for dv, _ in busy) / seconds, 1) if seconds else 0.0
+
+
+def online_metrics_plot(history: list[dict], online: dict, path: Path) -> None:
+    """Rolling HR@10 and click-time AUC over trainer time; click-time logloss and ECE; and the
+    reliability of the click-time P(buy) at the end (10 equal-mass bins)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if history:
+        t0 = history[0]["time"]
+        ht = [h["time"] - t0 for h in history]
+        for ax, keys in ((axes[0], (("hr@10", "HR@10"), ("auc", "conversion AUC, judged at the click"))),
+                         (axes[1], (("logloss", "logloss at the click"), ("ece", "ECE at the click")))):
+            for key, label in keys:
+                ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history],
+                        label=f"{label} (rolling)")
+            ax.set_xlabel("trainer time (s)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    rows = online.get("reliability") or []
+    if rows:
+        mp, rate = [r["mean_prob"] for r in rows], [r["rate"] for r in rows]
+        top = max(*mp, *rate, 1e-3)
+        axes[2].plot(mp, rate, "-o", label=f"online (ECE {online.get('ece') or float('nan'):.4f})")
+        axes[2].plot([0, top], [0, top], ":", color="grey", label="calibrated")
+        axes[2].legend(fontsize=8)
+    axes[2].set_xlabel("mean predicted P(buy) at the click")
+    axes[2].set_ylabel("observed buy rate")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(f"Online metrics (test-then-train; conversion judged at the click: AUC "
+                 f"{online.get('auc') or float('nan'):.3f} on {online.get('auc_clicks') or 0} clicks, "
+                 f"{online.get('auc_buys') or 0} bought)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(out: Path, report: dict, series: Series, history_path: Path) -> None:
@@ -317,14 +402,8 @@ def write_report(out: Path, report: dict, series: Series, history_path: Path) ->
     rows = series.rows
     t = [r["t"] for r in rows]
 
-    fig, ax = plt.subplots(figsize=(8, 4))
     history = [json.loads(x) for x in history_path.read_text().splitlines()] if history_path.exists() else []
-    if history:
-        t0 = history[0]["time"]
-        ht = [h["time"] - t0 for h in history]
-        for key in ("hr@10", "auc"):
-            ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history], label=f"online {key} (rolling)")
-    save_chart(fig, ax, out / "online_metrics.png", "trainer time (s)", "prequential metric", "Online metrics (test-then-train)")
+    online_metrics_plot(history, report.get("online", {}), out / "online_metrics.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, label in (("events_applied", "events applied/s (worker)"),

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from tgastream.state.record import UserRecord, peek_pending
-from tgastream.state.samples import CONVERSION, Sample
+from tgastream.state.samples import CLICK, CONVERSION, Sample
 from tgastream.state.store import StateStore
 from tgastream.core.events import WATERMARK_KEY, Event, Rejection, parse_json, parse_watermark
 from tgastream.core.settings import CONVERSION_WINDOW_S, MAX_LEN, SAMPLE_LEN
@@ -76,7 +76,7 @@ class BatchStats:
     skipped: int = 0  # re-delivered events (offset at or below the user's stored offset)
     watermarks: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason → count
-    samples: Counter = field(default_factory=Counter)  # retrieval / conversion_pos / conversion_neg
+    samples: Counter = field(default_factory=Counter)  # retrieval / conversion_pos / conversion_neg / click
     sample_bytes: int = 0
     apply_s: float = 0.0
 
@@ -106,6 +106,8 @@ def _identify(samples: list[Sample], generation: int, partition: int, offset: in
 def sample_kind(s: Sample) -> str:
     if s.kind == CONVERSION:
         return "conversion_pos" if s.label > 0.5 else "conversion_neg"
+    if s.kind == CLICK:
+        return "click"
     return "retrieval"
 
 

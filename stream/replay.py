@@ -35,6 +35,11 @@ class ReplayConfig:
     limit: int = 0  # stop after this many records; 0 = all
     watermark: bool = False  # end with a watermark past every event, to close open label windows
     watermark_margin_s: float = 0.0
+    # > 0 (time order only): also a watermark every this much event time, at the newest event time sent,
+    # as a live source's partition watermarks: conversion windows then close on time, not at the user's
+    # next event (without it a day-old negative of a quiet user waits for the end, and a trainer under
+    # conversion_feedback=wait hears positives long before the negatives of the same clicks)
+    watermark_every_s: float = 0.0
 
 
 @dataclass
@@ -119,6 +124,8 @@ def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress
     summary, rejected = ReplaySummary(), Counter()
     pacer = Pacer(opts.rate, opts.speedup)
     max_ts = float("-inf")
+    every = opts.watermark_every_s if opts.order == "time" else 0.0
+    next_mark: float | None = None
     start = time.monotonic()
     bar = tqdm(total=len(records), unit="ev", disable=not progress, desc="replay", mininterval=0.5)
     try:
@@ -126,6 +133,12 @@ def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress
             if isinstance(rec, Event):
                 if opts.rate > 0 or opts.speedup > 0:
                     pacer.wait(i, rec.ts)
+                if every > 0:
+                    if next_mark is None:
+                        next_mark = rec.ts + every
+                    elif rec.ts >= next_mark and summary.sent:
+                        send_watermarks(producer, settings.events_topic, max_ts)  # every event up to it is sent
+                        next_mark = rec.ts + every
                 producer.send(settings.events_topic, key=rec.user_id.encode(), value=rec.to_json())
                 summary.sent += 1
                 max_ts = max(max_ts, rec.ts)

@@ -31,6 +31,8 @@ import json
 import logging
 import random
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +46,16 @@ from tgastream.core.kafka_security import kafka_python_args
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tgastream.model.distributed import Group, Solo
+from tgastream.model.distributed import Group, Solo, sync_rows
 from tgastream.model.drift import LossDrift
 from tgastream.model.guardrails import Event, Guardrails
 from tgastream.model.inference import IncompatibleCheckpoint
+from tgastream.model.metrics import reliability
 from tgastream.model.learner import Learner, StepOutput
 from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomic
 from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_parts, save_part
 from tgastream.state.graph import UserGraph
-from tgastream.state.samples import CONVERSION, RedeliveryGuard, Sample
+from tgastream.state.samples import CLICK, CONVERSION, RedeliveryGuard, Sample
 from tgastream.state.serving import (
     ServingStore, VectorRecord, bought_key, bought_value, context_key, item_category_key, item_key, user_key,
 )
@@ -60,6 +63,7 @@ from tgastream.core.settings import Settings
 from tgastream.stream.configs import guardrails_config
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
+from tgastream.stream.publisher import LatestModel, PublishingThread
 from tgastream.stream.ranks import Votes, agree, owned, rank_dir
 from tgastream.stream.replay import make_producer
 from tgastream.stream.republish import Published
@@ -68,6 +72,10 @@ from tgastream.stream.trained_log import TrainedLog
 log = logging.getLogger("tgastream.trainer")
 
 T = TypeVar("T")
+
+GIL_SWITCH_S = 0.0005
+"""Python's thread switch interval while publishing and training run in two threads (see
+:meth:`Trainer._threaded_loop`)."""
 
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -105,6 +113,8 @@ class TrainerMetrics:
                                       registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.samples_per_s = Gauge("tgastream_trainer_samples_per_second", "samples/s over the last minute", registry=r)
         self.loss = Gauge("tgastream_trainer_loss", "training loss of the last step", registry=r)
+        self.train_seconds = Counter("tgastream_trainer_train_seconds", "seconds spent in training steps (the "
+                                     "trainer's capacity: samples trained / these seconds)", registry=r)
         self.online = Gauge("tgastream_online_metric", "rolling prequential metric of the online model, and of the "
                             "baseline (last good checkpoint) and repeat-recent scored on the same samples",
                             ["model", "metric"], registry=r)
@@ -124,6 +134,9 @@ class TrainerMetrics:
         self.checkpoint_age = Gauge("tgastream_checkpoint_age_seconds", "seconds since the last checkpoint", registry=r)
         self.idmap_size = Gauge("tgastream_idmap_size", "ids with an embedding row", ["kind"], registry=r)
         self.idmap_evictions = Gauge("tgastream_idmap_evictions", "id map rows evicted so far", ["kind"], registry=r)
+        self.clicktime = Gauge("tgastream_clicktime_predictions", "click-time P(buy) predictions: pending (label "
+                               "not yet known), joined to a label, evicted unlabelled (store full), unmatched "
+                               "(a label whose prediction was lost: not scored)", ["state"], registry=r)
         self.lag = Gauge("tgastream_trainer_lag", "samples on the topic not yet consumed (approximate on Tansu)", registry=r)
 
 
@@ -139,6 +152,7 @@ class TrainerRun:
     published_users: int = 0
     published_items: int = 0
     freshness: list[float] = field(default_factory=list)  # recent values (bounded) for quantiles
+    version_lags: list[int] = field(default_factory=list)  # newest model version − published vector's (recent)
 
     COUNTERS = ("samples", "steps", "trained", "replayed", "redelivered", "published_users", "published_items")
 
@@ -153,6 +167,10 @@ class TrainerRun:
         self.freshness.extend(values)
         del self.freshness[:-keep]
 
+    def note_version_lag(self, lag: int, n: int, keep: int = 20000) -> None:
+        self.version_lags.extend([lag] * n)
+        del self.version_lags[:-keep]
+
     def freshness_quantiles(self) -> tuple[float | None, float | None]:
         if not self.freshness:
             return None, None
@@ -165,6 +183,14 @@ def _newer_published(serving: ServingStore, user_id: str, event_ts: float) -> bo
     older context (a conversion sample's, which ends at its click) must not replace it."""
     current = serving.user(user_id)
     return current is not None and current.event_ts > event_ts
+
+
+def _reliability(learner: Learner) -> list[dict]:
+    """Reliability bins (10, equal-mass) of the learner's click-time predictions in its rolling window."""
+    m = getattr(learner, "metrics", None)
+    if m is None or not hasattr(m, "conv_scores"):
+        return []
+    return reliability(np.asarray(m.conv_labels), np.asarray(m.conv_scores), 10)
 
 
 def decode_samples(records: list, metrics: TrainerMetrics, count_bad: bool = True) -> list[Sample]:
@@ -181,7 +207,15 @@ def decode_samples(records: list, metrics: TrainerMetrics, count_bad: bool = Tru
 
 
 class Trainer:
-    """Consume → publish → score → learn → checkpoint, until stopped or idle."""
+    """Consume → publish → score → learn → checkpoint, until stopped or idle.
+
+    One process with ``train_policy`` all: two threads. The publishing thread reads the head,
+    gives new ids rows (under ``rows.lock``) and publishes vectors with the newest inference copy
+    of the serving model (:class:`stream.publisher.LatestModel`), re-publishes stale ones, and
+    never waits for a training step; the training thread (the caller's) trains behind the head,
+    puts a fresh copy after every step, checkpoints and decides when to stop. Their shared state
+    (head positions, the re-publish ledger, the run's counters) is behind ``_lock``. Ranks and
+    ``bounded`` keep one thread in lockstep (the row sync and the step are collectives there)."""
 
     def __init__(self, settings: Settings, bootstrap: str, learner: Learner, metrics: TrainerMetrics | None = None,
                  publish_every: int = 1, progress: Callable[[dict], None] | None = None) -> None:
@@ -214,6 +248,14 @@ class Trainer:
         self._last_batch_at = time.monotonic()
         self._head_batches = 0
         self._recent: list[tuple[float, int]] = []  # (time, samples) for samples/s
+        # publishing apart from training (one process, train_policy all): see the class docstring
+        self._lock = threading.RLock()
+        self.latest = LatestModel()
+        self._threaded = False
+        self._halt = threading.Event()  # the training thread ends the publishing thread
+        self._generation_reset = False  # set by the publishing thread: the training thread rewinds
+        self._last_data = time.monotonic()  # publishing thread: when it last read records
+        self._twin_gen = torch.Generator().manual_seed(settings.seed + 1)  # fresh rows of the copy's tables
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -257,18 +299,24 @@ class Trainer:
             "trained_log_bytes": self.trained_log.size(),
             "samples_topic_id": self.samples_topic_id,
             # consumed as of the trained offsets: the head's lead is read (and counted) again on a restart
-            "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
+            "run": self._consumed_counters(),
         }, protect=self.guardrails.protected_files())
         self._last_ckpt = time.monotonic()
         self.guardrails.after_checkpoint(path, self.run.steps, self.learner.online_metrics())
         self.learner.after_checkpoint(self.dir, self.run.steps)
         return path
 
+    def _consumed_counters(self) -> dict[str, int]:
+        """The run's counters as of the trained offsets: the head's lead is read (and counted)
+        again on a restart. Read together, under the lock the publishing thread updates them under."""
+        with self._lock:
+            return {**self.run.counters(), "samples": self.run.samples - self.backlog()}
+
     def _rank_part(self) -> dict:
         """What this rank alone knows: its partitions' offsets, guard, trained log, learner part."""
         return {"offsets": dict(self.offsets), "guard": self.guard.state_dict(),
                 "trained_log_bytes": self.trained_log.size(), "samples_topic_id": self.samples_topic_id,
-                "run": {**self.run.counters(), "samples": self.run.samples - self.backlog()},
+                "run": self._consumed_counters(),
                 "learner_rank": self.learner.rank_state_dict()}
 
     def _checkpoint_ranks(self) -> Path:
@@ -385,13 +433,20 @@ class Trainer:
         trainer = None if self.bounded else \
             self._until_connected(lambda: self._consumer(self.offsets)[0], "the training consumer")
         clean = False  # ranks: the final checkpoint is a collective, taken only when all left the loop together
+        publisher: PublishingThread | None = None
         try:
             if self.group.distributed:
                 self._rank_loop(head, trainer, tps, producer, serving, idle_exit_s, max_samples)
+            elif trainer is not None:
+                publisher = PublishingThread(lambda: self._publish_loop(head, tps, producer, serving, max_samples))
+                self._threaded_loop(publisher, trainer, idle_exit_s, max_samples)
             else:
                 self._loop(head, trainer, tps, producer, serving, idle_exit_s, max_samples)
             clean = True
         finally:
+            self._halt.set()
+            if publisher is not None and publisher.is_alive():
+                publisher.join(timeout=max(5.0, self.settings.stop_timeout_s))
             with StopDeadline(self.settings.stop_timeout_s, "trainer"):  # the checkpoint is local; Kafka may be gone
                 if clean or not self.group.distributed:
                     self.checkpoint()
@@ -431,6 +486,99 @@ class Trainer:
                     break
                 if max_samples and self.run.samples >= max_samples:
                     break
+
+    def _threaded_loop(self, publisher: PublishingThread, trainer: KafkaConsumer, idle_exit_s: float,
+                       max_samples: int) -> None:
+        """The training thread of one process: train behind the publishing thread's head, hand it
+        a fresh copy of the weights after every step, keep house, until stopped or idle."""
+        self._threaded = True
+        self._put_latest()
+        # The two threads share the GIL: a training step calls ~500 torch ops, each waits for the
+        # GIL when the publishing thread runs Python (decoding, batching, producing), by default up
+        # to 5 ms each: measured, steps of ~2.5 s while publishing at 2,000 events/s. A 0.5 ms
+        # switch interval bounds that wait (both threads still make progress).
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, GIL_SWITCH_S))
+        publisher.start()
+        try:
+            self._train_behind(publisher, trainer, idle_exit_s, max_samples)
+        finally:
+            sys.setswitchinterval(switch)
+
+    def _train_behind(self, publisher: PublishingThread, trainer: KafkaConsumer, idle_exit_s: float,
+                      max_samples: int) -> None:
+        tps = sorted(trainer.assignment(), key=lambda t: t.partition)
+        while not self._stop:
+            publisher.check()
+            if self._generation_reset:  # the samples topic was re-created: train it from its beginning
+                with self._lock:
+                    self._generation_reset = False
+                    self.offsets = {}
+                self._seek(trainer, tps, {})
+            if self.backlog():
+                self._train_step(trainer, wait=False)
+            else:
+                self._halt.wait(0.02)  # nothing to train: the publisher reads on
+            self._housekeeping(None, tps)
+            now = time.monotonic()
+            if not self.backlog():
+                if idle_exit_s and now - self._last_data >= idle_exit_s:
+                    break
+                if max_samples and self.run.samples >= max_samples:
+                    break
+        publisher.check()
+
+    def _publish_loop(self, head: KafkaConsumer, tps: list[TopicPartition], producer: KafkaProducer,
+                      serving: ServingStore, max_samples: int) -> None:
+        """The publishing thread: read the head, publish its vectors with the newest weights,
+        re-publish stale vectors, until the training thread halts it."""
+        last_lag = 0.0
+        while not self._halt.is_set() and not self._stop:
+            records = [] if max_samples and self.run.samples >= max_samples else self._next_batch(head)
+            if records and not self._same_generation(head, None, tps):
+                records = []
+            if records:
+                self._last_data = time.monotonic()
+                self._publish_step(records, producer, serving)
+            elif max_samples and self.run.samples >= max_samples:
+                self._halt.wait(0.05)
+            if self.settings.republish_rate:
+                self._republish(producer, serving)
+            if time.monotonic() - last_lag >= 1.0:
+                last_lag = time.monotonic()
+                self._note_lag(head, tps)
+
+    def _publish_step(self, records: list, producer: KafkaProducer, serving: ServingStore) -> None:
+        """Publishing thread: rows for the batch's new ids, their vectors with the newest copy of
+        the weights (never waiting for a step in progress), published; the head moves on."""
+        t0 = time.perf_counter()
+        samples = decode_samples(records, self.metrics)
+        if samples:
+            rows = self.learner.rows  # type: ignore[attr-defined]
+            with rows.lock:
+                sync_rows(self.group, rows, samples)
+            with self.latest.use() as twin:
+                # rows beyond the copy's tables: grown in the copy (fresh rows; the next copy has the learner's)
+                rows.grow_tables(twin.model, None, self._twin_gen)
+                out = twin.vectors(samples)
+                version = twin.version
+            self._head_batches += 1
+            if self._head_batches % self.publish_every == 0:
+                self._publish(out, producer, serving, version)
+            conversions = sum(1 for s in samples if s.kind == CONVERSION)
+            self.metrics.samples.labels("conversion").inc(conversions)
+            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
+        with self._lock:
+            for r in records:
+                self.head[r.partition] = max(self.head.get(r.partition, 0), r.offset + 1)
+            self.run.samples += len(samples)
+        self.metrics.step_seconds.observe(time.perf_counter() - t0)
+        self._note_rate(len(samples))
+
+    def _put_latest(self) -> None:
+        """Training thread: an inference copy of the serving model (the online learner, or the
+        good model while rolled back) for the publishing thread."""
+        self.latest.put(self.guardrails.serving, self.guardrails.serving_version)
 
     def _rank_loop(self, head: KafkaConsumer, trainer: KafkaConsumer | None, tps: list[TopicPartition],
                    producer: KafkaProducer, serving: ServingStore, idle_exit_s: float, max_samples: int) -> None:
@@ -483,7 +631,8 @@ class Trainer:
         """Samples consumed by the head, not yet through the training consumer."""
         if self.bounded:
             return 0
-        return sum(max(0, h - self.offsets.get(p, 0)) for p, h in self.head.items())
+        with self._lock:
+            return sum(max(0, h - self.offsets.get(p, 0)) for p, h in self.head.items())
 
     def _head_step(self, records: list, producer: KafkaProducer, serving: ServingStore) -> None:
         """Publish the vectors of a batch; with ``bounded``, score and learn from it too."""
@@ -500,8 +649,10 @@ class Trainer:
                 self._publish(out, producer, serving)
             self.run.samples += len(samples)
             conversions = sum(1 for s in samples if s.kind == CONVERSION)
+            clicks = sum(1 for s in samples if s.kind == CLICK)
             self.metrics.samples.labels("conversion").inc(conversions)
-            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
+            self.metrics.samples.labels("click").inc(clicks)
+            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions - clicks)
             if self.bounded:
                 fresh = self._admit(samples)
                 if len(fresh) > self.settings.batch_size:
@@ -517,17 +668,23 @@ class Trainer:
     def _train_step(self, trainer: KafkaConsumer, wait: bool = True) -> None:
         """One optimizer step on the next (at most ``batch_size``) samples behind the head
         (``wait`` False: only what the consumer has fetched already)."""
+        t0 = time.perf_counter()
         polled = trainer.poll(200 if wait else 0, max_records=self.settings.batch_size)
         records: list = []
         for tp in sorted(polled, key=lambda t: t.partition):
             recs = polled[tp]
-            kept = [r for r in recs if r.offset < self.head.get(tp.partition, 0)]  # never ahead of the head
+            with self._lock:
+                end = self.head.get(tp.partition, 0)
+            kept = [r for r in recs if r.offset < end]  # never ahead of the head
             if len(kept) < len(recs):  # read past what was published: come back for those later
                 trainer.seek(tp, recs[len(kept)].offset)
             records.extend(kept)
-        for r in records:
-            self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
+        with self._lock:
+            for r in records:
+                self.offsets[r.partition] = max(self.offsets.get(r.partition, 0), r.offset + 1)
         self._learn(self._admit(decode_samples(records, self.metrics, count_bad=False)))
+        if records:
+            self.metrics.train_seconds.inc(time.perf_counter() - t0)
 
     def _admit(self, samples: list[Sample]) -> list[Sample]:
         """The samples not trained before (re-deliveries counted and dropped)."""
@@ -543,13 +700,19 @@ class Trainer:
         yet), then take one optimizer step on them."""
         if not samples and not self.group.distributed:
             return
-        if samples:
-            self.learner.score(samples, score_limit=self.settings.batch_size)
-        self.guardrails.before_learn(samples)  # baseline and repeat-recent on the same samples, before learning
+        if self._threaded:  # rows the publishing thread gave the batch's new ids: in the tables first
+            self.learner.grow_tables()
+        # shadow cases: baseline and repeat-recent scored now, before learning
+        cases = self.guardrails.cases(samples)
         version = self.learner.version
-        loss = self.learner.learn(samples)  # (ranks: a collective; a step of the union of their samples)
-        if self.learner.version == version:
-            return  # no rank had samples: no step
+        # prequential scores and the online model's shadow outcomes from the step's own forward
+        # (the model before the update); ranks: a collective, a step of the union of their samples
+        loss = self.learner.learn(samples, score_limit=self.settings.batch_size,
+                                  cases=None if cases is None else (cases.conv, cases.ret))
+        self.guardrails.note_cases(cases, self.learner.last_cases)  # (ranks: a collective)
+        if self.learner.version == version:  # no step: no rank had anything to train on
+            self._consumed(samples)  # (e.g. only clicks under conversion_feedback wait: consumed all the same)
+            return
         self.trained_log.append(samples)
         self.run.steps += 1
         self.run.trained += len(samples)
@@ -565,9 +728,15 @@ class Trainer:
             log.warning("drift: the training loss changed at step %d (ADWIN; mean since then %.4f)",
                         self.run.steps, self.drift.mean)
         event = self._on_guard(self.guardrails.after_step())
+        if self._threaded:
+            self._put_latest()  # the publishing thread's weights: this step's (or the good model's)
         online = self.learner.online_metrics()
         for name, value in online.items():
-            if value is not None:
+            if value is None:
+                continue
+            if name.startswith("clicktime_"):
+                self.metrics.clicktime.labels(name.removeprefix("clicktime_")).set(value)
+            else:
                 self.metrics.online.labels("online", name).set(value)
         shadow = self._note_guard()
         self._history.write(json.dumps({"time": time.time(), "step": self.run.steps, "samples": self.run.samples,
@@ -575,6 +744,15 @@ class Trainer:
                                         "serving_version": self.guardrails.serving_version,
                                         "model_state": self.guardrails.state, "guard_event": event and event.kind,
                                         "shadow": shadow}) + "\n")
+
+    def _consumed(self, samples: list[Sample]) -> None:
+        """Samples a step took but had nothing to learn from (a click under ``wait`` is only
+        predicted): logged and counted as trained, so every identity is consumed exactly once."""
+        if not samples:
+            return
+        self.trained_log.append(samples)
+        self.run.trained += len(samples)
+        self.metrics.trained.inc(len(samples))
 
     # -- guardrails (model/guardrails.py decides; these hooks publish and count) ---------------------
 
@@ -598,7 +776,8 @@ class Trainer:
         if event.kind in ("rollback", "pin"):
             self.metrics.rollbacks.inc()
         if event.kind in ("rollback", "pin", "hold"):  # what a newer model published goes out again first
-            self.published.demote(newer_than=event.version if event.version is not None else -1)
+            with self._lock:
+                self.published.demote(newer_than=event.version if event.version is not None else -1)
         log.info("guard: %s (version %s) %s", event.kind, event.version, event.detail)
         return event
 
@@ -645,7 +824,12 @@ class Trainer:
         log.warning("topic %s was re-created (new generation): reading it from its beginning",
                     self.settings.samples_topic)
         self.metrics.generations.labels(self.settings.samples_topic).inc()
-        self.offsets, self.head = {}, {}
+        with self._lock:
+            self.head = {}
+            if self._threaded:  # the training thread resets its own offsets and consumer
+                self._generation_reset = True
+            else:
+                self.offsets = {}
         return True
 
     def _same_generation(self, head: KafkaConsumer, trainer: KafkaConsumer | None,
@@ -663,21 +847,26 @@ class Trainer:
                 self._seek(consumer, tps, {})
         return False
 
-    def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore) -> None:
+    def _publish(self, out: StepOutput, producer: KafkaProducer, serving: ServingStore,
+                 version: int | None = None) -> None:
+        """Vectors of a batch out, stamped with ``version`` (default: the serving model's now)."""
         now = time.time()
-        version = self.serving_version
+        version = self.serving_version if version is None else version
         users = {u: VectorRecord(version, ev_ts, now, vec) for u, (vec, ev_ts) in out.users.items()
                  if u not in out.from_clicks or not _newer_published(serving, u, ev_ts)}
         items = {i: VectorRecord(version, now, now, vec) for i, vec in out.items.items()}
         bought = {u: b for u, b in out.bought.items() if u in users}
         contexts = {u: c for u, c in out.contexts.items() if u in users}
-        categories = {i: c for i in items if (c := out.item_categories.get(i, "0")) != self._published_category(i)}
+        with self._lock:
+            categories = {i: c for i in items if (c := out.item_categories.get(i, "0")) != self._published_category(i)}
         self._send(users, items, bought, contexts, producer, serving, categories)
-        for u, rec in users.items():
-            if u in contexts:
-                self.published.user(u, version, contexts[u], rec.event_ts)
-        for i in items:
-            self.published.item(i, version, out.item_categories.get(i, "0"))
+        with self._lock:
+            for u, rec in users.items():
+                if u in contexts:
+                    self.published.user(u, version, contexts[u], rec.event_ts)
+            for i in items:
+                self.published.item(i, version, out.item_categories.get(i, "0"))
+            self.run.note_version_lag(self.serving_version - version, len(users) + len(items))
         fresh = [now - arr for arr in out.arrivals]  # every event of the batch is in a vector now
         for f in fresh:
             self.metrics.freshness.observe(f)
@@ -694,22 +883,32 @@ class Trainer:
         if budget < 2:
             return
         self._last_republish = now
-        version = self.serving_version
-        model = self.guardrails.serving
-        stale_users, stale_items = self.published.stale(version, budget)
+        if self._threaded:  # the publishing thread: with its newest copy of the weights
+            with self.latest.use() as model:
+                self.learner.rows.grow_tables(model.model, None, self._twin_gen)  # type: ignore[attr-defined]
+                self._republish_with(model, model.version, budget, producer, serving)
+        else:
+            self._republish_with(self.guardrails.serving, self.serving_version, budget, producer, serving)
+        with self._lock:
+            self.metrics.version_lag.set(self.published.version_lag(self.serving_version))
+
+    def _republish_with(self, model, version: int, budget: int, producer: KafkaProducer,
+                        serving: ServingStore) -> None:
+        with self._lock:
+            stale_users, stale_items = self.published.stale(version, budget)
         if stale_users or stale_items:
             wall = time.time()
             graphs = {u: (UserGraph.from_bytes(ctx), ts) for u, (ctx, ts) in stale_users.items()}
             users = {u: VectorRecord(version, ts, wall, vec) for u, (vec, ts) in model.user_vectors_of(graphs).items()}
             items = {i: VectorRecord(version, wall, wall, vec) for i, vec in model.item_vectors_of(stale_items).items()}
             self._send(users, items, {}, {}, producer, serving)
-            for u, (ctx, ts) in stale_users.items():
-                self.published.user(u, version, ctx, ts)
-            for i, cat in stale_items.items():
-                self.published.item(i, version, cat)  # (an evicted item keeps no row: dropped next time)
+            with self._lock:
+                for u, (ctx, ts) in stale_users.items():
+                    self.published.user(u, version, ctx, ts)
+                for i, cat in stale_items.items():
+                    self.published.item(i, version, cat)  # (an evicted item keeps no row: dropped next time)
             self.metrics.republished.labels("user").inc(len(users))
             self.metrics.republished.labels("item").inc(len(items))
-        self.metrics.version_lag.set(self.published.version_lag(version))
 
     def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
               contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore,
@@ -751,25 +950,38 @@ class Trainer:
         for kind, size, ev in self.learner.idmap_stats():
             self.metrics.idmap_size.labels(kind).set(size)
             self.metrics.idmap_evictions.labels(kind).set(ev)
+        if consumer is not None:  # (publishing thread: its own consumer, :meth:`_note_lag`)
+            self._note_lag(consumer, tps)
+        if self.progress:
+            self.progress(self.stats())
+
+    def _note_lag(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
+        """Samples on the topic the head has not read (from the thread that owns ``consumer``)."""
         try:
             ends = consumer.end_offsets(tps)
             self.metrics.lag.set(sum(max(0, ends[tp] - consumer.position(tp)) for tp in tps))
         except Exception:  # lag is informational; a metadata hiccup must not stop training
             pass
-        if self.progress:
-            self.progress(self.stats())
 
     def stats(self) -> dict:
         p50, p99 = self.run.freshness_quantiles()
+        with self._lock:
+            version_lag = self.published.version_lag(self.serving_version)
+            lags = np.asarray(self.run.version_lags or [0])
         return {"samples": self.run.samples, "steps": self.run.steps, "model_version": self.learner.version,
                 "trained": self.run.trained, "trained_share": self.run.trained_share, "backlog": self.backlog(),
                 "replayed": self.run.replayed, "redelivered": self.run.redelivered,
-                "version_lag": self.published.version_lag(self.serving_version),
+                "version_lag": version_lag,
+                # model versions the weights of a published vector were behind the newest, at publish
+                "published_version_lag_p50": float(np.quantile(lags, 0.5)),
+                "published_version_lag_max": int(lags.max()),
+                "publishing": "thread" if self._threaded else "in the loop",
                 "serving_version": self.serving_version, "model_state": self.guardrails.state,
                 "rollbacks": self.guardrails.rollbacks,
                 "train_policy": self.settings.train_policy,
                 "published_users": self.run.published_users, "published_items": self.run.published_items,
                 "online": self.learner.online_metrics(), "freshness_p50_s": p50, "freshness_p99_s": p99,
+                "reliability": _reliability(self.learner),
                 "device": str(self.learner.device), "rank": self.group.rank, "world": self.group.world,
                 "time": time.time()}
 

@@ -6,6 +6,7 @@ back to."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tgastream.stream.cli import main
 
@@ -32,3 +33,17 @@ def test_bench_guard_writes_the_three_runs_and_serves_the_good_version_while_rol
             held = version
     if r["rollbacks"]:
         assert held is not None
+
+
+def test_bench_guard_without_flags_is_the_configuration_its_page_documents():
+    from tgastream.stream.cli import build_parser, settings_from_args
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["bench", "guard"])
+    settings = settings_from_args(args)
+    assert (args.users, args.events, args.lr) == (300, 12_000, 0.003)
+    assert (settings.shadow_share, settings.guard_window, settings.guard_min_retrievals,
+            settings.guard_min_positives) == (0.5, 1000, 300, 10)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "guard.md").read_text()
+    assert ("tgastream bench guard --events 12000 --users 300 --lr 0.003 --shadow-share 0.5 "
+            "--guard-min-retrievals 300 --guard-window 1000 --guard-min-positives 10 --json") in page

@@ -29,6 +29,9 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broke
     assert report["trained"] == report["samples"] and report["trained_share"] == 1.0  # every sample trained once
     assert report["train_steps"] > 0 and report["events_per_s"] > 0
     assert 0.0 <= report["online"]["hr@10"] <= 1.0
+    on = report["online"]  # conversion judged at the click, with the cases it rests on
+    assert {"auc", "auc_clicks", "auc_buys", "logloss", "ece", "reliability"} <= set(on)
+    assert on["auc_clicks"] >= on["auc_buys"] >= 0 and on["clicks_unjudged"] == 0
     assert report["freshness_p50_s"] is not None and 0 < report["freshness_p50_s"] <= report["freshness_p99_s"]
     series = json.loads((out / "series.json").read_text())
     assert series[-1]["events_applied"] == report["events_processed"]

@@ -120,3 +120,25 @@ def _numpy_layout(g: UserGraph) -> bytes:
 def test_encoding_is_the_documented_byte_layout(rows, max_len):
     g = build_graph([ev(f"i{i}", f"c{c}", b, 1000.0 + 0.5 * k) for k, (i, c, b) in enumerate(rows)], max_len)
     assert g.to_bytes() == _numpy_layout(g)
+
+
+def test_arrays_of_many_graphs_equal_each_graphs_own_arrays():
+    """The batched computation (one set of numpy operations over all graphs) gives every graph
+    exactly what its own ``to_arrays`` gives: windows that slid, one-node and empty graphs too."""
+    from tgastream.state.graph import arrays_of
+
+    rng = np.random.default_rng(3)
+    graphs = []
+    for k in range(60):
+        g = UserGraph(max_len=int(rng.integers(1, 12)))
+        for t in range(int(rng.integers(0, 25))):
+            g.append(str(rng.integers(8)), str(rng.integers(3)), int(rng.integers(4)), 1000.0 + t * float(rng.integers(1, 5000)))
+        graphs.append(g)
+    expected = [UserGraph.from_bytes(g.to_bytes()).to_arrays() for g in graphs]  # computed one by one
+    got = arrays_of(graphs + graphs[:5])  # (a graph twice: computed once)
+    assert len(got) == len(graphs) + 5
+    for e, a in zip(expected + expected[:5], got):
+        assert a.items == e.items and a.categories == e.categories
+        for field in ("behaviors", "ts", "gap_buckets", "neighbors", "edge_types"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(e, field), err_msg=field)
+            assert getattr(a, field).dtype == getattr(e, field).dtype

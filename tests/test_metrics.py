@@ -101,3 +101,18 @@ def test_bootstrap_interval_covers_the_estimate_and_pairing_cancels_shared_noise
     assert diff[0] > 0  # paired: the difference is clearly positive ...
     assert ci_a[0] < ci_b[1]  # ... though the unpaired intervals overlap
     assert bootstrap_interval(lambda w: None, uw) is None
+
+
+def test_ece_over_equal_mass_bins_on_a_worked_example():
+    from tgastream.model.metrics import ece, reliability
+    # 20 cases, 10 bins of 2 (sorted by p): bin k holds p = k/10 twice, one of each bin k >= 5 bought
+    probs = np.repeat(np.arange(10) / 10.0, 2)
+    labels = np.array([0, 0] * 5 + [1, 0] * 5, dtype=float)
+    rows = reliability(labels, probs, 10)
+    assert [r["count"] for r in rows] == [2.0] * 10
+    assert [r["rate"] for r in rows] == [0.0] * 5 + [0.5] * 5
+    # |p - rate| per bin: 0, .1, .2, .3, .4, 0, .1, .2, .3, .4 → mean 0.2
+    assert ece(labels, probs, 10) == pytest.approx(0.2)
+    assert ece(np.array([1.0, 0.0]), np.array([0.5, 0.5]), 1) == pytest.approx(0.0)  # one bin: calibrated on average
+    assert ece(np.array([1.0, 0.0]), np.array([0.5, 0.5]), 10) == pytest.approx(0.5)  # fewer cases than bins: a bin each
+    assert ece(np.zeros(0), np.zeros(0)) is None

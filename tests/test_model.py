@@ -504,3 +504,22 @@ def test_transition_prior_weight_learns_from_the_retrieval_loss(vocabs):
     assert model.prior_param.grad is not None and float(model.prior_param.grad) < 0  # the prior names the target: raise w
     plain = TGA(_cfg(impl="reference"))
     assert plain.prior_weight is None and "prior_param" not in plain.state_dict()  # off by default: old checkpoints load
+
+
+def test_pointer_mass_added_at_node_columns_equals_the_dense_catalogue_formula():
+    """``_add_pointer`` changes only the columns a row's nodes name, and there gives what the dense
+    log-sum-exp over the whole catalogue gives (duplicate nodes of one item, padding, empty rows)."""
+    from tgastream.model.base import _add_pointer
+    from tgastream.model.retrieval_head import scatter_logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    b, n, cat = 6, 9, 40
+    z = torch.randn(b, cat, generator=g, dtype=torch.float64)
+    c = torch.randn(b, n, generator=g, dtype=torch.float64) * 3
+    keys = torch.randint(1, 8, (b, n), generator=g)  # few distinct items: repeats within a row
+    keys[1, 4:] = 0  # padding
+    keys[2] = 0  # an empty row
+    dense = torch.logaddexp(z, scatter_logsumexp(c.masked_fill(keys <= 0, float("-inf")), (keys - 1).clamp(min=0), cat))
+    got = _add_pointer(z, c, keys)
+    torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[2], z[2]) and torch.equal(got[:, 8:], z[:, 8:])  # untouched columns stay bit-equal

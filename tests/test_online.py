@@ -11,7 +11,7 @@ from tgastream.state.checkpoint import CheckpointRefused
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.inference import IncompatibleCheckpoint, InferenceModel
 from tgastream.model.online import OnlineLearner
-from tgastream.state.samples import RETRIEVAL, samples_from_events
+from tgastream.state.samples import CLICK, RETRIEVAL, samples_from_events
 from tgastream.core.events import BEHAVIORS, Event
 from tgastream.stream.synth import SynthConfig, generate
 
@@ -38,7 +38,9 @@ def test_step_scores_before_learning_and_publishes_every_user_and_item(samples):
     batch = samples[:128]
     out = L.step(batch)
     assert L.version == 1 and np.isfinite(out.loss)
-    assert L.metrics.retrievals_seen + L.metrics.conversions_seen == len(batch)
+    # every retrieval target ranked, every click predicted at once; a label counts only with its click's prediction
+    assert L.metrics.retrievals_seen + L.clicktime.predicted == sum(s.kind in (RETRIEVAL, CLICK) for s in batch)
+    assert L.metrics.conversions_seen == L.clicktime.joined
     assert set(out.users) == {s.user_id for s in batch}
     newest = {s.graph.item_ids[-1] for s in batch if len(s.graph)}
     assert {s.item_id for s in batch} <= set(out.items) <= {s.item_id for s in batch} | newest
@@ -110,7 +112,8 @@ def test_frozen_copy_scores_but_never_learns(samples):
     frozen.step(samples[128:256])
     assert frozen.version == L.version == 1
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.model.parameters()))
-    assert frozen.metrics.retrievals_seen + frozen.metrics.conversions_seen == 128
+    assert frozen.metrics.retrievals_seen + frozen.clicktime.predicted == sum(
+        s.kind in (RETRIEVAL, CLICK) for s in samples[128:256])  # its own click-time predictions only
 
 
 def test_online_learning_improves_prequential_hr():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tgastream.model.metrics import auc, logloss, ranking_metrics
+from tgastream.model.metrics import auc, ece, gauc, logloss, ranking_metrics
 from tgastream.model.prequential import RollingMetrics
 
 
@@ -29,7 +29,21 @@ def test_snapshot_is_the_metrics_modules_figures_over_the_window():
     assert snap["ndcg@10"] == pytest.approx(ranking_metrics(ranks, 10)["ndcg"])
     assert snap["auc"] == pytest.approx(auc(labels, probs))
     assert snap["logloss"] == pytest.approx(logloss(labels, probs))
-    assert RollingMetrics().snapshot() == {"auc": None, "logloss": None, "hr@10": None, "ndcg@10": None}
+    assert snap["ece"] == pytest.approx(ece(labels, probs))
+    assert snap["gauc"] is None  # no users given
+    assert (snap["auc_clicks"], snap["auc_buys"]) == (50, int(labels.sum()))
+    assert RollingMetrics().snapshot() == {"auc": None, "gauc": None, "logloss": None, "ece": None, "auc_clicks": 0,
+                                           "auc_buys": 0, "hr@10": None, "ndcg@10": None}
+
+
+def test_gauc_over_the_window_is_the_metrics_modules_over_the_users_with_both_labels():
+    rng = np.random.default_rng(2)
+    users = [f"u{k}" for k in rng.integers(0, 8, 200)]
+    labels, probs = rng.random(200) < 0.3, rng.random(200)
+    m = RollingMetrics(window=500)
+    m.add_conversion(labels, probs, users)
+    codes = np.unique(users, return_inverse=True)[1]
+    assert m.snapshot()["gauc"] == pytest.approx(gauc(labels, probs, codes))
 
 
 def test_state_dict_round_trip_restores_windows_and_counters():

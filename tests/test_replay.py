@@ -67,6 +67,32 @@ def test_replay_rate_is_honoured_and_watermark_is_sent(topic_settings, tmp_path)
     assert json.loads(marks[0].value)["watermark"] == max(e.ts for e in load_events(path))
 
 
+def test_periodic_watermarks_follow_event_time_and_never_pass_an_unsent_event(topic_settings, tmp_path):
+    settings = topic_settings
+    path = tmp_path / "x.csv"
+    write_file(SynthConfig(users=20, events=400, seed=5, days=2), path)
+    ensure_app_topics(settings.bootstrap, settings)
+    events = sorted(load_events(path), key=lambda e: e.ts)
+    summary = replay_file(settings.bootstrap, settings, ReplayConfig(path=path, watermark_every_s=6 * 3600.0),
+                          progress=False)
+    assert summary.sent == 400
+    records = read_topic(settings.bootstrap, settings.events_topic, expected=400 + 3 * settings.partitions)
+    marks = sorted({json.loads(r.value)["watermark"] for r in records if r.key == WATERMARK_KEY})
+    span = events[-1].ts - events[0].ts
+    assert 3 <= len(marks) <= span / (6 * 3600.0) + 1  # about one per 6 h of event time
+    by_partition = defaultdict(list)
+    for r in records:
+        by_partition[r.partition].append(r)
+    for recs in by_partition.values():  # in each partition, no event after a watermark is older than it
+        mark = float("-inf")
+        for r in recs:
+            if r.key == WATERMARK_KEY:
+                mark = json.loads(r.value)["watermark"]
+            else:
+                assert parse_json(r.value).ts >= mark
+    assert marks[-1] <= events[-1].ts
+
+
 def test_copy_topic_since_skips_older_records(topic_settings):
     settings = topic_settings
     ensure_app_topics(settings.bootstrap, settings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tgastream.state.samples import (
-    _SAMPLE_HEADER, _SOURCE, CONVERSION, RETRIEVAL, RedeliveryGuard, Sample, UserState, samples_from_events,
+    _SAMPLE_HEADER, _SOURCE, CLICK, CONVERSION, RETRIEVAL, RedeliveryGuard, Sample, UserState, samples_from_events,
 )
 from tgastream.core.events import Event
 
@@ -16,9 +16,19 @@ def ev(item, beh, ts, cat="c", user="u"):
 
 def test_retrieval_sample_holds_graph_before_the_event():
     st = UserState.new("u", 200)
-    assert st.apply(ev("A", "click", 0), 0, DAY, 50) == []  # no history, no retrieval sample
-    (s,) = st.apply(ev("B", "click", 10), 1, DAY, 50)
+    assert [s.kind for s in st.apply(ev("A", "click", 0), 0, DAY, 50)] == [CLICK]  # no history, no retrieval sample
+    s, _click = st.apply(ev("B", "click", 10), 1, DAY, 50)
     assert s.kind == RETRIEVAL and s.item_id == "B" and s.graph.to_arrays().items == ["A"]
+
+
+def test_a_click_that_opens_a_window_emits_a_click_sample_with_its_conversion_context():
+    st = UserState.new("u", 200)
+    st.apply(ev("A", "click", 0), 0, DAY, 50)
+    (_ret, click) = st.apply(ev("B", "click", 10), 1, DAY, 50)
+    assert (click.kind, click.item_id, click.event_ts, click.label) == (CLICK, "B", 10, 0.0)
+    assert [s.kind for s in st.apply(ev("B", "click", 20), 2, DAY, 50)] == [RETRIEVAL]  # window open: no second click
+    (conv,) = [s for s in st.apply(ev("B", "buy", 30), 3, DAY, 50) if s.kind == CONVERSION]
+    assert conv.click_key == click.click_key and conv.graph == click.graph  # the label meets its click-time context
 
 
 def test_buy_within_window_is_positive_with_context_up_to_the_click():
@@ -69,13 +79,14 @@ def test_offline_samples_count_matches_events():
               ev("C", "click", 1, user="2")]
     out = samples_from_events(events, final_watermark=10 * DAY)
     kinds = sorted((s.user_id, s.kind, s.label) for s in out)
-    assert kinds == [("1", 0, 1.0), ("1", 1, 1.0), ("2", 0, 1.0), ("2", 1, 0.0), ("2", 1, 0.0)]
+    assert kinds == [("1", 0, 1.0), ("1", 1, 1.0), ("1", 2, 0.0), ("2", 0, 1.0), ("2", 1, 0.0), ("2", 1, 0.0),
+                     ("2", 2, 0.0), ("2", 2, 0.0)]
 
 
 def test_a_sample_carries_its_source_identity_and_version_1_is_still_read():
     st = UserState.new("u", 30)
     st.apply(ev("A", "click", 0), 0, DAY, 10)
-    (s,) = st.apply(ev("B", "click", 10), 1, DAY, 10)
+    (s, _click) = st.apply(ev("B", "click", 10), 1, DAY, 10)
     s.generation, s.partition, s.offset, s.seq = 3, 2, 41, 1
     back = Sample.from_bytes(s.to_bytes())
     assert (back.generation, back.partition, back.offset, back.seq) == (3, 2, 41, 1) and back.source == (3, 2)

@@ -173,3 +173,17 @@ def test_score_uses_the_trainers_checkpoint(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_taken_port_stops_serve_with_one_readable_line(tmp_path: Path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "serve", "--store", str(tmp_path / "s"),
+                              "--api-port", str(port), "--data-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and f"cannot listen on 127.0.0.1:{port}" in res.stderr, res.stderr

@@ -7,26 +7,35 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from tgastream.stream.topics import ensure_app_topics
 from tgastream.stream.trained_log import read_trained
 from tests.trainer_util import history, produce_identified_samples, start_trainer, stats
 
 
-def _produce_samples(settings, n_events: int, redeliver: int = 300) -> set[tuple]:
+def _produce_samples(settings, n_events: int, redeliver: int = 300) -> tuple[set[tuple], int]:
     """Samples with identities as a worker stamps them (partition, offset, seq), the first
-    ``redeliver`` of every partition sent twice (the second time after the rest); their identities."""
+    ``redeliver`` of every partition sent twice (the second time after the rest); their identities
+    and how many are conversion labels."""
+    from tgastream.state.samples import CONVERSION
+
     samples = produce_identified_samples(settings, n_events, redeliver=redeliver, seed=9)
-    return {(0, s.partition, s.offset, 0) for s in samples}
+    return {(0, s.partition, s.offset, 0) for s in samples}, sum(s.kind == CONVERSION for s in samples)
 
 
-def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topic_settings, tmp_path):
+@pytest.mark.parametrize("feedback", ["wait", "fnw"])
+def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topic_settings, tmp_path, feedback):
+    """Under either feedback mode (fnw: a bought click's early negative and its positive are two
+    samples), and with the click-time predictions pending at the kill restored: every label
+    finds the prediction made at its click."""
     settings = topic_settings
     ensure_app_topics(settings.bootstrap, settings)
-    identities = _produce_samples(settings, 4000)
+    identities, labels = _produce_samples(settings, 4000)
     n = len(identities)
     data = tmp_path / "trainer"
     args = ("--batch-size", "64", "--burst", "2", "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "4",
-            "--sample-len", "20")
+            "--sample-len", "20", "--conversion-feedback", feedback)
     first = start_trainer(settings, data, tmp_path / "t1.log", *args)
     deadline = time.monotonic() + 300
     while not (data / "checkpoints").exists() or len(history(data)) < 23:  # past a checkpoint, not on one
@@ -45,6 +54,9 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
     assert st["trained"] == n and st["redelivered"] == 4 * 300  # each sample trained once, no copy
     trained = read_trained(data / "trained-samples.log")
     assert sorted(trained) == sorted(identities)  # the final model's lineage trained each exactly once
+    online = st["online"]  # pending click-time predictions came back with the checkpoint: none lost
+    assert online["clicktime_unmatched"] == 0 and online["clicktime_evicted"] == 0
+    assert online["clicktime_joined"] == labels and online["clicktime_pending"] == 0
     steps_logged = [x["step"] for x in history(data)]
     assert len(steps_logged) > st["steps"]  # the steps after the last checkpoint ran twice: resumed, not restarted
     assert steps_before_kill < st["steps"]

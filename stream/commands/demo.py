@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="stop after this many seconds (default: 900)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_setting_flags(p, "bootstrap", "partitions", "device", "dim", "layers", "heads", "batch_size", "sample_len", "train_policy",
-                      "api_port", "republish_rate", "stop_timeout_s", *KAFKA_SECURITY_SETTINGS)
+                      "api_port", "republish_rate", "stop_timeout_s", "conversion_feedback",
+                      *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

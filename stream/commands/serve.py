@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 
 from tgastream.core.settings import Settings
@@ -24,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from tgastream.core.errors import CommandError
     from tgastream.core.kafka_security import server_ssl_context
     from tgastream.stream.broker import connect_with, install_sigterm_handler
     from tgastream.stream.configs import ann_config
@@ -44,12 +46,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         store = Path(settings.data_dir) / "api-serving"
         topic = (broker.bootstrap, settings.embeddings_topic)
         print(f"tgastream serve: topic {settings.embeddings_topic} on {broker.bootstrap} → {store}")
-    run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
-               token=token, topic=topic, checkpoint_dir=settings.checkpoints, security=settings.kafka_security,
-               ssl_context=https, ann=ann_config(settings),
-               ui=UiConfig(worker_metrics=settings.ui_worker_metrics, trainer_metrics=settings.ui_trainer_metrics,
-                           bootstrap=topic[0] if topic else None, events_topic=settings.events_topic,
-                           security=settings.kafka_security))
+    try:
+        run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
+                   token=token, topic=topic, checkpoint_dir=settings.checkpoints, security=settings.kafka_security,
+                   ssl_context=https, ann=ann_config(settings),
+                   ui=UiConfig(worker_metrics=settings.ui_worker_metrics, trainer_metrics=settings.ui_trainer_metrics,
+                               bootstrap=topic[0] if topic else None, events_topic=settings.events_topic,
+                               security=settings.kafka_security))
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        raise CommandError(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc.strerror.split(': ')[-1]} "
+                           "(another process there? choose --api-port)") from None
     return 0
 
 

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len",
                       "train_policy", "stop_timeout_s", "checkpoint_dir", "republish_rate",
                       "drift_delta", "guard", "guard_margin", "guard_window", "guard_min_retrievals",
-                      "guard_min_positives", "shadow_share", "seed", *KAFKA_SECURITY_SETTINGS)
+                      "guard_min_positives", "shadow_share", "seed", "conversion_feedback", "pending_predictions",
+                      *KAFKA_SECURITY_SETTINGS)
 
 
 def torchrun_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
@@ -96,11 +97,9 @@ def launch_ranks(args: argparse.Namespace) -> int:
 def rank_threads(settings: Settings, local_world: int) -> int:
     """Torch threads of one rank: the setting, else the cores shared by the ranks on this
     machine, one left for Kafka I/O (at least 1)."""
-    import os
+    from tgastream.model.device import cpu_threads
 
-    if settings.threads > 0:
-        return settings.threads
-    return max(1, (os.cpu_count() or 1) // max(1, local_world) - 1)
+    return cpu_threads(settings.threads, local_world)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,0 +1,108 @@
+"""Conversion predictions judged when they are made: the click-time prediction store.
+
+A conversion label is known a day after its click (or at the buy), but the model must be judged
+on what it said *at the click*. So the trainer predicts P(buy) when a click reaches it (the
+worker's CLICK sample, state/samples.py) with the model serving then, and keeps the prediction
+here with that model's version, keyed by the click's identity (user, item, click time: one open
+window per user and item). When the window closes (the conversion sample: buy → 1, window end
+→ 0) the label joins the prediction, and only then does the case count in a metric. A positive
+and a negative of clicks made at the same time are thus scored by the same model version, not
+one at the buy and the other a day (or a whole run) later.
+
+Bounded: at most ``capacity`` pending predictions; past it the oldest is dropped and counted
+(``evicted``). A label that finds no prediction (its click was evicted, or predicted before this
+store existed) is counted (``unmatched``) and scored nowhere: a lost prediction is never guessed.
+The store is part of the learner's state, so it is checkpointed with the trained offsets and a
+restart resumes with the same pending predictions.
+
+A prediction may hold several scores (the shadow evaluation keeps online, baseline and
+repeat-recent side by side, model/shadow.py): ``probs`` is a row per click.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from tgastream.state.samples import Sample
+
+Key = tuple[str, str, float]  # user, item, click time
+
+
+@dataclass
+class Joined:
+    """Labels joined to their click-time predictions: labels [J], probs [J, M], versions [J],
+    users [J] (for GAUC)."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    versions: np.ndarray
+    users: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ClickTimeStore:
+    """Pending click-time predictions (bounded, oldest out first) and what became of them."""
+
+    capacity: int = 200_000
+    width: int = 1  # scores per prediction
+    pending: OrderedDict = field(default_factory=OrderedDict)  # Key → (version, (p_1, ..., p_M))
+    predicted: int = 0
+    joined: int = 0
+    evicted: int = 0  # dropped unlabelled because the store was full
+    unmatched: int = 0  # labels that found no prediction
+    history: list | None = None  # a list to also append every (key, version, probs) to (benchmarks); None: off
+
+    def predict(self, clicks: Sequence[Sample], probs: np.ndarray, version: int) -> None:
+        """Keep the predictions ``probs`` [C] or [C, M] of ``clicks`` made by model ``version``."""
+        rows = np.asarray(probs, dtype=np.float64).reshape(len(clicks), -1)
+        for s, row in zip(clicks, rows.tolist()):
+            key = s.click_key
+            self.pending.pop(key, None)  # (the same click again, e.g. read again: the newest counts)
+            self.pending[key] = (int(version), tuple(row))
+            self.predicted += 1
+            if self.history is not None:
+                self.history.append((key, int(version), tuple(row)))
+        while len(self.pending) > self.capacity:
+            self.pending.popitem(last=False)
+            self.evicted += 1
+
+    def join(self, conversions: Sequence[Sample]) -> Joined:
+        """The click-time predictions of these labelled conversion samples (removed from the store);
+        those without one are counted in ``unmatched`` and left out."""
+        labels, probs, versions, users = [], [], [], []
+        for s in conversions:
+            hit = self.pending.pop(s.click_key, None)
+            if hit is None:
+                self.unmatched += 1
+                continue
+            labels.append(s.label)
+            versions.append(hit[0])
+            probs.append(hit[1])
+            users.append(s.user_id)
+        self.joined += len(labels)
+        return Joined(np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64).reshape(-1, self.width),
+                      np.asarray(versions, dtype=np.int64), users)
+
+    def counts(self) -> dict[str, int]:
+        return {"pending": len(self.pending), "predicted": self.predicted, "joined": self.joined,
+                "evicted": self.evicted, "unmatched": self.unmatched}
+
+    def state_dict(self) -> dict:
+        """Plain data (a checkpoint holds no code): the pending predictions in age order and the counters."""
+        return {"pending": [[u, i, ts, v, list(p)] for (u, i, ts), (v, p) in self.pending.items()],
+                "width": self.width, **{k: v for k, v in self.counts().items() if k != "pending"}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pending = OrderedDict(((u, i, float(ts)), (int(v), tuple(p))) for u, i, ts, v, p in d["pending"])
+        for k in ("predicted", "joined", "evicted", "unmatched"):
+            setattr(self, k, int(d.get(k, 0)))
+        while len(self.pending) > self.capacity:
+            self.pending.popitem(last=False)
+            self.evicted += 1
