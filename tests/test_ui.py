@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -144,15 +143,14 @@ def test_the_stream_state_says_when_it_ended():
 
 # -- the event tail on a real broker ------------------------------------------------------------
 
-def test_the_tail_reads_the_events_topic_and_skips_watermarks(broker):
+def test_the_tail_reads_the_events_topic_and_skips_watermarks(broker, topic_settings):
     from kafka import KafkaProducer
 
     from tgastream.core.events import WATERMARK_KEY, watermark_value
-    from tgastream.core.settings import Settings
     from tgastream.stream.topics import ensure_app_topics
 
-    topic = f"ui-tail-{uuid.uuid4().hex[:8]}"
-    ensure_app_topics(broker.bootstrap, Settings(bootstrap=broker.bootstrap, events_topic=topic, partitions=2))
+    ensure_app_topics(broker.bootstrap, topic_settings)  # this test's own names: the session broker is shared
+    topic = topic_settings.events_topic
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
     producer.send(topic, key=b"u1", value=Event("u1", "before", "c", "click", 1.0).to_json())  # backfilled
     producer.flush()
@@ -285,16 +283,15 @@ def test_with_no_source_configured_the_stream_says_so_and_carries_the_guard_stat
     assert got["user"]["known"] is False and got["user"]["recommendations"] == []
 
 
-def test_the_events_topic_is_read_only_while_a_page_is_open(tmp_path: Path, broker, monkeypatch):
+def test_the_events_topic_is_read_only_while_a_page_is_open(tmp_path: Path, broker, topic_settings, monkeypatch):
     from kafka import KafkaProducer
 
-    from tgastream.core.settings import Settings
     from tgastream.stream import ui
     from tgastream.stream.topics import ensure_app_topics
 
     monkeypatch.setattr(ui, "TAIL_IDLE_S", 0.5)
-    topic = f"ui-lazy-{uuid.uuid4().hex[:8]}"
-    ensure_app_topics(broker.bootstrap, Settings(bootstrap=broker.bootstrap, events_topic=topic, partitions=2))
+    ensure_app_topics(broker.bootstrap, topic_settings)
+    topic = topic_settings.events_topic
     store = ServingStore(tmp_path / "serving")
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
 
