@@ -202,3 +202,75 @@ def test_live_page_follows_the_demo_in_a_real_browser(tmp_path: Path, broker):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _serve_in_thread(app, port: int) -> tuple[threading.Thread, "asyncio.AbstractEventLoop"]:
+    """``app`` on 127.0.0.1:``port`` in its own event loop thread (stopped with ``loop.stop``)."""
+    import asyncio
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, loop
+
+
+def test_the_page_says_the_trainer_is_down_and_marks_rollbacks(tmp_path: Path):
+    """No demo: an API whose trainer answers, then stops; a rollback on the time axis; no click-time metrics."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+    from tgastream.state.serving import ServingStore
+    from tgastream.stream.broker import free_port
+    from tgastream.stream.serve import build_app
+    from tgastream.stream.ui import UI_KEY, UiConfig
+
+    registry = CollectorRegistry()
+    version = Gauge("tgastream_model_version", "version", registry=registry)
+    rollbacks = Counter("tgastream_trainer_rollbacks", "rollbacks", registry=registry)
+    t_port, port = free_port(), free_port()
+    trainer, _ = start_http_server(t_port, "127.0.0.1", registry=registry)
+    store = ServingStore(tmp_path / "serving")
+    app = build_app(store, model_state=lambda: {"state": "rolled_back", "version": 3},
+                    ui=UiConfig(trainer_metrics=f"http://127.0.0.1:{t_port}/metrics", interval_s=0.25, down_after_s=1.0))
+    thread, loop = _serve_in_thread(app, port)
+    driver = None
+    try:
+        _wait("the API", lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200, 30)
+        driver = _browser()
+        js = lambda expr: driver.execute_script(f"return {expr};")  # noqa: E731
+        driver.get(f"http://127.0.0.1:{port}/ui")
+        for v in range(1, 6):  # the model moves, then the guard rolls back
+            version.set(v)
+            time.sleep(0.3)
+        rollbacks.inc()
+        _wait("the rollback marker", lambda: js("tgaUi.markers.length") == 1, 10)
+        assert driver.find_element(By.ID, "guard-state").text == "rolled back v3"
+        assert driver.find_element(By.ID, "trainer-state").text == "up"
+        assert driver.find_element(By.ID, "quality-na").is_displayed()  # no click-time metrics exported
+        trainer.shutdown()
+        trainer.server_close()
+        _wait("the trainer tile to say down", lambda: driver.find_element(By.ID, "trainer-state").text.startswith(
+            "down since"), 10)
+        assert "trainer is not answering" in driver.find_element(By.ID, "message").text
+        rows = js("tgaUi.rows.length")
+        _wait("rows to keep coming with the trainer down", lambda: js("tgaUi.rows.length") > rows + 2, 10)
+        assert js("tgaUi.rows[tgaUi.rows.length - 1].model_version") is None
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert app[UI_KEY][0].markers[0]["kind"] == "rollback"
+    finally:
+        if driver is not None:
+            driver.quit()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(15)
+        store.close()
