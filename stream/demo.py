@@ -171,7 +171,11 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
             # scoring with the newest checkpoint in the trainer's checkpoint directory
             procs.append(spawn("api", ["serve", *_common(settings), "--data-dir", str(data_dir / "api"),
                                        "--checkpoint-dir", str(data_dir / "trainer" / "checkpoints"),
-                                       "--api-port", str(api_port), "--device", "cpu"], logs, _child_env(settings)))
+                                       "--api-port", str(api_port), "--device", "cpu",
+                                       "--ui-worker-metrics", f"http://127.0.0.1:{w_port}/metrics",
+                                       "--ui-trainer-metrics",  # every rank's (rank r: t_port + r)
+                                       ",".join(f"http://127.0.0.1:{t_port + r}/metrics" for r in range(opts.trainer_ranks))],
+                                 logs, _child_env(settings)))
             return _drive(settings, opts, log_path, procs, w_port, [t_port + r for r in range(opts.trainer_ranks)],
                           api_port, say, on_settled)
         finally:
@@ -179,10 +183,21 @@ def run_demo(settings: Settings, opts: DemoConfig, say=print, on_settled: Callab
                 p.stop()
 
 
-def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0) -> None:
+def _healthy(port: int) -> bool:
+    """The API answers /healthz (open without the token, unlike its /metrics)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _wait_up(procs: list[Proc], ports: list[int], timeout_s: float = 120.0, up: Callable[[int], object] = scrape) -> None:
     deadline = time.monotonic() + timeout_s
     for proc, port in zip(procs, ports):
-        while not scrape(port):
+        while not up(port):
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited at start:\n{proc.tail()}")
             if time.monotonic() > deadline:
@@ -194,9 +209,10 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
            api_port: int, say, on_settled: Callable[[Live], None] | None = None) -> dict:
     worker, trainer, api = procs
     t_port = t_ports[0]
-    _wait_up([api], [api_port])
+    _wait_up([api], [api_port], up=_healthy)
     say(f"worker metrics :{w_port}/metrics   trainer metrics :{t_port}/metrics")
     say(f"API: http://127.0.0.1:{api_port}  (try /v1/users/<id>/recommendations?k=10)")
+    say(f"live page: http://127.0.0.1:{api_port}/ui")
 
     result: dict = {}
     replay_done = threading.Event()

@@ -110,6 +110,35 @@ ROUTES: dict[str, dict[str, dict[str, Any]]] = {
         "responses": {"200": {"description": "the OpenAPI 3.1 document of this API",
                               "content": {"application/json": {"schema": {"type": "object"}}}}, **_AUTH_ERRORS},
     }},
+    "/ui": {"get": {
+        "summary": "The live page (HTML; docs/ui.md)",
+        "description": "Answered without the token: the page holds no data; it reads `/ui/stream` with the token.",
+        "operationId": "uiPage",
+        "security": [],
+        "responses": {"200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}},
+    }},
+    "/ui/{file}": {"get": {
+        "summary": "The live page's script and style files",
+        "description": "`app.js`, `chart.js`, `ui.css`; any other name is 404. Answered without the token.",
+        "operationId": "uiFile",
+        "security": [],
+        "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the file", "content": {"text/javascript": {"schema": {"type": "string"}},
+                                                                     "text/css": {"schema": {"type": "string"}}}},
+                      "404": _json("no such page file", {"$ref": "#/components/schemas/Error"})},
+    }},
+    "/ui/stream": {"get": {
+        "summary": "The live page's data: server-sent events",
+        "description": "`hello` (the series so far, rollback markers, status), then `rows` (new rows of the "
+                       "worker's and trainer's metrics, once a second), `status` (sources up or down, stream "
+                       "live or ended, guard state, active users) and, with `?user=`, `user` (that user's recent "
+                       "events, vector's model version and top-10) whenever one of them changes. Read-only.",
+        "operationId": "uiStream",
+        "parameters": [{"name": "user", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "the user of the user panel"}],
+        "responses": {"200": {"description": "an event stream (until the client or the server closes it)",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_AUTH_ERRORS},
+    }},
 }
 """Path (aiohttp's canonical form) → method → OpenAPI operation: every route ``build_app`` adds."""
 

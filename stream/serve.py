@@ -32,9 +32,10 @@ from tgastream.state.serving import ServingStore
 from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity
 from tgastream.state.ann_index import AnnConfig, ItemVectorIndex
 from tgastream.stream.materialize import TopicMaterializer, index_from_store
+from tgastream.stream.ui import UI_PAGE_PATHS, UiConfig, add_ui_routes
 
 from tgastream.stream.openapi import MAX_BODY_BYTES, MAX_CANDIDATES, MAX_K, spec  # the limits are the API's contract
-OPEN_ROUTES = frozenset({"/healthz"})  # answered without the token: liveness probes carry none
+OPEN_ROUTES = frozenset({"/healthz"}) | UI_PAGE_PATHS  # without the token: probes carry none; the page's static files hold no data
 
 log = logging.getLogger("tgastream.api")
 
@@ -132,7 +133,7 @@ def _user_id(request: web.Request) -> str | web.Response:
 def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: float = 0.5,
               registry: CollectorRegistry | None = None, extra_metrics: Callable[[], bytes] | None = None,
               token: str = "", materializer: TopicMaterializer | None = None,
-              model_state: Callable[[], dict] | None = None) -> web.Application:
+              model_state: Callable[[], dict] | None = None, ui: UiConfig | None = None) -> web.Application:
     """The aiohttp application. ``scorer`` is None when no model checkpoint is available yet;
     a non-empty ``token`` guards every route but /healthz. With a ``materializer`` the app follows
     the embeddings topic into ``store`` and its item index while it runs; without one ``store`` is
@@ -256,6 +257,7 @@ def build_app(store: ServingStore, scorer: Scorer | None = None, refresh_s: floa
     app.router.add_post("/v1/score", score)
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/openapi.json", openapi_route)
+    add_ui_routes(app, ui or UiConfig(), store, items_now, fresh, model_state)  # the live page (stream/ui.py)
     if materializer is not None:
         async def follow_topic(app: web.Application):
             task = asyncio.ensure_future(materializer.run())
@@ -304,7 +306,7 @@ def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = N
                print_address: Callable[[str], None] = print, token: str = "",
                topic: tuple[str, str] | None = None, checkpoint_dir: Path | None = None,
                security: KafkaSecurity = PLAINTEXT, ssl_context: ssl.SSLContext | None = None,
-               ann: AnnConfig | None = None) -> None:
+               ann: AnnConfig | None = None, ui: UiConfig | None = None) -> None:
     """Serve until interrupted (blocking). With ``topic`` (bootstrap, embeddings topic) the API
     materializes that topic into its own store at ``store_path``; without, ``store_path`` is the
     trainer's serving store, read as a secondary. ``security``: TLS/SASL of the topic's consumer;
@@ -318,7 +320,8 @@ def run_server(store_path: Path, host: str, port: int, scorer: Scorer | None = N
             ServingStore(store_path).close()  # an empty store until the trainer writes one
         secondary = store_path.parent / f"{store_path.name}.reader-{port}"
         store = ServingStore.reader(store_path, secondary)
-    app = build_app(store, scorer, token=token, materializer=materializer, model_state=ModelState(checkpoint_dir))
+    app = build_app(store, scorer, token=token, materializer=materializer, model_state=ModelState(checkpoint_dir),
+                    ui=ui)
     print_address(f"API listening on http{'s' if ssl_context else ''}://{host}:{port}")
     try:
         web.run_app(app, host=host, port=port, print=None, handle_signals=True, ssl_context=ssl_context)

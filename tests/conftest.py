@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # `make test`'s parallel workers (pytest-xdist) they then overlap the many short tests instead of
 # starting last and setting the suite's length. Order only; each still runs in any order alone.
 HEAVY_FIRST = ("system/test_chaos.py", "test_trainer_restart.py", "test_broker_restart.py", "test_pipeline.py",
-               "test_guard_ranks.py", "test_trainer_ranks.py", "test_demo.py", "test_serve_topic.py",
+               "test_guard_ranks.py", "test_trainer_ranks.py", "test_demo.py", "test_ui_browser.py", "test_serve_topic.py",
                "test_worker_crash.py", "test_distributed_equivalence.py", "test_worker_rebalance.py",
                "test_prometheus_scrape.py", "test_bench_guard.py", "test_bench_api.py", "test_stop_deadline.py")
 

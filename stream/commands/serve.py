@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_setting_flags(p, "bootstrap", "partitions", "embeddings_topic", "data_dir", "checkpoint_dir", "api_host", "api_port",
                       "device", "api_token_file", "api_ssl_certfile", "api_ssl_keyfile", "ann_exact_below", "ann_nprobe",
-                      "ann_update_chunk", *KAFKA_SECURITY_SETTINGS)
+                      "ann_update_chunk", "ui_worker_metrics", "ui_trainer_metrics", *KAFKA_SECURITY_SETTINGS)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.stream.configs import ann_config
     from tgastream.stream.serve import run_server
     from tgastream.stream.topics import ensure_app_topics
+    from tgastream.stream.ui import UiConfig
 
     install_sigterm_handler()
     token = settings.resolved_api_token()  # from api_token or api_token_file (chmod 600)
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         run_server(store, settings.api_host, settings.api_port, scorer_for(settings), lambda s: print(s, flush=True),
                    token=token, topic=topic, checkpoint_dir=settings.checkpoints, security=settings.kafka_security,
-                   ssl_context=https, ann=ann_config(settings))
+                   ssl_context=https, ann=ann_config(settings),
+                   ui=UiConfig(worker_metrics=settings.ui_worker_metrics, trainer_metrics=settings.ui_trainer_metrics,
+                               bootstrap=topic[0] if topic else None, events_topic=settings.events_topic,
+                               security=settings.kafka_security))
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
