@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-chaos test-wheel bench-gpu docs docs-ref docs-serve clean
+.PHONY: install demo test screenshot test-slow test-chaos test-wheel bench-gpu docs docs-ref docs-serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,13 @@ demo: $(STAMP)
 # parallel workers: most tests wait on real processes (broker, worker, trainer), not on the CPU;
 # each worker starts its own broker. One test at a time per worker, in collection order, which puts
 # the longest end-to-end files first (tests/conftest.py). WORKERS=0 runs them one after another.
-WORKERS ?= 3
+WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) --dist load --maxschedchunk 1 $(ARGS)
+
+# the live page's screenshot in docs/img/ui.png, from the browser test against a running demo
+screenshot: $(STAMP)
+	UPDATE_UI_SCREENSHOT=1 $(PY) -m pytest tests/test_ui_browser.py -k live_page $(ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(ARGS)
