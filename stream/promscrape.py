@@ -14,6 +14,11 @@ def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
             text = resp.read().decode()
     except OSError:
         return {}
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → ``name{k=v,...}`` → value (labels sorted)."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -30,10 +30,10 @@ from typing import Callable
 
 import aiohttp
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from tgastream.core.events import WATERMARK_KEY, Event, parse_json
 from tgastream.core.kafka_security import PLAINTEXT, KafkaSecurity, kafka_python_args
+from tgastream.stream.promscrape import parse_metrics  # (re-exported: the page's pure functions)
 
 log = logging.getLogger("tgastream.api.ui")
 
@@ -66,17 +66,7 @@ class UiConfig:
     down_after_s: float = 5.0  # a process is down after this long without an answer (a busy one is not)
 
 
-# -- metrics: pure functions ------------------------------------------------------------------
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → ``name{k=v,...}`` → value (labels sorted), like stream/promscrape.py."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
+# -- metrics: pure functions (Prometheus text is parsed by stream/promscrape.py) -----------------
 
 def total(metrics: dict[str, float], name: str) -> float | None:
     """Sum of ``name`` over its label sets; None when the process does not export it."""
