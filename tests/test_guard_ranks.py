@@ -43,9 +43,9 @@ def _rank(rank: int, port: int, root: str) -> None:
     from tgastream.stream.trainer import Trainer
 
     # the live guard test's settings (tests/test_guard_live.py), one process per rank. The pointer
-    # without its repeat prior: with it, this stream's clean part is learned *away* from the prior's
-    # ranking (rolling HR@10 0.53 -> 0.41 by step 23 while the loss falls), a true trip before the
-    # poison; this test pins the collective decision on a poisoned rank, not the model's quality
+    # without its repeat prior: with it, the online model falls below its promoted baseline before
+    # the poison (rolling HR@10 0.53 -> 0.41 by step 23), a true trip; this test pins the
+    # collective decision on a poisoned rank, not the model's quality
     settings = Settings(data_dir=Path(root), batch_size=BATCH, sample_len=20, seed=0, device="cpu", threads=1,
                         guard_window=400, guard_min_retrievals=150, guard_min_positives=5, shadow_share=0.5,
                         guard_margin=0.06)
