@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-s", type=float, default=5.0, help="seconds of updates while querying (default: 5)")
     p.add_argument("--libraries", action="store_true",
                    help="also measure hnswlib, usearch and faiss HNSW at the smallest size (the choice of library)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: at the largest --items, the approximate index at lists factors 2 and 4 (lists = "
+                        "factor x sqrt(items)) with --nprobes each: recall@10 and one-client p50/p99 per setting")
+    p.add_argument("--nprobes", type=_ints, default=[24, 48, 96, 160, 200, 256, 400],
+                   help="nprobe values of --sweep (default: 24,48,96,160,200,256,400)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--png", type=Path, help="plot latency and recall against catalogue size here")
 
@@ -268,6 +273,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if min(args.items, default=0) < max(args.k, 1000) or args.queries < CLIENTS or dim < 1 or args.update_s <= 0:
         raise CommandError("--items must each be >= 1000 and >= --k, --queries >= 8, --dim >= 1, --update-s > 0")
     chunk = settings.ann_update_chunk
+    if args.sweep:
+        return sweep(args, settings, max(args.items), dim)
     rows = []
     for n in args.items:
         x, rng = catalogue(n, dim, settings.seed)
@@ -306,6 +313,51 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                            "catalogue": "clustered: n/100 Gaussian centres, noise 0.7; users = item + N(0, 1)"})
     if args.png:
         _plot(rows, args.png)
+    return 0
+
+
+def sweep(args: argparse.Namespace, settings: Settings, n: int, dim: int) -> int:
+    """Recall@10 and latency of the approximate index against its two knobs, on one catalogue:
+    the lists (``lists_factor`` x sqrt(n), fixed at build) and the lists probed per query (nprobe,
+    changed in place): the evidence for the defaults (docs/scaling.md)."""
+    import dataclasses
+
+    import numpy as np
+
+    from tgastream.state.ann_index import ItemVectorIndex
+    from tgastream.stream.configs import ann_config
+
+    x, rng = catalogue(n, dim, settings.seed)
+    users = x[rng.integers(0, n, args.queries)] + rng.standard_normal((args.queries, dim), dtype=np.float32)
+    truth = exact_top(x, users[:100], args.k)
+    ids = [str(i) for i in range(n)]
+    rows = []
+    for factor in (2.0, 4.0):
+        index = ItemVectorIndex(dataclasses.replace(ann_config(settings), exact_below=0, lists_factor=factor))
+        t0 = time.perf_counter()
+        index.put_many(ids, x)
+        index.wait_built()
+        build_s = time.perf_counter() - t0
+        for nprobe in args.nprobes:
+            index.set_nprobe(nprobe)
+
+            def query(u, k: int) -> list[int]:
+                return [int(i) for i, _ in index.top_k(u, k)]
+
+            lat = np.asarray(_latencies(query, users, args.k, 1))
+            found = [query(u, args.k) for u in users[:len(truth)]]
+            recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+            rows.append({"items": n, "lists_factor": factor, "lists": index.lists, "nprobe": nprobe,
+                         "build_s": round(build_s, 2), "recall@10": round(recall, 4),
+                         "topk_p50_ms": round(float(np.quantile(lat, 0.5)), 3),
+                         "topk_p99_ms": round(float(np.quantile(lat, 0.99)), 3)})
+            print("  " + json.dumps(rows[-1]), flush=True)
+    print(f"{'items':>10} {'lists':>6} {'nprobe':>6} {'recall@10':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    for r in rows:
+        print(f"{r['items']:>10,} {r['lists']:>6} {r['nprobe']:>6} {r['recall@10']:>9.3f} "
+              f"{r['topk_p50_ms']:>7.2f} {r['topk_p99_ms']:>7.2f}")
+    write_json(args.json, {"rows": rows, "k": args.k, "dim": dim, "queries": args.queries, "recall_queries": 100,
+                           "catalogue": "clustered: n/100 Gaussian centres, noise 0.7; users = item + N(0, 1)"})
     return 0
 
 

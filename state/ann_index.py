@@ -27,7 +27,7 @@ import heapq
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import numpy as np
@@ -38,8 +38,8 @@ class AnnConfig:
     """How the item index searches; ``stream.configs.ann_config`` makes one from the settings."""
 
     exact_below: int = 50_000  # fewer live items than this: exact scan (also the reference)
-    nprobe: int = 24  # inverted lists scanned per query
-    lists_factor: float = 2.0  # inverted lists = lists_factor × √items at (re)build
+    nprobe: int = 200  # inverted lists scanned per query (recall@10 0.96 at 1M items: docs/scaling.md)
+    lists_factor: float = 4.0  # inverted lists = lists_factor × √items at (re)build (4,000 at 1M)
     train_per_list: int = 40  # k-means training sample = this × lists
     update_chunk: int = 256  # most vectors written under the lock at once (bounds a query's wait)
     rebuild_growth: float = 2.0  # rebuild when the catalogue is this many times its size at build
@@ -282,6 +282,18 @@ class ItemVectorIndex:
         build runs at a time."""
         with self._one_build:
             self._build()
+
+    @property
+    def lists(self) -> int:
+        """Inverted lists of the built approximate index (0: none built)."""
+        return 0 if self._ivf is None else int(self._ivf.nlist)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists scanned per query from now on (bounded by the built index's lists); for sweeps."""
+        with self._lock:
+            self.config = replace(self.config, nprobe=nprobe)
+            if self._ivf is not None:
+                self._ivf.nprobe = max(1, min(nprobe, self._ivf.nlist))
 
     def _build(self) -> None:
         cfg = self.config

@@ -31,3 +31,17 @@ def test_bench_index_refuses_a_catalogue_smaller_than_k_in_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "index", "--items", "5"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "Traceback" not in res.stderr
+
+
+def test_the_sweep_reports_recall_and_latency_per_lists_and_nprobe(tmp_path):
+    out = tmp_path / "sweep.json"
+    res = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "index", "--sweep", "--items", "20000",
+                          "--nprobes", "1,64", "--queries", "16", "--json", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["lists_factor"], r["nprobe"]) for r in rows] == [(2.0, 1), (2.0, 64), (4.0, 1), (4.0, 64)]
+    assert rows[0]["lists"] < rows[2]["lists"]  # the factor sets the lists
+    for few, many in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert many["recall@10"] > few["recall@10"]  # one list of hundreds misses most of the true top-10
+        assert many["topk_p50_ms"] > 0 and few["topk_p50_ms"] > 0
