@@ -14,7 +14,9 @@ item by its row number. Removed rows are marked dead and reused. A query scores
 
 Concurrency: one first-come-first-served lock guards the matrix and the faiss index. Writers take
 it per chunk of at most ``update_chunk`` vectors, so a query waits for at most one chunk (a bounded
-time) plus the queries queued before it; and being FIFO, a stream of queries cannot starve the
+time) plus the queries queued before it. The costly part of adding a vector to the IVF, finding its
+list among all the centroids, is done before taking the lock (the centroids are fixed between
+builds); under it, only the removal and the list appends; and being FIFO, a stream of queries cannot starve the
 writer either (Python's plain lock lets the thread that releases it take it again at once). A (re)build
 (the catalogue crossed ``exact_below`` or grew ``rebuild_growth``×) trains on a snapshot in a
 background thread without the lock, then replays the rows changed meanwhile, chunk by chunk, and
@@ -185,6 +187,7 @@ class ItemVectorIndex:
         order = list(order)
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
+            ivf, lists = self._assign(vectors, part)  # outside the lock: the costly part of an add
             with self._lock:
                 if vectors.shape[1] != self.dim:  # a model of another width replaces every vector
                     self._reset(vectors.shape[1])
@@ -200,14 +203,30 @@ class ItemVectorIndex:
                 self.matrix[r] = vecs
                 self.live[r] = True
                 if self._ivf is not None:
-                    _faiss(self.config.threads)
+                    faiss = _faiss(self.config.threads)
                     old = r[~np.asarray(fresh)]
                     if len(old):
                         self._ivf.remove_ids(old)
-                    self._ivf.add_with_ids(vecs, r)
+                    if self._ivf is ivf and lists is not None:  # the lists were found by this index's centroids
+                        vecs = np.ascontiguousarray(vecs)
+                        ivf.add_core(len(r), faiss.swig_ptr(vecs), faiss.swig_ptr(r), faiss.swig_ptr(lists))
+                    else:
+                        self._ivf.add_with_ids(vecs, r)
                 if self._dirty is not None:
                     self._dirty.update(rows)
         self._maybe_build()
+
+    def _assign(self, vectors: np.ndarray, part: list[int]):
+        """(the current IVF, the inverted list of each of ``vectors[part]`` [c] by its centroids),
+        computed without the lock: the centroids never change between builds, and scanning all of
+        them is most of an add's cost (4·√n dot products a vector), so a query waits only for the
+        list appends. (None, None) when there is no IVF or the width differs (a reset is due)."""
+        ivf = self._ivf
+        if ivf is None or vectors.shape[1] != ivf.d:
+            return None, None
+        _faiss(self.config.threads)
+        _, lists = ivf.quantizer.search(np.ascontiguousarray(vectors[part]), 1)  # [c, 1]
+        return ivf, np.ascontiguousarray(lists[:, 0], dtype=np.int64)
 
     def set_categories(self, categories: dict[str, str]) -> None:
         """Item → category (kept for items whose vector has not arrived yet)."""
