@@ -12,7 +12,7 @@ import pytest
 from tgastream.state.serving import ServingStore
 from tgastream.stream.openapi import spec
 from tgastream.stream.serve import build_app
-from tests.test_serve import _start, rec
+from tests.test_serve import _guarded
 
 TOKEN = "docs-token"
 METHODS = {"get", "post", "put", "patch", "delete"}  # aiohttp adds HEAD beside every GET itself
@@ -65,21 +65,14 @@ def test_documented_limits_are_the_ones_the_api_enforces():
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("openapi")
-    writer = ServingStore(tmp_path / "serving")
-    writer.write(users={"u1": rec([1, 0])}, items={"a": rec([3, 0])}, model_version=3)
-    base, proc = _start(tmp_path, tmp_path / "serving", env={"TGASTREAM_API_TOKEN": TOKEN})
-    try:
-        yield base
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
-        writer.close()
+    """`tgastream serve` with an api_token."""
+    yield from _guarded(tmp_path_factory.mktemp("openapi"), TOKEN)
 
 
 def test_serve_answers_the_document_at_openapi_json_behind_the_token(api):
-    assert httpx.get(api + "/openapi.json", timeout=10).status_code == 401  # like every route but /healthz
-    r = httpx.get(api + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    base, _ = api
+    assert httpx.get(base + "/openapi.json", timeout=10).status_code == 401  # like every route but /healthz
+    r = httpx.get(base + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     served = r.json()
     assert served["openapi"].startswith("3.1") and served["paths"] == spec()["paths"]

@@ -60,6 +60,22 @@ def _serving(tmp_path: Path):
         writer.close()
 
 
+def _guarded(tmp_path: Path, token: str):
+    """`tgastream serve` over a one-user, one-item store with ``token`` as its api_token (from the
+    environment, as a deployment would set it): yields (base URL, process); after it stops, the
+    token must appear nowhere in its output (the settings are printed at start, the token never)."""
+    writer = ServingStore(tmp_path / "serving")
+    writer.write(users={"u1": rec([1, 0])}, items={"a": rec([3, 0])}, model_version=3)
+    base, proc = _start(tmp_path, tmp_path / "serving", env={"TGASTREAM_API_TOKEN": token})
+    try:
+        yield base, proc
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0]
+        writer.close()
+        assert token not in output
+
+
 @pytest.fixture
 def api(tmp_path: Path):
     """A server of this test's own (for tests that write to the store)."""

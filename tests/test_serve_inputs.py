@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tgastream.state.serving import ServingStore
-from tests.test_serve import _start, rec
+from tests.test_serve import _guarded
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -15,17 +14,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """`tgastream serve` with an api_token (from the environment, as a deployment would set it)."""
-    tmp_path = tmp_path_factory.mktemp("api")
-    writer = ServingStore(tmp_path / "serving")
-    writer.write(users={"u1": rec([1, 0])}, items={"a": rec([3, 0])}, model_version=3)
-    base, proc = _start(tmp_path, tmp_path / "serving", env={"TGASTREAM_API_TOKEN": TOKEN})
-    try:
-        yield base, proc
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=10)[0]
-        writer.close()
-        assert TOKEN not in output  # the settings are printed at start, the token never
+    yield from _guarded(tmp_path_factory.mktemp("api"), TOKEN)
 
 
 def test_every_route_but_healthz_needs_the_token(guarded):
