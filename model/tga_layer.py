@@ -106,21 +106,10 @@ class TGALayer(nn.Module):
         return "fused" if x.device.type == "cpu" and fused.available() else "reference"
 
     def forward(self, h: torch.Tensor, nbr: torch.Tensor, etype: torch.Tensor) -> torch.Tensor:
-        """h [B, N, d]; nbr/etype [B*N, 3] flattened predecessor rows and types (-1 none) → [B, N, d]."""
+        """h [B, N, d]; nbr/etype [B*N, 3] flattened predecessor rows and types (-1 none) → [B, N, d]:
+        :meth:`forward_rows` on the grid's rows, one group of N rows per graph."""
         b, n, d = h.shape
-        qkv = self.qkv(h).view(b * n, 3 * d)  # [BN, 3d]
-        impl = self._resolved_impl(h)
-        if impl == "fused":
-            if h.device.type != "cpu":
-                raise ValueError("the fused TGA kernel runs on CPU only; use impl='reference' on CUDA")
-            msg = fused.FusedNeighborAttention.apply(qkv, nbr, etype, self.r_score, self.r_msg, self.heads, n)
-        else:
-            self_rows = torch.arange(b * n, device=h.device).unsqueeze(1)  # [BN, 1]
-            nbr4 = torch.cat([nbr, self_rows], 1)  # [BN, 4]
-            etype4 = torch.cat([etype, torch.full_like(self_rows, self.r_score.shape[0] - 1)], 1)  # [BN, 4]
-            agg = aggregate_naive if impl == "naive" else aggregate_reference
-            msg = agg(qkv, nbr4, etype4, self.r_score, self.r_msg, self.heads)  # [BN, d]
-        return self._update(h, msg.view(b, n, d))
+        return self.forward_rows(h.reshape(b * n, d), nbr, etype, n).view(b, n, d)
 
     def forward_rows(self, h: torch.Tensor, nbr: torch.Tensor, etype: torch.Tensor, block: int) -> torch.Tensor:
         """The layer on node rows: h [M, d]; nbr/etype [M, 3] predecessor rows of h and types (-1
