@@ -37,10 +37,10 @@ from tgastream.model.feedback import check_mode, training_samples
 from tgastream.model.distributed import Group, Solo, all_reduce_gradients, broadcast_module, global_view, sync_rows
 from tgastream.model.inference import conversion_proba, load_model, model_state
 from tgastream.model.learner import StepOutput
-from tgastream.model.metrics import ranking_metrics, ranks_of_targets
+from tgastream.model.metrics import ranking_metrics
 from tgastream.model.prequential import RollingMetrics
 from tgastream.model.rows import EmbeddingRows
-from tgastream.model.shadow import Outcomes, score_outcomes
+from tgastream.model.shadow import Outcomes, catalogue_ranks, conversion_probs, score_outcomes
 from tgastream.model.tga import TGA
 from tgastream.state.checkpoint import load_checkpoint
 from tgastream.state.graph import UserGraph
@@ -341,39 +341,27 @@ class OnlineLearner:
         ret = [k for k, s in enumerate(sources) if s.kind == RETRIEVAL]
         if 0 < score_limit < len(ret):
             ret = self.rng.sample(ret, score_limit)
-        now = self.model.item_category
-        self.model.item_category = categories
-        try:
-            if clicks:
-                at = torch.as_tensor(clicks, dtype=torch.long, device=states.device)
-                probs = torch.sigmoid(self.model.conversion_logits(batch.select(at), states[at]))  # [V]
-                self.clicktime.predict([sources[k] for k in clicks], probs.float().cpu().numpy(), self.version)
-            if ret:
-                at = torch.as_tensor(ret, dtype=torch.long, device=states.device)
-                self._score_retrievals(batch.select(at), states[at])
-        finally:
-            self.model.item_category = now
+        if clicks:
+            at = torch.as_tensor(clicks, dtype=torch.long, device=states.device)
+            probs = conversion_probs(self.model, batch.select(at), states[at])  # [V]
+            self.clicktime.predict([sources[k] for k in clicks], probs, self.version)
+        if ret:
+            at = torch.as_tensor(ret, dtype=torch.long, device=states.device)
+            self._score_retrievals(batch.select(at), states[at], categories)
 
     def _case_outcomes(self, batch, states: torch.Tensor, sources: list[Sample],
                        cases: tuple[Sequence[Sample], Sequence[Sample]], categories: torch.Tensor) -> Outcomes:
         """The shadow cases' outcomes from the training forward (as :func:`model.shadow.score_outcomes`
         computes them in a pass of its own): P(buy) [C] of the picked clicks and full-catalogue
         mid-ranks [R] of the picked retrieval targets."""
-        m = self.model
         at = {id(s): k for k, s in enumerate(sources)}
         conv = torch.as_tensor([at[id(s)] for s in cases[0]], dtype=torch.long, device=states.device)
         ret = torch.as_tensor([at[id(s)] for s in cases[1]], dtype=torch.long, device=states.device)
         probs, ranks = np.zeros(0), np.zeros(0)
         if len(conv):
-            probs = torch.sigmoid(m.conversion_logits(batch.select(conv), states[conv])).float().cpu().numpy()  # [C]
+            probs = conversion_probs(self.model, batch.select(conv), states[conv])  # [C]
         if len(ret):
-            sub = batch.select(ret)
-            n = m.cfg.n_items
-            items = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
-            vectors, bias = m.item_vectors(items, categories[items])
-            scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
-            holds = self.rows.used_items(self.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1]
-            ranks = ranks_of_targets(scores, sub.target_item - 1, holds).cpu().numpy()  # [R]
+            ranks = catalogue_ranks(self.model, self.rows, batch.select(ret), states[ret], categories)  # [R]
         return Outcomes(probs, ranks)
 
     def _score_conversions(self, batch, states: torch.Tensor, clicks: Sequence[Sample] = ()) -> None:
@@ -381,8 +369,7 @@ class OnlineLearner:
         this model version until their labels arrive (:meth:`_judge_conversions`)."""
         rows = (batch.kind == CLICK).nonzero().squeeze(1)
         if len(rows):
-            probs = torch.sigmoid(self.model.conversion_logits(batch.select(rows), states[rows]))  # [V]
-            self.clicktime.predict(clicks, probs.float().cpu().numpy(), self.version)
+            self.clicktime.predict(clicks, conversion_probs(self.model, batch.select(rows), states[rows]), self.version)
 
     def _judge_conversions(self, samples: Sequence[Sample]) -> None:
         """The labels that arrived (conversion samples) with their clicks' click-time predictions,
@@ -391,24 +378,18 @@ class OnlineLearner:
         if len(joined):
             self.metrics.add_conversion(joined.labels, joined.probs[:, 0], joined.users)
 
-    def _score_retrievals(self, batch, states: torch.Tensor) -> None:
+    def _score_retrievals(self, batch, states: torch.Tensor, categories: torch.Tensor | None = None) -> None:
         """Mid-rank of each retrieval target among every item that has a row (full catalogue,
         pointer included) into the rolling metrics; on a large catalogue a random subset of the
-        rows, ``rank_budget`` / catalogue size of them."""
-        m = self.model
+        rows, ``rank_budget`` / catalogue size of them. ``categories``: the items' categories to
+        score with (default the model's own)."""
         ret = (batch.kind == RETRIEVAL).nonzero().squeeze(1)
-        n = m.cfg.n_items
-        cap = max(16, self.cfg.rank_budget // n)  # full ranking costs O(catalogue) per row: bound it
+        cap = max(16, self.cfg.rank_budget // self.model.cfg.n_items)  # full ranking costs O(catalogue) per row: bound it
         if len(ret) > cap:
             ret = ret[torch.as_tensor(sorted(self.rng.sample(range(len(ret)), cap)), device=ret.device)]
         if not len(ret):
             return
-        sub = batch.select(ret)
-        rows = torch.arange(1, n, device=self.device)  # catalogue column c = row c + 1
-        vectors, bias = m.item_vectors(rows, m.item_category[rows])
-        scores = m.score_catalogue(sub, vectors, bias, states[ret])  # [R, n - 1]
-        holds_item = self.rows.used_items(self.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1]
-        ranks = ranks_of_targets(scores, sub.target_item - 1, holds_item).cpu().numpy()  # [R]; no row: a miss
+        ranks = catalogue_ranks(self.model, self.rows, batch.select(ret), states[ret], categories)  # [R]; no row: a miss
         self.metrics.add_ranks(ranks)
         self.batch_hr = ranking_metrics(ranks, self.metrics.k)["hr"]
 

@@ -86,19 +86,32 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
     probs = np.zeros(0)
     if conv:
         batch = collate(list(conv), vocabs, device, keys=vocabs.items)
-        states = model.encode(batch)
-        probs = torch.sigmoid(model.conversion_logits(batch, states)).float().cpu().numpy()  # [C]
+        probs = conversion_probs(model, batch, model.encode(batch))
     ranks = np.zeros(0)
     if ret:
         batch = collate(list(ret), vocabs, device, keys=vocabs.items)
-        states = model.encode(batch)
-        n = model.cfg.n_items
-        items = torch.arange(1, n, device=device)  # catalogue column c = row c + 1
-        vectors, bias = model.item_vectors(items, model.item_category[items])
-        scores = model.score_catalogue(batch, vectors, bias, states)  # [R, n - 1]
-        holds = rows.used_items(device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1] (maps may be ahead)
-        ranks = ranks_of_targets(scores, batch.target_item - 1, holds).cpu().numpy()  # [R]
+        ranks = catalogue_ranks(model, rows, batch, model.encode(batch))
     return Outcomes(probs, ranks)
+
+
+def conversion_probs(model: TGA, batch, states: torch.Tensor) -> np.ndarray:
+    """P(buy) [C] of the batch's rows from their node states [C, N, d]."""
+    return torch.sigmoid(model.conversion_logits(batch, states)).float().cpu().numpy()
+
+
+def catalogue_ranks(model: TGA, rows: EmbeddingRows, batch, states: torch.Tensor,
+                    categories: torch.Tensor | None = None) -> np.ndarray:
+    """Mid-rank [R] of each row's retrieval target among every item that has a row (the full
+    catalogue, pointer included; an unknown target is a miss), from the rows' node states
+    [R, N, d]; ``categories`` [n_items]: the items' categories to score with (default: the
+    model's own, as of now)."""
+    n = model.cfg.n_items
+    items = torch.arange(1, n, device=states.device)  # catalogue column c = row c + 1
+    cats = model.item_category if categories is None else categories
+    vectors, bias = model.item_vectors(items, cats[items])
+    scores = model.score_catalogue(batch, vectors, bias, states)  # [R, n - 1]
+    holds = rows.used_items(states.device)[1:n].unsqueeze(0).expand_as(scores)  # [R, n - 1] (maps may be ahead)
+    return ranks_of_targets(scores, batch.target_item - 1, holds).cpu().numpy()  # [R]
 
 
 @dataclass
