@@ -127,10 +127,6 @@ class Cases:
     baseline_version: int  # -1 without a baseline
     labelled: list[Sample]  # the step's conversion samples: labels for earlier clicks
 
-    @property
-    def samples(self) -> list[Sample]:
-        return self.conv + self.ret
-
 
 @dataclass
 class Scored:
