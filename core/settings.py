@@ -83,7 +83,7 @@ class Settings:
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
-    catchup_batches: int = field(default=4, metadata={"help": "trainer (train_policy all): a training step that is more than one batch behind the head takes up to this many batches at once (fewer, larger steps: less per-step overhead while catching up); 1 = always batch_size"})
+    catchup_batches: int = field(default=4, metadata={"help": "trainer (train_policy all, one process with its publishing thread): a training step that is more than one batch behind the head takes up to this many batches at once (fewer, larger steps: less per-step overhead while catching up); 1 = always batch_size. Ranks train batch_size steps (their head waits for the step)"})
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = field(default=LR, metadata={"help": "trainer: online learning rate"})
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})

@@ -707,7 +707,12 @@ class Trainer:
             self.metrics.train_seconds.inc(time.perf_counter() - t0)
 
     def _train_size(self) -> int:
-        """Samples the next training step takes (:func:`train_size` of the backlog now)."""
+        """Samples the next training step takes: with a publishing thread, :func:`train_size` of
+        the backlog now; in the lockstep loop (ranks, ``bounded``) ``batch_size``, because there
+        the head waits for the step, and a larger step would delay every vector behind it
+        (measured with 2 ranks at 2,000 events/s: freshness p50 1.5 → 2.5 s)."""
+        if not self._threaded:
+            return self.settings.batch_size
         return train_size(self.settings.batch_size, self.settings.catchup_batches, self.backlog())
 
     def _admit(self, samples: list[Sample]) -> list[Sample]:
