@@ -93,6 +93,8 @@ class Settings:
     guard_min_retrievals: int = field(default=500, metadata={"help": "trainer: retrieval cases in the window before the HR@10 leg may trip (also the window a checkpoint must hold up over to become good)"})
     guard_min_positives: int = field(default=30, metadata={"help": "trainer: bought clicks (and as many not bought) in the window before the AUC leg may trip"})
     shadow_share: float = field(default=0.25, metadata={"help": "trainer: share of each step's new samples scored by the online model, the baseline and repeat-recent"})
+    idle_ttl_s: float = field(default=7 * 86400.0, metadata={"help": "trainer: an item or category id unused for this long (event time) loses its row; an evicted item's vector is deleted from serving (a tombstone on the embeddings topic)"})
+    evict_every: int = field(default=200, metadata={"help": "trainer: optimizer steps between eviction sweeps of idle ids"})
     republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
     republish_behind_share: float = field(default=0.1, metadata={"help": "trainer: share of republish_rate the re-publish sweep keeps while training is more than one batch behind the head (training first; the sweep resumes its full rate once caught up)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores ÷ ranks - 1 (at least 1), leaving a core to Kafka I/O, the publishing thread and the worker"})
@@ -118,12 +120,12 @@ class Settings:
     seed: int = field(default=0, metadata={"help": "random seed: the online learner, the shadow evaluation, tgastream eval's default"})
 
     def validate(self) -> "Settings":
-        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst", "catchup_batches",
+        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst", "catchup_batches", "evict_every",
                      "checkpoint_every_steps", "ann_nprobe", "ann_update_chunk"):
             _positive(name, getattr(self, name))
         if self.threads < 0:
             raise SettingsError(f"threads must be >= 0, got {self.threads}")
-        for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s"):
+        for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s", "idle_ttl_s"):
             _positive(name, getattr(self, name))
         for name in ("worker_batch", "worker_flush_s", "worker_cache_users", "rebalance_timeout_s"):
             _positive(name, getattr(self, name))

@@ -148,6 +148,7 @@ class OnlineLearner:
         self.last_replayed = 0  # reservoir samples in the last step
         self.batch_hr: float | None = None  # HR@10 of the last batch alone (not rolling)
         self.last_cases: Outcomes | None = None  # the shadow cases' outcomes of the last learn(cases=...)
+        self.evicted_items: list[str] = []  # item ids evicted since the last take_evicted_items()
 
     # -- one micro-batch ---------------------------------------------------------------------
 
@@ -173,6 +174,11 @@ class OnlineLearner:
         return StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
                           arrivals=arrivals, from_clicks=from_clicks,
                           item_categories={i: touched[i] for i in items})
+
+    def take_evicted_items(self) -> list[str]:
+        """The item ids whose rows were evicted since the last call (their vectors are stale)."""
+        gone, self.evicted_items = self.evicted_items, []
+        return gone
 
     def assign_rows(self, samples: Sequence[Sample]) -> None:
         """Give every id of the batch a row (with ranks: of every rank's batch, a collective) and
@@ -327,7 +333,8 @@ class OnlineLearner:
         self.reservoir.offer(training_samples(samples, mode), self.rng)
         self.last_loss = float(total[0])
         if self.version % self.cfg.evict_every == 0:
-            self.rows.evict(self.model, self.optimizer, float(head[2]), self.cfg.idle_ttl_s, self.shared_gen)
+            self.evicted_items += self.rows.evict(self.model, self.optimizer, float(head[2]), self.cfg.idle_ttl_s,
+                                                  self.shared_gen)
         return self.last_loss
 
     def _score_from(self, batch, states: torch.Tensor, sources: list[Sample], score_limit: int,

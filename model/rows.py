@@ -133,12 +133,15 @@ class EmbeddingRows:
         model.cfg = dataclasses.replace(model.cfg, n_items=n_items, n_categories=n_cats)
 
     def evict(self, model: SequenceRecommender, optimizer: torch.optim.Optimizer | None, now: float,
-              idle_ttl_s: float, generator: torch.Generator | None = None) -> None:
+              idle_ttl_s: float, generator: torch.Generator | None = None) -> list[str]:
         """Free the rows unused since ``now - idle_ttl_s`` and re-initialise them in the model
-        (from ``generator``, else torch's default one)."""
+        (from ``generator``, else torch's default one); returns the evicted item ids (the trainer
+        deletes their vectors from serving: an item nobody touched for ``idle_ttl_s`` is not
+        recommended with a vector its row no longer holds)."""
         device = model.embed.item.weight.device
+        gone: list[str] = []
         with self.lock:
-            rows = self.items.evict(now, idle_ttl_s)
+            rows = self.items.evict(now, idle_ttl_s, gone)
             crows = self.categories.evict(now, idle_ttl_s)
         if len(rows):
             r = torch.as_tensor(rows, device=device)
@@ -150,6 +153,7 @@ class EmbeddingRows:
         if len(crows):
             _reset_rows(model.embed.category.weight, torch.as_tensor(crows, device=device), optimizer, INIT_STD,
                         generator)
+        return gone
 
     def used_items(self, device: torch.device) -> torch.Tensor:
         """[capacity] bool: which item rows hold an item."""

@@ -91,13 +91,16 @@ class IdMap:
         # map over dict.get: no Python frame per id (a step looks up ~20k node ids)
         return np.fromiter(map(self._row.get, ids, repeat(0, len(ids))), dtype=np.int64, count=len(ids))
 
-    def evict(self, now: float, ttl_s: float) -> np.ndarray:
-        """Free every row unused since ``now - ttl_s``; returns the freed rows (to re-initialise)."""
+    def evict(self, now: float, ttl_s: float, evicted_ids: list[str] | None = None) -> np.ndarray:
+        """Free every row unused since ``now - ttl_s``; returns the freed rows (to re-initialise)
+        and appends their ids to ``evicted_ids`` when given."""
         stale = [r for r in self._ext if self.last_used[r] < now - ttl_s]
         stale.sort()
         for row in stale:
             ext = self._ext.pop(row)
             del self._row[ext]
+            if evicted_ids is not None:
+                evicted_ids.append(ext)
             self.last_used[row] = 0.0
             heapq.heappush(self._free, row)
         self.evictions += len(stale)

@@ -125,6 +125,14 @@ class ServingStore:
             wb.put(b"meta:model_version", str(model_version).encode())
         self._db.write(wb)
 
+    def delete_items(self, item_ids: Iterable[str]) -> None:
+        """Remove items' vectors and categories (evicted by the trainer), in one atomic batch."""
+        wb = WriteBatch(raw_mode=True)
+        for iid in item_ids:
+            wb.delete(item_key(iid))
+            wb.delete(item_category_key(iid))
+        self._db.write(wb)
+
     def write_raw(self, puts: list[tuple[bytes, bytes | None]], offsets: dict[int, int]) -> None:
         """Records of the embeddings topic as they are (None deletes), with the next offset of
         each partition they cover, in one atomic batch."""

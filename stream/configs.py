@@ -32,7 +32,8 @@ def online_config(settings: Settings, **changes) -> OnlineConfig:
     return OnlineConfig(**{"lr": settings.lr, "replay_share": settings.replay_share, "seed": settings.seed,
                            "device": settings.device, "threads": settings.threads,
                            "sample_len": settings.sample_len, "conversion_feedback": settings.conversion_feedback,
-                           "pending_predictions": settings.pending_predictions, **changes})
+                           "pending_predictions": settings.pending_predictions,
+                           "idle_ttl_s": settings.idle_ttl_s, "evict_every": settings.evict_every, **changes})
 
 
 

@@ -129,6 +129,8 @@ class TrainerMetrics:
                                  registry=r)
         self.model_version = Gauge("tgastream_model_version", "model version (optimizer steps since start of training)", registry=r)
         self.published = Counter("tgastream_embeddings_published", "vectors published", ["kind"], registry=r)
+        self.tombstones = Counter("tgastream_item_tombstones", "evicted items' vectors deleted from serving "
+                                  "(tombstones on the embeddings topic)", registry=r)
         self.freshness = Histogram("tgastream_freshness_seconds", "event arrival at a worker → its user's vector published",
                                    registry=r, buckets=FRESHNESS_BUCKETS)
         self.checkpoint_age = Gauge("tgastream_checkpoint_age_seconds", "seconds since the last checkpoint", registry=r)
@@ -254,6 +256,7 @@ class Trainer:
         self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
         self.guard = RedeliveryGuard()
         self.published = Published()  # what the re-publish sweep may refresh
+        self._evicted: list[str] = []  # items the training thread evicted, for the publisher to delete
         self.drift = LossDrift(settings.drift_delta)
         # with ranks: pooled shadow cases, rank 0 decides, every rank takes the decision
         self.guardrails = Guardrails(guardrails_config(settings), learner, self.ckpt_dir,  # type: ignore[arg-type]
@@ -500,6 +503,7 @@ class Trainer:
                 self._train_step(trainer)
             if self.settings.republish_rate:
                 self._republish(producer, serving)
+            self._send_tombstones(producer, serving)
             self._housekeeping(head, tps)
             if not records and not self.backlog():
                 if idle_exit_s and now - last_data >= idle_exit_s:
@@ -564,6 +568,7 @@ class Trainer:
                 self._halt.wait(0.05)
             if self.settings.republish_rate:
                 self._republish(producer, serving)
+            self._send_tombstones(producer, serving)
             if time.monotonic() - last_lag >= 1.0:
                 last_lag = time.monotonic()
                 self._note_lag(head, tps)
@@ -619,6 +624,7 @@ class Trainer:
                 self._train_step(trainer, wait=bool(self.backlog()))
             if self.settings.republish_rate:
                 self._republish(producer, serving)
+            self._send_tombstones(producer, serving)
             now = time.monotonic()
             votes = Votes(stop=self._stop, data=bool(records) or self.backlog() > 0, checkpoint=self._checkpoint_due(),
                           idle=self.group.rank == 0 and bool(idle_exit_s) and now - last_data >= idle_exit_s,
@@ -739,6 +745,10 @@ class Trainer:
         loss = self.learner.learn(samples, score_limit=self.settings.batch_size,
                                   cases=None if cases is None else (cases.conv, cases.ret))
         self.guardrails.note_cases(cases, self.learner.last_cases)  # (ranks: a collective)
+        gone = self.learner.take_evicted_items()
+        if gone:
+            with self._lock:
+                self._evicted += gone
         if self.learner.version == version:  # no step: no rank had anything to train on
             self._consumed(samples)  # (e.g. only clicks under conversion_feedback wait: consumed all the same)
             return
@@ -941,6 +951,31 @@ class Trainer:
                     self.published.item(i, version, cat)  # (an evicted item keeps no row: dropped next time)
             self.metrics.republished.labels("user").inc(len(users))
             self.metrics.republished.labels("item").inc(len(items))
+
+    def _send_tombstones(self, producer: KafkaProducer, serving: ServingStore) -> None:
+        """Delete from serving the vectors of items whose rows were evicted: from this process's
+        store and, by a tombstone on the embeddings topic (its compaction drops the key), from
+        every API replica's store and index. An item that got a row again meanwhile is left alone:
+        its new vector was (or will be) published after this, by this thread. Rank 0 only: every
+        rank evicts the same ids."""
+        with self._lock:
+            gone, self._evicted = self._evicted, []
+        if not gone or self.group.rank != 0:
+            return
+        rows = self.learner.rows  # type: ignore[attr-defined]
+        with rows.lock:
+            gone = [i for i in gone if i not in rows.items]
+        if not gone:
+            return
+        serving.delete_items(gone)
+        topic = self.settings.embeddings_topic
+        for i in gone:
+            producer.send(topic, key=item_key(i), value=None)
+            producer.send(topic, key=item_category_key(i), value=None)
+        with self._lock:
+            for i in gone:
+                self.published.items.pop(i, None)
+        self.metrics.tombstones.inc(len(gone))
 
     def _send(self, users: dict[str, VectorRecord], items: dict[str, VectorRecord], bought: dict[str, list[str]],
               contexts: dict[str, bytes], producer: KafkaProducer, serving: ServingStore,

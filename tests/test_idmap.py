@@ -30,8 +30,10 @@ def test_rows_unused_for_ttl_are_evicted_and_reused():
     m = IdMap(chunk=8)
     m.lookup(["old1", "old2"], now=0)
     m.lookup(["fresh"], now=100)
-    freed = m.evict(now=150, ttl_s=100)
+    gone: list[str] = []
+    freed = m.evict(now=150, ttl_s=100, evicted_ids=gone)
     assert freed.tolist() == [1, 2] and "old1" not in m and "fresh" in m and m.evictions == 2
+    assert sorted(gone) == ["old1", "old2"]  # (the trainer deletes their vectors from serving)
     assert m.lookup(["new"], now=160).tolist() == [1]  # lowest freed row reused
     assert m.peek(["old1"]).tolist() == [0]
 
