@@ -474,6 +474,8 @@ class Trainer:
                 if clean or not self.group.distributed:
                     self.checkpoint()
                 self.write_stats()
+                if publisher is None or not publisher.is_alive():
+                    self._send_tombstones(producer, serving)  # evicted in the last steps
                 producer.flush(timeout=max(1.0, self.settings.stop_timeout_s / 2))
                 producer.close(timeout=1.0)
                 head.close()

@@ -17,7 +17,7 @@ def test_evicted_items_are_tombstoned_and_the_topic_agrees_with_the_store(topic_
     produce_identified_samples(settings, 2000, seed=4)  # 40 users, 300 items over 9 days of event time
     data = tmp_path / "trainer"
     proc = start_trainer(settings, data, tmp_path / "t.log", "--batch-size", "64", "--idle-exit", "4",
-                         "--sample-len", "20", "--idle-ttl-s", "86400", "--evict-every", "2", "--guard", "false")
+                         "--sample-len", "20", "--idle-ttl-s", "3600", "--evict-every", "2", "--guard", "false")
     assert proc.wait(300) == 0, (tmp_path / "t.log").read_text()[-3000:]
     assert stats(data)["trained"] > 0
 
