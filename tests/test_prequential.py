@@ -33,7 +33,8 @@ def test_snapshot_is_the_metrics_modules_figures_over_the_window():
     assert snap["gauc"] is None  # no users given
     assert (snap["auc_clicks"], snap["auc_buys"]) == (50, int(labels.sum()))
     assert RollingMetrics().snapshot() == {"auc": None, "gauc": None, "logloss": None, "ece": None, "auc_clicks": 0,
-                                           "auc_buys": 0, "hr@10": None, "ndcg@10": None}
+                                           "auc_buys": 0, "auc_click_from": None, "auc_click_to": None,
+                                           "auc_maturing": 0, "hr@10": None, "ndcg@10": None}
 
 
 def test_gauc_over_the_window_is_the_metrics_modules_over_the_users_with_both_labels():
