@@ -83,6 +83,7 @@ class Settings:
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
+    catchup_batches: int = field(default=4, metadata={"help": "trainer (train_policy all, one process with its publishing thread): a training step that is more than one batch behind the head takes up to this many batches at once (fewer, larger steps: less per-step overhead while catching up); 1 = always batch_size. Ranks train batch_size steps (their head waits for the step)"})
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = field(default=LR, metadata={"help": "trainer: online learning rate"})
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
@@ -93,6 +94,7 @@ class Settings:
     guard_min_positives: int = field(default=30, metadata={"help": "trainer: bought clicks (and as many not bought) in the window before the AUC leg may trip"})
     shadow_share: float = field(default=0.25, metadata={"help": "trainer: share of each step's new samples scored by the online model, the baseline and repeat-recent"})
     republish_rate: int = field(default=2000, metadata={"help": "trainer: vectors per second published again with the current model when an older one made them (one embedding space at serving time); 0 = off"})
+    republish_behind_share: float = field(default=0.1, metadata={"help": "trainer: share of republish_rate the re-publish sweep keeps while training is more than one batch behind the head (training first; the sweep resumes its full rate once caught up)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads of the trainer; 0 = cores ÷ ranks - 1 (at least 1), leaving a core to Kafka I/O, the publishing thread and the worker"})
     replay_share: float = field(default=REPLAY_SHARE, metadata={"help": "share of each step drawn from the replay reservoir"})
     checkpoint_dir: str = field(default="", metadata={"help": "where the trainer writes checkpoints and API replicas read the scoring model (a shared volume); empty = DATA_DIR/checkpoints"})
@@ -116,7 +118,7 @@ class Settings:
     seed: int = field(default=0, metadata={"help": "random seed: the online learner, the shadow evaluation, tgastream eval's default"})
 
     def validate(self) -> "Settings":
-        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst",
+        for name in ("partitions", "max_len", "sample_len", "dim", "layers", "heads", "batch_size", "burst", "catchup_batches",
                      "checkpoint_every_steps", "ann_nprobe", "ann_update_chunk"):
             _positive(name, getattr(self, name))
         if self.threads < 0:
@@ -133,6 +135,8 @@ class Settings:
             raise SettingsError(f"guard_margin must be in (0, 1), got {self.guard_margin}")
         if self.guard_min_retrievals > self.guard_window:
             raise SettingsError(f"guard_min_retrievals ({self.guard_min_retrievals}) must be <= guard_window ({self.guard_window})")
+        if not 0.0 <= self.republish_behind_share <= 1.0:
+            raise SettingsError(f"republish_behind_share must be in [0, 1], got {self.republish_behind_share}")
         if not 0.0 < self.shadow_share <= 1.0:
             raise SettingsError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
         if self.conversion_feedback not in ("wait", "fnw"):

@@ -71,7 +71,7 @@ class GraphArrays:
 class UserGraph:
     """One user's transition graph over a sliding window of their last ``max_len`` events."""
 
-    __slots__ = ("max_len", "total", "_items", "_cats", "_beh", "_ts", "_dist", "_last_item", "_last_cat", "_arrays")
+    __slots__ = ("max_len", "total", "_items", "_cats", "_b", "_t", "_d", "_raw", "_last_item", "_last_cat", "_arrays")
 
     def __init__(self, max_len: int = MAX_LEN) -> None:
         if max_len < 1 or max_len > 65535:
@@ -80,15 +80,78 @@ class UserGraph:
         self.total = 0  # events ever appended; node k of the window has global sequence total-n+k
         self._items: list[str] = []
         self._cats: list[str] = []
-        self._beh: list[int] = []
-        self._ts: list[float] = []
-        self._dist: list[tuple[int, int, int]] = []  # distance back to each view's predecessor, 0 = none
+        self._raw: tuple[bytes, int] | None = None  # (encoding, n): numeric columns not unpacked yet
+        self._b: list[int] = []  # behavior codes
+        self._t: list[float] = []  # event times
+        self._d: list[tuple[int, int, int]] = []  # distance back to each view's predecessor, 0 = none
         self._last_item: dict[str, int] | None = {}  # item → global seq of its latest event
         self._last_cat: dict[str, tuple[int, str, int]] | None = {}  # cat → (seq, item, seq of latest other-item event or -1)
         self._arrays: GraphArrays | None = None  # to_arrays() cache, dropped on append
 
     def __len__(self) -> int:
         return len(self._items)
+
+    # The numeric columns of a decoded graph are unpacked on first use: a trainer decodes every
+    # sample it reads, but its publishing thread needs only the ids of most of them, and the
+    # batcher reads the columns straight from the encoding (:func:`arrays_of`).
+    def _unpack(self) -> None:
+        data, n = self._raw  # type: ignore[misc]
+        off = _HEADER.size + 2
+        self._b = list(data[off: off + n])
+        self._t = list(struct.unpack_from(f"<{n}d", data, off + n))
+        d = iter(struct.unpack_from(f"<{3 * n}H", data, off + 9 * n))
+        self._d = list(zip(d, d, d))
+        self._raw = None
+
+    @property
+    def _beh(self) -> list[int]:
+        if self._raw is not None:
+            self._unpack()
+        return self._b
+
+    @_beh.setter
+    def _beh(self, value: list[int]) -> None:
+        if self._raw is not None:
+            self._unpack()
+        self._b = value
+
+    @property
+    def _ts(self) -> list[float]:
+        if self._raw is not None:
+            self._unpack()
+        return self._t
+
+    @_ts.setter
+    def _ts(self, value: list[float]) -> None:
+        if self._raw is not None:
+            self._unpack()
+        self._t = value
+
+    @property
+    def _dist(self) -> list[tuple[int, int, int]]:
+        if self._raw is not None:
+            self._unpack()
+        return self._d
+
+    @_dist.setter
+    def _dist(self, value: list[tuple[int, int, int]]) -> None:
+        if self._raw is not None:
+            self._unpack()
+        self._d = value
+
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Behaviors [N] int64, times [N] float64, distances [N, 3] int64: from the encoding
+        when not unpacked (no Python objects per node), else from the lists."""
+        n = len(self._items)
+        if self._raw is not None:
+            data, _n = self._raw
+            off = _HEADER.size + 2
+            beh = np.frombuffer(data, dtype=np.uint8, count=n, offset=off).astype(np.int64)  # [N]
+            ts = np.frombuffer(data, dtype="<f8", count=n, offset=off + n).astype(np.float64)  # [N]
+            dist = np.frombuffer(data, dtype="<u2", count=3 * n, offset=off + 9 * n).astype(np.int64)  # [3N]
+            return beh, ts, dist.reshape(n, 3)
+        return (np.asarray(self._b, dtype=np.int64), np.asarray(self._t, dtype=np.float64),
+                np.asarray(self._d, dtype=np.int64).reshape(n, 3))
 
     @property
     def start(self) -> int:
@@ -198,9 +261,7 @@ class UserGraph:
         if self._arrays is not None:
             return self._arrays
         n = len(self)
-        beh = np.asarray(self._beh, dtype=np.int64)  # [N]
-        ts = np.asarray(self._ts, dtype=np.float64)  # [N]
-        dist = np.asarray(self._dist, dtype=np.int64).reshape(n, 3)  # [N, 3]
+        beh, ts, dist = self._columns()  # [N], [N], [N, 3]
         idx = np.arange(n, dtype=np.int64)[:, None]  # [N, 1]
         nbr = idx - dist  # [N, 3]
         valid = (dist > 0) & (nbr >= 0)
@@ -240,12 +301,9 @@ class UserGraph:
         body = struct.Struct(f"<H{n}B{n}d{3 * n}H")
         if len(data) < _HEADER.size + body.size:
             raise ValueError("graph encoding is truncated")
-        values = body.unpack_from(data, _HEADER.size)
-        g = cls(values[0])
-        g._beh = list(values[1: 1 + n])
-        g._ts = list(values[1 + n: 1 + 2 * n])
-        d = iter(values[1 + 2 * n:])
-        g._dist = list(zip(d, d, d))
+        (max_len,) = struct.unpack_from("<H", data, _HEADER.size)
+        g = cls(max_len)
+        g._raw = (data, n)  # behaviors, times, distances: unpacked on first use
         off = _HEADER.size + body.size
         ids = data[off:].decode().split("\n") if n else []
         if len(ids) != 2 * n:
@@ -293,10 +351,16 @@ def arrays_of(graphs: Sequence["UserGraph"]) -> list[GraphArrays]:
         lens = np.fromiter((len(g) for g in todo), dtype=np.int64, count=len(todo))  # [G]
         total = int(lens.sum())
         starts = np.cumsum(lens) - lens  # [G] first node of each graph in the concatenation
-        beh = np.fromiter(chain.from_iterable(g._beh for g in todo), dtype=np.int64, count=total)  # [T]
-        ts = np.fromiter(chain.from_iterable(g._ts for g in todo), dtype=np.float64, count=total)  # [T]
-        dist = np.fromiter(chain.from_iterable(chain.from_iterable(g._dist for g in todo)), dtype=np.int64,
-                           count=3 * total).reshape(total, 3)  # [T, 3]
+        if any(g._raw is None for g in todo):
+            beh = np.fromiter(chain.from_iterable(g._beh for g in todo), dtype=np.int64, count=total)  # [T]
+            ts = np.fromiter(chain.from_iterable(g._ts for g in todo), dtype=np.float64, count=total)  # [T]
+            dist = np.fromiter(chain.from_iterable(chain.from_iterable(g._dist for g in todo)), dtype=np.int64,
+                               count=3 * total).reshape(total, 3)  # [T, 3]
+        else:  # all decoded, none unpacked (the trainer's case): straight from the encodings
+            cols = [g._columns() for g in todo]
+            beh = np.concatenate([c[0] for c in cols])  # [T]
+            ts = np.concatenate([c[1] for c in cols])  # [T]
+            dist = np.concatenate([c[2] for c in cols])  # [T, 3]
         first = np.repeat(starts, lens)  # [T] each node's graph start
         local = (np.arange(total, dtype=np.int64) - first)[:, None]  # [T, 1] index within its graph
         nbr = local - dist  # [T, 3]

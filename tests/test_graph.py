@@ -142,3 +142,29 @@ def test_arrays_of_many_graphs_equal_each_graphs_own_arrays():
         for field in ("behaviors", "ts", "gap_buckets", "neighbors", "edge_types"):
             np.testing.assert_array_equal(getattr(a, field), getattr(e, field), err_msg=field)
             assert getattr(a, field).dtype == getattr(e, field).dtype
+
+
+def test_a_decoded_graph_reads_its_columns_from_the_encoding_and_behaves_as_the_original():
+    """Decoding leaves behaviors, times and distances packed until first use: the batched arrays
+    read straight from the encodings, and every other use (tail, append, re-encoding) sees the
+    same graph as the original."""
+    from tgastream.state.graph import arrays_of
+
+    rng = np.random.default_rng(5)
+    graphs = []
+    for k in range(40):
+        g = UserGraph(max_len=int(rng.integers(1, 12)))
+        for t in range(int(rng.integers(0, 25))):
+            g.append(str(rng.integers(8)), str(rng.integers(3)), int(rng.integers(4)), 1000.0 + t * float(rng.integers(1, 5000)))
+        graphs.append(g)
+    decoded = [UserGraph.from_bytes(g.to_bytes()) for g in graphs]
+    assert all(d._raw is not None for d in decoded if len(d))  # nothing unpacked yet
+    for e, a in zip(arrays_of(graphs), arrays_of(decoded)):  # all packed: the encoding path
+        for field in ("behaviors", "ts", "gap_buckets", "neighbors", "edge_types"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(e, field), err_msg=field)
+            assert getattr(a, field).dtype == getattr(e, field).dtype
+    for g, d in zip(graphs, [UserGraph.from_bytes(g.to_bytes()) for g in graphs]):
+        assert d.to_bytes() == g.to_bytes() and d.tail(3) == g.tail(3) and d.head(2) == g.head(2)
+        d.append("new", "0", 1, 1e9)
+        g.append("new", "0", 1, 1e9)
+        assert d == g

@@ -34,3 +34,22 @@ def test_after_a_rollback_what_the_bad_model_published_goes_out_again_first():
     p.demote(newer_than=5)
     users, items = p.stale(5, budget=100)  # the sweep with the good version 5
     assert list(users) == ["u2", "u3", "u0"] and list(items) == ["i2", "i3", "i0"]  # bad ones first, 5 is current
+
+
+def test_the_sweep_yields_to_training_only_while_more_than_a_batch_is_waiting():
+    from tgastream.stream.trainer import republish_rate_now
+
+    assert republish_rate_now(2000, 0.1, behind=0, batch_size=256) == 2000.0
+    assert republish_rate_now(2000, 0.1, behind=256, batch_size=256) == 2000.0  # one batch: at pace
+    assert republish_rate_now(2000, 0.1, behind=257, batch_size=256) == 200.0
+    assert republish_rate_now(2000, 0.0, behind=10_000, batch_size=256) == 0.0
+
+
+def test_a_trainer_behind_the_head_catches_up_in_steps_of_at_most_catchup_batches():
+    from tgastream.stream.trainer import train_size
+
+    assert train_size(256, 4, behind=0) == 256  # nothing waiting: a normal batch (the poll waits for it)
+    assert train_size(256, 4, behind=256) == 256
+    assert train_size(256, 4, behind=700) == 700  # what is waiting, not more
+    assert train_size(256, 4, behind=50_000) == 1024
+    assert train_size(256, 1, behind=50_000) == 256  # catchup_batches 1: always batch_size
