@@ -15,6 +15,13 @@ store existed) is counted (``unmatched``) and scored nowhere: a lost prediction 
 The store is part of the learner's state, so it is checkpointed with the trained offsets and a
 restart resumes with the same pending predictions.
 
+The maturity horizon (:meth:`ClickTimeStore.horizon`) is the earliest click time among the
+pending predictions: every click before it is labelled, so the rolling metrics
+(model/prequential.py) judge only clicks whose era is complete, positives and negatives alike.
+A heap of (click time, key) beside the pending map keeps it O(log n) a prediction; entries of
+keys that left the map (joined, evicted, predicted again) are dropped when they reach the top,
+and the heap is rebuilt from the map when stale entries outnumber live ones.
+
 A prediction may hold several scores (the shadow evaluation keeps online, baseline and
 repeat-recent side by side, model/shadow.py): ``probs`` is a row per click.
 """
@@ -24,6 +31,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import heapq
+import math
 
 import numpy as np
 
@@ -35,12 +45,13 @@ Key = tuple[str, str, float]  # user, item, click time
 @dataclass
 class Joined:
     """Labels joined to their click-time predictions: labels [J], probs [J, M], versions [J],
-    users [J] (for GAUC)."""
+    users [J] (for GAUC), the clicks' event times click_ts [J]."""
 
     labels: np.ndarray
     probs: np.ndarray
     versions: np.ndarray
     users: list[str]
+    click_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,25 +69,46 @@ class ClickTimeStore:
     evicted: int = 0  # dropped unlabelled because the store was full
     unmatched: int = 0  # labels that found no prediction
     history: list | None = None  # a list to also append every (key, version, probs) to (benchmarks); None: off
+    heap: list = field(default_factory=list, repr=False)  # (click ts, user, item) of pending keys, stale ones lazily dropped
 
     def predict(self, clicks: Sequence[Sample], probs: np.ndarray, version: int) -> None:
         """Keep the predictions ``probs`` [C] or [C, M] of ``clicks`` made by model ``version``."""
         rows = np.asarray(probs, dtype=np.float64).reshape(len(clicks), -1)
         for s, row in zip(clicks, rows.tolist()):
             key = s.click_key
-            self.pending.pop(key, None)  # (the same click again, e.g. read again: the newest counts)
+            again = self.pending.pop(key, None) is not None  # (the same click again, e.g. read again: the newest counts)
             self.pending[key] = (int(version), tuple(row))
+            if not again:  # (its entry is still in the heap)
+                heapq.heappush(self.heap, (key[2], key[0], key[1]))
             self.predicted += 1
             if self.history is not None:
                 self.history.append((key, int(version), tuple(row)))
         while len(self.pending) > self.capacity:
             self.pending.popitem(last=False)
             self.evicted += 1
+        self._compact()
+
+    def horizon(self) -> float:
+        """The maturity horizon: the earliest click time among pending predictions (+inf when
+        none is pending). Every predicted click before it has its label."""
+        while self.heap:
+            t, u, i = self.heap[0]
+            if (u, i, t) in self.pending:
+                return t
+            heapq.heappop(self.heap)  # (a key that left: joined, evicted)
+        return math.inf
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the pending keys when stale entries outnumber live ones (keeps
+        it within twice the store, whatever order labels arrive in)."""
+        if len(self.heap) > 2 * len(self.pending) + 64:
+            self.heap = [(t, u, i) for u, i, t in self.pending]
+            heapq.heapify(self.heap)
 
     def join(self, conversions: Sequence[Sample]) -> Joined:
         """The click-time predictions of these labelled conversion samples (removed from the store);
         those without one are counted in ``unmatched`` and left out."""
-        labels, probs, versions, users = [], [], [], []
+        labels, probs, versions, users, click_ts = [], [], [], [], []
         for s in conversions:
             hit = self.pending.pop(s.click_key, None)
             if hit is None:
@@ -86,9 +118,11 @@ class ClickTimeStore:
             versions.append(hit[0])
             probs.append(hit[1])
             users.append(s.user_id)
+            click_ts.append(s.click_key[2])
         self.joined += len(labels)
+        self._compact()
         return Joined(np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64).reshape(-1, self.width),
-                      np.asarray(versions, dtype=np.int64), users)
+                      np.asarray(versions, dtype=np.int64), users, np.asarray(click_ts, dtype=np.float64))
 
     def counts(self) -> dict[str, int]:
         return {"pending": len(self.pending), "predicted": self.predicted, "joined": self.joined,
@@ -106,3 +140,5 @@ class ClickTimeStore:
         while len(self.pending) > self.capacity:
             self.pending.popitem(last=False)
             self.evicted += 1
+        self.heap = [(t, u, i) for u, i, t in self.pending]  # (not checkpointed: rebuilt from the map)
+        heapq.heapify(self.heap)

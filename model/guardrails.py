@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,9 +246,12 @@ class Guardrails:
         pooled = self.group.gather_objects(scored) if self.group.distributed else [scored]
         online = self.shadow.rolling["online"]
         before = online.retrievals_seen + online.conversions_seen
+        # conversion cases mature up to the earliest click awaiting its label on any rank (a rank
+        # without a part this step: unknown, so nothing matures until the next step)
+        horizon = min((-math.inf if part is None else part.horizon for part in pooled), default=-math.inf)
         for part in pooled:  # in rank order: every rank's shadow holds the same cases
             if part is not None:
-                self.shadow.note(part)
+                self.shadow.note(part, horizon)
         self._scored += online.retrievals_seen + online.conversions_seen - before
 
     def after_step(self) -> Event | None:

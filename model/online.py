@@ -8,7 +8,8 @@ For every micro-batch the trainer calls, in this order:
 2. :meth:`OnlineLearner.score`: scores the batch with the current model *before* learning from it
    (the online metric, :class:`model.prequential.RollingMetrics`): P(buy) of each click at click
    time (its CLICK sample), kept until its label arrives with the conversion sample and judged
-   then (model/clicktime.py); the full-catalogue mid-rank of each retrieval target;
+   then (model/clicktime.py), counted in click-time order once every older click has its label
+   (model/prequential.py); the full-catalogue mid-rank of each retrieval target;
 3. :meth:`OnlineLearner.learn`: one optimizer step on the batch (what of it is trained depends on
    ``conversion_feedback``, model/feedback.py) mixed with ``replay_share`` older samples drawn
    from a bounded reservoir (limits forgetting); now and then evicts idle rows.
@@ -380,10 +381,13 @@ class OnlineLearner:
 
     def _judge_conversions(self, samples: Sequence[Sample]) -> None:
         """The labels that arrived (conversion samples) with their clicks' click-time predictions,
-        into the rolling metrics; a label whose prediction was lost is counted, not scored."""
+        into the rolling metrics' maturing buffer; the cases whose clicks are older than every
+        click still awaiting its label (the store's horizon) enter the window, in click-time
+        order (model/prequential.py). A label whose prediction was lost is counted, not scored."""
         joined = self.clicktime.join([s for s in samples if s.kind == CONVERSION])
         if len(joined):
-            self.metrics.add_conversion(joined.labels, joined.probs[:, 0], joined.users)
+            self.metrics.add_conversion(joined.labels, joined.probs[:, 0], joined.users, joined.click_ts)
+        self.metrics.mature(self.clicktime.horizon())
 
     def _score_retrievals(self, batch, states: torch.Tensor, categories: torch.Tensor | None = None) -> None:
         """Mid-rank of each retrieval target among every item that has a row (full catalogue,

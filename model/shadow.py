@@ -14,6 +14,12 @@ prequentially, before the online model learns from them:
   a bounded number of rows per step (``rank_budget`` / catalogue, as the learner's own scoring);
 - repeat-recent on the same retrieval rows: the user's distinct context items, most recent first.
 
+The per-model rolling conversion metrics count a judged click only once every older click the
+shadow predicted has its label (its store's horizon), in click-time order, as the learner's own
+(model/prequential.py): positives and negatives of the same click era. The guard's paired window
+(model/guard.py) takes the cases as their labels arrive, unchanged: each pair there compares two
+models on the *same* click, so the era does not bias it.
+
 The paired outcomes feed the guard (model/guard.py); rolling AUC and HR@10 per model feed
 ``tgastream_online_metric{model=...}``.
 """
@@ -139,6 +145,8 @@ class Scored:
     repeat: Outcomes
     baseline: Outcomes | None  # None without a baseline
     paired: np.ndarray | None = None
+    click_ts: np.ndarray | None = None  # [C] the clicks' event times (None: unknown, enter the windows at once)
+    horizon: float = math.inf  # the earliest click still awaiting its label in this shadow's store, after the join
 
 
 class Baseline(Protocol):
@@ -221,23 +229,28 @@ class Shadow:
             return None
         paired = joined.versions == cases.baseline_version if base is not None else np.zeros(len(joined), bool)
         return Scored(joined.labels, Outcomes(joined.probs[:, 0], online.ranks), Outcomes(joined.probs[:, 1], cases.repeat_ranks),
-                      None if base is None else Outcomes(joined.probs[:, 2], base.ranks), paired)
+                      None if base is None else Outcomes(joined.probs[:, 2], base.ranks), paired, joined.click_ts,
+                      self.pending.horizon())
 
-    def note(self, scored: Scored) -> None:
-        """Add scored outcomes to the rolling metrics and, with a baseline, the paired window."""
-        self._note("online", scored.labels, scored.online)
-        self._note("repeat", scored.labels, scored.repeat)
-        if scored.baseline is None or self.baseline is None:
-            return
-        ok = scored.paired if scored.paired is not None else np.ones(len(scored.labels), bool)
-        base = Outcomes(scored.baseline.probs[ok], scored.baseline.ranks)
-        self._note("baseline", scored.labels[ok], base)
-        self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels[ok],
-                        scored.online.probs[ok], base.probs)
+    def note(self, scored: Scored, horizon: float | None = None) -> None:
+        """Add scored outcomes to the rolling metrics (conversion cases mature up to ``horizon``,
+        default the scored's own: with ranks, the earliest over every rank's store) and, with a
+        baseline, the paired window."""
+        ts = scored.click_ts
+        self._note("online", scored.labels, scored.online, ts)
+        self._note("repeat", scored.labels, scored.repeat, ts)
+        if scored.baseline is not None and self.baseline is not None:
+            ok = scored.paired if scored.paired is not None else np.ones(len(scored.labels), bool)
+            base = Outcomes(scored.baseline.probs[ok], scored.baseline.ranks)
+            self._note("baseline", scored.labels[ok], base, None if ts is None else ts[ok])
+            self.paired.add(scored.online.ranks <= K, scored.baseline.ranks <= K, scored.labels[ok],
+                            scored.online.probs[ok], base.probs)
+        for r in self.rolling.values():
+            r.mature(scored.horizon if horizon is None else horizon)
 
-    def _note(self, name: str, labels: np.ndarray, out: Outcomes) -> None:
+    def _note(self, name: str, labels: np.ndarray, out: Outcomes, click_ts: np.ndarray | None) -> None:
         if len(out.probs):
-            self.rolling[name].add_conversion(labels, out.probs)
+            self.rolling[name].add_conversion(labels, out.probs, click_ts=click_ts)
         if len(out.ranks):
             self.rolling[name].add_ranks(out.ranks)
 

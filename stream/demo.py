@@ -315,13 +315,19 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
 def online_report(trainer_stats: dict) -> dict:
     """The online figures of report.json: conversion judged at the click (each click's P(buy) by
     the model of that moment, joined to its label when the window closed; model/clicktime.py)
-    over the trainer's rolling window, with the cases it rests on, and HR@10."""
+    over the trainer's rolling window of the latest mature clicks by click time
+    (model/prequential.py), with the cases it rests on and the click times they span
+    (``auc_click_from``, ``auc_click_to``: event-time seconds), and HR@10."""
     on = trainer_stats.get("online", {})
     return {"auc": on.get("auc"), "auc_clicks": on.get("auc_clicks"), "auc_buys": on.get("auc_buys"),
+            "auc_click_from": on.get("auc_click_from"), "auc_click_to": on.get("auc_click_to"),
             "gauc": on.get("gauc"), "logloss": on.get("logloss"), "ece": on.get("ece"), "hr@10": on.get("hr@10"),
             "clicks_unjudged": on.get("clicktime_unmatched"), "clicks_pending": on.get("clicktime_pending"),
+            "clicks_maturing": on.get("auc_maturing"),
             "reliability": trainer_stats.get("reliability", []),
-            "judged": "at the click: the conversion window's label joined to the P(buy) made when the click arrived"}
+            "judged": ("at the click: the conversion window's label joined to the P(buy) made when the click arrived; "
+                       "the window holds the latest clicks by click time whose era is fully labelled "
+                       "(every older click has its label), so positives and negatives are of the same era")}
 
 
 def capacity(rows: list[dict], batch_size: int) -> dict:
@@ -363,7 +369,7 @@ def online_metrics_plot(history: list[dict], online: dict, path: Path) -> None:
     if history:
         t0 = history[0]["time"]
         ht = [h["time"] - t0 for h in history]
-        for ax, keys in ((axes[0], (("hr@10", "HR@10"), ("auc", "conversion AUC, judged at the click"))),
+        for ax, keys in ((axes[0], (("hr@10", "HR@10"), ("auc", "conversion AUC at the click (mature clicks, click-time order)"))),
                          (axes[1], (("logloss", "logloss at the click"), ("ece", "ECE at the click")))):
             for key, label in keys:
                 ax.plot(ht, [h.get(key) if h.get(key) is not None else float("nan") for h in history],

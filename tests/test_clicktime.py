@@ -14,7 +14,9 @@ from tgastream.model.clicktime import ClickTimeStore
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.feedback import conversion_loss, fnw_weights, training_samples
 from tgastream.model.online import OnlineLearner
-from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, RedeliveryGuard, UserState
+from tgastream.model.shadow import Shadow, ShadowConfig
+from tgastream.state.graph import UserGraph
+from tgastream.state.samples import CLICK, CONVERSION, RETRIEVAL, RedeliveryGuard, Sample, UserState
 from tgastream.stream.processor import _identify
 
 DAY = 86400.0
@@ -186,3 +188,89 @@ def test_the_demo_report_carries_the_click_time_auc_with_its_cases_and_plots_cal
     history = [{"time": 100.0 + k, "hr@10": 0.1, "auc": 0.6, "logloss": 0.3, "ece": 0.02} for k in range(5)]
     online_metrics_plot(history, on, tmp_path / "online_metrics.png")
     assert (tmp_path / "online_metrics.png").stat().st_size > 1000
+
+
+def test_a_positive_that_arrives_before_an_older_clicks_negative_waits_for_that_negative():
+    L = learner()
+    s = Stream()
+    L.step(s.events(*filler(60, 0.0)))
+    # b clicks first and never buys; a clicks later and buys ten minutes after
+    L.step(s.events(("a", "h1", "fav", 50.0), ("b", "h2", "fav", 50.0), ("b", "i2", "click", 100.0),
+                    ("a", "i1", "click", 200.0)))
+    pb, pa = L.clicktime.pending[("b", "i2", 100.0)][1][0], L.clicktime.pending[("a", "i1", 200.0)][1][0]
+    L.step(s.events(("a", "i1", "buy", 800.0)) + s.events(*filler(30, 900.0)))
+    assert L.clicktime.joined == 1 and L.clicktime.horizon() == 100.0  # a's label is in, b's click still open
+    assert list(L.metrics.conv_labels) == [] and L.online_metrics()["auc_maturing"] == 1  # a waits for b's era
+    L.step(s.watermark(100.0 + DAY + 1))  # b's window ends: its negative, then both enter, b's click first
+    assert L.clicktime.horizon() == float("inf")
+    assert list(L.metrics.conv_labels) == [0.0, 1.0]
+    assert list(L.metrics.conv_scores) == pytest.approx([pb, pa])
+    snap = L.online_metrics()
+    assert (snap["auc_click_from"], snap["auc_click_to"], snap["auc_maturing"]) == (100.0, 200.0, 0)
+
+
+def test_a_restart_keeps_the_pending_and_the_maturing_cases():
+    L = learner()
+    s = Stream()
+    L.step(s.events(*filler(40, 0.0), ("b", "h2", "fav", 40.0), ("a", "h1", "fav", 50.0), ("b", "i2", "click", 55.0),
+                    ("a", "i1", "click", 60.0)))
+    L.step(s.events(("a", "i1", "buy", 90.0)))  # a is labelled, but b's older click is not: a is maturing
+    assert L.online_metrics()["auc_maturing"] == 1 and not L.metrics.conv_labels
+    buf = io.BytesIO()
+    torch.save(L.state_dict(), buf)
+    buf.seek(0)
+    twin = learner()
+    twin.load_state_dict(torch.load(buf, weights_only=True))
+    assert dict(twin.clicktime.pending) == dict(L.clicktime.pending) and twin.clicktime.horizon() == 55.0
+    assert twin.online_metrics()["auc_maturing"] == 1
+    twin.step(s.watermark(55.0 + DAY + 1))  # b's negative arrives after the restart: both enter, in click order
+    assert list(twin.metrics.conv_labels) == [0.0, 1.0]
+    assert list(twin.metrics.conv_ts) == [55.0, 60.0]
+
+
+def _click(user: str, item: str, ts: float, label: float = 0.0, kind: int = CLICK) -> Sample:
+    return Sample(kind, user, UserGraph(4), item, "c", 0, label, ts)
+
+
+def test_the_horizon_is_the_earliest_pending_click_under_eviction_re_prediction_and_joins():
+    rng = np.random.default_rng(3)
+    store = ClickTimeStore(capacity=50)
+    keys = [(f"u{k % 9}", f"i{k}", float(rng.integers(0, 400))) for k in range(300)]
+    for step in range(400):
+        batch = [keys[j] for j in rng.integers(0, len(keys), 5)]  # some keys again: re-predicted
+        store.predict([_click(*k) for k in batch], rng.random(len(batch)), version=step)
+        if step % 3 == 0 and store.pending:  # labels of some pending clicks, any order
+            got = list(store.pending)
+            take = [got[j] for j in rng.choice(len(got), min(4, len(got)), replace=False)]
+            store.join([_click(*k, kind=CONVERSION) for k in take])
+        want = min((t for _, _, t in store.pending), default=float("inf"))
+        assert store.horizon() == want
+        assert len(store.heap) <= 2 * len(store.pending) + 64 + 5  # stale entries do not pile up
+    assert store.evicted > 0 and store.joined > 0
+    back = ClickTimeStore(capacity=50)
+    back.load_state_dict(store.state_dict())
+    assert back.horizon() == store.horizon()
+
+
+def test_the_shadows_rolling_conversion_metrics_wait_for_older_clicks_too():
+    L = learner()
+    s = Stream()
+    shadow = Shadow(ShadowConfig(share=1.0), paired_window=100)  # every click picked
+    judged = []
+
+    def step(samples):
+        scored = shadow.evaluate(samples, L.model, L.rows, L.device)
+        if scored is not None:
+            shadow.note(scored)
+            judged.extend(scored.labels.tolist())
+        L.step(samples)
+
+    step(s.events(*filler(40, 0.0), ("a", "h1", "fav", 50.0), ("b", "h2", "fav", 50.0)))
+    step(s.events(("b", "i2", "click", 100.0), ("a", "i1", "click", 200.0)))
+    step(s.events(("a", "i1", "buy", 800.0)))
+    assert judged == [1.0]  # joined at once (the guard's paired window takes it as it arrives) ...
+    assert all(not r.conv_labels for r in shadow.rolling.values())  # ... the rolling windows wait for b's label
+    step(s.watermark(100.0 + DAY + 1))
+    for name in ("online", "repeat"):
+        assert list(shadow.rolling[name].conv_labels) == [0.0, 1.0]
+        assert list(shadow.rolling[name].conv_ts) == [100.0, 200.0]

@@ -7,7 +7,7 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = ("run a benchmark: stream, model, online, freshness, api, index, scale, trainer, skew or guard "
+HELP = ("run a benchmark: stream, model, online, freshness, api, index, scale, trainer, skew, guard or era "
         "(each prints a table; --json writes it)")
 
 BENCHES: dict[str, str] = {
@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "trainer": "tgastream.bench.trainer",
     "skew": "tgastream.bench.skew",
     "guard": "tgastream.bench.guard",
+    "era": "tgastream.bench.era",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
