@@ -10,12 +10,20 @@ trainer: every 100 ms one batch of new user and item vectors, a few bought lists
 model version (so the API catches up and reloads its item matrix all along), and once, halfway
 (half the requests answered or half of ``--max-seconds`` gone, whichever comes first), a new checkpoint (so the scorer reloads). Latency is measured by the client, request sent to body
 read. The target is 0 server errors (5xx) and 0 transport errors.
+
+``--replica topic``: the server is a topic-fed API replica instead (its own store, materialized
+from the embeddings topic of an embedded broker, and its approximate item index above
+``ann_exact_below``), the way API replicas run in production: the store is filled first and
+bound to the topic (a restarted replica's state), the server rebuilds its index from it at start,
+and the writer publishes its batches to the topic, which the replica applies to its store and
+index while it answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,6 +48,7 @@ TICK_S = 0.1  # writer: one batch per tick
 TICK_USERS, TICK_ITEMS, TICK_BOUGHT = 300, 100, 20
 BOUGHT_SHARE = 0.2  # users with bought items at the start
 START_TIMEOUT_S = 120.0  # the server imports torch and loads a checkpoint: slow on a loaded machine
+TOPIC_START_TIMEOUT_S = 900.0  # a topic-fed replica also builds its item index at start (1M items: minutes)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop sending after this many seconds of load, even if requests remain (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the request mix and the writer (default: 0)")
     p.add_argument("--json", type=Path, help="write the result as JSON")
+    p.add_argument("--replica", choices=("store", "topic"), default="store",
+                   help="store: the server reads a serving store this process writes (a secondary reader); topic: "
+                        "a topic-fed replica (own store and approximate index) following an embedded broker's "
+                        "embeddings topic, which the writer publishes to (default: store)")
     add_setting_flags(p, "device")
 
 
@@ -158,7 +171,20 @@ def _plan(args: argparse.Namespace, users: list[str], item_cat: dict[str, str], 
 # -- the trainer's stand-in --------------------------------------------------------------------------
 
 
-def _writer(store, users: list[str], items: list[str], dim: int, seed: int, stop: threading.Event,
+def _produce(producer, topic: str, users: dict, items: dict, bought: dict[str, list[str]]) -> None:
+    """One writer batch onto the embeddings topic, as the trainer publishes it."""
+    from tgastream.state.serving import bought_key, bought_value, item_key, user_key
+
+    for u, rec in users.items():
+        producer.send(topic, key=user_key(u), value=rec.to_bytes())
+    for i, rec in items.items():
+        producer.send(topic, key=item_key(i), value=rec.to_bytes())
+    for u, b in bought.items():
+        producer.send(topic, key=bought_key(u), value=bought_value(b))
+    producer.flush()
+
+
+def _writer(publish, users: list[str], items: list[str], dim: int, seed: int, stop: threading.Event,
             halfway: threading.Event, ck_dir: Path, ck_state: dict, started: float, stats: WriterStats) -> None:
     import numpy as np
 
@@ -175,9 +201,8 @@ def _writer(store, users: list[str], items: list[str], dim: int, seed: int, stop
             uvec = _unit(rng.standard_normal((len(us), dim), dtype=np.float32))
             ivec = _unit(rng.standard_normal((len(its), dim), dtype=np.float32))
             bought = {u: [items[j] for j in rng.integers(0, len(items), 5)] for u in us[:TICK_BOUGHT]}
-            store.write(users={u: VectorRecord(version, now, now, uvec[k]) for k, u in enumerate(us)},
-                        items={i: VectorRecord(version, now, now, ivec[k]) for k, i in enumerate(its)},
-                        bought=bought, model_version=version)
+            publish({u: VectorRecord(version, now, now, uvec[k]) for k, u in enumerate(us)},
+                    {i: VectorRecord(version, now, now, ivec[k]) for k, i in enumerate(its)}, bought, version)
             stats.model_version, stats.batches = version, stats.batches + 1
             stats.vectors += len(us) + len(its)
             if halfway.is_set() and stats.checkpoint_at_s is None:
@@ -192,12 +217,12 @@ def _writer(store, users: list[str], items: list[str], dim: int, seed: int, stop
 # -- the load ------------------------------------------------------------------------------------------
 
 
-async def _wait_ready(session, base: str, proc: subprocess.Popen, log_path: Path) -> None:
+async def _wait_ready(session, base: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     import aiohttp
 
     from tgastream.core.errors import CommandError
 
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             raise CommandError(f"tgastream serve exited with {proc.returncode}: {_tail(log_path, 1)}")
@@ -208,12 +233,13 @@ async def _wait_ready(session, base: str, proc: subprocess.Popen, log_path: Path
         except (aiohttp.ClientError, asyncio.TimeoutError):
             pass
         if time.monotonic() > deadline:
-            raise CommandError(f"tgastream serve not ready (scorer loaded) after {START_TIMEOUT_S:.0f} s")
+            raise CommandError(f"tgastream serve not ready (scorer loaded) after {timeout_s:.0f} s")
         await asyncio.sleep(0.2)
 
 
 async def _load(base: str, plan, clients: int, max_seconds: float, headers: dict[str, str], proc, log_path: Path,
-                on_start, halfway: threading.Event, bar) -> tuple[list[Outcome], float, dict[str, int]]:
+                on_start, halfway: threading.Event, bar, settle, start_timeout_s: float = START_TIMEOUT_S
+                ) -> tuple[list[Outcome], float, dict[str, int], dict]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=clients, limit_per_host=clients)
@@ -221,7 +247,7 @@ async def _load(base: str, plan, clients: int, max_seconds: float, headers: dict
     outcomes: list[Outcome] = []
     next_n = 0
     async with aiohttp.ClientSession(base_url=base, connector=connector, timeout=timeout, headers=headers) as session:
-        await _wait_ready(session, base, proc, log_path)
+        await _wait_ready(session, base, proc, log_path, start_timeout_s)
         on_start()
         start = time.monotonic()
         deadline = start + max_seconds
@@ -247,7 +273,30 @@ async def _load(base: str, plan, clients: int, max_seconds: float, headers: dict
 
         await asyncio.gather(*(client() for _ in range(clients)))
         seconds = time.monotonic() - start
-        return outcomes, seconds, await _server_counts(session)
+        counts = await _server_counts(session)
+        last = settle()  # the writer stopped: the newest model version it wrote or published
+        return outcomes, seconds, counts, await _health(session, last)
+
+
+async def _health(session, version: int, timeout_s: float = 30.0) -> dict:
+    """The server's /healthz once its model version reaches ``version`` (the writer's last: every
+    batch written or published has been applied), or after ``timeout_s``; with
+    ``caught_up_s`` (None: it did not). {} when it does not answer."""
+    import aiohttp
+
+    t0 = time.monotonic()
+    body: dict = {}
+    while True:
+        try:
+            async with session.get("/healthz", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                body = await r.json() if r.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            body = {}
+        if body.get("model_version", 0) >= version:
+            return {**body, "caught_up_s": round(time.monotonic() - t0, 2)}
+        if time.monotonic() - t0 > timeout_s:
+            return {**body, "caught_up_s": None} if body else {}
+        await asyncio.sleep(0.1)
 
 
 async def _server_counts(session) -> dict[str, int]:
@@ -308,6 +357,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from tgastream.core.errors import CommandError
     from tgastream.state.serving import ServingStore
     from tgastream.stream.broker import die_with_parent, free_port, install_sigterm_handler
+    from tgastream.stream.replay import make_producer
 
     for flag, value, low in (("--requests", args.requests, 1), ("--clients", args.clients, 1),
                              ("--items", args.items, 1), ("--users", args.users, 1)):
@@ -318,12 +368,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     install_sigterm_handler()
     rng = np.random.default_rng(args.seed)
 
-    with tempfile.TemporaryDirectory(prefix="tgastream-bench-api-") as tmp:
+    topic_mode = args.replica == "topic"
+    with tempfile.TemporaryDirectory(prefix="tgastream-bench-api-") as tmp, contextlib.ExitStack() as stack:
         data_dir = Path(tmp)
         store_path, ck_dir, log_path = data_dir / "serving", data_dir / "checkpoints", data_dir / "serve.log"
+        if topic_mode:
+            store_path = data_dir / "api-serving"  # the replica's own store (``tgastream serve`` without --store)
         print(f"bench api: {args.users:,} users, {args.items:,} items (dim {settings.dim}), "
-              f"model dim {settings.dim} x {settings.layers} layers; data in {data_dir}", flush=True)
+              f"model dim {settings.dim} x {settings.layers} layers, replica: {args.replica}; data in {data_dir}",
+              flush=True)
         store = ServingStore(store_path)
+        store_open = True
         stop, halfway = threading.Event(), threading.Event()
         stats = WriterStats()
         writer: threading.Thread | None = None
@@ -334,7 +389,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ck_state = _learner_states(args, settings, ck_dir)
             plan = _plan(args, users, item_cat, rng)
             port = free_port()
-            cmd = [sys.executable, "-m", "tgastream.stream.cli", "serve", "--store", str(store_path),
+            if topic_mode:
+                bootstrap, topic = _bind_to_topic(stack, store, settings, data_dir)
+                store.close()  # the replica's own store: the server is its only writer
+                store_open = False
+                producer = stack.enter_context(contextlib.closing(make_producer(bootstrap)))
+                publish = lambda u, i, b, _v: _produce(producer, topic, u, i, b)  # noqa: E731
+                where = ["--bootstrap", bootstrap, "--embeddings-topic", topic]
+            else:
+                publish = lambda u, i, b, v: store.write(users=u, items=i, bought=b, model_version=v)  # noqa: E731
+                where = ["--store", str(store_path)]
+            cmd = [sys.executable, "-m", "tgastream.stream.cli", "serve", *where,
                    "--api-host", "127.0.0.1", "--api-port", str(port), "--data-dir", str(data_dir)]
             if getattr(args, "config", None):
                 cmd[3:3] = ["--config", str(args.config)]
@@ -346,10 +411,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             base = f"http://127.0.0.1:{port}"
             headers = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
 
+            def settle() -> int:
+                stop.set()
+                if writer is not None:
+                    writer.join(10)
+                return stats.model_version
+
             def on_start() -> None:
                 nonlocal writer
                 writer = threading.Thread(target=_writer, name="bench-api-writer", daemon=True,
-                                          args=(store, users, items, settings.dim, args.seed, stop, halfway, ck_dir,
+                                          args=(publish, users, items, settings.dim, args.seed, stop, halfway, ck_dir,
                                                 ck_state, time.monotonic(), stats))
                 writer.start()
 
@@ -357,8 +428,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                   f"writer: {TICK_USERS} users + {TICK_ITEMS} items per {TICK_S * 1000:.0f} ms", flush=True)
             with tqdm(total=len(plan), desc="bench api", unit="req", file=sys.stderr, disable=None,
                       mininterval=0.5) as bar:
-                outcomes, seconds, server_counts = asyncio.run(_load(base, plan, args.clients, args.max_seconds, headers, proc,
-                                                      log_path, on_start, halfway, bar))
+                outcomes, seconds, server_counts, health = asyncio.run(_load(
+                    base, plan, args.clients, args.max_seconds, headers, proc, log_path, on_start, halfway, bar,
+                    settle, TOPIC_START_TIMEOUT_S if topic_mode else START_TIMEOUT_S))
         finally:
             stop.set()
             if writer is not None:
@@ -366,7 +438,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             if proc is not None:
                 exited = proc.poll()  # None: it was running until we stopped it
                 _stop(proc)
-            store.close()
+            if store_open:
+                store.close()
         tracebacks = log_path.read_text(errors="replace").count("Traceback") if log_path.exists() else 0
         if tracebacks:
             print(f"server log: {tracebacks} traceback(s); last lines: {_tail(log_path, 5)}", file=sys.stderr)
@@ -377,6 +450,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
               "by_route": {r: {k: s[k] for k in ("requests", "p50_ms", "p99_ms", "server_errors", "client_errors",
                                                  "transport_errors")} for r, s in by_route.items()},
               "clients": args.clients, "items": args.items, "users": args.users, "seconds": round(seconds, 2),
+              "replica": args.replica, "server_health_at_end": health,
+              "statuses": {r: dict(sorted(Counter(o.status for o in outcomes if o.route == r).items())) for r in ROUTES},
               "unknown_user_share": UNKNOWN_SHARE, "score_candidates": CANDIDATES, "k": K,
               "writer": {"batches": stats.batches, "vectors": stats.vectors, "last_model_version": stats.model_version,
                          "checkpoint_2_at_s": None if stats.checkpoint_at_s is None else round(stats.checkpoint_at_s, 2)},
@@ -392,6 +467,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
           f"1 → {stats.model_version}), checkpoint 2 at "
           f"{'-' if stats.checkpoint_at_s is None else f'{stats.checkpoint_at_s:.1f} s'}")
     print(f"requests/s by third of the run: {' / '.join(f'{x:,.0f}' for x in result['requests_per_s_by_third'])}")
+    if health:
+        src = health.get("source") or {}
+        print(f"server at the end: model version {health.get('model_version')} (the writer's last: "
+              f"{stats.model_version}), caught up {'in ' + str(health['caught_up_s']) + ' s' if health.get('caught_up_s') is not None else 'NOT within 30 s'}"
+              + (f"; {src.get('records', 0):,} topic records applied" if src else ""))
     answered = Counter(f"{o.status // 100}xx" for o in outcomes if o.status)
     print(f"server's own count (/metrics) of /v1 answers: "
           f"{', '.join(f'{k} {v:,}' for k, v in server_counts.items()) or 'unavailable'}"
@@ -407,6 +487,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"note: stopped by --max-seconds {args.max_seconds:g} after {len(outcomes):,} of {args.requests:,} requests",
               file=sys.stderr)
     return 0
+
+
+def _bind_to_topic(stack: contextlib.ExitStack, store, settings: Settings, data_dir: Path) -> tuple[str, str]:
+    """An embedded broker with the app's topics, and ``store`` bound to its embeddings topic (as a
+    replica's store is once it has read the topic): (bootstrap, embeddings topic)."""
+    from tgastream.stream.broker import EmbeddedBroker
+    from tgastream.stream.generations import topic_ids
+    from tgastream.stream.topics import ensure_app_topics
+
+    broker = stack.enter_context(EmbeddedBroker(log_path=data_dir / "broker.log"))
+    ensure_app_topics(broker.bootstrap, settings.replace(bootstrap=broker.bootstrap))
+    topic = settings.embeddings_topic
+    store.set_source(topic_ids(broker.bootstrap, [topic])[topic])
+    return broker.bootstrap, topic
 
 
 def _stop(proc: subprocess.Popen) -> None:

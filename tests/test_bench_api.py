@@ -36,6 +36,25 @@ def test_bench_api_small_run_has_no_server_errors(tmp_path: Path):
     assert r["writer"]["batches"] >= 0 and r["writer"]["last_model_version"] >= 1
 
 
+def test_bench_api_against_a_topic_fed_replica_has_no_server_errors_and_its_writes_arrive(tmp_path: Path):
+    """--replica topic: the server materializes an embedded broker's embeddings topic into its own
+    store (pre-filled and bound to the topic, as a restarted replica's is) while the writer
+    publishes to the topic; the replica applies the writes (its model version follows them)."""
+    out = tmp_path / "api.json"
+    proc = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "api", "--replica", "topic",
+                           "--requests", "300", "--clients", "10", "--items", "500", "--users", "200", "--seed", "3",
+                           "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["replica"] == "topic" and r["requests"] == 300
+    assert r["server_errors"] == 0 and r["transport_errors"] == 0 and r["server_tracebacks"] == 0, r
+    assert r["statuses"]["score"] == {"200": r["by_route"]["score"]["requests"]}
+    assert r["client_errors"] < 300 * 0.2  # the unknown users' 404s only
+    health = r["server_health_at_end"]  # (waited for: the replica applied every batch the writer published)
+    assert health["caught_up_s"] is not None and health["model_version"] == r["writer"]["last_model_version"]
+    assert health["source"]["error"] is None
+
+
 def test_bench_api_rejects_bad_flags():
     proc = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "api", "--clients", "0"],
                           capture_output=True, text=True, timeout=60)
