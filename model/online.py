@@ -240,7 +240,7 @@ class OnlineLearner:
         self._judge_conversions(samples)
 
     def learn(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int | None = None,
-              cases: tuple[Sequence[Sample], Sequence[Sample]] | None = None, lr_scale: float = 1.0) -> float:
+              cases: tuple[Sequence[Sample], Sequence[Sample]] | None = None) -> float:
         """One optimizer step on the samples (a random ``train_limit`` of them) plus
         ``replay_share`` drawn from the reservoir. Uses only the model's public API (``encode``,
         heads, ``loss``), so encoders can change beneath it.
@@ -259,9 +259,6 @@ class OnlineLearner:
         ``cases`` (conversion, retrieval samples among ``samples``: the guard's shadow cases,
         model/shadow.py) are scored from the same pass too, into :attr:`last_cases` (P(buy) of
         each conversion case, the full-catalogue mid-rank of each retrieval case).
-
-        ``lr_scale``: this step's learning rate is ``lr × lr_scale`` (a trainer catching up in a
-        step k batches large passes √k: one step then stands for k, :func:`stream.trainer.catchup_lr_scale`).
 
         With ranks, every rank calls this together with its own samples (possibly none): the
         step is taken on the union of the ranks' batches (model/distributed.py), or by no rank
@@ -331,13 +328,7 @@ class OnlineLearner:
             self._judge_conversions(samples)
         total = all_reduce_gradients(self.group, list(self.model.parameters()), share)
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        if lr_scale != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr * lr_scale
         self.optimizer.step()
-        if lr_scale != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr
         self.optimizer.zero_grad(set_to_none=True)  # (no gradients kept between steps: lighter copies)
         self.version += 1
         self.reservoir.offer(training_samples(samples, mode), self.rng)

@@ -200,20 +200,11 @@ def train_size(batch_size: int, catchup_batches: int, behind: int) -> int:
     behind the head up to ``catchup_batches`` batches of it. A step's work grows with its samples
     but its overhead does not (the scoring caps, the guard's shadow and verdict, the inference
     copy's refresh, metrics, the GIL hand-overs with the publishing thread), so a trainer that is
-    behind catches up in fewer, larger steps (docs/trainer-performance.md)."""
+    behind catches up in fewer, larger steps. Off by default (``catchup_batches`` 1): fewer
+    steps cost calibration under ``wait`` (docs/trainer-performance.md)."""
     if behind <= batch_size:
         return batch_size
     return min(behind, catchup_batches * batch_size)
-
-
-def catchup_lr_scale(samples: int, batch_size: int, rule: str = "sqrt") -> float:
-    """Learning-rate factor of a step of ``samples`` where ``batch_size`` is the usual step: one
-    catch-up step of k batches replaces k steps, and with Adam's per-step movement of ~lr it would
-    otherwise learn k times slower per sample (measured on the demo: calibration fell, ECE 0.011 →
-    0.138). ``sqrt``: √k (the square-root rule for Adam; Malladi et al., NeurIPS 2022), ``linear``:
-    k, ``none``: 1. Never below 1."""
-    k = max(1.0, samples / batch_size)
-    return {"sqrt": k ** 0.5, "linear": k, "none": 1.0}[rule]
 
 
 def republish_rate_now(rate: float, behind_share: float, behind: int, batch_size: int) -> float:
@@ -266,7 +257,6 @@ class Trainer:
         self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
         self.guard = RedeliveryGuard()
         self.published = Published()  # what the re-publish sweep may refresh
-        self._lr_rule = __import__("os").environ.get("TGA_LR_RULE", "sqrt")  # TEMP experiment
         self._evicted: list[str] = []  # items the training thread evicted, for the publisher to delete
         self.drift = LossDrift(settings.drift_delta)
         # with ranks: pooled shadow cases, rank 0 decides, every rank takes the decision
@@ -756,9 +746,7 @@ class Trainer:
         # prequential scores and the online model's shadow outcomes from the step's own forward
         # (the model before the update); ranks: a collective, a step of the union of their samples
         loss = self.learner.learn(samples, score_limit=self.settings.batch_size,
-                                  cases=None if cases is None else (cases.conv, cases.ret),
-                                  lr_scale=catchup_lr_scale(len(samples), self.settings.batch_size,
-                                                            self._lr_rule))
+                                  cases=None if cases is None else (cases.conv, cases.ret))
         self.guardrails.note_cases(cases, self.learner.last_cases)  # (ranks: a collective)
         gone = self.learner.take_evicted_items()
         if gone:
