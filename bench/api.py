@@ -173,14 +173,9 @@ def _plan(args: argparse.Namespace, users: list[str], item_cat: dict[str, str], 
 
 def _produce(producer, topic: str, users: dict, items: dict, bought: dict[str, list[str]]) -> None:
     """One writer batch onto the embeddings topic, as the trainer publishes it."""
-    from tgastream.state.serving import bought_key, bought_value, item_key, user_key
+    from tgastream.stream.publisher import send_vectors
 
-    for u, rec in users.items():
-        producer.send(topic, key=user_key(u), value=rec.to_bytes())
-    for i, rec in items.items():
-        producer.send(topic, key=item_key(i), value=rec.to_bytes())
-    for u, b in bought.items():
-        producer.send(topic, key=bought_key(u), value=bought_value(b))
+    send_vectors(producer, topic, users, items, bought)
     producer.flush()
 
 

@@ -68,6 +68,26 @@ class GraphArrays:
         return len(self.items)
 
 
+class _Packed:
+    """A numeric column of a :class:`UserGraph` (``_beh``, ``_ts``, ``_dist``) stored in slot
+    ``slot``: a decoded graph's columns are unpacked from its encoding on first use."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __get__(self, g: "UserGraph | None", owner: type | None = None):
+        if g is None:
+            return self
+        if g._raw is not None:
+            g._unpack()
+        return getattr(g, self.slot)
+
+    def __set__(self, g: "UserGraph", value: list) -> None:
+        if g._raw is not None:
+            g._unpack()
+        setattr(g, self.slot, value)
+
+
 class UserGraph:
     """One user's transition graph over a sliding window of their last ``max_len`` events."""
 
@@ -94,6 +114,10 @@ class UserGraph:
     # The numeric columns of a decoded graph are unpacked on first use: a trainer decodes every
     # sample it reads, but its publishing thread needs only the ids of most of them, and the
     # batcher reads the columns straight from the encoding (:func:`arrays_of`).
+    _beh = _Packed("_b")  # behavior codes [N]
+    _ts = _Packed("_t")  # event times [N]
+    _dist = _Packed("_d")  # distances back to each view's predecessor [N] of 3, 0 = none
+
     def _unpack(self) -> None:
         data, n = self._raw  # type: ignore[misc]
         off = _HEADER.size + 2
@@ -102,42 +126,6 @@ class UserGraph:
         d = iter(struct.unpack_from(f"<{3 * n}H", data, off + 9 * n))
         self._d = list(zip(d, d, d))
         self._raw = None
-
-    @property
-    def _beh(self) -> list[int]:
-        if self._raw is not None:
-            self._unpack()
-        return self._b
-
-    @_beh.setter
-    def _beh(self, value: list[int]) -> None:
-        if self._raw is not None:
-            self._unpack()
-        self._b = value
-
-    @property
-    def _ts(self) -> list[float]:
-        if self._raw is not None:
-            self._unpack()
-        return self._t
-
-    @_ts.setter
-    def _ts(self, value: list[float]) -> None:
-        if self._raw is not None:
-            self._unpack()
-        self._t = value
-
-    @property
-    def _dist(self) -> list[tuple[int, int, int]]:
-        if self._raw is not None:
-            self._unpack()
-        return self._d
-
-    @_dist.setter
-    def _dist(self, value: list[tuple[int, int, int]]) -> None:
-        if self._raw is not None:
-            self._unpack()
-        self._d = value
 
     def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Behaviors [N] int64, times [N] float64, distances [N, 3] int64: from the encoding

@@ -18,6 +18,24 @@ from typing import Callable, Iterator
 import torch
 
 from tgastream.model.online import OnlineLearner
+from tgastream.state.serving import bought_key, bought_value, context_key, item_category_key, item_key, user_key
+
+
+def send_vectors(producer, topic: str, users: dict, items: dict, bought: dict | None = None,
+                 contexts: dict[str, bytes] | None = None, categories: dict[str, str] | None = None) -> None:
+    """A batch's records on the embeddings topic (the changelog of every API replica's serving
+    table): user and item vectors (:class:`state.serving.VectorRecord`), bought lists, contexts
+    and item categories, each under its key."""
+    for u, rec in users.items():
+        producer.send(topic, key=user_key(u), value=rec.to_bytes())
+    for i, rec in items.items():
+        producer.send(topic, key=item_key(i), value=rec.to_bytes())
+    for u, b in (bought or {}).items():
+        producer.send(topic, key=bought_key(u), value=bought_value(b))
+    for u, c in (contexts or {}).items():
+        producer.send(topic, key=context_key(u), value=c)
+    for i, cat in (categories or {}).items():
+        producer.send(topic, key=item_category_key(i), value=cat.encode())
 
 
 class LatestModel:

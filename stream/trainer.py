@@ -56,14 +56,12 @@ from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomi
 from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_parts, save_part
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CLICK, CONVERSION, RedeliveryGuard, Sample
-from tgastream.state.serving import (
-    ServingStore, VectorRecord, bought_key, bought_value, context_key, item_category_key, item_key, user_key,
-)
+from tgastream.state.serving import ServingStore, VectorRecord, item_category_key, item_key
 from tgastream.core.settings import Settings
 from tgastream.stream.configs import guardrails_config
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
-from tgastream.stream.publisher import LatestModel, PublishingThread
+from tgastream.stream.publisher import LatestModel, PublishingThread, send_vectors
 from tgastream.stream.ranks import Votes, agree, owned, rank_dir
 from tgastream.stream.replay import make_producer
 from tgastream.stream.republish import Published
@@ -987,17 +985,7 @@ class Trainer:
         serving store and the embeddings topic."""
         serving.write(users, items, bought=bought, contexts=contexts, model_version=self.serving_version,
                       categories=categories)
-        topic = self.settings.embeddings_topic  # the changelog of every API replica's serving table
-        for u, rec in users.items():
-            producer.send(topic, key=user_key(u), value=rec.to_bytes())
-        for i, rec in items.items():
-            producer.send(topic, key=item_key(i), value=rec.to_bytes())
-        for u, b in bought.items():
-            producer.send(topic, key=bought_key(u), value=bought_value(b))
-        for u, c in contexts.items():
-            producer.send(topic, key=context_key(u), value=c)
-        for i, cat in (categories or {}).items():
-            producer.send(topic, key=item_category_key(i), value=cat.encode())
+        send_vectors(producer, self.settings.embeddings_topic, users, items, bought, contexts, categories)
         self.run.published_users += len(users)
         self.run.published_items += len(items)
         self.metrics.published.labels("user").inc(len(users))
