@@ -123,7 +123,7 @@ def _clear_previous_run(data_dir: Path, logs: Path, say) -> None:
     Only folders laid out by a demo are removed; anything else stops the demo."""
     from tgastream.core.errors import CommandError
 
-    for folder, allowed in ((data_dir, {"worker", "trainer"}), (logs, None)):
+    for folder, allowed in ((data_dir, {"worker", "trainer", "api"}), (logs, None)):
         if not folder.exists():
             continue
         names = {p.name for p in folder.iterdir()}

@@ -45,6 +45,7 @@ def test_a_rerun_clears_the_previous_demo_state_but_never_a_folder_it_did_not_wr
     data, logs = tmp_path / "data", tmp_path / "logs"
     (data / "trainer" / "checkpoints").mkdir(parents=True)
     (data / "worker").mkdir()
+    (data / "api" / "api-serving").mkdir(parents=True)  # the demo's API replica writes here too
     logs.mkdir()
     (logs / "trainer.log").write_text("old run")
     said = []
