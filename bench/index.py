@@ -186,6 +186,24 @@ def exact_top(x, users, k: int) -> list[list[int]]:
     return out
 
 
+RECALL_QUERIES = 100  # queries whose exact top-k is the reference of recall@k
+
+
+def query_users(x, rng, queries: int):
+    """Query vectors [Q, d]: random items of the catalogue plus unit Gaussian noise (users near
+    what they like)."""
+    import numpy as np
+
+    return x[rng.integers(0, len(x), queries)] + rng.standard_normal((queries, x.shape[1]), dtype=np.float32)
+
+
+def recall_at_k(found: list[list[int]], truth: list[list[int]], k: int) -> float:
+    """Mean share of each query's true top-k that the index returned."""
+    import numpy as np
+
+    return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+
+
 def _latencies(query: Callable, users, k: int, clients: int) -> list[float]:
     """Milliseconds per query, ``clients`` threads sharing ``users``."""
     out: list[float] = []
@@ -251,7 +269,7 @@ def _measure(method: _Method, x, users, truth, k: int, rng, update_s: float, chu
     one = _latencies(method.query, users, k, 1)
     many = _latencies(method.query, users, k, CLIENTS)
     found = [method.query(u, k) for u in tqdm(users[:len(truth)], desc=f"recall {method.name}", leave=False)]
-    recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
+    recall = recall_at_k(found, truth, k)
     ups, during = _updates_while_querying(method, x, rng, update_s, chunk, users, k)
 
     def q(a, p):
@@ -265,8 +283,6 @@ def _measure(method: _Method, x, users, truth, k: int, rng, update_s: float, chu
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import numpy as np
-
     from tgastream.core.errors import CommandError
 
     dim = args.dim or settings.dim
@@ -278,11 +294,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     rows = []
     for n in args.items:
         x, rng = catalogue(n, dim, settings.seed)
-        users = x[rng.integers(0, n, args.queries)] + rng.standard_normal((args.queries, dim), dtype=np.float32)
+        users = query_users(x, rng, args.queries)
         methods: list[_Method] = [_Ours(settings, exact=True), _Ours(settings, exact=False)]
         if args.libraries and n == min(args.items):
             methods += [_Hnswlib(), _Usearch(), _FaissHnsw()]
-        truth = exact_top(x, users[:100], args.k)
+        truth = exact_top(x, users[:RECALL_QUERIES], args.k)
         for m in methods:
             print(f"{n:,} items: {m.name} ...", flush=True)
             try:
@@ -309,7 +325,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     cfg = ann_config(settings)
     write_json(args.json, {"rows": rows, "k": args.k, "dim": dim, "queries": args.queries, "clients": CLIENTS,
                            "update_chunk": chunk, "update_s": args.update_s, "nprobe": cfg.nprobe,
-                           "lists_factor": cfg.lists_factor, "recall_queries": 100,
+                           "lists_factor": cfg.lists_factor, "recall_queries": RECALL_QUERIES,
                            "catalogue": "clustered: n/100 Gaussian centres, noise 0.7; users = item + N(0, 1)"})
     if args.png:
         _plot(rows, args.png)
@@ -328,8 +344,8 @@ def sweep(args: argparse.Namespace, settings: Settings, n: int, dim: int) -> int
     from tgastream.stream.configs import ann_config
 
     x, rng = catalogue(n, dim, settings.seed)
-    users = x[rng.integers(0, n, args.queries)] + rng.standard_normal((args.queries, dim), dtype=np.float32)
-    truth = exact_top(x, users[:100], args.k)
+    users = query_users(x, rng, args.queries)
+    truth = exact_top(x, users[:RECALL_QUERIES], args.k)
     ids = [str(i) for i in range(n)]
     rows = []
     for factor in (2.0, 4.0):
@@ -346,7 +362,7 @@ def sweep(args: argparse.Namespace, settings: Settings, n: int, dim: int) -> int
 
             lat = np.asarray(_latencies(query, users, args.k, 1))
             found = [query(u, args.k) for u in users[:len(truth)]]
-            recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+            recall = recall_at_k(found, truth, args.k)
             rows.append({"items": n, "lists_factor": factor, "lists": index.lists, "nprobe": nprobe,
                          "build_s": round(build_s, 2), "recall@10": round(recall, 4),
                          "topk_p50_ms": round(float(np.quantile(lat, 0.5)), 3),
@@ -356,7 +372,7 @@ def sweep(args: argparse.Namespace, settings: Settings, n: int, dim: int) -> int
     for r in rows:
         print(f"{r['items']:>10,} {r['lists']:>6} {r['nprobe']:>6} {r['recall@10']:>9.3f} "
               f"{r['topk_p50_ms']:>7.2f} {r['topk_p99_ms']:>7.2f}")
-    write_json(args.json, {"rows": rows, "k": args.k, "dim": dim, "queries": args.queries, "recall_queries": 100,
+    write_json(args.json, {"rows": rows, "k": args.k, "dim": dim, "queries": args.queries, "recall_queries": RECALL_QUERIES,
                            "catalogue": "clustered: n/100 Gaussian centres, noise 0.7; users = item + N(0, 1)"})
     return 0
 

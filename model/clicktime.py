@@ -28,12 +28,11 @@ repeat-recent side by side, model/shadow.py): ``probs`` is a row per click.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
-
-import heapq
-import math
 
 import numpy as np
 

@@ -38,6 +38,14 @@ def send_vectors(producer, topic: str, users: dict, items: dict, bought: dict | 
         producer.send(topic, key=item_category_key(i), value=cat.encode())
 
 
+def send_tombstones(producer, topic: str, item_ids: list[str]) -> None:
+    """Deletions on the embeddings topic: each item's vector and category record with no value
+    (every API replica removes the item; compaction drops the keys)."""
+    for i in item_ids:
+        producer.send(topic, key=item_key(i), value=None)
+        producer.send(topic, key=item_category_key(i), value=None)
+
+
 class LatestModel:
     """The newest inference copy of the serving model and its version (thread-safe hand-over).
 

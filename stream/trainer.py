@@ -56,12 +56,12 @@ from tgastream.state.checkpoint import load_latest, save_checkpoint, write_atomi
 from tgastream.state.rank_checkpoint import load_step, newest_loadable, prune_parts, save_part
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import CLICK, CONVERSION, RedeliveryGuard, Sample
-from tgastream.state.serving import ServingStore, VectorRecord, item_category_key, item_key
+from tgastream.state.serving import ServingStore, VectorRecord
 from tgastream.core.settings import Settings
 from tgastream.stream.configs import guardrails_config
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import topic_ids
-from tgastream.stream.publisher import LatestModel, PublishingThread, send_vectors
+from tgastream.stream.publisher import LatestModel, PublishingThread, send_tombstones, send_vectors
 from tgastream.stream.ranks import Votes, agree, owned, rank_dir
 from tgastream.stream.replay import make_producer
 from tgastream.stream.republish import Published
@@ -747,7 +747,7 @@ class Trainer:
                                   cases=None if cases is None else (cases.conv, cases.ret))
         self.guardrails.note_cases(cases, self.learner.last_cases)  # (ranks: a collective)
         gone = self.learner.take_evicted_items()
-        if gone:
+        if gone and self.group.rank == 0:  # (every rank evicts the same ids: one sends the tombstones)
             with self._lock:
                 self._evicted += gone
         if self.learner.version == version:  # no step: no rank had anything to train on
@@ -957,11 +957,11 @@ class Trainer:
         """Delete from serving the vectors of items whose rows were evicted: from this process's
         store and, by a tombstone on the embeddings topic (its compaction drops the key), from
         every API replica's store and index. An item that got a row again meanwhile is left alone:
-        its new vector was (or will be) published after this, by this thread. Rank 0 only: every
-        rank evicts the same ids."""
+        its new vector was (or will be) published after this, by this thread. (Rank 0 only collects
+        them: every rank evicts the same ids.)"""
         with self._lock:
             gone, self._evicted = self._evicted, []
-        if not gone or self.group.rank != 0:
+        if not gone:
             return
         rows = self.learner.rows  # type: ignore[attr-defined]
         with rows.lock:
@@ -969,10 +969,7 @@ class Trainer:
         if not gone:
             return
         serving.delete_items(gone)
-        topic = self.settings.embeddings_topic
-        for i in gone:
-            producer.send(topic, key=item_key(i), value=None)
-            producer.send(topic, key=item_category_key(i), value=None)
+        send_tombstones(producer, self.settings.embeddings_topic, gone)
         with self._lock:
             for i in gone:
                 self.published.items.pop(i, None)
