@@ -13,6 +13,8 @@ with the configured partition count before the app starts (:func:`worker_topics`
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from tgastream.stream.pipeline import Pipeline, PipelineConfig, PipelineTotals
 from tgastream.stream.processor import ProcessorConfig
 from tgastream.core.settings import Settings
 from tgastream.stream.topics import app_topics
+
+log = logging.getLogger("tgastream.worker")
 
 TABLE_NAME = "user-state"
 
@@ -106,9 +110,23 @@ class StreamWorker:
             if self.pipeline.failed is None:
                 await self.pipeline.drain()
         finally:
-            await self.app.stop()
+            unblock = asyncio.ensure_future(self._unblock_group_close())
+            try:
+                await self.app.stop()
+            finally:
+                unblock.cancel()
             await self.pipeline.stop()
             self.store.close()
+
+    async def _unblock_group_close(self, every_s: float = 0.5) -> None:
+        """While faust stops: once the group coordinator is closing, fail any join it still
+        waits on (:meth:`BatchConsumer.abort_group_requests_if_closing`), so the stop never hangs
+        on a group that is forming."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.consumer.abort_group_requests_if_closing():
+                log.info("stopping during a group join: failed its pending requests")
+                return
 
 
 def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | None = None,

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Awaitable, Callable, Mapping, Optional, Sequence, Set, Tuple
 
+from aiokafka.client import ConnectionGroup
+from aiokafka.conn import CloseReason
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from mode.utils.futures import notify
@@ -111,6 +113,32 @@ class BatchConsumer(aiokafka_driver.Consumer):
         log.info("assigned %d partitions (group generation %d): %s", len(assigned), generation_id,
                  ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)) or "none")
         await super().on_partitions_assigned(assigned, generation_id)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def abort_group_requests_if_closing(self) -> int:
+        """Fail the group coordinator's pending requests once it is closing; how many connections were closed.
+
+        aiokafka's ``GroupCoordinator.close`` waits for its coordination task, which may be waiting
+        on a JoinGroup/SyncGroup that Tansu holds until a departed member's session times out (10 s
+        and more), so a stop during a join hangs past any deadline. Closing the coordinator's
+        connections fails those requests; the task, seeing ``close`` was called, then ends, and the
+        group is left over a fresh connection. Before ``close`` (not closing) it does nothing, so
+        it never makes a running member rejoin. Thread-safe: it runs on the consumer thread's loop.
+        """
+        thread = getattr(self, "_thread", None)
+        loop = getattr(thread, "thread_loop", None)
+        kafka = getattr(thread, "_consumer", None)
+        coordinator = getattr(kafka, "_coordinator", None)
+        closing = getattr(coordinator, "_closing", None)
+        task = getattr(coordinator, "_coordination_task", None)
+        if loop is None or closing is None or not closing.done() or task is None or task.done() or loop.is_closed():
+            return 0  # not closing yet, or its coordination task already ended (nothing waits)
+        conns = [conn for (_, group), conn in list(kafka._client._conns.items())
+                 if group == ConnectionGroup.COORDINATION]
+        for conn in conns:
+            loop.call_soon_threadsafe(conn.close, CloseReason.SHUTDOWN)
+        return len(conns)
 
     # -- acknowledgements -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import threading
+from typing import Callable
 
 log = logging.getLogger("tgastream.deadline")
 
@@ -23,10 +24,13 @@ EXIT_DEADLINE = 3
 class StopDeadline:
     """``with StopDeadline(8.0, "worker"): await graceful_stop()`` — exit the process if it hangs."""
 
-    def __init__(self, seconds: float, what: str, exit_code: int = EXIT_DEADLINE) -> None:
+    def __init__(self, seconds: float, what: str, exit_code: int = EXIT_DEADLINE,
+                 on_expire: Callable[[], None] | None = None, why: str = "") -> None:
         self.seconds = seconds
         self.what = what
         self.exit_code = exit_code
+        self.on_expire = on_expire  # a last diagnostic (where the stop hung), run before the exit
+        self.why = why or ("Nothing past the last durable state was committed: its next owner re-reads the rest.")
         self._timer: threading.Timer | None = None
 
     def __enter__(self) -> "StopDeadline":
@@ -42,9 +46,13 @@ class StopDeadline:
             self._timer.join(1.0)  # a cancelled timer's thread ends at once
 
     def _expire(self) -> None:
-        log.error("%s: graceful stop outlasted its %.1f s deadline (broker not answering?); exiting now. "
-                  "Nothing past the last durable state was committed: its next owner re-reads the rest.",
-                  self.what, self.seconds)
+        log.error("%s: graceful stop outlasted its %.1f s deadline (broker not answering?); exiting now (status %d). %s",
+                  self.what, self.seconds, self.exit_code, self.why)
+        if self.on_expire is not None:
+            try:
+                self.on_expire()
+            except Exception:  # a diagnostic must never keep the process from exiting
+                log.exception("%s: diagnostic at the deadline failed", self.what)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -10,13 +10,15 @@ its own, so it recovers from its local state plus the changelog tail.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import fcntl
 import gc
+import io
 import logging
 import os
 import shutil
-import io
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic
@@ -184,7 +186,7 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
             pass
     try:
         # `kill -USR1 <pid>`: what is it waiting on?
-        loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(consumer_loop(current.get("worker"))))
+        loop.add_signal_handler(signal.SIGUSR1, lambda: dump_tasks(loop, consumer_loop(current.get("worker"))))
     except (NotImplementedError, RuntimeError):
         pass
     current: dict[str, StreamWorker] = {}  # the incarnation running now (for the task dump)
@@ -196,6 +198,7 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
             log.info("metrics on %s", server.url)
         while True:
             worker = current["worker"] = await _prepare_incarnation(settings, data_dir, metrics, totals)
+            outcome = "failed:start"  # what the stop below assumes if start-up raises
             try:
                 outcome = await _start_watched(worker, stop, options.join_timeout_s)
                 if outcome == "started":
@@ -204,7 +207,7 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
                         on_started(worker)
                     outcome = await _supervise(worker, options, stop, t0)
             finally:
-                with StopDeadline(options.stop_timeout_s, "worker"):
+                with _stop_deadline(options, outcome, lambda: _dump_hang(loop, current.get("worker"))):
                     await worker.stop()
             if outcome == "join-timeout":
                 metrics.join_retries.inc()
@@ -255,6 +258,33 @@ def await_chain(task: asyncio.Task) -> list[str]:
     return lines
 
 
+STARTUP_STOP_S = 10.0
+"""Longest wait for a worker asked to stop before it started (no assignment processed yet)."""
+
+
+def _stop_deadline(options: WorkerConfig, outcome: str, on_expire: Callable[[], None]) -> StopDeadline:
+    """The deadline on stopping one incarnation of the worker.
+
+    A SIGTERM during start-up (``outcome == "stop"`` from :func:`_start_watched`) stops a worker
+    that has processed nothing: there is nothing to make durable, yet aiokafka's group
+    coordinator cannot be closed while a JoinGroup/SyncGroup is pending (Tansu holds a SyncGroup
+    until the member it replaces times out, 10 s and more) and faust's rebalance callbacks wait on
+    a loop that is stopping. So that stop is bounded by ``STARTUP_STOP_S`` and a stop that
+    outlasts it still exits 0: a clean stop that lost nothing.
+    """
+    if outcome == "stop":
+        seconds = min(options.stop_timeout_s, STARTUP_STOP_S)  # 0 (wait forever) stays 0
+        return StopDeadline(seconds, "worker", exit_code=0, on_expire=on_expire,
+                            why="It was stopped during start-up, before it processed anything: nothing to lose.")
+    return StopDeadline(options.stop_timeout_s, "worker", on_expire=on_expire)
+
+
+def _dump_hang(loop: asyncio.AbstractEventLoop, worker: StreamWorker | None) -> None:
+    """Where a stop hangs: every task's await chain and every thread's stack, to the log's stderr."""
+    dump_tasks(loop, consumer_loop(worker))
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
 def consumer_loop(worker: StreamWorker | None) -> asyncio.AbstractEventLoop | None:
     """The event loop of faust's consumer thread (group membership, fetches), if it runs one."""
     if worker is None:
@@ -263,18 +293,18 @@ def consumer_loop(worker: StreamWorker | None) -> asyncio.AbstractEventLoop | No
     return getattr(thread, "thread_loop", None)
 
 
-def dump_tasks(*loops: asyncio.AbstractEventLoop | None) -> None:
-    """Log every asyncio task's await chain, on this loop and on ``loops`` (faust's consumer thread
-    runs the group coordinator on its own loop): where a worker that seems stuck is waiting."""
+def dump_tasks(main: asyncio.AbstractEventLoop, *others: asyncio.AbstractEventLoop | None) -> None:
+    """Log every asyncio task's await chain, on the ``main`` loop and on ``others`` (faust's consumer
+    thread runs the group coordinator on its own loop): where a worker that seems stuck is waiting.
+    Safe from another thread (the stop deadline's timer): it only reads the tasks."""
     seen: set[int] = set()
-    for loop in (asyncio.get_running_loop(), *loops):
+    for loop in (main, *others):
         if loop is None or id(loop) in seen:
             continue
         seen.add(id(loop))
         for task in list(asyncio.all_tasks(loop)):
             buf = io.StringIO()
-            print(f"task {task.get_name()}{'' if loop is asyncio.get_running_loop() else ' (consumer thread)'}:",
-                  file=buf)
+            print(f"task {task.get_name()}{'' if loop is main else ' (consumer thread)'}:", file=buf)
             for line in await_chain(task):
                 print(f"  {line}", file=buf)
             log.warning("%s", buf.getvalue())
@@ -318,7 +348,7 @@ async def _start_watched(worker: StreamWorker, stop: asyncio.Event, join_timeout
                 return "stop"
             if (join_timeout_s and not start.done() and worker.consumer.assignments == 0
                     and monotonic() - t0 > join_timeout_s):
-                dump_tasks(consumer_loop(worker))
+                dump_tasks(asyncio.get_running_loop(), consumer_loop(worker))
                 return "join-timeout"
         start.result()  # a failed start raises here
         return "started"
