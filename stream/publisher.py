@@ -11,7 +11,10 @@ step behind the newest weights. Each vector is stamped with the version of the c
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -20,6 +23,34 @@ import torch
 from tgastream.model.online import OnlineLearner
 from tgastream.state.serving import bought_key, bought_value, context_key, item_category_key, item_key, user_key
 
+log = logging.getLogger("tgastream.trainer")
+
+
+def send_record(producer, topic: str, key: bytes, value: bytes | None, attempts: int = 60,
+                backoff_s: float = 0.5) -> None:
+    """``producer.send``, again while the topic's metadata is in flux (a broker restart: Tansu
+    re-creates topics empty, and kafka-python's partitioner then fails on the partitions its
+    metadata listed a moment before). Any other error, or one lasting ``attempts``, stands."""
+    for attempt in range(attempts):
+        try:
+            producer.send(topic, key=key, value=value)
+            return
+        except (TypeError, ValueError) as exc:
+            if not _raised_in_partitioner(exc) or attempt == attempts - 1:
+                raise
+            if attempt == 0:
+                log.warning("topic %s has no partitions right now (%s; broker restarting?); sending again",
+                            topic, exc)
+            time.sleep(backoff_s)
+
+
+def _raised_in_partitioner(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside kafka-python's partitioner (its metadata race)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"kafka{os.sep}partitioner" in tb.tb_frame.f_code.co_filename
+
 
 def send_vectors(producer, topic: str, users: dict, items: dict, bought: dict | None = None,
                  contexts: dict[str, bytes] | None = None, categories: dict[str, str] | None = None) -> None:
@@ -27,23 +58,23 @@ def send_vectors(producer, topic: str, users: dict, items: dict, bought: dict | 
     table): user and item vectors (:class:`state.serving.VectorRecord`), bought lists, contexts
     and item categories, each under its key."""
     for u, rec in users.items():
-        producer.send(topic, key=user_key(u), value=rec.to_bytes())
+        send_record(producer, topic, user_key(u), rec.to_bytes())
     for i, rec in items.items():
-        producer.send(topic, key=item_key(i), value=rec.to_bytes())
+        send_record(producer, topic, item_key(i), rec.to_bytes())
     for u, b in (bought or {}).items():
-        producer.send(topic, key=bought_key(u), value=bought_value(b))
+        send_record(producer, topic, bought_key(u), bought_value(b))
     for u, c in (contexts or {}).items():
-        producer.send(topic, key=context_key(u), value=c)
+        send_record(producer, topic, context_key(u), c)
     for i, cat in (categories or {}).items():
-        producer.send(topic, key=item_category_key(i), value=cat.encode())
+        send_record(producer, topic, item_category_key(i), cat.encode())
 
 
 def send_tombstones(producer, topic: str, item_ids: list[str]) -> None:
     """Deletions on the embeddings topic: each item's vector and category record with no value
     (every API replica removes the item; compaction drops the keys)."""
     for i in item_ids:
-        producer.send(topic, key=item_key(i), value=None)
-        producer.send(topic, key=item_category_key(i), value=None)
+        send_record(producer, topic, item_key(i), None)
+        send_record(producer, topic, item_category_key(i), None)
 
 
 class LatestModel:

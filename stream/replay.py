@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tgastream.core.events import WATERMARK_KEY, Event, Rejection, read_log, watermark_value
 from tgastream.core.settings import Settings
+from tgastream.stream.broker import BrokerError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,33 @@ class ReplaySummary:
         return "\n".join(lines)
 
 
+class DeliveryError(BrokerError):
+    """Records the broker never acknowledged (after the producer's retries): one line."""
+
+
+@dataclass
+class Deliveries:
+    """Counts sends the broker never acknowledged: kafka-python reports a lost record only on its
+    future, so every send is tracked, and a run that lost any says so instead of counting it sent."""
+
+    failed: int = 0
+    first_error: str = ""
+
+    def track(self, future) -> None:
+        future.add_errback(self._failed)
+
+    def _failed(self, exc: BaseException) -> None:  # the producer's I/O thread (its only writer)
+        self.failed += 1
+        if not self.first_error:
+            self.first_error = f"{type(exc).__name__}: {exc}"
+
+    def check(self, total: int, bootstrap: str, topic: str) -> None:
+        """Raise :class:`DeliveryError` if any tracked send failed (call after ``flush``)."""
+        if self.failed:
+            raise DeliveryError(f"{self.failed:,} of {total:,} records were not delivered to {topic} on {bootstrap} "
+                                f"({self.first_error}); send them again")
+
+
 def make_producer(bootstrap: str, security: KafkaSecurity = PLAINTEXT, **overrides: object) -> KafkaProducer:
     """Idempotent, acks=all producer: no duplicates and no loss on retries."""
     config: dict[str, object] = kafka_python_args(
@@ -79,9 +107,9 @@ def dlq_headers(rej: Rejection) -> list[tuple[str, bytes]]:
     return [("reason", rej.reason.encode()), ("detail", rej.detail.encode()), ("source", rej.source.encode())]
 
 
-def send_rejection(producer: KafkaProducer, topic: str, rej: Rejection, key: bytes | None = None) -> None:
-    """The original bytes go to the dead-letter topic, the reason in headers."""
-    producer.send(topic, key=key, value=rej.raw, headers=dlq_headers(rej))
+def send_rejection(producer: KafkaProducer, topic: str, rej: Rejection, key: bytes | None = None):
+    """The original bytes go to the dead-letter topic, the reason in headers; the send's future."""
+    return producer.send(topic, key=key, value=rej.raw, headers=dlq_headers(rej))
 
 
 def _ordered(records: Iterable[Event | Rejection], order: str) -> list[Event | Rejection]:
@@ -121,6 +149,7 @@ def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress
     if opts.limit:
         records = records[: opts.limit]
     producer = make_producer(bootstrap, settings.kafka_security)
+    deliveries = Deliveries()
     summary, rejected = ReplaySummary(), Counter()
     pacer = Pacer(opts.rate, opts.speedup)
     max_ts = float("-inf")
@@ -137,20 +166,21 @@ def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress
                     if next_mark is None:
                         next_mark = rec.ts + every
                     elif rec.ts >= next_mark and summary.sent:
-                        send_watermarks(producer, settings.events_topic, max_ts)  # every event up to it is sent
+                        send_watermarks(producer, settings.events_topic, max_ts, deliveries)  # every event up to it is sent
                         next_mark = rec.ts + every
-                producer.send(settings.events_topic, key=rec.user_id.encode(), value=rec.to_json())
+                deliveries.track(producer.send(settings.events_topic, key=rec.user_id.encode(), value=rec.to_json()))
                 summary.sent += 1
                 max_ts = max(max_ts, rec.ts)
             else:
-                send_rejection(producer, settings.dlq_topic, rec)
+                deliveries.track(send_rejection(producer, settings.dlq_topic, rec))
                 rejected[rec.reason] += 1
             if i % 1000 == 999:
                 bar.update(1000)
         bar.update(len(records) - bar.n)
         if opts.watermark and summary.sent:
-            send_watermarks(producer, settings.events_topic, max_ts + opts.watermark_margin_s)
+            send_watermarks(producer, settings.events_topic, max_ts + opts.watermark_margin_s, deliveries)
         producer.flush()
+        deliveries.check(len(records), bootstrap, settings.events_topic)
     finally:
         bar.close()
         producer.close()
@@ -159,10 +189,12 @@ def replay_file(bootstrap: str, settings: Settings, opts: ReplayConfig, progress
     return summary
 
 
-def send_watermarks(producer: KafkaProducer, topic: str, ts: float) -> None:
+def send_watermarks(producer: KafkaProducer, topic: str, ts: float, deliveries: Deliveries | None = None) -> None:
     """One watermark record on every partition of ``topic``."""
     for p in sorted(producer.partitions_for(topic)):
-        producer.send(topic, key=WATERMARK_KEY, value=watermark_value(ts), partition=p)
+        future = producer.send(topic, key=WATERMARK_KEY, value=watermark_value(ts), partition=p)
+        if deliveries is not None:
+            deliveries.track(future)
 
 
 def write_summary_json(summary: ReplaySummary, path: Path) -> None:
@@ -216,6 +248,7 @@ def copy_topic(bootstrap: str, source: str, dest: str, since_ms: int, idle_s: fl
     """Re-send every record of ``source`` with timestamp >= ``since_ms`` to ``dest`` (same key, headers)."""
     consumer = KafkaConsumer(**kafka_python_args(bootstrap, security, enable_auto_commit=False, group_id=None))
     producer = make_producer(bootstrap, security)
+    deliveries = Deliveries()
     summary = CopySummary()
     start = time.monotonic()
     try:
@@ -239,7 +272,7 @@ def copy_topic(bootstrap: str, source: str, dest: str, since_ms: int, idle_s: fl
                     if r.timestamp < since_ms:
                         summary.skipped_older += 1
                         continue
-                    producer.send(dest, key=r.key, value=r.value, headers=list(r.headers or []))
+                    deliveries.track(producer.send(dest, key=r.key, value=r.value, headers=list(r.headers or [])))
                     summary.copied += 1
             bar.update(n)
             now = time.monotonic()
@@ -251,6 +284,7 @@ def copy_topic(bootstrap: str, source: str, dest: str, since_ms: int, idle_s: fl
                 break
         bar.close()
         producer.flush()
+        deliveries.check(summary.copied, bootstrap, dest)
     finally:
         producer.close()
         consumer.close()

@@ -75,6 +75,15 @@ GIL_SWITCH_S = 0.0005
 """Python's thread switch interval while publishing and training run in two threads (see
 :meth:`Trainer._threaded_loop`)."""
 
+VECTOR_PRODUCER = dict(linger_ms=5, enable_idempotence=False, max_in_flight_requests_per_connection=1)
+"""The embeddings producer: acks=all and retries, in order, without idempotence. Measured: after
+a Tansu restart kafka-python's idempotent producer asks for a new producer id, gets UnknownError
+and aborts every later batch (every vector lost, only logged); vectors are keyed and versioned, so
+a retried duplicate is harmless, and one request in flight keeps a retry from overtaking newer ones."""
+
+IDLE_GENERATION_CHECK_S = 5.0
+"""While no sample arrives, how often the trainer asks whether the samples topic was re-created."""
+
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -268,6 +277,7 @@ class Trainer:
         self._stop = False
         self._last_ckpt = time.monotonic()
         self._last_batch_at = time.monotonic()
+        self._last_idle_check = self._last_batch_at
         self._head_batches = 0
         self._recent: list[tuple[float, int]] = []  # (time, samples) for samples/s
         # publishing apart from training (one process, train_policy all): see the class docstring
@@ -445,7 +455,8 @@ class Trainer:
     def serve_forever(self, idle_exit_s: float = 0.0, max_samples: int = 0) -> TrainerRun:
         """Run until stopped (SIGTERM/SIGINT), idle for ``idle_exit_s`` (0 = never) or ``max_samples``
         consumed (and, with ``train_policy`` all, trained)."""
-        producer = self._until_connected(lambda: make_producer(self.bootstrap, self.security, linger_ms=5), "the producer")
+        producer = self._until_connected(lambda: make_producer(self.bootstrap, self.security, **VECTOR_PRODUCER),
+                                         "the producer")
         self.dir.mkdir(parents=True, exist_ok=True)
         serving = ServingStore(self.dir / "serving")
         self._history = open(self.dir / "trainer-history.jsonl", "a", buffering=1)
@@ -494,7 +505,7 @@ class Trainer:
             records = [] if max_samples and self.run.samples >= max_samples else \
                 self._next_batch(head, wait=not backlog)
             now = time.monotonic()
-            if records and not self._same_generation(head, trainer, tps):
+            if not self._same_generation(head, trainer, tps, records):
                 records = []
             if records:
                 last_data = now
@@ -560,7 +571,7 @@ class Trainer:
         last_lag = 0.0
         while not self._halt.is_set() and not self._stop:
             records = [] if max_samples and self.run.samples >= max_samples else self._next_batch(head)
-            if records and not self._same_generation(head, None, tps):
+            if not self._same_generation(head, None, tps, records):
                 records = []
             if records:
                 self._last_data = time.monotonic()
@@ -618,7 +629,7 @@ class Trainer:
             backlog = self.backlog()
             records = [] if max_samples and total_samples >= max_samples else \
                 self._next_batch(head, wait=not backlog)
-            if records and not self._same_generation(head, trainer, tps):
+            if not self._same_generation(head, trainer, tps, records):
                 records = []
             self._head_step(records, producer, serving)
             if trainer is not None:
@@ -873,13 +884,20 @@ class Trainer:
         return True
 
     def _same_generation(self, head: KafkaConsumer, trainer: KafkaConsumer | None,
-                         tps: list[TopicPartition]) -> bool:
-        """Before a batch that follows a gap in fetching (a broker restart causes one), make sure
-        the samples topic was not re-created; if it was, drop the batch and rewind both consumers."""
-        now, last = time.monotonic(), self._last_batch_at
-        self._last_batch_at = now
-        if now - last < 1.0:
+                         tps: list[TopicPartition], records: list) -> bool:
+        """Make sure the samples topic was not re-created (a broker restart re-creates it) before
+        a batch that follows a gap in fetching, and every ``IDLE_GENERATION_CHECK_S`` while
+        nothing arrives (a consumer left at offsets of the old topic may never fetch again); if it
+        was, drop the batch and rewind both consumers to the new topic's beginning."""
+        now = time.monotonic()
+        if records:
+            last, self._last_batch_at = self._last_batch_at, now
+            if now - last < 1.0:
+                return True
+        elif now - max(self._last_batch_at, self._last_idle_check) < IDLE_GENERATION_CHECK_S:
             return True
+        else:
+            self._last_idle_check = now
         if not self._check_samples_generation():
             return True
         for consumer in (head, trainer):

@@ -2,7 +2,7 @@
 comes back empty, with a new id). Both stay up; the worker keeps every user's state (it re-seeds
 the new changelog from local state) and applies every event of the re-created source once: none
 skipped as "already applied" because of offsets that start again at 0; the trainer trains every
-sample of the new samples topic once."""
+sample of the new samples topic once and publishes every later user's vector on the new embeddings topic."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tgastream.stream.broker import EmbeddedBroker, free_port
 from tgastream.stream.replay import ReplayConfig, replay_file
 from tests.stream_reference import comparable, offline_records, read_store, replay_order
 from tests.test_stop_deadline import DAY, _time_ordered_halves
+from tests.kafka_util import read_topic
 from tests.trainer_util import start_trainer
 from tests.worker_util import start_worker, wait_until, worker_state_dir
 from tgastream.stream.promscrape import scrape, total
@@ -56,6 +57,11 @@ def test_a_worker_survives_a_broker_restart_and_applies_every_later_event_once(t
         assert worker.stop() == 0, worker.log()
         trainer.send_signal(signal.SIGTERM)
         assert trainer.wait(30) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+        # the trainer's vectors reach the new embeddings topic: its producer outlived the restart
+        published = {r.key[len(b"user:"):].decode() for r in read_topic(settings.bootstrap, settings.embeddings_topic)
+                     if r.key and r.key.startswith(b"user:")}
+        later_users = {line.split(",", 1)[0] for line in second.read_text().splitlines() if line}
+        assert later_users <= published, (later_users - published, (tmp_path / "trainer.log").read_text()[-3000:])
     finally:
         if trainer.poll() is None:
             trainer.kill()
