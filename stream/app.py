@@ -14,7 +14,6 @@ with the configured partition count before the app starts (:func:`worker_topics`
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ from tgastream.stream.pipeline import Pipeline, PipelineConfig, PipelineTotals
 from tgastream.stream.processor import ProcessorConfig
 from tgastream.core.settings import Settings
 from tgastream.stream.topics import app_topics
-
-log = logging.getLogger("tgastream.worker")
 
 TABLE_NAME = "user-state"
 
@@ -120,13 +117,11 @@ class StreamWorker:
 
     async def _unblock_group_close(self, every_s: float = 0.5) -> None:
         """While faust stops: once the group coordinator is closing, fail any join it still
-        waits on (:meth:`BatchConsumer.abort_group_requests_if_closing`), so the stop never hangs
-        on a group that is forming."""
+        waits on (:meth:`BatchConsumer.abort_join_if_closing`), again every ``every_s`` until the
+        stop ends, so the stop never hangs on a group that is forming."""
         while True:
             await asyncio.sleep(every_s)
-            if self.consumer.abort_group_requests_if_closing():
-                log.info("stopping during a group join: failed its pending requests")
-                return
+            self.consumer.abort_join_if_closing()
 
 
 def build_worker(settings: Settings, data_dir: Path, metrics: WorkerMetrics | None = None,

@@ -64,6 +64,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_flight: InFlight | None = None
+        self._join_aborted = False  # a stop failed a pending join (logged once)
         self.revocations = 0  # times partitions were revoked (every rebalance, under eager assignment)
         self.assignments = 0  # rebalances that completed with an assignment (possibly empty) for this member
 
@@ -116,29 +117,47 @@ class BatchConsumer(aiokafka_driver.Consumer):
 
     # -- stopping ---------------------------------------------------------------------------
 
-    def abort_group_requests_if_closing(self) -> int:
-        """Fail the group coordinator's pending requests once it is closing; how many connections were closed.
+    def abort_join_if_closing(self) -> None:
+        """Fail the group coordinator's pending join once it is closing (thread-safe: the check and
+        the close run together on the consumer thread's loop).
 
         aiokafka's ``GroupCoordinator.close`` waits for its coordination task, which may be waiting
         on a JoinGroup/SyncGroup that Tansu holds until a departed member's session times out (10 s
         and more), so a stop during a join hangs past any deadline. Closing the coordinator's
-        connections fails those requests; the task, seeing ``close`` was called, then ends, and the
-        group is left over a fresh connection. Before ``close`` (not closing) it does nothing, so
-        it never makes a running member rejoin. Thread-safe: it runs on the consumer thread's loop.
+        connections fails those requests and the task, seeing ``close`` was called, ends. It acts
+        only while closing *and* joining (no heartbeat task: aiokafka stops it for a join), so a
+        running member is never made to rejoin and a healthy stop keeps its heartbeat. The cost: a
+        member stopped mid-join finds the coordinator marked dead and sends no LeaveGroup; the group
+        drops it when its session times out. Call it again until the stop ends: a join may start
+        on a fresh connection after a close (aiokafka does not check ``closing`` between steps).
         """
         thread = getattr(self, "_thread", None)
         loop = getattr(thread, "thread_loop", None)
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._abort_join, thread)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _abort_join(self, thread: Any) -> None:
+        """On the consumer thread's loop: see :meth:`abort_join_if_closing`."""
         kafka = getattr(thread, "_consumer", None)
         coordinator = getattr(kafka, "_coordinator", None)
         closing = getattr(coordinator, "_closing", None)
         task = getattr(coordinator, "_coordination_task", None)
-        if loop is None or closing is None or not closing.done() or task is None or task.done() or loop.is_closed():
-            return 0  # not closing yet, or its coordination task already ended (nothing waits)
+        heartbeat = getattr(coordinator, "_heartbeat_task", None)
+        if closing is None or not closing.done() or task is None or task.done():
+            return  # not closing yet, or nothing waits
+        if heartbeat is not None and not heartbeat.done():
+            return  # a member in good standing, finishing its last steps
         conns = [conn for (_, group), conn in list(kafka._client._conns.items())
                  if group == ConnectionGroup.COORDINATION]
         for conn in conns:
-            loop.call_soon_threadsafe(conn.close, CloseReason.SHUTDOWN)
-        return len(conns)
+            conn.close(reason=CloseReason.SHUTDOWN)
+        if conns and not self._join_aborted:
+            self._join_aborted = True
+            log.info("stopping during a group join: failed its pending requests")
 
     # -- acknowledgements -------------------------------------------------------------------
 

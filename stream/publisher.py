@@ -35,8 +35,8 @@ def send_record(producer, topic: str, key: bytes, value: bytes | None, attempts:
         try:
             producer.send(topic, key=key, value=value)
             return
-        except (TypeError, ValueError) as exc:
-            if not _raised_in_partitioner(exc) or attempt == attempts - 1:
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            if not _metadata_race(exc) or attempt == attempts - 1:
                 raise
             if attempt == 0:
                 log.warning("topic %s has no partitions right now (%s; broker restarting?); sending again",
@@ -44,8 +44,12 @@ def send_record(producer, topic: str, key: bytes, value: bytes | None, attempts:
             time.sleep(backoff_s)
 
 
-def _raised_in_partitioner(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside kafka-python's partitioner (its metadata race)."""
+def _metadata_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is kafka-python losing a topic's partitions mid-send: raised inside its
+    partitioner (partitions None or none at all), or its ``send`` finding no partition assigned
+    (the topic gone between its metadata check and the partitioner)."""
+    if isinstance(exc, ValueError) and str(exc).startswith("Partitioner did not assign a partition"):
+        return True
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next

@@ -258,6 +258,9 @@ def await_chain(task: asyncio.Task) -> list[str]:
     return lines
 
 
+STOPPED_IN_START_UP = "stop:start-up"
+"""What :func:`_start_watched` returns for a SIGTERM before the worker started (``stop`` is a running one's)."""
+
 STARTUP_STOP_S = 10.0
 """Longest wait for a worker asked to stop before it started (no assignment processed yet)."""
 
@@ -265,14 +268,14 @@ STARTUP_STOP_S = 10.0
 def _stop_deadline(options: WorkerConfig, outcome: str, on_expire: Callable[[], None]) -> StopDeadline:
     """The deadline on stopping one incarnation of the worker.
 
-    A SIGTERM during start-up (``outcome == "stop"`` from :func:`_start_watched`) stops a worker
+    A SIGTERM during start-up (``STOPPED_IN_START_UP`` from :func:`_start_watched`) stops a worker
     that has processed nothing: there is nothing to make durable, yet aiokafka's group
     coordinator cannot be closed while a JoinGroup/SyncGroup is pending (Tansu holds a SyncGroup
     until the member it replaces times out, 10 s and more) and faust's rebalance callbacks wait on
     a loop that is stopping. So that stop is bounded by ``STARTUP_STOP_S`` and a stop that
     outlasts it still exits 0: a clean stop that lost nothing.
     """
-    if outcome == "stop":
+    if outcome == STOPPED_IN_START_UP:
         seconds = min(options.stop_timeout_s, STARTUP_STOP_S)  # 0 (wait forever) stays 0
         return StopDeadline(seconds, "worker", exit_code=0, on_expire=on_expire,
                             why="It was stopped during start-up, before it processed anything: nothing to lose.")
@@ -333,7 +336,7 @@ async def _prepare_incarnation(settings: Settings, data_dir: Path, metrics: Work
 async def _start_watched(worker: StreamWorker, stop: asyncio.Event, join_timeout_s: float) -> str:
     """Start ``worker`` (join the group, recover its partitions) unless asked to stop first.
 
-    Returns ``started``, ``stop`` (SIGTERM during start-up: the start is cancelled, so a worker
+    Returns ``started``, ``STOPPED_IN_START_UP`` (SIGTERM during start-up: the start is cancelled, so a worker
     that cannot join still stops within its deadline) or ``join-timeout`` (no assignment within
     ``join_timeout_s``: what each task waited on is logged, and the caller joins again). Recovery
     after an assignment may legitimately take long; only the wait for the first assignment is bounded.
@@ -345,7 +348,7 @@ async def _start_watched(worker: StreamWorker, stop: asyncio.Event, join_timeout
         while not start.done():
             await asyncio.wait({start, waiter}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
             if stop.is_set() and not start.done():
-                return "stop"
+                return STOPPED_IN_START_UP
             if (join_timeout_s and not start.done() and worker.consumer.assignments == 0
                     and monotonic() - t0 > join_timeout_s):
                 dump_tasks(asyncio.get_running_loop(), consumer_loop(worker))
