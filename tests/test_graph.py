@@ -122,18 +122,24 @@ def test_encoding_is_the_documented_byte_layout(rows, max_len):
     assert g.to_bytes() == _numpy_layout(g)
 
 
+def _random_graphs(n: int, seed: int) -> list[UserGraph]:
+    """``n`` graphs of random lengths and windows (slid, one-node and empty ones among them)."""
+    rng = np.random.default_rng(seed)
+    graphs = []
+    for _ in range(n):
+        g = UserGraph(max_len=int(rng.integers(1, 12)))
+        for t in range(int(rng.integers(0, 25))):
+            g.append(str(rng.integers(8)), str(rng.integers(3)), int(rng.integers(4)), 1000.0 + t * float(rng.integers(1, 5000)))
+        graphs.append(g)
+    return graphs
+
+
 def test_arrays_of_many_graphs_equal_each_graphs_own_arrays():
     """The batched computation (one set of numpy operations over all graphs) gives every graph
     exactly what its own ``to_arrays`` gives: windows that slid, one-node and empty graphs too."""
     from tgastream.state.graph import arrays_of
 
-    rng = np.random.default_rng(3)
-    graphs = []
-    for k in range(60):
-        g = UserGraph(max_len=int(rng.integers(1, 12)))
-        for t in range(int(rng.integers(0, 25))):
-            g.append(str(rng.integers(8)), str(rng.integers(3)), int(rng.integers(4)), 1000.0 + t * float(rng.integers(1, 5000)))
-        graphs.append(g)
+    graphs = _random_graphs(60, seed=3)
     expected = [UserGraph.from_bytes(g.to_bytes()).to_arrays() for g in graphs]  # computed one by one
     got = arrays_of(graphs + graphs[:5])  # (a graph twice: computed once)
     assert len(got) == len(graphs) + 5
@@ -150,13 +156,7 @@ def test_a_decoded_graph_reads_its_columns_from_the_encoding_and_behaves_as_the_
     same graph as the original."""
     from tgastream.state.graph import arrays_of
 
-    rng = np.random.default_rng(5)
-    graphs = []
-    for k in range(40):
-        g = UserGraph(max_len=int(rng.integers(1, 12)))
-        for t in range(int(rng.integers(0, 25))):
-            g.append(str(rng.integers(8)), str(rng.integers(3)), int(rng.integers(4)), 1000.0 + t * float(rng.integers(1, 5000)))
-        graphs.append(g)
+    graphs = _random_graphs(40, seed=5)
     decoded = [UserGraph.from_bytes(g.to_bytes()) for g in graphs]
     assert all(d._raw is not None for d in decoded if len(d))  # nothing unpacked yet
     for e, a in zip(arrays_of(graphs), arrays_of(decoded)):  # all packed: the encoding path
