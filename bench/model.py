@@ -280,6 +280,19 @@ STEPS = [("sasrec", "auto", "SASRec baseline (fused SDPA attention)"),
          ("tga", "naive", "TGA naive: 4 gathers, per-edge type vectors, einsum"),
          ("tga", "reference", "+ one k/v gather, q.R table, type scatter"),
          ("tga", "fused", "+ fused C kernel (one pass/node, fwd+bwd)")]
+CPU_ONLY_IMPLS = frozenset({"fused"})  # the fused TGA kernel runs on CPU tensors only (model/tga_layer.py)
+
+
+def step_jobs(base: dict, device_type: str) -> tuple[list[dict], list[str]]:
+    """The implementation-steps rows this device can run, and the labels of those it cannot
+    (the CPU-only fused kernel on CUDA): a GPU run reports the steps it has, not an error."""
+    jobs, skipped = [], []
+    for model, impl, label in STEPS:
+        if device_type != "cpu" and impl in CPU_ONLY_IMPLS:
+            skipped.append(label)
+            continue
+        jobs.append({**base, "model": model, "impl": impl, "label": label})
+    return jobs, skipped
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -300,11 +313,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             jobs.append(("row", {**base, "model": "sasrec", "label": "sasrec", "length": length}))
     for length in args.refresh_lengths:
         jobs.append(("refresh", {**base, "length": length}))
+    skipped: list[str] = []
     if args.steps_length:
-        for model, impl, label in STEPS:
-            jobs.append(("step", {**base, "model": model, "impl": impl, "label": label, "length": args.steps_length}))
+        from tgastream.model.device import resolve_device
+
+        steps, skipped = step_jobs(base, resolve_device(base["device"]).type)
+        jobs.extend(("step", {**spec, "length": args.steps_length}) for spec in steps)
     t0 = time.perf_counter()
-    result: dict = {"device": None, "rows": [], "steps": [], "config": base | {"repeat": args.repeat}}
+    result: dict = {"device": None, "rows": [], "steps": [], "steps_skipped": skipped,
+                    "config": base | {"repeat": args.repeat}}
     runs: list[list] = [[] for _ in jobs]
     order = [j for _ in range(max(args.repeat, 1)) for j in range(len(jobs))]  # interleaved rounds
     bar = tqdm(order, desc="bench model", unit="row", disable=None)
@@ -328,6 +345,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["ratios"] = _ratios(result["rows"])
     print(format_tables(result))
+    if skipped:
+        print(f"not run on {result['device']}: {'; '.join(skipped)} (CPU only)")
     print(f"total {result['seconds']:.0f}s")
     write_json(args.json, result)
     if args.json:

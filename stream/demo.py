@@ -94,6 +94,9 @@ class Series:
 
 
 DEFAULTS = Settings()
+# Once the trainer has caught up, how long the run waits for the re-publish sweep to bring every
+# vector to the newest weights (version lag 0) before it stops anyway and reports the lag.
+SWEEP_WAIT_S = 20.0
 
 
 def _common(settings: Settings) -> list[str]:
@@ -231,6 +234,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
     threading.Thread(target=replay, daemon=True, name="replay").start()
     series = Series()
     settled = 0
+    caught_up_at: float | None = None
     last_line = 0.0
     while True:
         time.sleep(1.0)
@@ -254,6 +258,7 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             "hr@10": tm.get("tgastream_online_metric{metric=hr@10,model=online}"),
             "auc": tm.get("tgastream_online_metric{metric=auc,model=online}"),
             "freshness_count": tm.get("tgastream_freshness_seconds_count", 0.0),
+            "version_lag": max(total(m, "tgastream_published_version_lag") for m in tms),
         }
         series.add(row)
         if not opts.quiet and time.monotonic() - last_line >= 2.0:
@@ -266,10 +271,14 @@ def _drive(settings: Settings, opts: DemoConfig, log_path: Path, procs: list[Pro
             raise result["error"]
         if replay_done.is_set():
             summary: ReplaySummary = result["replay"]
-            done = (row["events_applied"] >= summary.sent and row["samples_emitted"] > 0
-                    and row["trainer_samples"] >= row["samples_emitted"]
-                    and (settings.train_policy == "bounded" or row["trainer_trained"] >= row["samples_emitted"]))
-            settled = settled + 1 if done else 0
+            caught_up = (row["events_applied"] >= summary.sent and row["samples_emitted"] > 0
+                         and row["trainer_samples"] >= row["samples_emitted"]
+                         and (settings.train_policy == "bounded" or row["trainer_trained"] >= row["samples_emitted"]))
+            caught_up_at = (caught_up_at or time.monotonic()) if caught_up else None
+            # ... and the re-publish sweep has re-sent what older weights made (bounded wait)
+            swept = row["version_lag"] <= 0 or (caught_up_at is not None
+                                                and time.monotonic() - caught_up_at >= SWEEP_WAIT_S)
+            settled = settled + 1 if caught_up and swept else 0
             if settled >= 3:
                 if on_settled is not None:
                     on_settled(Live(settings, t_port, api_port, start))

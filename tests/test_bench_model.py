@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tgastream.bench.model import format_tables, measure, measure_refresh
+from tgastream.bench.model import STEPS, format_tables, measure, measure_refresh, step_jobs
 
 ROW_KEYS = {"model", "seq_len", "train_samples_per_s", "infer_ms", "peak_mem_mb"}
 SPEC = {"batch": 2, "dim": 16, "layers": 1, "heads": 2, "ffn_mult": 1, "items": 300, "min_steps": 1,
@@ -49,3 +49,11 @@ def test_bench_model_command_writes_json(tmp_path):
     assert {(r["model"], r["seq_len"]) for r in result["rows"] if r["train_samples_per_s"]} == {
         ("tga", 20), ("sasrec", 20), ("tga", 40), ("sasrec", 40)}
     assert len(result["steps"]) == 4
+
+
+def test_a_gpu_run_skips_the_cpu_only_fused_step_and_names_it():
+    cpu_jobs, cpu_skipped = step_jobs({"length": 8}, "cpu")
+    gpu_jobs, gpu_skipped = step_jobs({"length": 8}, "cuda")
+    assert [j["impl"] for j in cpu_jobs] == [impl for _, impl, _ in STEPS] and cpu_skipped == []
+    assert "fused" not in [j["impl"] for j in gpu_jobs] and len(gpu_jobs) == len(STEPS) - 1
+    assert gpu_skipped == [label for _, impl, label in STEPS if impl == "fused"]

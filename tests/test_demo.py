@@ -28,6 +28,7 @@ def test_demo_runs_end_to_end_and_reports_what_it_measured(tmp_path: Path, broke
     assert report["samples"] > 0 and report["trainer_samples"] == report["samples"]
     assert report["trained"] == report["samples"] and report["trained_share"] == 1.0  # every sample trained once
     assert report["train_steps"] > 0 and report["events_per_s"] > 0
+    assert report["version_lag"] == 0  # the demo waited for the sweep: every vector from the newest weights
     assert 0.0 <= report["online"]["hr@10"] <= 1.0
     on = report["online"]  # conversion judged at the click, with the cases it rests on
     assert {"auc", "auc_clicks", "auc_buys", "logloss", "ece", "reliability"} <= set(on)
