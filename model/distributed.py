@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -174,9 +174,14 @@ def init_group(device: torch.device, timeout_s: float = 1800.0) -> Group:
 
 
 def _attempt_store(timeout) -> "torch.distributed.Store":
-    """The rendezvous store (MASTER_ADDR:MASTER_PORT; torchrun's agent hosts it), its keys
-    prefixed by torchrun's restart count: after a group restart the ranks must not read the
-    addresses the previous attempt's ranks left there (they would connect to dead ports)."""
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT) under a prefix of this attempt's own.
+
+    Where torchrun's agent hosts the store (one machine), it outlives a group restart, so its
+    keys are prefixed by the restart count: the ranks must not read the addresses the previous
+    attempt's ranks left there (they would connect to dead ports). Where rank 0 hosts it (a
+    multi-node rendezvous: ``launcher_env`` in stream/commands/train.py), every attempt has a new
+    store at a new port, and the restart counts differ between machines (a node started again
+    after a kill -9 counts from 0, its surviving peer from 1): one prefix for all attempts."""
     import torch.distributed as dist
 
     rank = int(os.environ.get("RANK", "0"))
@@ -184,7 +189,14 @@ def _attempt_store(timeout) -> "torch.distributed.Store":
     store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
                           int(os.environ.get("WORLD_SIZE", "1")), is_master=rank == 0 and not agent_hosts,
                           timeout=timeout)
-    return dist.PrefixStore(f"tgastream/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(attempt_prefix(os.environ), store)
+
+
+def attempt_prefix(environ: Mapping[str, str]) -> str:
+    """The store prefix of this attempt (see :func:`_attempt_store`)."""
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return f"tgastream/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return "tgastream/attempt"
 
 
 def rank_device(setting: str, local_rank: int) -> str:

@@ -13,7 +13,7 @@ from tgastream.model.inference import IncompatibleCheckpoint
 from tgastream.model.online import OnlineLearner
 from tgastream.state.checkpoint import save_checkpoint
 from tgastream.state.rank_checkpoint import load_step, newest_loadable, part_path, prune_parts, save_part
-from tgastream.stream.commands.train import strip_rank_flags, torchrun_command
+from tgastream.stream.commands.train import launcher_env, strip_rank_flags, torchrun_command
 from tgastream.stream.trainer import Trainer
 
 
@@ -63,3 +63,22 @@ def test_nproc_wraps_torchrun_and_passes_every_other_flag_to_the_ranks():
     cmd = torchrun_command(several, [])
     assert "--standalone" not in cmd and cmd[cmd.index("--rdzv-endpoint") + 1] == "h:29400"
     assert strip_rank_flags(["--nnodes", "2", "--lr", "0.1", "--rdzv-id=a"]) == ["--lr", "0.1"]
+
+
+def test_a_rendezvous_launcher_publishes_the_master_address_every_round_unless_the_user_chose():
+    assert launcher_env({"PATH": "/bin"}, rendezvous=True)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in launcher_env({"PATH": "/bin"}, rendezvous=False)
+    chosen = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}
+    assert launcher_env(chosen, rendezvous=True)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
+
+
+def test_ranks_meet_under_one_store_prefix_whatever_their_restart_counts_when_no_agent_hosts_the_store():
+    from tgastream.model.distributed import attempt_prefix
+
+    survivor = {"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": "1"}
+    restarted_node = {"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RESTART_COUNT": "0"}
+    assert attempt_prefix(survivor) == attempt_prefix(restarted_node)
+    # the agent's store outlives a restart: each attempt reads its own keys
+    agent = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert attempt_prefix({**agent, "TORCHELASTIC_RESTART_COUNT": "0"}) != \
+        attempt_prefix({**agent, "TORCHELASTIC_RESTART_COUNT": "1"})

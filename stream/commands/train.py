@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from tgastream.core.settings import Settings
@@ -76,8 +77,21 @@ def strip_rank_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def launcher_env(environ: Mapping[str, str], rendezvous: bool) -> dict[str, str]:
+    """torchrun's environment. With a c10d rendezvous (several machines), each round of it
+    publishes its own master address and port: torch's shared store publishes them in the first
+    round only, so a node that restarts after a kill -9 waits for a master address its surviving
+    peer never writes again, while the peer waits for it (both give up with DistStoreError;
+    docs/scaling.md §4). ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE`` set by the user is kept."""
+    env = dict(environ)
+    if rendezvous:
+        env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return env
+
+
 def launch_ranks(args: argparse.Namespace) -> int:
     """Start the ranks under torchrun and wait for them (SIGTERM/SIGINT are passed on)."""
+    import os
     import signal
     import subprocess
 
@@ -89,7 +103,7 @@ def launch_ranks(args: argparse.Namespace) -> int:
     argv = given[given.index("train") + 1:] if "train" in given else []
     cmd = torchrun_command(args, argv)
     print("tgastream train: starting ranks: " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=launcher_env(os.environ, bool(args.rdzv_endpoint)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
     return proc.wait()
