@@ -87,6 +87,7 @@ class Settings:
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = field(default=LR, metadata={"help": "trainer: online learning rate"})
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
+    repeat_prior: bool = field(default=True, metadata={"help": "trainer: the retrieval pointer starts as repeat-recent (model/retrieval_head.py; docs/model-quality.md); false = the plain copy pointer. Resuming a checkpoint trained with the other value is refused"})
     guard: bool = field(default=True, metadata={"help": "trainer: shadow-evaluate a baseline (the last good checkpoint) and roll back when the online model falls below it"})
     guard_margin: float = field(default=0.03, metadata={"help": "trainer: how far below the baseline (AUC or HR@10) the online model may fall over the window before a rollback"})
     guard_window: int = field(default=2000, metadata={"help": "trainer: paired cases (retrieval rows, conversion clicks) the guard compares over"})

@@ -8,6 +8,7 @@ the poison never rolls back."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -29,7 +30,8 @@ WINDOW_STEPS = 12  # the guard's window in steps: ~19 retrieval rows scored a st
 ARGS = ("--train-policy", "bounded", "--burst", "1", "--batch-size", str(BATCH),  # the default learning rate
         "--checkpoint-every-steps", "5", "--checkpoint-every-s", "1000", "--idle-exit", "3", "--sample-len", "20",
         "--guard-window", "400", "--guard-min-retrievals", "150", "--guard-min-positives", "5", "--shadow-share", "0.5",
-        "--guard-margin", "0.06")
+        "--guard-margin", "0.06",
+        "--repeat-prior", "false")  # the guard's semantics, on a learner that does not dip by itself on this stream
 
 
 def _stream(seed: int, poisoned: bool) -> list:
@@ -114,7 +116,8 @@ def test_poisoned_stretch_rolls_back_publishes_the_good_model_and_recovers(topic
     repeat_during = [h for r in rows if POISON_STEPS[0] + 12 <= r["step"] < POISON_STEPS[1]
                      and (h := _hr(r, "repeat")) is not None]
     end = _hr(rows[-1])
-    assert repeat_before and max(repeat_during) < 0.5 * repeat_before  # the stretch was broken
+    # the stretch was broken: the model-free reference fell by over 4 standard errors of a window's mean
+    assert repeat_before and max(repeat_during) < repeat_before - 4 * math.sqrt(repeat_before * (1 - repeat_before) / 400)
     assert before_stretch and end is not None and end >= 0.8 * before_stretch  # the online metrics recovered after it
     assert rows[-1]["model_state"] == "live"
 
