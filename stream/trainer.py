@@ -544,6 +544,7 @@ class Trainer:
     def _train_behind(self, publisher: PublishingThread, trainer: KafkaConsumer, idle_exit_s: float,
                       max_samples: int) -> None:
         tps = sorted(trainer.assignment(), key=lambda t: t.partition)
+        last_step = time.monotonic()
         while not self._stop:
             publisher.check()
             if self._generation_reset:  # the samples topic was re-created: train it from its beginning
@@ -553,16 +554,27 @@ class Trainer:
                 self._seek(trainer, tps, {})
             if self.backlog():
                 self._train_step(trainer, wait=False)
+                last_step = time.monotonic()
             else:
                 self._halt.wait(0.02)  # nothing to train: the publisher reads on
             self._housekeeping(None, tps)
             now = time.monotonic()
             if not self.backlog():
-                if idle_exit_s and now - self._last_data >= idle_exit_s:
+                # idle: leave once the sweep has re-sent what older weights made (a trainer far behind
+                # ends its last step long after the last record), or after idle_exit_s more of trying
+                if idle_exit_s and now - self._last_data >= idle_exit_s \
+                        and (self._swept() or now - last_step >= idle_exit_s):
                     break
                 if max_samples and self.run.samples >= max_samples:
                     break
         publisher.check()
+
+    def _swept(self) -> bool:
+        """Whether every vector published is from the serving model now (or nothing re-publishes)."""
+        if not self.settings.republish_rate:
+            return True
+        with self._lock:
+            return self.published.version_lag(self.serving_version) == 0
 
     def _publish_loop(self, head: KafkaConsumer, tps: list[TopicPartition], producer: KafkaProducer,
                       serving: ServingStore, max_samples: int) -> None:
