@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS, add_setting_flags
 
     p.add_argument("--idle-exit", type=float, default=0.0, metavar="S",
-                   help="exit after S seconds without new samples (default: 0 = run until stopped)")
+                   help="exit after S seconds without new samples, once every sample is trained and (with the publishing "
+                        "thread) the re-publish sweep has caught up or had S more seconds (default: 0 = run until stopped)")
     p.add_argument("--max-samples", type=int, default=0, help="exit after this many samples (default: 0 = no limit)")
     p.add_argument("--publish-every", type=int, default=1, help="publish vectors every k steps (default: 1)")
     p.add_argument("--warm-start", type=Path, help="initialise from a learner state file (a checkpoint's 'learner' entry saved with torch.save)")
