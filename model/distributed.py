@@ -33,6 +33,7 @@ rank order):
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -43,6 +44,8 @@ from torch import nn
 
 from tgastream.model.batching import Batch
 from tgastream.state.samples import CONVERSION, RETRIEVAL, Sample
+
+log = logging.getLogger(__name__)
 
 
 class Group:
@@ -138,9 +141,23 @@ class TorchGroup(Group):
     def barrier(self) -> None:
         self.dist.barrier()
 
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+    def close(self, barrier_timeout_s: float = 30.0) -> None:
+        """Leave the group together: every rank waits for the others (bounded) before any tears
+        its side down. A rank that destroys its gloo context (rank 0 also its TCP store) while
+        a peer is still finishing its last collective can die with SIGABRT ("terminate called
+        without an active exception"), seen once in a full suite run."""
+        if not self.dist.is_initialized():
+            return
+        import datetime
+
+        try:
+            if self.dist.get_backend() == "gloo":
+                self.dist.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_timeout_s))
+            else:
+                self.dist.barrier()
+        except RuntimeError as exc:  # a peer is gone: tear down anyway
+            log.warning("leaving the process group without the other ranks: %s", exc)
+        self.dist.destroy_process_group()
 
 
 def backend_for(device: torch.device) -> str:
