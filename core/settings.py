@@ -111,7 +111,8 @@ class Settings:
     api_ssl_certfile: str = field(default="", metadata={"help": "serve the API over HTTPS with this certificate (PEM); with api_ssl_keyfile"})
     api_ssl_keyfile: str = field(default="", metadata={"help": "private key (PEM) of api_ssl_certfile (must be chmod 600)"})
     ann_exact_below: int = field(default=50_000, metadata={"help": "API replica: below this many items recommendations scan every item exactly; at or above it an approximate index (faiss IVF) answers (docs/scaling.md)"})
-    ann_nprobe: int = field(default=200, metadata={"help": "API replica: inverted lists of the approximate index scanned per query (more: better recall, slower)"})
+    ann_nprobe: int = field(default=96, metadata={"help": "API replica: inverted lists of the approximate index scanned per query (more: better recall, slower)"})
+    ann_lists_factor: float = field(default=8.0, metadata={"help": "API replica: inverted lists of the approximate index = this × √items, fixed when it is built (more: faster queries at the same recall, slower updates; docs/scaling.md)"})
     ann_update_chunk: int = field(default=256, metadata={"help": "API replica: most item vectors written to the index at once; a query waits for at most one such chunk"})
     # the live page /ui (stream/ui.py, docs/ui.md)
     ui_worker_metrics: str = field(default="", metadata={"help": "API: the stream workers' /metrics URLs (comma-separated; a host name with several addresses is each of them) the live page /ui scrapes each second; empty = not configured"})
@@ -126,7 +127,7 @@ class Settings:
             _positive(name, getattr(self, name))
         if self.threads < 0:
             raise SettingsError(f"threads must be >= 0, got {self.threads}")
-        for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s", "idle_ttl_s"):
+        for name in ("conversion_window_s", "max_wait_s", "lr", "checkpoint_every_s", "idle_ttl_s", "ann_lists_factor"):
             _positive(name, getattr(self, name))
         for name in ("worker_batch", "worker_flush_s", "worker_cache_users", "rebalance_timeout_s"):
             _positive(name, getattr(self, name))

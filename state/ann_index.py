@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -40,8 +42,8 @@ class AnnConfig:
     """How the item index searches; ``stream.configs.ann_config`` makes one from the settings."""
 
     exact_below: int = 50_000  # fewer live items than this: exact scan (also the reference)
-    nprobe: int = 200  # inverted lists scanned per query (recall@10 0.96 at 1M items: docs/scaling.md)
-    lists_factor: float = 4.0  # inverted lists = lists_factor × √items at (re)build (4,000 at 1M)
+    nprobe: int = 96  # inverted lists scanned per query (recall@10 0.969 at 1M items: docs/scaling.md)
+    lists_factor: float = 8.0  # inverted lists = lists_factor × √items at (re)build (8,000 at 1M)
     train_per_list: int = 40  # k-means training sample = this × lists
     update_chunk: int = 256  # most vectors written under the lock at once (bounds a query's wait)
     rebuild_growth: float = 2.0  # rebuild when the catalogue is this many times its size at build
@@ -60,25 +62,56 @@ def _faiss(threads: int):
 
 
 class FairLock:
-    """A mutex granted in arrival order (tickets)."""
+    """A readers-writer lock granted in arrival order (tickets): ``with lock`` is exclusive (a
+    writer), ``with lock.shared()`` lets consecutive readers in together, at most ``max_shared`` at
+    once (the cores: more runnable query threads than cores only queue in the scheduler, where
+    the slowest wait longest). Nobody overtakes an earlier ticket, so a writer waits only for the
+    readers admitted before it and a reader behind a waiting writer waits for it: neither side
+    starves, and a query waits for at most the one update chunk ahead of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_shared: int = 1) -> None:
+        self.max_shared = max(1, max_shared)
         self._cond = threading.Condition(threading.Lock())
-        self._next = 0
-        self._serving = 0
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the earliest ticket not admitted yet
+        self._readers = 0  # admitted readers still inside
+        self._writer = False  # an admitted writer is inside
 
     def __enter__(self) -> "FairLock":
         with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
+            ticket = self._take()
+            while ticket != self._serving or self._writer or self._readers:
                 self._cond.wait()
+            self._serving += 1
+            self._writer = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
-            self._serving += 1
+            self._writer = False
             self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Held with other readers (never with a writer)."""
+        with self._cond:
+            ticket = self._take()
+            while ticket != self._serving or self._writer or self._readers >= self.max_shared:
+                self._cond.wait()
+            self._serving += 1
+            self._readers += 1
+            self._cond.notify_all()  # the next ticket may be a reader too
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    def _take(self) -> int:
+        ticket = self._next
+        self._next += 1
+        return ticket
 
 
 def _exact_top(scores: np.ndarray, want: int) -> np.ndarray:
@@ -95,7 +128,7 @@ class ItemVectorIndex:
 
     def __init__(self, config: AnnConfig | None = None) -> None:
         self.config = config or AnnConfig()
-        self._lock = FairLock()
+        self._lock = FairLock(max_shared=os.cpu_count() or 1)
         self._build_lock = threading.Lock()
         self._one_build = threading.Lock()
         self._ivf = None  # faiss.IndexIVFFlat over live rows (ids = row numbers), or None
@@ -384,7 +417,7 @@ class ItemVectorIndex:
         ``exact=True`` scans every candidate (the reference the approximate answer is measured by)."""
         exclude = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
         user = np.ascontiguousarray(user, dtype=np.float32)
-        with self._lock:
+        with self._lock.shared():  # queries run together (faiss searches release the GIL); updates wait
             if not self.rows or k < 1:
                 return []
             if category is not None:

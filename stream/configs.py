@@ -23,7 +23,7 @@ def online_model_config(settings: Settings) -> ModelConfig:
 
 def ann_config(settings: Settings) -> AnnConfig:
     """How an API replica's item index searches (state/ann_index.py)."""
-    return AnnConfig(exact_below=settings.ann_exact_below, nprobe=settings.ann_nprobe,
+    return AnnConfig(exact_below=settings.ann_exact_below, nprobe=settings.ann_nprobe, lists_factor=settings.ann_lists_factor,
                      update_chunk=settings.ann_update_chunk, seed=settings.seed)
 
 

@@ -149,3 +149,37 @@ def test_recall_at_10_is_at_least_095_on_a_100k_catalogue():
     recall = np.mean([len(set(_ids(index.top_k(u, 10))) & set(_ids(index.top_k(u, 10, exact=True)))) / 10 for u in users])
     assert recall >= 0.95, recall
     assert time.perf_counter() - t0 < 60
+
+
+def test_queries_hold_the_lock_together_and_an_update_waits_for_them_in_arrival_order():
+    from tgastream.state.ann_index import FairLock
+
+    lock, order, inside = FairLock(max_shared=2), [], threading.Barrier(2, timeout=5)
+
+    def reader(name: str) -> None:
+        with lock.shared():
+            inside.wait()  # both readers are in at once, or this times out
+            order.append(name)
+            time.sleep(0.05)
+
+    def writer() -> None:
+        with lock:
+            order.append("writer")
+
+    def late_reader() -> None:
+        with lock.shared():
+            order.append("late reader")
+
+    readers = [threading.Thread(target=reader, args=(f"reader {i}",)) for i in range(2)]
+    for t in readers:
+        t.start()
+    time.sleep(0.01)
+    w = threading.Thread(target=writer)
+    w.start()
+    time.sleep(0.01)  # the writer holds a ticket before the late reader
+    late = threading.Thread(target=late_reader)
+    late.start()
+    for t in (*readers, w, late):
+        t.join(5)
+    assert sorted(order[:2]) == ["reader 0", "reader 1"]
+    assert order[2:] == ["writer", "late reader"]  # no reader overtakes a waiting writer

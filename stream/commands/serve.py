@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from tgastream.stream.cli import KAFKA_SECURITY_SETTINGS
 
     add_setting_flags(p, "bootstrap", "partitions", "embeddings_topic", "data_dir", "checkpoint_dir", "api_host", "api_port",
-                      "device", "api_token_file", "api_ssl_certfile", "api_ssl_keyfile", "ann_exact_below", "ann_nprobe",
+                      "device", "api_token_file", "api_ssl_certfile", "api_ssl_keyfile", "ann_exact_below", "ann_nprobe", "ann_lists_factor",
                       "ann_update_chunk", "ui_worker_metrics", "ui_trainer_metrics", *KAFKA_SECURITY_SETTINGS)
 
 
