@@ -36,7 +36,7 @@ def test_bench_index_refuses_a_catalogue_smaller_than_k_in_one_line(tmp_path):
 def test_the_sweep_reports_recall_and_latency_per_lists_and_nprobe(tmp_path):
     out = tmp_path / "sweep.json"
     res = subprocess.run([sys.executable, "-m", "tgastream.stream.cli", "bench", "index", "--sweep", "--items", "20000",
-                          "--nprobes", "1,64", "--queries", "16", "--json", str(out)],
+                          "--lists-factors", "2,4", "--nprobes", "1,64", "--queries", "16", "--json", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
