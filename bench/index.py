@@ -27,19 +27,11 @@ HELP = "item index of an API replica: exact vs approximate top-k (build, updates
 CLIENTS = 8
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags, float_list, int_list
 
     add_setting_flags(p, "ann_exact_below", "ann_nprobe", "ann_lists_factor", "ann_update_chunk", "seed")
-    p.add_argument("--items", type=_ints, default=[100_000, 1_000_000], help="catalogue sizes (default: 100000,1000000)")
+    p.add_argument("--items", type=int_list, default=[100_000, 1_000_000], help="catalogue sizes (default: 100000,1000000)")
     p.add_argument("--dim", type=int, default=None, help="vector width (default: settings dim)")
     p.add_argument("--queries", type=int, default=400, help="top-k queries per measurement (default: 400)")
     p.add_argument("--k", type=int, default=10, help="k of top-k (default: 10)")
@@ -49,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="instead: at the largest --items, the approximate index at each --lists-factors (lists = "
                         "factor x sqrt(items)) with --nprobes each: recall@10 and one-client p50/p99 per setting")
-    p.add_argument("--lists-factors", type=_floats, default=[2.0, 4.0, 8.0],
+    p.add_argument("--lists-factors", type=float_list, default=[2.0, 4.0, 8.0],
                    help="lists factors of --sweep (default: 2,4,8)")
-    p.add_argument("--nprobes", type=_ints, default=[24, 48, 96, 160, 200, 256, 400],
+    p.add_argument("--nprobes", type=int_list, default=[24, 48, 96, 160, 200, 256, 400],
                    help="nprobe values of --sweep (default: 24,48,96,160,200,256,400)")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--png", type=Path, help="plot latency and recall against catalogue size here")

@@ -30,12 +30,10 @@ from tgastream.bench.report import write_json
 HELP = "TGA vs SASRec: train samples/s, inference latency, peak memory by sequence length; refresh cost"
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", type=_ints, default=[50, 200, 1000, 5000],
+    from tgastream.stream.cli import int_list
+
+    p.add_argument("--lengths", type=int_list, default=[50, 200, 1000, 5000],
                    help="sequence lengths (default: 50,200,1000,5000)")
     p.add_argument("--sasrec-max-length", type=int, default=5000,
                    help="skip SASRec above this length (default: 5000)")
@@ -47,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=20000, help="catalogue size / embedding rows (default: 20000)")
     p.add_argument("--min-steps", type=int, default=3, help="timed train steps per row, at least (default: 3)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds per row, at least (default: 3)")
-    p.add_argument("--refresh-lengths", type=_ints, default=[200, 1000], help="refresh rows (default: 200,1000)")
+    p.add_argument("--refresh-lengths", type=int_list, default=[200, 1000], help="refresh rows (default: 200,1000)")
     p.add_argument("--steps-length", type=int, default=1000,
                    help="length of the implementation-steps table; 0 = skip (default: 1000)")
     p.add_argument("--repeat", type=int, default=1,

@@ -45,15 +45,11 @@ BEHAVIORS = ("click", "fav", "cart", "buy")
 BEHAVIOR_MIX = (0.892, 0.031, 0.055, 0.022)  # Taobao UserBehavior: pv / fav / cart / buy
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tgastream.stream.cli import add_setting_flags
+    from tgastream.stream.cli import add_setting_flags, int_list
 
-    p.add_argument("--users", type=_ints, default=[10_000, 100_000, 1_000_000], help="user counts (default: 10000,100000,1000000)")
-    p.add_argument("--ids", type=_ints, default=[1_000_000, 10_000_000], help="trainer id-map sizes (default: 1000000,10000000)")
+    p.add_argument("--users", type=int_list, default=[10_000, 100_000, 1_000_000], help="user counts (default: 10000,100000,1000000)")
+    p.add_argument("--ids", type=int_list, default=[1_000_000, 10_000_000], help="trainer id-map sizes (default: 1000000,10000000)")
     p.add_argument("--histories", type=Path, default=DEFAULT_HISTORIES,
                    help="Taobao-format CSV whose per-user event counts give the history lengths (default: %(default)s)")
     p.add_argument("--pool", type=int, default=1000, help="distinct users processed to make the records (default: 1000)")

@@ -76,6 +76,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
                             metavar=name.upper(), help=f"{helptext} (default: {default!s})")
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers (``50,200,1000``)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers (``2,4,8``)."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_") and v is not None}
     config = args.config or os.environ.get("TGASTREAM_CONFIG")
