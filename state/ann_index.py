@@ -478,7 +478,7 @@ class ItemVectorIndex:
     # ---- views -------------------------------------------------------------------------------
     def get(self) -> tuple[list[str], np.ndarray]:
         """Live item ids and their vectors [I, d] (a copy), in row order."""
-        with self._lock:
+        with self._lock.shared():  # a reader, like top_k
             rows = np.flatnonzero(self.live[:len(self.ids)])
             return [self.ids[r] for r in rows], self.matrix[rows]
 
