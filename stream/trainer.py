@@ -84,6 +84,11 @@ a retried duplicate is harmless, and one request in flight keeps a retry from ov
 IDLE_GENERATION_CHECK_S = 5.0
 """While no sample arrives, how often the trainer asks whether the samples topic was re-created."""
 
+PROGRESS_EVERY_S = 0.5
+"""How often the progress callback gets :meth:`Trainer.stats` (a full snapshot: rolling AUC/GAUC,
+quantiles, reliability). Built after every step it took ~5% of the training thread (py-spy, the
+demo's stream at 1,000 events/s)."""
+
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -276,6 +281,7 @@ class Trainer:
         self.samples_topic_id: str | None = None
         self._stop = False
         self._last_ckpt = time.monotonic()
+        self._last_progress = 0.0
         self._last_batch_at = time.monotonic()
         self._last_idle_check = self._last_batch_at
         self._head_batches = 0
@@ -1037,7 +1043,8 @@ class Trainer:
             self.metrics.idmap_evictions.labels(kind).set(ev)
         if consumer is not None:  # (publishing thread: its own consumer, :meth:`_note_lag`)
             self._note_lag(consumer, tps)
-        if self.progress:
+        if self.progress and time.monotonic() - self._last_progress >= PROGRESS_EVERY_S:
+            self._last_progress = time.monotonic()
             self.progress(self.stats())
 
     def _note_lag(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:

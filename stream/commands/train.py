@@ -164,14 +164,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"tgastream train: device {learner.device}; metrics on :{server.server_port}/metrics", file=sys.stderr, flush=True)
 
     def show(stats: dict) -> None:
-        if not args.quiet:
-            online = stats["online"]
-            share = stats["trained_share"]
-            print(f"\rsamples {stats['samples']:>9,}  trained {stats['trained']:>9,} "
-                  f"({'–' if share is None else f'{share:.0%}'})  backlog {stats['backlog']:>7,}  steps {stats['steps']:>7,}  "
-                  f"hr@10 {online.get('hr@10') or 0:.3f}  auc {online.get('auc') or 0:.3f}", end="", file=sys.stderr)
+        online = stats["online"]
+        share = stats["trained_share"]
+        print(f"\rsamples {stats['samples']:>9,}  trained {stats['trained']:>9,} "
+              f"({'–' if share is None else f'{share:.0%}'})  backlog {stats['backlog']:>7,}  steps {stats['steps']:>7,}  "
+              f"hr@10 {online.get('hr@10') or 0:.3f}  auc {online.get('auc') or 0:.3f}", end="", file=sys.stderr)
 
-    trainer = Trainer(settings, handle.bootstrap, learner, metrics, publish_every=args.publish_every, progress=show)
+    trainer = Trainer(settings, handle.bootstrap, learner, metrics, publish_every=args.publish_every,
+                      progress=None if args.quiet else show)
     install_stop_handlers(trainer)
     try:
         resumed = trainer.restore()
