@@ -63,7 +63,7 @@ class SequenceRecommender(nn.Module):
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
         self.retrieval_head = (RetrievalHead(cfg.dim, cfg.copy, cfg.recency_buckets, cfg.repeat_prior,
-                                             repeat_level(cfg.temperature, cfg.max_positions))
+                                             repeat_level(cfg.temperature, cfg.max_positions), cfg.pointer_bound)
                                if self.does_retrieval else None)
         # DIN's own input for the conversion head (cfg.conversion_raw): a separate embedding, conversion-trained
         raw = cfg.conversion_raw and self.does_conversion and self.does_retrieval

@@ -31,6 +31,8 @@ class ModelConfig:
     copy: bool = True  # retrieval may point back at the user's own nodes (TGA default)
     repeat_prior: bool = True  # the pointer starts as repeat-recent (a learned prior over the context's distinct
     # items by recency and touch count, model/retrieval_head.py); only with copy
+    pointer_bound: float = 8.0  # with repeat_prior: the learned pointer term is bounded to ±this (scaled tanh), so
+    # only the prior's level can switch the pointer off (model/retrieval_head.py); 0 = unbounded
     recency_buckets: int = 24  # pointer recency bias: nodes back from the newest, exact < 16, then log2
     max_positions: int = 8192  # SASRec's learned positions (distance from the newest node)
     n_behaviors: int = N_BEHAVIORS

@@ -35,8 +35,9 @@ def model_state(model: TGA, rows: EmbeddingRows) -> dict:
 def saved_model_config(d: dict) -> ModelConfig:
     """The configuration of the model saved in a learner state."""
     try:
-        # a checkpoint from before the repeat prior has no such field and no such weights
-        return ModelConfig(**({"repeat_prior": False} | d["model_config"]))
+        # a checkpoint from before the repeat prior has no such field and no such weights; one from
+        # before the pointer bound was trained unbounded and is served unbounded
+        return ModelConfig(**({"repeat_prior": False, "pointer_bound": 0.0} | d["model_config"]))
     except (KeyError, TypeError):
         raise IncompatibleCheckpoint("written by another model version (no model configuration it can read)") from None
 

@@ -15,7 +15,7 @@ from tgastream.model.batching import to_batch
 from tgastream.model.config import TrainConfig
 from tgastream.model.evaluation import EvalConfig, build_data, build_model, candidates, repeat_ranks, validation_as_test
 from tgastream.model.inference import saved_model_config
-from tgastream.model.retrieval_head import repeat_features
+from tgastream.model.retrieval_head import RetrievalHead, repeat_features
 from tgastream.model.training import fit
 from tgastream.state.samples import RETRIEVAL
 from tgastream.stream.synth import SynthConfig, write_file
@@ -123,3 +123,43 @@ def test_a_checkpoint_config_without_the_prior_reads_as_no_prior():
     cfg = saved_model_config({"model_config": {"n_items": 10, "n_categories": 3}})
     assert cfg.repeat_prior is False
     assert saved_model_config({"model_config": {"n_items": 10, "n_categories": 3, "repeat_prior": True}}).repeat_prior
+
+
+def test_a_checkpoint_config_from_before_the_bound_reads_as_unbounded():
+    old = saved_model_config({"model_config": {"n_items": 10, "n_categories": 3, "repeat_prior": True}})
+    assert old.pointer_bound == 0.0
+    new = saved_model_config({"model_config": {"n_items": 10, "n_categories": 3, "repeat_prior": True,
+                                               "pointer_bound": 8.0}})
+    assert new.pointer_bound == 8.0
+
+
+def _pointer_parts(bound: float, prior: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pointer logits c [B, N], the same head's logits with a zero learned term) of a head whose
+    learned pointer weights are scaled up ``scale``×: what the online learner's collapse looked like."""
+    torch.manual_seed(0)
+    head = RetrievalHead(8, copy=True, recency_buckets=24, repeat_prior=prior, repeat_start=20.0, pointer_bound=bound)
+    nn_init = torch.nn.init
+    nn_init.normal_(head.ptr_query.weight, std=scale)
+    nn_init.normal_(head.ptr_key.weight, std=scale)
+    u, states = torch.randn(4, 8) * 5, torch.randn(4, 6, 8) * 5  # [B, d], [B, N, d]
+    keys = torch.tensor([[1, 2, 3, 2, 4, 5]] * 4)
+    mask, lengths = keys > 0, torch.full((4,), 6)
+    c = head.node_logits(u, states, mask, lengths, keys)
+    with torch.no_grad():
+        head.ptr_query.weight.zero_()
+        head.ptr_query.bias.zero_()
+    return c, head.node_logits(u, states, mask, lengths, keys)
+
+
+def test_with_the_prior_the_learned_pointer_cannot_switch_the_pointer_off():
+    c, prior_only = _pointer_parts(bound=8.0, prior=True, scale=3.0)
+    learned = c - prior_only  # [B, N]: the learned bilinear term alone
+    assert learned.abs().max() <= 8.0 + 1e-5
+    assert learned.abs().max() > 7.0  # large weights reach the bound (this is not a vacuous check)
+    c_free, prior_free = _pointer_parts(bound=0.0, prior=True, scale=3.0)
+    assert (c_free - prior_free).abs().max() > 50.0  # unbounded, the same weights move it by far more
+
+
+def test_without_the_prior_the_pointer_is_not_bounded():
+    c, zero = _pointer_parts(bound=8.0, prior=False, scale=3.0)
+    assert (c - zero).abs().max() > 50.0

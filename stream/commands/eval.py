@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-prior", action=argparse.BooleanOptionalAction, default=None,
                    help="pointer models start as repeat-recent (learned repeat prior, model/retrieval_head.py; "
                         "default: on)")
+    p.add_argument("--pointer-bound", type=float, default=None,
+                   help="with the repeat prior: bound of the learned pointer term, 0 = unbounded (model/retrieval_head.py; "
+                        "default: the model config's, 8)")
     p.add_argument("--patience", type=int, default=2,
                    help="epochs without a better validation score before stopping (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             model_overrides=tuple((key, value) for key, value in (("conversion_weight", args.conversion_weight),
                                                                   ("conversion_grad", args.conversion_grad),
                                                                   ("conversion_features", args.conversion_features),
-                                                                  ("repeat_prior", args.repeat_prior))
+                                                                  ("repeat_prior", args.repeat_prior),
+                                                                  ("pointer_bound", args.pointer_bound))
                                   if value is not None),
         ).validate()
         if cfg.dim % cfg.heads:
