@@ -7,7 +7,6 @@ weights (their models stay equal) and rank 1 replays only its own reservoir afte
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -42,15 +41,13 @@ def _rank(rank: int, port: int, root: str) -> None:
     from tgastream.stream.configs import online_config, online_model_config
     from tgastream.stream.trainer import Trainer
 
-    # the live guard test's settings (tests/test_guard_live.py), one process per rank. The pointer
-    # without its repeat prior: with it, the online model falls below its promoted baseline before
-    # the poison (rolling HR@10 0.53 -> 0.41 by step 23), a true trip; this test pins the
-    # collective decision on a poisoned rank, not the model's quality
+    # the live guard test's settings (tests/test_guard_live.py), one process per rank, the default
+    # model (before the pointer bound of model/retrieval_head.py, the model with the repeat prior fell
+    # below its promoted baseline before the poison: rolling HR@10 0.53 -> 0.41 by step 23)
     settings = Settings(data_dir=Path(root), batch_size=BATCH, sample_len=20, seed=0, device="cpu", threads=1,
                         guard_window=400, guard_min_retrievals=150, guard_min_positives=5, shadow_share=0.5,
                         guard_margin=0.06)
-    model_cfg = dataclasses.replace(online_model_config(settings), repeat_prior=False)
-    learner = OnlineLearner(model_cfg, online_config(settings), group=init_group(torch.device("cpu")))
+    learner = OnlineLearner(online_model_config(settings), online_config(settings), group=init_group(torch.device("cpu")))
     trainer = Trainer(settings, "127.0.0.1:1", learner)  # never connects: the test drives its steps
     trainer.dir.mkdir(parents=True, exist_ok=True)
     trainer._history = open(trainer.dir / "trainer-history.jsonl", "a", buffering=1)
