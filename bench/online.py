@@ -277,8 +277,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     result = summarize(cases, probs, ranks, args.seeds)
     edges = np.linspace(0, cases.n_after, args.segments + 1).round().astype(int)
     edges[-1] = cases.n_after + 1
-    result["curve"] = {"samples_at": edges[1:].tolist(), **{m: curve(cases, probs[m], edges, m != "repeat")
-                                                            for m in probs}}
+    result["curve"] = {"samples_at": edges[1:].tolist(),
+                       **{m: curve(cases, probs[m], edges, m != "repeat", ranks[m]) for m in probs}}
     result["reliability"] = {m: reliability(cases.labels, np.nanmean(np.stack(probs[m]), 0), 10)
                              for m in probs if m != "repeat"}
     cmd = (f"tgastream bench online --data {args.data} --warmup {args.warmup}"
@@ -352,19 +352,24 @@ def summarize(cases: Cases, probs: dict, ranks: dict, seeds: int) -> dict:
                                            "of the mean over seeds, 2.5-97.5 percentiles"}
 
 
-def curve(cases: Cases, probs: list, edges: np.ndarray, calibrated: bool) -> list[dict]:
-    """Click-time AUC, logloss and ECE (mean prediction over seeds) and HR@10 per stretch of the stream."""
+def curve(cases: Cases, probs: list, edges: np.ndarray, calibrated: bool, ranks: list | None = None) -> list[dict]:
+    """Click-time AUC, logloss and ECE (mean prediction over seeds) and HR@10 (mean over seeds of
+    the model's ``ranks`` [R] per seed) per stretch of the stream."""
     from tgastream.model.metrics import auc, ece, logloss
 
     p = np.nanmean(np.stack([x for x in probs if x is not None]), 0) if probs else np.zeros(0)
+    hits = np.stack([np.asarray(r) <= 10 for r in ranks]).astype(float) if ranks else None  # [S, R]
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sp = (cases.click_at >= lo) & (cases.click_at < hi)
+        sr = (cases.rank_at >= lo) & (cases.rank_at < hi)
         y = cases.labels[sp]
         out.append({"auc": auc(y, p[sp]) if sp.any() else None,
                     "logloss": logloss(y, p[sp]) if calibrated and sp.any() else None,
                     "ece": ece(y, p[sp]) if calibrated and sp.any() else None,
-                    "clicks": int(sp.sum()), "buys": int(y.sum())})
+                    "clicks": int(sp.sum()), "buys": int(y.sum()),
+                    "hr@10": float(hits[:, sr].mean()) if hits is not None and sr.any() else None,
+                    "next_events": int(sr.sum())})
     return out
 
 

@@ -55,6 +55,13 @@ def test_bench_online_judges_every_model_on_the_same_clicks_at_click_time_and_wr
     lo, hi = models["online_fnw"]["ci"]["logloss"]
     assert lo <= hi and "ci" not in models["online_wait"]
     assert sum(c["clicks"] for c in r["curve"]["online_wait"]) == models["online_wait"]["clicks"]
+    # HR@10 per stretch: over the same next events for every model, and the stretches make up the whole
+    for name in models:
+        seg = r["curve"][name]
+        assert sum(c["next_events"] for c in seg) == models[name]["retrieval_cases"]
+        n = sum(c["next_events"] for c in seg)
+        whole = sum(c["hr@10"] * c["next_events"] for c in seg if c["hr@10"] is not None) / n
+        assert abs(whole - models[name]["hr@10"]) < 1e-9
     assert (tmp_path / "png" / "online_clicktime.png").stat().st_size > 0
 
 
