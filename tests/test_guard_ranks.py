@@ -47,7 +47,8 @@ def _rank(rank: int, port: int, root: str) -> None:
     settings = Settings(data_dir=Path(root), batch_size=BATCH, sample_len=20, seed=0, device="cpu", threads=1,
                         guard_window=400, guard_min_retrievals=150, guard_min_positives=5, shadow_share=0.5,
                         guard_margin=0.06)
-    learner = OnlineLearner(online_model_config(settings), online_config(settings), group=init_group(torch.device("cpu")))
+    model_cfg = online_model_config(settings)
+    learner = OnlineLearner(model_cfg, online_config(settings), group=init_group(torch.device("cpu")))
     trainer = Trainer(settings, "127.0.0.1:1", learner)  # never connects: the test drives its steps
     trainer.dir.mkdir(parents=True, exist_ok=True)
     trainer._history = open(trainer.dir / "trainer-history.jsonl", "a", buffering=1)
