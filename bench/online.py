@@ -352,13 +352,13 @@ def summarize(cases: Cases, probs: dict, ranks: dict, seeds: int) -> dict:
                                            "of the mean over seeds, 2.5-97.5 percentiles"}
 
 
-def curve(cases: Cases, probs: list, edges: np.ndarray, calibrated: bool, ranks: list | None = None) -> list[dict]:
+def curve(cases: Cases, probs: list, edges: np.ndarray, calibrated: bool, ranks: list) -> list[dict]:
     """Click-time AUC, logloss and ECE (mean prediction over seeds) and HR@10 (mean over seeds of
     the model's ``ranks`` [R] per seed) per stretch of the stream."""
     from tgastream.model.metrics import auc, ece, logloss
 
     p = np.nanmean(np.stack([x for x in probs if x is not None]), 0) if probs else np.zeros(0)
-    hits = np.stack([np.asarray(r) <= 10 for r in ranks]).astype(float) if ranks else None  # [S, R]
+    hits = np.stack([np.asarray(r) <= 10 for r in ranks]).astype(float)  # [S, R]
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         sp = (cases.click_at >= lo) & (cases.click_at < hi)
@@ -368,7 +368,7 @@ def curve(cases: Cases, probs: list, edges: np.ndarray, calibrated: bool, ranks:
                     "logloss": logloss(y, p[sp]) if calibrated and sp.any() else None,
                     "ece": ece(y, p[sp]) if calibrated and sp.any() else None,
                     "clicks": int(sp.sum()), "buys": int(y.sum()),
-                    "hr@10": float(hits[:, sr].mean()) if hits is not None and sr.any() else None,
+                    "hr@10": float(hits[:, sr].mean()) if sr.any() else None,
                     "next_events": int(sr.sum())})
     return out
 

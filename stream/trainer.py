@@ -1043,8 +1043,9 @@ class Trainer:
             self.metrics.idmap_evictions.labels(kind).set(ev)
         if consumer is not None:  # (publishing thread: its own consumer, :meth:`_note_lag`)
             self._note_lag(consumer, tps)
-        if self.progress and time.monotonic() - self._last_progress >= PROGRESS_EVERY_S:
-            self._last_progress = time.monotonic()
+        now = time.monotonic()
+        if self.progress and now - self._last_progress >= PROGRESS_EVERY_S:
+            self._last_progress = now
             self.progress(self.stats())
 
     def _note_lag(self, consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:

@@ -138,9 +138,8 @@ def _pointer_parts(bound: float, prior: bool, scale: float) -> tuple[torch.Tenso
     learned pointer weights are scaled up ``scale``×: what the online learner's collapse looked like."""
     torch.manual_seed(0)
     head = RetrievalHead(8, copy=True, recency_buckets=24, repeat_prior=prior, repeat_start=20.0, pointer_bound=bound)
-    nn_init = torch.nn.init
-    nn_init.normal_(head.ptr_query.weight, std=scale)
-    nn_init.normal_(head.ptr_key.weight, std=scale)
+    torch.nn.init.normal_(head.ptr_query.weight, std=scale)
+    torch.nn.init.normal_(head.ptr_key.weight, std=scale)
     u, states = torch.randn(4, 8) * 5, torch.randn(4, 6, 8) * 5  # [B, d], [B, N, d]
     keys = torch.tensor([[1, 2, 3, 2, 4, 5]] * 4)
     mask, lengths = keys > 0, torch.full((4,), 6)
