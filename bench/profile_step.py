@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
                 learner.assign_rows(batch)
                 with latest.use() as twin:
                     learner.rows.grow_tables(twin.model, None, None)
-                    twin.vectors(batch)
+                    out = twin.vectors(batch)
+                if hasattr(learner, "note_predictions"):  # (the clicks' P(buy) from the publishing forward)
+                    learner.note_predictions(out.clicks)
             with record_function("learn (scores from its forward)"):
                 learner.learn(batch, score_limit=bs)
             with record_function("refresh the inference copy"):

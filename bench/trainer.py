@@ -150,7 +150,7 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out_dir: str) -> No
             print(f"\r  step {k}/{steps}", end="", file=sys.stderr, flush=True)
         batch = mine[k * bs:(k + 1) * bs]
         t = time.perf_counter()
-        learner.vectors(batch)
+        learner.note_predictions(learner.vectors(batch).clicks)  # (as the trainer: clicks predicted here)
         _sync(device)
         timers.add("vectors", time.perf_counter() - t)
         if not one_pass:  # (dropout: a scoring pass of its own)

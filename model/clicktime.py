@@ -4,7 +4,11 @@ A conversion label is known a day after its click (or at the buy), but the model
 on what it said *at the click*. So the trainer predicts P(buy) when a click reaches it (the
 worker's CLICK sample, state/samples.py) with the model serving then, and keeps the prediction
 here with that model's version, keyed by the click's identity (user, item, click time: one open
-window per user and item). When the window closes (the conversion sample: buy → 1, window end
+window per user and item). The prediction comes from the publishing forward
+(``OnlineLearner.vectors``, the same pass as the user vectors: in the trainer's publishing
+thread, the newest copy of the weights when the click reaches the head) and is handed to the
+learner as :class:`Predictions`; a click that reaches a training step without one (lost, or a
+caller that did not publish) is predicted in that step, from its forward. When the window closes (the conversion sample: buy → 1, window end
 → 0) the label joins the prediction, and only then does the case count in a metric. A positive
 and a negative of clicks made at the same time are thus scored by the same model version, not
 one at the buy and the other a day (or a whole run) later.
@@ -39,6 +43,17 @@ import numpy as np
 from tgastream.state.samples import Sample
 
 Key = tuple[str, str, float]  # user, item, click time
+
+
+@dataclass
+class Predictions:
+    """Click-time P(buy) made outside a training step, by the publishing forward
+    (``OnlineLearner.vectors``) of the model serving at the click: clicks [C], probs [C], the
+    version of the model that made them."""
+
+    clicks: list[Sample]
+    probs: np.ndarray
+    version: int
 
 
 @dataclass
@@ -86,6 +101,14 @@ class ClickTimeStore:
             self.pending.popitem(last=False)
             self.evicted += 1
         self._compact()
+
+    def has(self, click: Sample) -> bool:
+        """Whether the click's prediction is pending (made and not yet joined to its label)."""
+        return click.click_key in self.pending
+
+    def peek(self, clicks: Sequence[Sample]) -> np.ndarray:
+        """The first score [C] of pending predictions (each click must be pending), left in the store."""
+        return np.asarray([self.pending[s.click_key][1][0] for s in clicks], dtype=np.float64)
 
     def horizon(self) -> float:
         """The maturity horizon: the earliest click time among pending predictions (+inf when

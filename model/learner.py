@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from tgastream.model.clicktime import Predictions
 from tgastream.state.graph import UserGraph
 from tgastream.state.samples import Sample
 
@@ -29,6 +30,7 @@ class StepOutput:
     arrivals: list[float] = field(default_factory=list)  # arrival ts at a worker of every event in the batch
     from_clicks: set[str] = field(default_factory=set)  # users whose context ends at an older click
     item_categories: dict[str, str] = field(default_factory=dict)  # item → category, of ``items``
+    clicks: Predictions | None = None  # click-time P(buy) of the batch's clicks, from the same forward
 
 
 class Learner(Protocol):
@@ -40,6 +42,8 @@ class Learner(Protocol):
     last_replayed: int  # reservoir samples mixed into the last step
 
     def vectors(self, samples: Sequence[Sample]) -> StepOutput: ...
+
+    def note_predictions(self, predictions: Predictions | None) -> None: ...
 
     def user_vectors_of(self, graphs: dict[str, tuple[UserGraph, float]]) -> dict[str, tuple[np.ndarray, float]]: ...
 

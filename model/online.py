@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from tgastream.model.batching import collate
-from tgastream.model.clicktime import ClickTimeStore
+from tgastream.model.clicktime import ClickTimeStore, Predictions
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.device import cpu_threads, resolve_device
 from tgastream.model.feedback import check_mode, training_samples
@@ -144,6 +145,8 @@ class OnlineLearner:
         self.reservoir = Reservoir(cfg.reservoir)
         check_mode(cfg.conversion_feedback)
         self.clicktime = ClickTimeStore(cfg.pending_predictions)  # click-time P(buy) awaiting labels
+        # made by the publishing forward (another thread's: deque appends and pops are atomic), not yet in the store
+        self._handed: deque[Predictions] = deque()
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
         self.last_replayed = 0  # reservoir samples in the last step
@@ -155,7 +158,11 @@ class OnlineLearner:
 
     def vectors(self, samples: Sequence[Sample]) -> StepOutput:
         """Give the batch's ids rows, and compute the vectors to publish with the model as it is:
-        each user's graph *including* its newest event, and every item the batch touches.
+        each user's graph *including* its newest event, and every item the batch touches; from
+        the same forward, the click-time P(buy) of the batch's clicks (``StepOutput.clicks``: the
+        model serving at the click predicts it, model/clicktime.py), for the caller to hand to
+        the learner that will train them (:meth:`note_predictions`): its step then needs no row
+        for them (:meth:`step` does so).
 
         With ranks, every rank calls this together (``samples`` may be empty): the rows are
         assigned from the union of the ranks' ids (:func:`model.distributed.sync_rows`)."""
@@ -163,7 +170,9 @@ class OnlineLearner:
             self.assign_rows(samples)
         if not samples:
             return StepOutput(users={}, items={}, loss=float("nan"))
-        users, contexts, bought = self.user_vectors(samples)
+        clicks = [s for s in samples if s.kind == CLICK] if self.model.conversion_head is not None else []
+        users, contexts, bought, probs = self.user_vectors(samples, clicks)
+        predictions = Predictions(clicks, probs, self.version) if clicks else None
         touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
         for s in samples:  # ... and each context's newest node (a user's first item is never a target)
             if len(s.graph):
@@ -174,7 +183,24 @@ class OnlineLearner:
         from_clicks = set(users) - {s.user_id for s in samples if s.kind == RETRIEVAL}
         return StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
                           arrivals=arrivals, from_clicks=from_clicks,
-                          item_categories={i: touched[i] for i in items})
+                          item_categories={i: touched[i] for i in items}, clicks=predictions)
+
+    def note_predictions(self, predictions: Predictions | None) -> None:
+        """Click-time predictions made by a publishing forward (:meth:`vectors` of this learner
+        or of its inference copy, from another thread), for the next step to put in the store
+        before it meets their clicks. Thread-safe."""
+        if predictions is not None and predictions.clicks:
+            self._handed.append(predictions)
+
+    def _take_predictions(self) -> None:
+        """The handed-over predictions into the click-time store (training thread)."""
+        while self._handed:
+            p = self._handed.popleft()
+            self.clicktime.predict(p.clicks, p.probs, p.version)
+
+    def _unpredicted(self, clicks: Sequence[Sample]) -> list[Sample]:
+        """The clicks with no pending prediction: the step predicts them from its own forward."""
+        return [c for c in clicks if not self.clicktime.has(c)]
 
     def take_evicted_items(self) -> list[str]:
         """The item ids whose rows were evicted since the last call (their vectors are stale)."""
@@ -196,13 +222,15 @@ class OnlineLearner:
             self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
 
     def step(self, samples: Sequence[Sample], train_limit: int = 0, score_limit: int = 0) -> StepOutput:
-        """Vectors, then prequential scoring, then learning: the trainer's order, in one call.
+        """Vectors (and the clicks' click-time predictions from their forward), then prequential
+        scoring, then learning: the trainer's order, in one call.
 
         With ``train_limit`` > 0 a larger batch is trained on a random ``train_limit`` of it, and
         with ``score_limit`` > 0 scored on a random ``score_limit`` of it. Scoring comes from the
         training forward (:meth:`learn` with ``score_limit``) where that pass is the model as it
         is (:meth:`scores_from_training`), else from a pass of its own (:meth:`score`)."""
         out = self.vectors(samples)
+        self.note_predictions(out.clicks)
         if self.scores_from_training(train_limit, len(samples)):
             out.loss = self.learn(samples, train_limit, score_limit=score_limit)
         else:
@@ -225,7 +253,9 @@ class OnlineLearner:
         targets; then the labels that arrived join their clicks' predictions, into the rolling
         metrics."""
         vocabs = self.rows.vocabs()
-        clicks = [s for s in samples if s.kind == CLICK]  # all of them: each label will look for its click
+        self._take_predictions()
+        # each label will look for its click: all of them, unless the publishing forward predicted it
+        clicks = self._unpredicted([s for s in samples if s.kind == CLICK])
         rest = [s for s in samples if s.kind == RETRIEVAL]
         if 0 < score_limit < len(rest):
             rest = self.rng.sample(rest, score_limit)
@@ -264,6 +294,7 @@ class OnlineLearner:
         step is taken on the union of the ranks' batches (model/distributed.py), or by no rank
         when the union is empty; the loss returned is the union's."""
         self.last_cases = None
+        self._take_predictions()
         if score_limit is not None and samples and not self.scores_from_training(train_limit, len(samples)):
             self.score(samples, score_limit)
             score_limit = None
@@ -279,8 +310,9 @@ class OnlineLearner:
         if 0 < train_limit < len(pairs):
             pairs = self.rng.sample(pairs, train_limit)
         train = [row for row, _ in pairs]
-        # rows only scored, never trained: under wait, the clicks (the loss ignores CLICK rows)
-        watch = [s for s in samples if s.kind == CLICK] if scoring and mode == "wait" else []
+        # rows only scored, never trained: under wait, the clicks the publishing forward did not
+        # predict (the loss ignores CLICK rows; a predicted click needs no row at all)
+        watch = self._unpredicted([s for s in samples if s.kind == CLICK]) if scoring and mode == "wait" else []
         sources = [s for _, s in pairs] + watch
         k = 0
         if self.reservoir.samples and train:
@@ -345,7 +377,7 @@ class OnlineLearner:
         states [B, N, d], with the catalogue's item categories ``categories`` as they were before
         this step: every click's P(buy) (kept until its label arrives) and a random
         ``score_limit`` of the retrieval targets."""
-        clicks = [k for k, s in enumerate(sources) if s.kind == CLICK]
+        clicks = [k for k, s in enumerate(sources) if s.kind == CLICK and not self.clicktime.has(s)]
         ret = [k for k, s in enumerate(sources) if s.kind == RETRIEVAL]
         if 0 < score_limit < len(ret):
             ret = self.rng.sample(ret, score_limit)
@@ -360,14 +392,14 @@ class OnlineLearner:
     def _case_outcomes(self, batch, states: torch.Tensor, sources: list[Sample],
                        cases: tuple[Sequence[Sample], Sequence[Sample]], categories: torch.Tensor) -> Outcomes:
         """The shadow cases' outcomes from the training forward (as :func:`model.shadow.score_outcomes`
-        computes them in a pass of its own): P(buy) [C] of the picked clicks and full-catalogue
-        mid-ranks [R] of the picked retrieval targets."""
+        computes them in a pass of its own): P(buy) [C] of the picked clicks (their click-time
+        predictions: the store's, made by the publishing forward or by this step) and
+        full-catalogue mid-ranks [R] of the picked retrieval targets."""
         at = {id(s): k for k, s in enumerate(sources)}
-        conv = torch.as_tensor([at[id(s)] for s in cases[0]], dtype=torch.long, device=states.device)
         ret = torch.as_tensor([at[id(s)] for s in cases[1]], dtype=torch.long, device=states.device)
         probs, ranks = np.zeros(0), np.zeros(0)
-        if len(conv):
-            probs = conversion_probs(self.model, batch.select(conv), states[conv])  # [C]
+        if len(cases[0]):
+            probs = self.clicktime.peek(cases[0])  # [C] (every click of the step is predicted by now)
         if len(ret):
             ranks = catalogue_ranks(self.model, self.rows, batch.select(ret), states[ret], categories)  # [R]
         return Outcomes(probs, ranks)
@@ -425,33 +457,51 @@ class OnlineLearner:
         return out
 
     @torch.no_grad()
-    def user_vectors(self, samples: Sequence[Sample]) -> tuple[dict, dict[str, bytes], dict[str, list[str]]]:
-        """Vector [d] and newest event ts, published context and bought items of each user."""
+    def user_vectors(self, samples: Sequence[Sample], clicks: Sequence[Sample] = ()
+                     ) -> tuple[dict, dict[str, bytes], dict[str, list[str]], np.ndarray]:
+        """Vector [d] and newest event ts, published context and bought items of each user, and
+        P(buy) [C] of ``clicks`` from the same forward."""
         graphs = self.current_graphs(samples)
-        if not graphs:
-            return {}, {}, {}
-        uids = list(graphs)
-        users = self.user_vectors_of(graphs)
-        contexts = {u: graphs[u][0].tail(self.cfg.sample_len).to_bytes() for u in uids}
+        users, probs = self._publishing_forward(graphs, clicks)
+        contexts = {u: graphs[u][0].tail(self.cfg.sample_len).to_bytes() for u in graphs}
         bought = {}
-        for u in uids:
+        for u in graphs:
             a = graphs[u][0].to_arrays()
             b = [a.items[i] for i in np.flatnonzero(a.behaviors == BUY)]
             if b:
                 bought[u] = b
-        return users, contexts, bought
+        return users, contexts, bought, probs
 
-    @torch.no_grad()
     def user_vectors_of(self, graphs: dict[str, tuple[UserGraph, float]]) -> dict[str, tuple[np.ndarray, float]]:
         """Vector [d] of each user's graph (user → (graph, newest event ts)), with the model as it is."""
-        if not graphs:
-            return {}
+        return self._publishing_forward(graphs)[0]
+
+    @torch.no_grad()
+    def _publishing_forward(self, graphs: dict[str, tuple[UserGraph, float]], clicks: Sequence[Sample] = ()
+                            ) -> tuple[dict[str, tuple[np.ndarray, float]], np.ndarray]:
+        """One eval-mode forward over the users' graphs and the clicks' contexts as rows of one
+        batch: each user's vector [d] (its newest event ts beside it) and each click's P(buy) [C].
+        A click's context is its graph up to and including the click (state/samples.py), which a
+        user's newest graph need not be (a later event of the batch), so it is a row of its own."""
+        if not graphs and not clicks:
+            return {}, np.zeros(0)
         uids = list(graphs)
         pseudo = [Sample(RETRIEVAL, u, graphs[u][0], "", "", 0, 1.0, graphs[u][1]) for u in uids]
         self.model.eval()
-        batch = collate(pseudo, self.rows.vocabs(), self.device)
-        vecs = self.model.user_vectors(batch).float().cpu().numpy()  # [U, d]
-        return {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
+        vocabs = self.rows.vocabs()
+        # keys = item rows, as the training step's batches (the conversion head compares them)
+        batch = collate(pseudo + list(clicks), vocabs, self.device, keys=vocabs.items)
+        states = self.model.encode(batch)  # [U + C, N, d]
+        users, probs = {}, np.zeros(0)
+        if uids:
+            at = torch.arange(len(uids), device=states.device)
+            own = (batch, states) if not clicks else (batch.select(at), states[at])
+            vecs = self.model.user_vectors(*own).float().cpu().numpy()  # [U, d]
+            users = {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
+        if clicks:
+            at = torch.arange(len(uids), len(uids) + len(clicks), device=states.device)
+            probs = conversion_probs(self.model, batch.select(at), states[at])  # [C]
+        return users, probs
 
     @torch.no_grad()
     def item_vectors_of(self, items: dict[str, str]) -> dict[str, np.ndarray]:
@@ -488,6 +538,7 @@ class OnlineLearner:
         twin.model = inference_model(self.model)
         twin.optimizer = None
         twin.version = self.version if version is None else version
+        twin._handed = deque()  # (never takes the learner's)
         return twin
 
     def frozen_copy(self) -> "OnlineLearner":
@@ -500,6 +551,7 @@ class OnlineLearner:
         twin.metrics = RollingMetrics(window=self.cfg.metric_window)
         twin.reservoir = Reservoir(0)
         twin.clicktime = ClickTimeStore(self.cfg.pending_predictions)
+        twin._handed = deque()
         return twin
 
     # -- persistence -------------------------------------------------------------------------

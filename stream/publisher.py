@@ -94,6 +94,7 @@ class LatestModel:
         self._current: OnlineLearner | None = None
         self._spare: OnlineLearner | None = None
         self._in_use: dict[int, int] = {}  # id(copy) → holders
+        self._origin: dict[int, int] = {}  # id(copy) → id(the learner its weights were copied from)
         self.swaps = 0  # copies put so far
         self.rebuilt = 0  # of them built anew (not refreshed in place)
 
@@ -107,6 +108,8 @@ class LatestModel:
             self.rebuilt += 1
         with self._lock:
             self._spare, self._current = self._current, twin
+            self._origin = {id(c): o for c, o in ((self._spare, self._origin.get(id(self._spare))),
+                                                  (twin, id(source))) if c is not None and o is not None}
             self.swaps += 1
 
     @contextmanager
@@ -122,6 +125,12 @@ class LatestModel:
         finally:
             with self._lock:
                 self._in_use[id(twin)] -= 1
+
+    def copied_from(self, twin: OnlineLearner, source: OnlineLearner) -> bool:
+        """Whether ``twin`` (a copy from :meth:`use`) holds ``source``'s weights (not, say, the
+        guard's good model's while rolled back)."""
+        with self._lock:
+            return self._origin.get(id(twin)) == id(source)
 
     def get(self) -> OnlineLearner:
         """The newest copy, not held (for reading its version)."""

@@ -46,6 +46,7 @@ from tgastream.core.kafka_security import kafka_python_args
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tgastream.model.clicktime import Predictions
 from tgastream.model.distributed import Group, Solo, sync_rows
 from tgastream.model.drift import LossDrift
 from tgastream.model.guardrails import Event, Guardrails
@@ -267,7 +268,8 @@ class Trainer:
         self.run = TrainerRun()
         self.offsets: dict[int, int] = {}  # partition → next offset to train (the checkpoint's)
         self.head: dict[int, int] = {}  # partition → next offset to publish (≥ offsets)
-        self.guard = RedeliveryGuard()
+        self.guard = RedeliveryGuard()  # samples trained (the training thread's)
+        self.head_guard = RedeliveryGuard()  # clicks predicted at the head (the publishing thread's)
         self.published = Published()  # what the re-publish sweep may refresh
         self._evicted: list[str] = []  # items the training thread evicted, for the publisher to delete
         self.drift = LossDrift(settings.drift_delta)
@@ -319,6 +321,7 @@ class Trainer:
         self.offsets = {int(p): int(o) for p, o in ck["offsets"].items()}
         self.head = dict(self.offsets)  # what was published after the checkpoint is published again
         self.guard = RedeliveryGuard.from_state_dict(ck.get("guard", {}))
+        self.head_guard = RedeliveryGuard(self.guard.seen)  # the head reads again from the trained offsets
         self.trained_log.truncate(int(ck.get("trained_log_bytes", 0)))
         self.samples_topic_id = ck.get("samples_topic_id")
         run = ck.get("run", {})
@@ -398,6 +401,7 @@ class Trainer:
         self.offsets = {int(p): int(o) for p, o in part["offsets"].items()}
         self.head = dict(self.offsets)
         self.guard = RedeliveryGuard.from_state_dict(part.get("guard", {}))
+        self.head_guard = RedeliveryGuard(self.guard.seen)
         self.trained_log.truncate(int(part.get("trained_log_bytes", 0)))
         self.samples_topic_id = part.get("samples_topic_id")
         run = part.get("run", {})
@@ -617,18 +621,38 @@ class Trainer:
                 rows.grow_tables(twin.model, None, self._twin_gen)
                 out = twin.vectors(samples)
                 version = twin.version
+                if self.latest.copied_from(twin, self.learner):  # (not the good model's while rolled back)
+                    self._hand_over(out.clicks)
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving, version)
-            conversions = sum(1 for s in samples if s.kind == CONVERSION)
-            self.metrics.samples.labels("conversion").inc(conversions)
-            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions)
+            self._count_kinds(samples)
         with self._lock:
             for r in records:
                 self.head[r.partition] = max(self.head.get(r.partition, 0), r.offset + 1)
             self.run.samples += len(samples)
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self._note_rate(len(samples))
+
+    def _hand_over(self, predictions: Predictions | None) -> None:
+        """The clicks' click-time P(buy) from the head's forward, to the learner (their training
+        step needs no row for them: model/online.py). Re-delivered clicks are left out: their
+        first copy was predicted, and a second prediction made after its label joined would wait
+        in the store for ever (the head's own :class:`RedeliveryGuard`, ahead of the training one)."""
+        if predictions is None:
+            return
+        keep = [k for k, c in enumerate(predictions.clicks) if self.head_guard.admit(c)]
+        if keep:
+            self.learner.note_predictions(Predictions([predictions.clicks[k] for k in keep],
+                                                      predictions.probs[keep], predictions.version))
+
+    def _count_kinds(self, samples: list[Sample]) -> None:
+        """The head's samples by kind, into ``tgastream_trainer_samples``."""
+        conversions = sum(1 for s in samples if s.kind == CONVERSION)
+        clicks = sum(1 for s in samples if s.kind == CLICK)
+        self.metrics.samples.labels("conversion").inc(conversions)
+        self.metrics.samples.labels("click").inc(clicks)
+        self.metrics.samples.labels("retrieval").inc(len(samples) - conversions - clicks)
 
     def _put_latest(self) -> None:
         """Training thread: an inference copy of the serving model (the online learner, or the
@@ -704,11 +728,7 @@ class Trainer:
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving)
             self.run.samples += len(samples)
-            conversions = sum(1 for s in samples if s.kind == CONVERSION)
-            clicks = sum(1 for s in samples if s.kind == CLICK)
-            self.metrics.samples.labels("conversion").inc(conversions)
-            self.metrics.samples.labels("click").inc(clicks)
-            self.metrics.samples.labels("retrieval").inc(len(samples) - conversions - clicks)
+            self._count_kinds(samples)
             if self.bounded:
                 fresh = self._admit(samples)
                 if len(fresh) > self.settings.batch_size:
@@ -829,6 +849,8 @@ class Trainer:
         """The vectors to publish: the online learner's, or the good model's while rolled back
         (the online learner still gives the batch's new ids their rows)."""
         out = self.learner.vectors(samples)
+        if not self.bounded:  # (bounded trains a random part: a click left out would keep its prediction pending)
+            self._hand_over(out.clicks)  # the online model's, whoever serves
         serving = self.guardrails.serving
         return out if serving is self.learner else serving.vectors(samples)
 

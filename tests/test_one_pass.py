@@ -1,8 +1,8 @@
 """One forward per step: the prequential scores that ``learn`` takes from its own training
 forward equal those of the separate eval pass (``score`` before ``learn``) on a model without
 dropout, replay rows mixed in, under both conversion feedback modes (``wait``: the clicks ride in
-the batch untrained; ``fnw``: they train as negatives); with dropout the learner scores in a pass
-of its own."""
+the batch untrained, unless the publishing forward predicted them; ``fnw``: they train as
+negatives); with dropout the learner scores in a pass of its own."""
 
 from __future__ import annotations
 
@@ -44,8 +44,12 @@ def _learner(dropout: float = 0.0, feedback: str = "wait") -> OnlineLearner:
                                              replay_share=0.3, seed=2, conversion_feedback=feedback))
 
 
+@pytest.mark.parametrize("handed", [False, True], ids=["clicks-in-the-step", "clicks-from-the-publishing-forward"])
 @pytest.mark.parametrize("feedback", ["wait", "fnw"])
-def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, float64, feedback):
+def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, float64, feedback, handed):
+    """``handed``: the clicks' P(buy) come from the publishing forward (``vectors``, handed over
+    as the trainer does) and the step has no row for them under ``wait``: the same predictions,
+    each made once, and the same parameters."""
     separate, one_pass = _learner(feedback=feedback), _learner(feedback=feedback)
     assert one_pass.scores_from_training(0, BATCH)
     n_cases = n_picked = 0
@@ -57,7 +61,9 @@ def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, 
         separate.score(batch)
         expected = score_outcomes(separate.model, separate.rows, separate.device, *cases)
         separate.learn(batch)
-        one_pass.vectors(batch)
+        out = one_pass.vectors(batch)
+        if handed:
+            one_pass.note_predictions(out.clicks)
         one_pass.learn(batch, score_limit=0, cases=cases)
         got = one_pass.last_cases
         np.testing.assert_allclose(got.probs, expected.probs, rtol=1e-9, atol=1e-12)
@@ -66,7 +72,7 @@ def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, 
         n_picked += sum(s.kind != CONVERSION for s in batch[::3])
     assert n_cases == n_picked > 0
     a, b = separate.metrics.state_dict(), one_pass.metrics.state_dict()
-    # every click predicted at its step, every label joined to its click's prediction
+    # every click predicted once (at its step, or by the publishing forward), every label joined to its prediction
     assert one_pass.clicktime.predicted == separate.clicktime.predicted == sum(s.kind == CLICK for s in samples) > 0
     assert one_pass.clicktime.unmatched == separate.clicktime.unmatched == 0
     assert a["conversions_seen"] == b["conversions_seen"] == one_pass.clicktime.joined > 0
