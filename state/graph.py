@@ -336,19 +336,21 @@ def arrays_of(graphs: Sequence["UserGraph"]) -> list[GraphArrays]:
     Element for element the same arithmetic as :meth:`UserGraph.to_arrays`."""
     todo = list({id(g): g for g in graphs if g._arrays is None and len(g)}.values())
     if len(todo) > 1:
+        # graphs with their columns as lists first, then the decoded ones not unpacked (the
+        # trainer's case), read straight from their encodings: never unpacked here
+        todo.sort(key=lambda g: g._raw is not None)
+        lists, encoded = [g for g in todo if g._raw is None], [g for g in todo if g._raw is not None]
         lens = np.fromiter((len(g) for g in todo), dtype=np.int64, count=len(todo))  # [G]
         total = int(lens.sum())
         starts = np.cumsum(lens) - lens  # [G] first node of each graph in the concatenation
-        if any(g._raw is None for g in todo):
-            beh = np.fromiter(chain.from_iterable(g._beh for g in todo), dtype=np.int64, count=total)  # [T]
-            ts = np.fromiter(chain.from_iterable(g._ts for g in todo), dtype=np.float64, count=total)  # [T]
-            dist = np.fromiter(chain.from_iterable(chain.from_iterable(g._dist for g in todo)), dtype=np.int64,
-                               count=3 * total).reshape(total, 3)  # [T, 3]
-        else:  # all decoded, none unpacked (the trainer's case): straight from the encodings
-            cols = [g._columns() for g in todo]
-            beh = np.concatenate([c[0] for c in cols])  # [T]
-            ts = np.concatenate([c[1] for c in cols])  # [T]
-            dist = np.concatenate([c[2] for c in cols])  # [T, 3]
+        n_list = sum(len(g) for g in lists)
+        cols = [(np.fromiter(chain.from_iterable(g._beh for g in lists), dtype=np.int64, count=n_list),  # [L]
+                 np.fromiter(chain.from_iterable(g._ts for g in lists), dtype=np.float64, count=n_list),  # [L]
+                 np.fromiter(chain.from_iterable(chain.from_iterable(g._dist for g in lists)), dtype=np.int64,
+                             count=3 * n_list).reshape(n_list, 3))] + [g._columns() for g in encoded]  # [L, 3]
+        beh = np.concatenate([c[0] for c in cols])  # [T]
+        ts = np.concatenate([c[1] for c in cols])  # [T]
+        dist = np.concatenate([c[2] for c in cols])  # [T, 3]
         first = np.repeat(starts, lens)  # [T] each node's graph start
         local = (np.arange(total, dtype=np.int64) - first)[:, None]  # [T, 1] index within its graph
         nbr = local - dist  # [T, 3]

@@ -150,6 +150,24 @@ def test_arrays_of_many_graphs_equal_each_graphs_own_arrays():
             assert getattr(a, field).dtype == getattr(e, field).dtype
 
 
+def test_arrays_of_a_mix_of_built_and_decoded_graphs_leaves_the_decoded_ones_packed():
+    """The publishing forward batches users' graphs (built by appending) with clicks' contexts
+    (decoded): each gets its own arrays, and a decoded graph is read from its encoding, never
+    unpacked into lists."""
+    from tgastream.state.graph import arrays_of
+
+    graphs = _random_graphs(40, seed=7)
+    expected = [UserGraph.from_bytes(g.to_bytes()).to_arrays() for g in graphs]
+    mixed = [g if k % 2 else UserGraph.from_bytes(g.to_bytes()) for k, g in enumerate(graphs)]
+    got = arrays_of(mixed)
+    assert all(m._raw is not None for k, m in enumerate(mixed) if k % 2 == 0 and len(m))  # still packed
+    for e, a in zip(expected, got):
+        assert a.items == e.items and a.categories == e.categories
+        for field in ("behaviors", "ts", "gap_buckets", "neighbors", "edge_types"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(e, field), err_msg=field)
+            assert getattr(a, field).dtype == getattr(e, field).dtype
+
+
 def test_a_decoded_graph_reads_its_columns_from_the_encoding_and_behaves_as_the_original():
     """Decoding leaves behaviors, times and distances packed until first use: the batched arrays
     read straight from the encodings, and every other use (tail, append, re-encoding) sees the
