@@ -180,7 +180,7 @@ class OnlineLearner:
         items = self.item_vectors_of(touched)
         arrivals = [s.arrival_ts for s in samples if s.kind == RETRIEVAL and s.arrival_ts > 0]  # one per event
         # users whose vector comes from a conversion sample's context, which ends at an older click
-        from_clicks = set(users) - {s.user_id for s in samples if s.kind == RETRIEVAL}
+        from_clicks = {u for u, s in self.newest_samples(samples).items() if s.kind == CONVERSION}
         return StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
                           arrivals=arrivals, from_clicks=from_clicks,
                           item_categories={i: touched[i] for i in items}, clicks=predictions)
@@ -439,34 +439,48 @@ class OnlineLearner:
     # -- vectors ---------------------------------------------------------------------------
 
     @staticmethod
-    def current_graphs(samples: Sequence[Sample]) -> dict[str, tuple[UserGraph, float]]:
-        """Each user's newest graph in the batch, *including* the event its sample targets:
-        user → (graph, newest event ts). Retrieval samples are preferred (their context plus
-        target is the whole graph); a conversion sample's context ends at its click."""
-        best: dict[str, tuple[tuple[bool, float], Sample]] = {}
-        for s in samples:
-            key = (s.kind == RETRIEVAL, s.event_ts)
-            if s.user_id not in best or key >= best[s.user_id][0]:
+    def newest_samples(samples: Sequence[Sample]) -> dict[str, Sample]:
+        """Each user's sample whose graph ends at the user's newest event in the batch: by event
+        time, then batch order (an event's CLICK sample follows its retrieval sample, and its
+        context already includes the click); a conversion sample, whose context ends at an older
+        click, only for a user with nothing else in the batch."""
+        best: dict[str, tuple[tuple[bool, float, int], Sample]] = {}
+        for k, s in enumerate(samples):
+            key = (s.kind != CONVERSION, s.event_ts, k)
+            if s.user_id not in best or key > best[s.user_id][0]:
                 best[s.user_id] = (key, s)
-        out = {}
-        for uid, (_key, s) in best.items():
-            g = s.graph.copy()
-            if s.kind == RETRIEVAL:
-                g.append(s.item_id, s.category_id, s.behavior, s.event_ts)
-            out[uid] = (g, s.event_ts)
-        return out
+        return {u: s for u, (_key, s) in best.items()}
 
-    @torch.no_grad()
+    @staticmethod
+    def graph_of(s: Sample) -> UserGraph:
+        """The graph up to and including the sample's event: a retrieval sample's context with
+        its target appended (a copy), a click's or a conversion's context as it is."""
+        if s.kind != RETRIEVAL:
+            return s.graph
+        g = s.graph.copy()
+        g.append(s.item_id, s.category_id, s.behavior, s.event_ts)
+        return g
+
     def user_vectors(self, samples: Sequence[Sample], clicks: Sequence[Sample] = ()
                      ) -> tuple[dict, dict[str, bytes], dict[str, list[str]], np.ndarray]:
         """Vector [d] and newest event ts, published context and bought items of each user, and
-        P(buy) [C] of ``clicks`` from the same forward."""
-        graphs = self.current_graphs(samples)
-        users, probs = self._publishing_forward(graphs, clicks)
-        contexts = {u: graphs[u][0].tail(self.cfg.sample_len).to_bytes() for u in graphs}
+        P(buy) [C] of ``clicks`` from the same forward (a click that is its user's newest
+        sample shares the user's row)."""
+        newest = self.newest_samples(samples)
+        uids = list(newest)
+        rows = [s if s.kind == CLICK else Sample(RETRIEVAL, u, self.graph_of(s), "", "", 0, 1.0, s.event_ts)
+                for u, s in newest.items()]
+        at = {id(s): k for k, s in enumerate(newest.values()) if s.kind == CLICK}
+        for c in clicks:  # a click that is not its user's newest: a row of its own
+            if id(c) not in at:
+                at[id(c)] = len(rows)
+                rows.append(c)
+        vecs, probs = self._publishing_forward(rows, len(uids), [at[id(c)] for c in clicks])
+        users = {u: (vecs[k], newest[u].event_ts) for k, u in enumerate(uids)}
+        contexts = {u: rows[k].graph.tail(self.cfg.sample_len).to_bytes() for k, u in enumerate(uids)}
         bought = {}
-        for u in graphs:
-            a = graphs[u][0].to_arrays()
+        for k, u in enumerate(uids):
+            a = rows[k].graph.to_arrays()
             b = [a.items[i] for i in np.flatnonzero(a.behaviors == BUY)]
             if b:
                 bought[u] = b
@@ -474,34 +488,36 @@ class OnlineLearner:
 
     def user_vectors_of(self, graphs: dict[str, tuple[UserGraph, float]]) -> dict[str, tuple[np.ndarray, float]]:
         """Vector [d] of each user's graph (user → (graph, newest event ts)), with the model as it is."""
-        return self._publishing_forward(graphs)[0]
+        if not graphs:
+            return {}
+        uids = list(graphs)
+        rows = [Sample(RETRIEVAL, u, graphs[u][0], "", "", 0, 1.0, graphs[u][1]) for u in uids]
+        vecs, _ = self._publishing_forward(rows, len(rows), [])
+        return {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
 
     @torch.no_grad()
-    def _publishing_forward(self, graphs: dict[str, tuple[UserGraph, float]], clicks: Sequence[Sample] = ()
-                            ) -> tuple[dict[str, tuple[np.ndarray, float]], np.ndarray]:
-        """One eval-mode forward over the users' graphs and the clicks' contexts as rows of one
-        batch: each user's vector [d] (its newest event ts beside it) and each click's P(buy) [C].
-        A click's context is its graph up to and including the click (state/samples.py), which a
-        user's newest graph need not be (a later event of the batch), so it is a row of its own."""
-        if not graphs and not clicks:
-            return {}, np.zeros(0)
-        uids = list(graphs)
-        pseudo = [Sample(RETRIEVAL, u, graphs[u][0], "", "", 0, 1.0, graphs[u][1]) for u in uids]
+    def _publishing_forward(self, rows: list[Sample], n_users: int, click_rows: list[int]
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """One eval-mode forward over ``rows``: the vectors [U, d] of the first ``n_users`` rows
+        (each a user's graph) and P(buy) [C] of the rows ``click_rows`` (CLICK samples: a click's
+        context is its graph up to and including the click, state/samples.py)."""
+        if not rows:
+            return np.zeros((0, self.model.cfg.dim), np.float32), np.zeros(0)
         self.model.eval()
         vocabs = self.rows.vocabs()
         # keys = item rows, as the training step's batches (the conversion head compares them)
-        batch = collate(pseudo + list(clicks), vocabs, self.device, keys=vocabs.items)
-        states = self.model.encode(batch)  # [U + C, N, d]
-        users, probs = {}, np.zeros(0)
-        if uids:
-            at = torch.arange(len(uids), device=states.device)
-            own = (batch, states) if not clicks else (batch.select(at), states[at])
-            vecs = self.model.user_vectors(*own).float().cpu().numpy()  # [U, d]
-            users = {u: (vecs[k], graphs[u][1]) for k, u in enumerate(uids)}
-        if clicks:
-            at = torch.arange(len(uids), len(uids) + len(clicks), device=states.device)
+        batch = collate(rows, vocabs, self.device, keys=vocabs.items)
+        states = self.model.encode(batch)  # [R, N, d]
+        own = (batch, states)
+        if n_users < len(rows):
+            at = torch.arange(n_users, device=states.device)
+            own = (batch.select(at), states[at])
+        vecs = self.model.user_vectors(*own).float().cpu().numpy()  # [U, d]
+        probs = np.zeros(0)
+        if click_rows:
+            at = torch.as_tensor(click_rows, dtype=torch.long, device=states.device)
             probs = conversion_probs(self.model, batch.select(at), states[at])  # [C]
-        return users, probs
+        return vecs, probs
 
     @torch.no_grad()
     def item_vectors_of(self, items: dict[str, str]) -> dict[str, np.ndarray]:

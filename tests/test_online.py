@@ -169,3 +169,24 @@ def test_inference_model_loads_only_the_model_part_and_scores_like_the_learner(s
     cands = [(s.item_id, s.category_id) for s in samples[300:306]] + [("never-seen", "nor-this")]
     assert np.allclose(served.conversion_proba(ctx, cands), L.conversion_proba(ctx, cands))
     assert served.conversion_proba(ctx, []) == []
+
+
+@pytest.mark.parametrize("sample_len", [5, 20])
+def test_a_clicks_context_is_the_graph_its_retrieval_sample_and_target_make(sample_len):
+    """The publishing forward takes a click's context as its user's newest graph (one row for
+    both the user vector and the click's P(buy)), where it used the retrieval sample's context
+    with the click appended: the model reads the same arrays from both (windows that slid too)."""
+    from tgastream.state.samples import Sample
+
+    rows = generate(SynthConfig(users=40, events=3000, items=200, seed=6))
+    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
+    decoded = [Sample.from_bytes(s.to_bytes()) for s in samples_from_events(events, sample_len=sample_len)]
+    pairs = [(r, c) for r, c in zip(decoded, decoded[1:]) if r.kind == RETRIEVAL and c.kind == CLICK
+             and r.user_id == c.user_id and r.event_ts == c.event_ts]
+    assert len(pairs) > 500 and sum(len(c.graph) == sample_len for _, c in pairs) > 100  # full windows among them
+    for r, c in pairs:
+        assert OnlineLearner.newest_samples([r, c]) == {c.user_id: c}
+        x, y = OnlineLearner.graph_of(r).to_arrays(), c.graph.to_arrays()
+        assert x.items == y.items and x.categories == y.categories
+        for field in ("behaviors", "ts", "gap_buckets", "neighbors", "edge_types"):
+            np.testing.assert_array_equal(getattr(x, field), getattr(y, field), err_msg=field)
