@@ -31,6 +31,7 @@ class StepOutput:
     from_clicks: set[str] = field(default_factory=set)  # users whose context ends at an older click
     item_categories: dict[str, str] = field(default_factory=dict)  # item → category, of ``items``
     clicks: Predictions | None = None  # click-time P(buy) of the batch's clicks, from the same forward
+    later_clicks: list[Sample] = field(default_factory=list)  # clicks left for a forward of their own (vectors(clicks_later=True))
 
 
 class Learner(Protocol):

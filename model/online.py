@@ -156,13 +156,15 @@ class OnlineLearner:
 
     # -- one micro-batch ---------------------------------------------------------------------
 
-    def vectors(self, samples: Sequence[Sample]) -> StepOutput:
+    def vectors(self, samples: Sequence[Sample], clicks_later: bool = False) -> StepOutput:
         """Give the batch's ids rows, and compute the vectors to publish with the model as it is:
         each user's graph *including* its newest event, and every item the batch touches; from
         the same forward, the click-time P(buy) of the batch's clicks (``StepOutput.clicks``: the
         model serving at the click predicts it, model/clicktime.py), for the caller to hand to
         the learner that will train them (:meth:`note_predictions`): its step then needs no row
-        for them (:meth:`step` does so).
+        for them (:meth:`step` does so). ``clicks_later``: only the clicks that are their user's
+        newest sample (they share the user's row) are predicted here; the others are left in
+        ``StepOutput.later_clicks`` for :meth:`click_predictions` once the vectors are out.
 
         With ranks, every rank calls this together (``samples`` may be empty): the rows are
         assigned from the union of the ranks' ids (:func:`model.distributed.sync_rows`)."""
@@ -171,8 +173,9 @@ class OnlineLearner:
         if not samples:
             return StepOutput(users={}, items={}, loss=float("nan"))
         clicks = [s for s in samples if s.kind == CLICK] if self.model.conversion_head is not None else []
-        users, contexts, bought, probs = self.user_vectors(samples, clicks)
-        predictions = Predictions(clicks, probs, self.version) if clicks else None
+        users, contexts, bought, done, probs = self.user_vectors(samples, clicks, clicks_later)
+        predictions = Predictions(done, probs, self.version) if done else None
+        later = [c for c in clicks if id(c) not in {id(d) for d in done}] if clicks_later else []
         touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
         for s in samples:  # ... and each context's newest node (a user's first item is never a target)
             if len(s.graph):
@@ -183,7 +186,16 @@ class OnlineLearner:
         from_clicks = {u for u, s in self.newest_samples(samples).items() if s.kind == CONVERSION}
         return StepOutput(users=users, items=items, loss=float("nan"), bought=bought, contexts=contexts,
                           arrivals=arrivals, from_clicks=from_clicks,
-                          item_categories={i: touched[i] for i in items}, clicks=predictions)
+                          item_categories={i: touched[i] for i in items}, clicks=predictions,
+                          later_clicks=later)
+
+    def click_predictions(self, clicks: Sequence[Sample]) -> Predictions | None:
+        """Click-time P(buy) of ``clicks`` with the model as it is, in a forward of their own
+        (the ``later_clicks`` of :meth:`vectors`)."""
+        if not clicks:
+            return None
+        _vecs, probs = self._publishing_forward(list(clicks), 0, list(range(len(clicks))))
+        return Predictions(list(clicks), probs, self.version)
 
     def note_predictions(self, predictions: Predictions | None) -> None:
         """Click-time predictions made by a publishing forward (:meth:`vectors` of this learner
@@ -461,21 +473,22 @@ class OnlineLearner:
         g.append(s.item_id, s.category_id, s.behavior, s.event_ts)
         return g
 
-    def user_vectors(self, samples: Sequence[Sample], clicks: Sequence[Sample] = ()
-                     ) -> tuple[dict, dict[str, bytes], dict[str, list[str]], np.ndarray]:
+    def user_vectors(self, samples: Sequence[Sample], clicks: Sequence[Sample] = (), shared_only: bool = False
+                     ) -> tuple[dict, dict[str, bytes], dict[str, list[str]], list[Sample], np.ndarray]:
         """Vector [d] and newest event ts, published context and bought items of each user, and
         P(buy) [C] of ``clicks`` from the same forward (a click that is its user's newest
-        sample shares the user's row)."""
+        sample shares the user's row; ``shared_only``: only those), with the clicks predicted."""
         newest = self.newest_samples(samples)
         uids = list(newest)
         rows = [s if s.kind == CLICK else Sample(RETRIEVAL, u, self.graph_of(s), "", "", 0, 1.0, s.event_ts)
                 for u, s in newest.items()]
         at = {id(s): k for k, s in enumerate(newest.values()) if s.kind == CLICK}
         for c in clicks:  # a click that is not its user's newest: a row of its own
-            if id(c) not in at:
+            if id(c) not in at and not shared_only:
                 at[id(c)] = len(rows)
                 rows.append(c)
-        vecs, probs = self._publishing_forward(rows, len(uids), [at[id(c)] for c in clicks])
+        done = [c for c in clicks if id(c) in at]
+        vecs, probs = self._publishing_forward(rows, len(uids), [at[id(c)] for c in done])
         users = {u: (vecs[k], newest[u].event_ts) for k, u in enumerate(uids)}
         contexts = {u: rows[k].graph.tail(self.cfg.sample_len).to_bytes() for k, u in enumerate(uids)}
         bought = {}
@@ -484,7 +497,7 @@ class OnlineLearner:
             b = [a.items[i] for i in np.flatnonzero(a.behaviors == BUY)]
             if b:
                 bought[u] = b
-        return users, contexts, bought, probs
+        return users, contexts, bought, done, probs
 
     def user_vectors_of(self, graphs: dict[str, tuple[UserGraph, float]]) -> dict[str, tuple[np.ndarray, float]]:
         """Vector [d] of each user's graph (user → (graph, newest event ts)), with the model as it is."""
@@ -508,11 +521,13 @@ class OnlineLearner:
         # keys = item rows, as the training step's batches (the conversion head compares them)
         batch = collate(rows, vocabs, self.device, keys=vocabs.items)
         states = self.model.encode(batch)  # [R, N, d]
-        own = (batch, states)
-        if n_users < len(rows):
-            at = torch.arange(n_users, device=states.device)
-            own = (batch.select(at), states[at])
-        vecs = self.model.user_vectors(*own).float().cpu().numpy()  # [U, d]
+        vecs = np.zeros((0, self.model.cfg.dim), np.float32)
+        if n_users:
+            own = (batch, states)
+            if n_users < len(rows):
+                at = torch.arange(n_users, device=states.device)
+                own = (batch.select(at), states[at])
+            vecs = self.model.user_vectors(*own).float().cpu().numpy()  # [U, d]
         probs = np.zeros(0)
         if click_rows:
             at = torch.as_tensor(click_rows, dtype=torch.long, device=states.device)

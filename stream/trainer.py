@@ -619,13 +619,18 @@ class Trainer:
             with self.latest.use() as twin:
                 # rows beyond the copy's tables: grown in the copy (fresh rows; the next copy has the learner's)
                 rows.grow_tables(twin.model, None, self._twin_gen)
-                out = twin.vectors(samples)
+                out = twin.vectors(samples, clicks_later=True)
                 version = twin.version
                 if self.latest.copied_from(twin, self.learner):  # (not the good model's while rolled back)
-                    self._hand_over(out.clicks)
+                    self._hand_over(out.clicks)  # the clicks that share a user's row: from this forward
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving, version)
+            if out.later_clicks:  # the other clicks once the vectors are out (freshness first), newest weights
+                with self.latest.use() as twin:
+                    rows.grow_tables(twin.model, None, self._twin_gen)
+                    if self.latest.copied_from(twin, self.learner):
+                        self._hand_over(twin.click_predictions(out.later_clicks))
             self._count_kinds(samples)
         with self._lock:
             for r in records:

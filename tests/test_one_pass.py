@@ -44,15 +44,17 @@ def _learner(dropout: float = 0.0, feedback: str = "wait") -> OnlineLearner:
                                              replay_share=0.3, seed=2, conversion_feedback=feedback))
 
 
-@pytest.mark.parametrize("handed", [False, True], ids=["clicks-in-the-step", "clicks-from-the-publishing-forward"])
+@pytest.mark.parametrize("handed", [False, True, "later"],
+                         ids=["clicks-in-the-step", "clicks-from-the-publishing-forward", "clicks-after-the-vectors"])
 @pytest.mark.parametrize("feedback", ["wait", "fnw"])
 def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, float64, feedback, handed):
     """``handed``: the clicks' P(buy) come from the publishing forward (``vectors``, handed over
-    as the trainer does) and the step has no row for them under ``wait``: the same predictions,
-    each made once, and the same parameters."""
+    as the trainer does; ``later``: only the clicks sharing a user's row there, the others in a
+    forward of their own after it, as the trainer's publishing thread does) and the step has no
+    row for them under ``wait``: the same predictions, each made once, and the same parameters."""
     separate, one_pass = _learner(feedback=feedback), _learner(feedback=feedback)
     assert one_pass.scores_from_training(0, BATCH)
-    n_cases = n_picked = 0
+    n_cases = n_picked = n_later = n_shared = 0
     for k in range(STEPS):
         batch = samples[k * BATCH:(k + 1) * BATCH]
         # shadow cases (model/shadow.py): every third sample, clicks and retrievals apart
@@ -61,9 +63,13 @@ def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, 
         separate.score(batch)
         expected = score_outcomes(separate.model, separate.rows, separate.device, *cases)
         separate.learn(batch)
-        out = one_pass.vectors(batch)
+        out = one_pass.vectors(batch, clicks_later=handed == "later")
         if handed:
             one_pass.note_predictions(out.clicks)
+            one_pass.note_predictions(one_pass.click_predictions(out.later_clicks))
+        if handed == "later":
+            n_later += len(out.later_clicks)
+            n_shared += 0 if out.clicks is None else len(out.clicks.clicks)
         one_pass.learn(batch, score_limit=0, cases=cases)
         got = one_pass.last_cases
         np.testing.assert_allclose(got.probs, expected.probs, rtol=1e-9, atol=1e-12)
@@ -71,6 +77,8 @@ def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, 
         n_cases += len(got.probs) + len(got.ranks)
         n_picked += sum(s.kind != CONVERSION for s in batch[::3])
     assert n_cases == n_picked > 0
+    if handed == "later":  # both kinds of click were there
+        assert n_later > 0 and n_shared > 0
     a, b = separate.metrics.state_dict(), one_pass.metrics.state_dict()
     # every click predicted once (at its step, or by the publishing forward), every label joined to its prediction
     assert one_pass.clicktime.predicted == separate.clicktime.predicted == sum(s.kind == CLICK for s in samples) > 0
