@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -354,9 +355,9 @@ class ChaosRun:
         parts = [describe_group(self.settings)]
         for w in self.live:
             lines = w.log_path.read_text().splitlines() if w.log_path.exists() else []
-            events = [ln for ln in lines if "| applied" not in ln and not ln.startswith("  ")]
+            events = [ln for ln in lines if "| applied" not in ln and not re.match(r"  [a-z_]+ = ", ln)]  # not settings
             parts.append(f"--- {self._name(w)} ({w.log_path}): last progress line, then its other lines\n"
-                         + "\n".join([ln for ln in lines if "| applied" in ln][-1:] + events[-80:]))
+                         + "\n".join([ln for ln in lines if "| applied" in ln][-1:] + events[-400:]))
         return "\n".join(parts)
 
     def _victim(self, fault: Fault) -> WorkerProcess:
