@@ -68,6 +68,7 @@ class BatchConsumer(aiokafka_driver.Consumer):
         self.revocations = 0  # times partitions were revoked (every rebalance, under eager assignment)
         self.assignments = 0  # rebalances that completed with an assignment (possibly empty) for this member
         self.fetched_at = monotonic()  # last fetch that returned records, or the last assignment
+        self._revoked_unassigned = False  # partitions revoked, the next assignment not yet here
 
     @property
     def _batch_handlers(self) -> Mapping[str, BatchHandler]:
@@ -109,15 +110,34 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 self._read_offset[tp] = recs[-1].offset
 
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        self._revoked_unassigned = True
         self.revocations += 1  # before faust drops its bookkeeping of the revoked partitions
         await super().on_partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        self._revoked_unassigned = False
         self.assignments += 1
         self.fetched_at = monotonic()  # recovery may take a while before the first fetch
         log.info("assigned %d partitions (group generation %d): %s", len(assigned), generation_id,
                  ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)) or "none")
         await super().on_partitions_assigned(assigned, generation_id)
+
+    def resume_flow(self) -> None:
+        """Resume fetching, unless partitions were revoked and the next assignment is not here yet.
+
+        faust's recovery of an assignment is interrupted only when the *next assignment* arrives
+        (``Recovery.signal_recovery_start``), not by the revocation before it: a recovery that was
+        still running when the group began to rebalance goes on through the revocation and the join
+        (seconds on Tansu) and, when it completes, resumes the flow the revocation stopped. With the
+        flow open, the next assignment's partitions turn active (``Consumer.on_partitions_assigned``)
+        and a fetch can hand over their records before their state is recovered, or return records
+        of partitions paused meanwhile, which faust drops after aiokafka has moved past them (a
+        changelog read that loses records leaves recovery waiting for them for good). So the flow
+        stays stopped until the next assignment's own recovery resumes it."""
+        if self._revoked_unassigned:
+            log.info("flow kept stopped: a recovery of the revoked assignment completed during the rebalance")
+            return
+        super().resume_flow()
 
     # -- stall diagnosis --------------------------------------------------------------------
 

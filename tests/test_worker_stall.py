@@ -1,9 +1,11 @@
-"""A worker whose assigned partitions stop being fetched (records waiting on the broker, none
-fetched) says what its consumer waits on, leaves the group, joins again and consumes the rest.
+"""A worker stuck after a rebalance (the chaos test once saw one hold two partitions for two
+minutes and fetch nothing, no other worker taking them over):
 
-The stall is made the way faust can leave one: the source partitions paused in faust's consumer
-and never resumed (the chaos test once saw a worker hold two partitions this way for two minutes
-after a rebalance, its heartbeats keeping them from every other worker)."""
+- whatever leaves its assigned partitions unfetched while records wait on them, the worker says
+  what its consumer waits on, leaves the group, joins again and consumes the rest (the stall is
+  made the way faust can leave one: source partitions paused in faust and never resumed);
+- a recovery of the previous assignment that completes during a rebalance cannot reopen the
+  consumer's flow before the next assignment has been recovered (one way to get there)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from tgastream.stream.app import StreamWorker
 from tgastream.stream.replay import ReplayConfig, make_producer, replay_file, send_watermarks
 from tgastream.stream.synth import SynthConfig, write_file
 from tgastream.stream.worker import WorkerConfig, run_worker
-from tests.worker_util import committed_offsets
+from tests.worker_util import committed_offsets, start_worker
 
 STALL_S = 3.0
 
@@ -82,3 +84,47 @@ def test_a_worker_whose_partitions_stall_joins_again_and_consumes_the_rest(topic
     assert len(stalls) == 1, stalls
     assert f"nothing fetched for" in stalls[0] and settings.events_topic in stalls[0]
     assert "faust paused partitions" in stalls[0]  # the consumer's state names what holds it
+
+
+def test_a_recovery_completing_during_a_rebalance_cannot_reopen_the_flow(topic_settings, tmp_path):
+    """Between a revocation and the next assignment the flow stays stopped, whoever resumes it
+    (faust's recovery of the revoked assignment does, when it outlives the revocation); the next
+    assignment's recovery opens it, and the worker consumes on."""
+    settings = topic_settings
+    path = tmp_path / "log.csv"
+    write_file(SynthConfig(users=30, events=200, seed=4, days=1.0), path)
+    replay_file(settings.bootstrap, settings, ReplayConfig(path=path), progress=False)
+    started: list[StreamWorker] = []
+    seen: dict[str, bool] = {}
+
+    async def main() -> None:
+        options = WorkerConfig(data_dir=tmp_path / "w", progress_s=0.0, serve_metrics=False,
+                               generation_check_s=0.0, stop_timeout_s=30.0)
+        worker = asyncio.ensure_future(run_worker(settings, options, on_started=started.append))
+        deadline = time.monotonic() + 150
+        while not started or not started[0].consumer.flow_active:
+            assert not worker.done(), worker.result()
+            assert time.monotonic() < deadline, "the worker did not start"
+            await asyncio.sleep(0.2)
+        consumer = started[0].consumer
+        revoked, assigned = consumer.revocations, consumer.assignments
+        other = start_worker(settings, tmp_path / "other.log")  # joining makes the group rebalance
+        try:
+            while consumer.revocations == revoked:
+                assert time.monotonic() < deadline, "no rebalance"
+                await asyncio.sleep(0.02)
+            # revoked, not yet assigned again (Tansu's join takes seconds): what a late recovery does
+            assert consumer.assignments == assigned and not consumer.flow_active
+            consumer.resume_flow()
+            seen["open during the rebalance"] = consumer.flow_active
+            while consumer.assignments == assigned or not consumer.flow_active:
+                assert time.monotonic() < deadline, "the next assignment's recovery did not resume the flow"
+                await asyncio.sleep(0.1)
+            seen["open after the next assignment"] = consumer.flow_active
+        finally:
+            assert other.stop(60) == 0, other.log()
+        signal.raise_signal(signal.SIGTERM)
+        await asyncio.wait_for(worker, 60)
+
+    asyncio.run(main())
+    assert seen == {"open during the rebalance": False, "open after the next assignment": True}
