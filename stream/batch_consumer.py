@@ -67,6 +67,8 @@ class BatchConsumer(aiokafka_driver.Consumer):
         self._join_aborted = False  # a stop failed a pending join (logged once)
         self.revocations = 0  # times partitions were revoked (every rebalance, under eager assignment)
         self.assignments = 0  # rebalances that completed with an assignment (possibly empty) for this member
+        self.fetched_at = monotonic()  # last fetch that returned records, or the last assignment
+        self._revoked_unassigned = False  # partitions revoked, the next assignment not yet here
 
     @property
     def _batch_handlers(self) -> Mapping[str, BatchHandler]:
@@ -75,6 +77,8 @@ class BatchConsumer(aiokafka_driver.Consumer):
 
     async def _wait_next_records(self, timeout: float) -> Tuple[Optional[dict], Optional[Set[TP]]]:
         records, active = await super()._wait_next_records(timeout)
+        if records:
+            self.fetched_at = monotonic()
         if records and self._batch_handlers:
             mine = {tp: recs for tp, recs in records.items() if tp.topic in self._batch_handlers}
             if mine:
@@ -106,14 +110,89 @@ class BatchConsumer(aiokafka_driver.Consumer):
                 self._read_offset[tp] = recs[-1].offset
 
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        self._revoked_unassigned = True
         self.revocations += 1  # before faust drops its bookkeeping of the revoked partitions
         await super().on_partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        self._revoked_unassigned = False
         self.assignments += 1
+        self.fetched_at = monotonic()  # recovery may take a while before the first fetch
         log.info("assigned %d partitions (group generation %d): %s", len(assigned), generation_id,
                  ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)) or "none")
         await super().on_partitions_assigned(assigned, generation_id)
+
+    def resume_flow(self) -> None:
+        """Resume fetching, unless partitions were revoked and the next assignment is not here yet.
+
+        faust's recovery of an assignment is interrupted only when the *next assignment* arrives
+        (``Recovery.signal_recovery_start``), not by the revocation before it: a recovery that was
+        still running when the group began to rebalance goes on through the revocation and the join
+        (seconds on Tansu) and, when it completes, resumes the flow the revocation stopped. With the
+        flow open, the next assignment's partitions turn active (``Consumer.on_partitions_assigned``)
+        and a fetch can hand over their records before their state is recovered, or return records
+        of partitions paused meanwhile, which faust drops after aiokafka has moved past them (a
+        changelog read that loses records leaves recovery waiting for them for good). So the flow
+        stays stopped until the next assignment's own recovery resumes it."""
+        if self._revoked_unassigned:
+            log.info("flow kept stopped: a recovery of the revoked assignment completed during the rebalance")
+            return
+        super().resume_flow()
+
+    # -- stall diagnosis --------------------------------------------------------------------
+
+    def batch_positions(self) -> dict[TP, int]:
+        """The next offset this consumer hands over, per assigned partition of a batch topic ({}
+        while nothing is assigned): past the last record delivered, never below the commit."""
+        try:
+            assigned = self.assignment()
+        except Exception:  # not started yet, or stopped
+            return {}
+        out = {}
+        for tp in assigned:
+            if tp.topic in self._batch_handlers:
+                read, committed = self._read_offset.get(tp), self._committed_offset.get(tp)
+                out[tp] = max(read + 1 if read is not None else 0, committed or 0)
+        return out
+
+    def describe_state(self) -> str:
+        """What decides whether records are fetched and handed over, faust's and aiokafka's side,
+        one item a line (read-only; for a worker that holds partitions and consumes nothing)."""
+        lines: list[str] = []
+
+        def item(name: str, value: Callable[[], Any]) -> None:
+            try:
+                lines.append(f"{name}: {value()}")
+            except Exception as exc:  # a diagnosis must not fail: say what could not be read
+                lines.append(f"{name}: <{exc!r}>")
+
+        app = self.app
+        item("flow active / can resume", lambda: (self.flow_active, self.can_resume_flow.is_set()))
+        item("faust active partitions", lambda: sorted(self._active_partitions))
+        item("faust paused partitions", lambda: sorted(self._paused_partitions))
+        item("app rebalancing / in recovery / generation",
+             lambda: (app.rebalancing, app.in_recovery, app.consumer_generation_id))
+        item("unacked (in flight)", lambda: len(self._unacked_messages))
+        item("faust fetcher task", lambda: _tasks_state(app._fetcher))
+        item("faust recovery tasks", lambda: _tasks_state(app.tables.recovery))
+        kafka = getattr(getattr(self, "_thread", None), "_consumer", None)
+        if kafka is None:
+            lines.append("aiokafka consumer: not started")
+            return "\n".join(lines)
+        coordinator, fetcher, subscription = kafka._coordinator, kafka._fetcher, kafka._subscription
+        item("group generation / member", lambda: (coordinator.generation, coordinator.member_id))
+        item("group error waiting for the consumer to read it", lambda: coordinator._pending_exception)
+        for name in ("_coordination_task", "_heartbeat_task", "_commit_refresh_task"):
+            item(f"aiokafka {name.strip('_')}", lambda name=name: _task_state(getattr(coordinator, name)))
+        item("aiokafka fetch routine", lambda: _task_state(fetcher._fetch_task))
+        item("reassignment in progress", lambda: subscription.reassignment_in_progress)
+        item("fetches in flight to nodes / pending fetch tasks", lambda: (sorted(fetcher._in_flight),
+                                                                       len(fetcher._pending_tasks)))
+        item("fetched, not yet handed over", lambda: sorted(f"{tp.topic}[{tp.partition}]" for tp in fetcher._records))
+        assignment = subscription.subscription.assignment if subscription.subscription else None
+        for tp in sorted(assignment.tps if assignment is not None else ()):
+            item(f"  {tp.topic}[{tp.partition}]", lambda tp=tp: _tp_state(assignment.state_value(tp)))
+        return "\n".join(lines)
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -192,6 +271,31 @@ class BatchConsumer(aiokafka_driver.Consumer):
             marker.acked = True
             self._unacked_messages.discard(marker)  # type: ignore[arg-type]
             notify(self._waiting_for_ack)
+
+
+def _task_state(task: Any) -> str:
+    if task is None:
+        return "none"
+    if not task.done():
+        return "running"
+    if task.cancelled():
+        return "cancelled"
+    return f"ended ({task.exception()!r})" if task.exception() is not None else "ended"
+
+
+def _tasks_state(service: Any) -> str:
+    """A mode service's own tasks (its ``@Service.task`` coroutines), by name."""
+    futures = getattr(service, "_futures", ())
+    names = [getattr(getattr(f, "__wrapped__", None), "__qualname__", None) or repr(f)[:60] for f in futures]
+    state = "started" if service._started.is_set() else "not started"
+    return f"{state}, stopped={service._stopped.is_set()}, crashed={service._crashed.is_set()}, tasks running: " + (
+        ", ".join(sorted(n.rsplit(".", 1)[-1] for f, n in zip(futures, names) if not f.done())) or "none")
+
+
+def _tp_state(state: Any) -> str:
+    position = state._position if state.has_valid_position else None
+    return (f"position {position}, awaiting reset {state.awaiting_reset}, paused {state.paused}, "
+            f"highwater {state.highwater}, committed futures {len(state._committed_futs)}")
 
 
 class BatchTransport(aiokafka_driver.Transport):

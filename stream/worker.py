@@ -25,6 +25,7 @@ from time import monotonic
 from typing import Callable, TextIO
 
 from faust.exceptions import ConsistencyError
+from faust.types import TP
 
 from tgastream.stream.deadline import StopDeadline
 from tgastream.stream.generations import changed_or_none, changed_surely, read_generations, reseed_changelog
@@ -52,6 +53,7 @@ class WorkerConfig:
     stop_timeout_s: float = 0.0  # > 0: a graceful stop that takes longer ends the process (StopDeadline)
     generation_check_s: float = 2.0  # how often the topic ids are compared (0: never)
     join_timeout_s: float = 0.0  # > 0: no first assignment within this long at start → leave and join again
+    stall_timeout_s: float = 0.0  # > 0: records waiting on assigned partitions, none fetched this long → join again
 
 
 @dataclass
@@ -214,6 +216,9 @@ async def run_worker(settings: Settings, options: WorkerConfig = WorkerConfig(),
                 log.warning("no partition assignment %.0f s after start: left the group, joining again",
                             options.join_timeout_s)
                 continue
+            if outcome == STALLED:
+                log.warning("left the group after a stall (above): joining again")
+                continue
             if worker.pipeline.failed is not None:
                 failure = str(worker.pipeline.failed)
             elif outcome.startswith("recreated:"):
@@ -362,15 +367,83 @@ async def _start_watched(worker: StreamWorker, stop: asyncio.Event, join_timeout
             await asyncio.gather(start, return_exceptions=True)
 
 
+STALLED = "stalled"
+"""What :func:`_supervise` returns when :class:`StallWatch` found the worker stuck: it joins again."""
+
+
+def end_offsets(settings: Settings, tps: list[TP]) -> dict[TP, int]:
+    """The broker's end offset of each partition ({} when the broker does not answer)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from tgastream.core.kafka_security import kafka_python_args
+
+    try:
+        consumer = KafkaConsumer(**kafka_python_args(settings.bootstrap, settings.kafka_security,
+                                                     enable_auto_commit=False, group_id=None,
+                                                     request_timeout_ms=10_000))
+        try:
+            ends = consumer.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in tps])
+        finally:
+            consumer.close()
+    except Exception as exc:  # no answer tells nothing either way: asked again later
+        log.debug("end offsets not read: %r", exc)
+        return {}
+    return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
+
+
+class StallWatch:
+    """Finds a worker that holds partitions with records waiting and fetches nothing.
+
+    Seen on Tansu under load (the chaos test, once in a full suite run), after the rebalance that
+    followed a sibling's kill -9: a worker kept two partitions for the rest of the run and never
+    fetched them again, no other worker took them over, and nothing was logged. Whatever left faust's
+    or aiokafka's fetch machinery stuck (not found yet: the consumer's state is logged when it
+    happens), the remedy is the one for a stuck join: leave the group and join again. Stuck means:
+    no fetch returned a record for ``timeout_s`` (a changelog
+    record read during recovery counts; so does an assignment, which restarts the wait) while the
+    broker holds records past this worker's position on one of its assigned source partitions
+    (end offsets are asked only once the fetches have been quiet that long).
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._check: asyncio.Future | None = None
+        self._positions: dict[TP, int] = {}
+        self._next_at = 0.0
+
+    def poll(self, worker: StreamWorker, now: float) -> str | None:
+        """A description of the stall, or None (never waits: end offsets are read in a thread)."""
+        consumer = worker.consumer
+        if self._check is not None:
+            if not self._check.done():
+                return None
+            ends, self._check = self._check.result(), None
+            behind = {tp: (pos, ends[tp]) for tp, pos in self._positions.items() if ends.get(tp, 0) > pos}
+            quiet = now - consumer.fetched_at
+            if behind and quiet > self.timeout_s:
+                return (f"nothing fetched for {quiet:.0f} s while records wait on assigned partitions: "
+                        + ", ".join(f"{tp.topic}[{tp.partition}] at {pos} of {end}"
+                                    for tp, (pos, end) in sorted(behind.items())))
+            self._next_at = now + min(self.timeout_s, 10.0)
+            return None
+        if now - consumer.fetched_at <= self.timeout_s or now < self._next_at:
+            return None
+        self._positions = consumer.batch_positions()
+        if self._positions:
+            self._check = asyncio.ensure_future(asyncio.to_thread(end_offsets, worker.settings, list(self._positions)))
+        return None
+
+
 async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.Event, t0: float) -> str:
-    """Wait for a stop signal, a limit, a pipeline failure, a crashed app or a re-created topic;
-    log progress. Returns why it stopped: ``stop``, ``limit``, ``failed:<why>`` or
-    ``recreated:<topic>``."""
+    """Wait for a stop signal, a limit, a pipeline failure, a crashed app, a re-created topic or a
+    stall; log progress. Returns why it stopped: ``stop``, ``limit``, ``failed:<why>``,
+    ``recreated:<topic>`` or ``STALLED``."""
     settings = worker.settings
     changelog = changelog_topic(settings)
     next_progress = t0 + options.progress_s
     next_check = monotonic() + options.generation_check_s
     check: asyncio.Future | None = None
+    stall = StallWatch(options.stall_timeout_s) if options.stall_timeout_s else None
     totals = worker.pipeline.totals
     while not stop.is_set():
         try:
@@ -397,6 +470,11 @@ async def _supervise(worker: StreamWorker, options: WorkerConfig, stop: asyncio.
             return f"failed:{reason}"
         if options.stop_after_records and totals.records_durable >= options.stop_after_records:
             return "limit"
+        stalled = stall.poll(worker, now) if stall is not None else None
+        if stalled is not None:
+            log.warning("worker stalled: %s; its consumer:\n%s", stalled, worker.consumer.describe_state())
+            dump_tasks(asyncio.get_running_loop(), consumer_loop(worker))
+            return STALLED
         if options.max_seconds and now - t0 >= options.max_seconds:
             return "limit"
         if options.progress_s and now >= next_progress:

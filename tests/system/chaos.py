@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -313,7 +314,8 @@ class ChaosRun:
     # processes
     def _start_worker(self) -> WorkerProcess:
         name = f"w{len(self.all_workers) + 1}"
-        w = start_worker(self.settings, self.root / f"{name}.log")
+        # a worker stuck with records waiting rejoins after 30 s (StallWatch), well within settle_s
+        w = start_worker(self.settings, self.root / f"{name}.log", "--stall-timeout-s", "30")
         self.names[id(w)] = name
         self.live.append(w)
         self.all_workers.append(w)
@@ -341,6 +343,22 @@ class ChaosRun:
                                    f"(trainer-{self.trainer_starts}.log)")
             self.say(f"  !! the trainer exited by itself ({self.trainer.returncode}); restarting it")
             self.trainer = self._start_trainer()
+
+    def _stuck_report(self) -> str:
+        """What each live worker waits on (``kill -USR1``: every task's await chain, in its log), its
+        log lines other than progress lines, and the broker's view of the group: for a worker that
+        holds partitions and consumes nothing."""
+        for w in self.live:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGUSR1)
+        time.sleep(2.0)
+        parts = [describe_group(self.settings)]
+        for w in self.live:
+            lines = w.log_path.read_text().splitlines() if w.log_path.exists() else []
+            events = [ln for ln in lines if "| applied" not in ln and not re.match(r"  [a-z_]+ = ", ln)]  # not settings
+            parts.append(f"--- {self._name(w)} ({w.log_path}): last progress line, then its other lines\n"
+                         + "\n".join([ln for ln in lines if "| applied" in ln][-1:] + events[-400:]))
+        return "\n".join(parts)
 
     def _victim(self, fault: Fault) -> WorkerProcess:
         return self.live[min(int(fault.pick * len(self.live)), len(self.live) - 1)]
@@ -527,8 +545,9 @@ class ChaosRun:
             done = committed_offsets(settings)
             if all((done.get(p) or 0) > last for p, last in ends.items()):
                 break
-            assert time.monotonic() < deadline, (f"workers did not commit the last records: committed {done}, ends {ends}\n"
-                                                 + "\n".join(w.log()[-1500:] for w in self.live))
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"workers did not commit the last records: committed {done}, ends {ends}\n"
+                                     + self._stuck_report())
             self._reap()
             time.sleep(1.0)
         self.say(f"  workers committed every record at {time.monotonic() - self.t0:.0f}s")
