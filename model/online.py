@@ -147,6 +147,7 @@ class OnlineLearner:
         self.clicktime = ClickTimeStore(cfg.pending_predictions)  # click-time P(buy) awaiting labels
         # made by the publishing forward (another thread's: deque appends and pops are atomic), not yet in the store
         self._handed: deque[Predictions] = deque()
+        self.clicks_in_step = 0  # clicks predicted by their training step (none handed over for them)
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
         self.last_replayed = 0  # reservoir samples in the last step
@@ -175,7 +176,8 @@ class OnlineLearner:
         clicks = [s for s in samples if s.kind == CLICK] if self.model.conversion_head is not None else []
         users, contexts, bought, done, probs = self.user_vectors(samples, clicks, clicks_later)
         predictions = Predictions(done, probs, self.version) if done else None
-        later = [c for c in clicks if id(c) not in {id(d) for d in done}] if clicks_later else []
+        predicted = {id(d) for d in done}
+        later = [c for c in clicks if id(c) not in predicted] if clicks_later else []
         touched = {s.item_id: s.category_id for s in samples}  # targets and candidates ...
         for s in samples:  # ... and each context's newest node (a user's first item is never a target)
             if len(s.graph):
@@ -397,6 +399,7 @@ class OnlineLearner:
             at = torch.as_tensor(clicks, dtype=torch.long, device=states.device)
             probs = conversion_probs(self.model, batch.select(at), states[at])  # [V]
             self.clicktime.predict([sources[k] for k in clicks], probs, self.version)
+            self.clicks_in_step += len(clicks)
         if ret:
             at = torch.as_tensor(ret, dtype=torch.long, device=states.device)
             self._score_retrievals(batch.select(at), states[at], categories)
@@ -422,6 +425,7 @@ class OnlineLearner:
         rows = (batch.kind == CLICK).nonzero().squeeze(1)
         if len(rows):
             self.clicktime.predict(clicks, conversion_probs(self.model, batch.select(rows), states[rows]), self.version)
+            self.clicks_in_step += len(rows)
 
     def _judge_conversions(self, samples: Sequence[Sample]) -> None:
         """The labels that arrived (conversion samples) with their clicks' click-time predictions,
@@ -555,7 +559,8 @@ class OnlineLearner:
         plus the last batch's own HR@10 (``batch_hr@10``) and the click-time store's counts
         (``clicktime_*``: pending, evicted, unmatched, ...)."""
         return {**self.metrics.snapshot(), "batch_hr@10": self.batch_hr,
-                **{f"clicktime_{k}": v for k, v in self.clicktime.counts().items()}}
+                **{f"clicktime_{k}": v for k, v in self.clicktime.counts().items()},
+                "clicktime_in_step": self.clicks_in_step}
 
     def idmap_stats(self) -> list[tuple[str, int, int]]:
         return self.rows.stats()

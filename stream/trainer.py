@@ -151,7 +151,8 @@ class TrainerMetrics:
         self.idmap_evictions = Gauge("tgastream_idmap_evictions", "id map rows evicted so far", ["kind"], registry=r)
         self.clicktime = Gauge("tgastream_clicktime_predictions", "click-time P(buy) predictions: pending (label "
                                "not yet known), joined to a label, evicted unlabelled (store full), unmatched "
-                               "(a label whose prediction was lost: not scored)", ["state"], registry=r)
+                               "(a label whose prediction was lost: not scored), predicted (in all), in_step (of them, predicted by "
+                               "their training step: no prediction from the publishing forward)", ["state"], registry=r)
         self.lag = Gauge("tgastream_trainer_lag", "samples on the topic not yet consumed (approximate on Tansu)", registry=r)
 
 

@@ -83,6 +83,7 @@ def test_scores_from_the_training_forward_equal_the_separate_eval_pass(samples, 
     # every click predicted once (at its step, or by the publishing forward), every label joined to its prediction
     assert one_pass.clicktime.predicted == separate.clicktime.predicted == sum(s.kind == CLICK for s in samples) > 0
     assert one_pass.clicktime.unmatched == separate.clicktime.unmatched == 0
+    assert one_pass.clicks_in_step == (0 if handed else one_pass.clicktime.predicted)  # (none left to the step)
     assert a["conversions_seen"] == b["conversions_seen"] == one_pass.clicktime.joined > 0
     assert a["retrievals_seen"] == b["retrievals_seen"] == sum(s.kind == RETRIEVAL for s in samples)
     assert a["conv_labels"] == b["conv_labels"]
