@@ -108,9 +108,15 @@ class LatestModel:
             self.rebuilt += 1
         with self._lock:
             self._spare, self._current = self._current, twin
-            self._origin = {id(c): o for c, o in ((self._spare, self._origin.get(id(self._spare))),
-                                                  (twin, id(source))) if c is not None and o is not None}
+            self._origin[id(twin)] = id(source)
+            self._prune()
             self.swaps += 1
+
+    def _prune(self) -> None:
+        """Forget the origins of copies that are neither current, spare nor held (under the lock)."""
+        keep = {id(c) for c in (self._current, self._spare) if c is not None}
+        keep |= {k for k, n in self._in_use.items() if n}
+        self._origin = {k: v for k, v in self._origin.items() if k in keep}
 
     @contextmanager
     def use(self) -> Iterator[OnlineLearner]:
@@ -125,6 +131,9 @@ class LatestModel:
         finally:
             with self._lock:
                 self._in_use[id(twin)] -= 1
+                if not self._in_use[id(twin)]:
+                    del self._in_use[id(twin)]
+                    self._prune()
 
     def copied_from(self, twin: OnlineLearner, source: OnlineLearner) -> bool:
         """Whether ``twin`` (a copy from :meth:`use`) holds ``source``'s weights (not, say, the

@@ -617,13 +617,14 @@ class Trainer:
             rows = self.learner.rows  # type: ignore[attr-defined]
             with rows.lock:
                 sync_rows(self.group, rows, samples)
+            new = self._new_clicks(samples)
             with self.latest.use() as twin:
                 # rows beyond the copy's tables: grown in the copy (fresh rows; the next copy has the learner's)
                 rows.grow_tables(twin.model, None, self._twin_gen)
                 out = twin.vectors(samples, clicks_later=True)
                 version = twin.version
                 if self.latest.copied_from(twin, self.learner):  # (not the good model's while rolled back)
-                    self._hand_over(out.clicks)  # the clicks that share a user's row: from this forward
+                    self._hand_over(out.clicks, new)  # the clicks that share a user's row: from this forward
             self._head_batches += 1
             if self._head_batches % self.publish_every == 0:
                 self._publish(out, producer, serving, version)
@@ -631,7 +632,7 @@ class Trainer:
                 with self.latest.use() as twin:
                     rows.grow_tables(twin.model, None, self._twin_gen)
                     if self.latest.copied_from(twin, self.learner):
-                        self._hand_over(twin.click_predictions(out.later_clicks))
+                        self._hand_over(twin.click_predictions(out.later_clicks), new)
             self._count_kinds(samples)
         with self._lock:
             for r in records:
@@ -640,14 +641,19 @@ class Trainer:
         self.metrics.step_seconds.observe(time.perf_counter() - t0)
         self._note_rate(len(samples))
 
-    def _hand_over(self, predictions: Predictions | None) -> None:
+    def _new_clicks(self, samples: list[Sample]) -> set[int]:
+        """The ids of the batch's clicks the head has not seen before, in stream order (the head's
+        own :class:`RedeliveryGuard`, ahead of the training one)."""
+        return {id(s) for s in samples if s.kind == CLICK and self.head_guard.admit(s)}
+
+    def _hand_over(self, predictions: Predictions | None, new: set[int]) -> None:
         """The clicks' click-time P(buy) from the head's forward, to the learner (their training
-        step needs no row for them: model/online.py). Re-delivered clicks are left out: their
-        first copy was predicted, and a second prediction made after its label joined would wait
-        in the store for ever (the head's own :class:`RedeliveryGuard`, ahead of the training one)."""
+        step needs no row for them: model/online.py). Only ``new`` clicks (:meth:`_new_clicks`):
+        a re-delivered click's first copy was predicted, and a second prediction made after its
+        label joined would wait in the store for ever."""
         if predictions is None:
             return
-        keep = [k for k, c in enumerate(predictions.clicks) if self.head_guard.admit(c)]
+        keep = [k for k, c in enumerate(predictions.clicks) if id(c) in new]
         if keep:
             self.learner.note_predictions(Predictions([predictions.clicks[k] for k in keep],
                                                       predictions.probs[keep], predictions.version))
@@ -856,7 +862,7 @@ class Trainer:
         (the online learner still gives the batch's new ids their rows)."""
         out = self.learner.vectors(samples)
         if not self.bounded:  # (bounded trains a random part: a click left out would keep its prediction pending)
-            self._hand_over(out.clicks)  # the online model's, whoever serves
+            self._hand_over(out.clicks, self._new_clicks(samples))  # the online model's, whoever serves
         serving = self.guardrails.serving
         return out if serving is self.learner else serving.vectors(samples)
 

@@ -110,6 +110,7 @@ def test_the_inference_copy_is_refreshed_in_place_but_never_while_it_is_publishe
 
     learner = OnlineLearner(online_model_config(_small()), OnlineConfig(device="cpu", threads=1, chunk=64))
     weight = lambda m: m.model.embed.item.weight  # noqa: E731
+    other = OnlineLearner(online_model_config(_small()), OnlineConfig(device="cpu", threads=1, chunk=64))
     latest = LatestModel()
     latest.put(learner, 0)
     with latest.use() as held:
@@ -120,11 +121,15 @@ def test_the_inference_copy_is_refreshed_in_place_but_never_while_it_is_publishe
         latest.put(learner, 2)  # the spare is the held copy: a new one is built instead
         assert held.version == 0 and torch.equal(weight(held), before)
         assert latest.get() is not held and latest.get().version == 2
+        # still known as the learner's copy (its clicks' predictions are handed to the learner)
+        assert latest.copied_from(held, learner) and not latest.copied_from(held, other)
     first_after = latest.get()
     latest.put(learner, 3)  # the spare (version 1's copy) is free: refreshed in place, swapped in
     current = latest.get()
     assert current is not first_after and current.version == 3 and latest.rebuilt == 3 and latest.swaps == 4
     assert torch.equal(weight(current), weight(learner)) and not weight(current).requires_grad
+    latest.put(other, 4)  # (e.g. the guard's good model while rolled back)
+    assert not latest.copied_from(latest.get(), learner) and latest.copied_from(latest.get(), other)
 
 
 def _small():

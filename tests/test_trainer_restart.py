@@ -66,4 +66,8 @@ def test_killed_trainer_resumes_from_checkpoint_and_counts_each_sample_once(topi
     third = start_trainer(settings, clean, tmp_path / "t3.log", *args)
     assert third.wait(600) == 0
     assert stats(clean)["trained"] == n  # (step counts may differ: batches grow while the trainer is behind)
+    # every click predicted by the publishing forward and handed over: none left to its training step
+    # (unless the guard rolled back: the good model's forward is not the learner's, model/online.py)
+    final = stats(clean)
+    assert final["online"]["clicktime_in_step"] == 0 or final["rollbacks"] > 0, final["online"]
     assert sorted(read_trained(clean / "trained-samples.log")) == sorted(identities)
