@@ -7,7 +7,7 @@ import importlib
 
 from tgastream.core.settings import Settings
 
-HELP = ("run a benchmark: stream, model, online, freshness, api, index, scale, trainer, skew, guard or era "
+HELP = ("run a benchmark: stream, model, online, freshness, api, index, scale, trainer, skew, guard, era or staleness "
         "(each prints a table; --json writes it)")
 
 BENCHES: dict[str, str] = {
@@ -22,6 +22,7 @@ BENCHES: dict[str, str] = {
     "skew": "tgastream.bench.skew",
     "guard": "tgastream.bench.guard",
     "era": "tgastream.bench.era",
+    "staleness": "tgastream.bench.staleness",
 }
 """Benchmark name → module defining HELP, add_arguments(parser) and run(args, settings) -> int."""
 
