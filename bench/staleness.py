@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=int, default=20_000, help="synthetic events (default: the demo's 20,000)")
     p.add_argument("--seed", type=int, default=7, help="synthetic log seed (default: the demo's 7)")
     p.add_argument("--warmup", type=float, default=0.5, help="share of the samples learned before the cases start (default: 0.5)")
-    p.add_argument("--snapshots", default="5,25,100", help="refresh intervals K in batches, comma-separated (default: 5,25,100)")
+    p.add_argument("--snapshots", default="25,100", help="refresh intervals K in batches, comma-separated (default: 25,100)")
     p.add_argument("--feedback", default="wait", help="conversion_feedback of the learner (default: wait)")
     p.add_argument("--no-head-frozen", action="store_true", help="skip the run with the conversion head frozen")
     p.add_argument("--seeds", type=int, default=3, help="learner seeds (default: 3)")
@@ -81,6 +81,7 @@ def replay(samples: list, cases, settings: Settings, cfg, every: list[int], bs: 
     learner.clicktime.history = []
     copies: dict[str, object] = {}
     history: dict[str, list] = {f"snapshot_{k}": [] for k in every} | {"frozen": []}
+    ranks: dict[str, list] = {name: [] for name in history}
     for k in tqdm(range(0, len(samples), bs), desc=desc, unit="batch", leave=False):
         if k == cut:
             learner.metrics = type(learner.metrics)(window=10**9)
@@ -89,6 +90,8 @@ def replay(samples: list, cases, settings: Settings, cfg, every: list[int], bs: 
         if not head_frozen:
             for name in history:
                 if name == "frozen" and k == cut or name != "frozen" and snapshot_due(k // bs, cut // bs, int(name[9:])):
+                    if name in copies:  # the ranks of the snapshot it replaces
+                        ranks[name].extend(copies[name].metrics.ranks)
                     copies[name] = learner.frozen_copy()
                     copies[name].clicktime.history = history[name]  # one history across a name's snapshots
         batch = samples[k:k + bs]
@@ -97,7 +100,8 @@ def replay(samples: list, cases, settings: Settings, cfg, every: list[int], bs: 
         learner.step(batch)
     out = {ONLINE: (_probs(learner.clicktime.history, cases.keys), np.asarray(learner.metrics.ranks))}
     for name in copies:
-        out[name] = (_probs(history[name], cases.keys, cases.before_cut), np.asarray(copies[name].metrics.ranks))
+        ranks[name].extend(copies[name].metrics.ranks)
+        out[name] = (_probs(history[name], cases.keys, cases.before_cut), np.asarray(ranks[name]))
     return out
 
 

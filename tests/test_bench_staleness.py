@@ -49,6 +49,8 @@ def test_bench_staleness_judges_every_model_on_the_same_clicks(tmp_path):
     for name, m in r["models"].items():
         assert m["clicks"] == r["clicks"] and m["seeds"] == 2 and m["auc"] is not None
         assert (name == "online_wait") == ("ci" not in m)
+        assert m["hr@10"] is not None  # every model ranked every retrieval case: snapshots' ranks joined
+    assert r["models"]["snapshot_2"]["retrieval_cases"] == r["models"]["online_wait"]["retrieval_cases"]
 
 
 def test_bench_staleness_refuses_a_bad_snapshot_list(capsys):
