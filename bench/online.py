@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift-at", type=float, default=0.5, help="where preferences change (default: 0.5)")
     p.add_argument("--batch-size", type=int, default=256, help="micro-batch size (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="online learning rate (default: 0.002)")
+    p.add_argument("--conversion-snapshot-steps", type=int, default=0, metavar="N",
+                   help="online learners predict clicks with a copy refreshed every N steps (conversion_snapshot_steps; "
+                        "0 = the newest weights, default)")
     p.add_argument("--segments", type=int, default=10, help="points of the over-time curves (default: 10)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = cores - 1 (default: 0)")
@@ -238,7 +241,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         cut = next((j for j, s in enumerate(samples) if s.event_ts >= drift_ts), len(samples)) // bs * bs
     cases = Cases(samples, cut)
     n_items = len({e.item_id for e in events})
-    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads)
+    if args.conversion_snapshot_steps < 0:
+        raise CommandError("--conversion-snapshot-steps must be >= 0")
+    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads,
+                                conversion_snapshot_steps=args.conversion_snapshot_steps)
     t0 = time.perf_counter()
     probs: dict[str, list[np.ndarray | None]] = {f"online_{m}": [] for m in modes} | {"frozen": [], "repeat": []}
     ranks: dict[str, list[np.ndarray]] = {k: [] for k in probs}
@@ -285,6 +291,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
            + (f" --max-events {args.max_events}" if args.max_events else "") if args.data is not None else
            f"tgastream bench online --users {args.users} --events {args.events} --seed {args.seed} "
            f"--drift-at {args.drift_at}") + f" --feedback {','.join(modes)} --seeds {args.seeds} --lr {args.lr}"
+    if args.conversion_snapshot_steps:
+        cmd += f" --conversion-snapshot-steps {args.conversion_snapshot_steps}"
     result |= {"source": source, "samples": len(samples), "warmup_samples": cut, "after_samples": cases.n_after,
                "items": n_items, "seconds": round(seconds, 1), "device": str(settings.device), "command": cmd,
                "judged": "at the click: each click's P(buy) by the model when its CLICK sample arrived"}

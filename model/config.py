@@ -106,3 +106,4 @@ class OnlineConfig:
     sample_len: int = SAMPLE_LEN  # graph nodes of a published user context
     conversion_feedback: str = "wait"  # wait | fnw: how a click is trained before its label is known (model/feedback.py)
     pending_predictions: int = 200_000  # click-time predictions kept until their label (model/clicktime.py)
+    conversion_snapshot_steps: int = 0  # > 0: clicks' P(buy) from a copy refreshed every N steps (model/online.py)

@@ -33,6 +33,7 @@ def online_config(settings: Settings, **changes) -> OnlineConfig:
                            "device": settings.device, "threads": settings.threads,
                            "sample_len": settings.sample_len, "conversion_feedback": settings.conversion_feedback,
                            "pending_predictions": settings.pending_predictions,
+                           "conversion_snapshot_steps": settings.conversion_snapshot_steps,
                            "idle_ttl_s": settings.idle_ttl_s, "evict_every": settings.evict_every, **changes})
 
 

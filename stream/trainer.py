@@ -152,7 +152,8 @@ class TrainerMetrics:
         self.clicktime = Gauge("tgastream_clicktime_predictions", "click-time P(buy) predictions: pending (label "
                                "not yet known), joined to a label, evicted unlabelled (store full), unmatched "
                                "(a label whose prediction was lost: not scored), predicted (in all), in_step (of them, predicted by "
-                               "their training step: no prediction from the publishing forward)", ["state"], registry=r)
+                               "their training step: no prediction from the publishing forward), snapshot (of them, predicted by the "
+                               "conversion snapshot: conversion_snapshot_steps)", ["state"], registry=r)
         self.lag = Gauge("tgastream_trainer_lag", "samples on the topic not yet consumed (approximate on Tansu)", registry=r)
 
 

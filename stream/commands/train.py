@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "train_policy", "repeat_prior", "stop_timeout_s", "checkpoint_dir", "republish_rate", "republish_behind_share", "catchup_batches",
                       "idle_ttl_s", "evict_every",
                       "drift_delta", "guard", "guard_margin", "guard_window", "guard_min_retrievals",
-                      "guard_min_positives", "shadow_share", "seed", "conversion_feedback", "pending_predictions",
+                      "guard_min_positives", "shadow_share", "seed", "conversion_feedback", "conversion_snapshot_steps", "pending_predictions",
                       *KAFKA_SECURITY_SETTINGS)
 
 
