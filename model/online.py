@@ -240,6 +240,11 @@ class OnlineLearner:
         self.clicktime.predict(p.clicks, p.probs, p.version)
         self.clicks_by_snapshot += len(clicks)
 
+    def forget_snapshot(self) -> None:
+        """Drop the conversion snapshot: the weights were replaced (a restore, a rollback), and the
+        next clicks are judged by a copy of the new ones."""
+        self._snapshot = None
+
     def _unpredicted(self, clicks: Sequence[Sample]) -> list[Sample]:
         """The clicks with no pending prediction: the step predicts them from its own forward."""
         return [c for c in clicks if not self.clicktime.has(c)]
@@ -644,6 +649,7 @@ class OnlineLearner:
         has another shape than this learner's."""
         # tables sized exactly as the saved id maps (whatever chunk this process would have used)
         self.model, self.rows = load_model(d, self.model.cfg, self.device)
+        self.forget_snapshot()
         self.optimizer = online_adam(self.model.parameters(), self.cfg.lr)
         if d["optimizer"] is not None:
             self.optimizer.load_state_dict(d["optimizer"])

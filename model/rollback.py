@@ -101,6 +101,7 @@ def rollback_learner(learner: OnlineLearner, good_state: dict, reservoir: dict |
     (``reservoir``: where it comes from instead, e.g. a trainer rank's own checkpoint part)."""
     good, good_rows = load_model(good_state, learner.model.cfg, learner.device)
     learner.model = graft_model(good, good_rows, learner.model, learner.rows, learner.device)
+    learner.forget_snapshot()  # (the bad weights' copy must not judge the clicks after the rollback)
     learner.optimizer = online_adam(learner.model.parameters(), learner.cfg.lr)
     if good_state.get("optimizer"):
         learner.optimizer.load_state_dict(graft_optimizer(good_state["optimizer"], learner.model, learner.rows,

@@ -82,6 +82,22 @@ def test_the_snapshot_predicts_what_a_frozen_copy_taken_then_predicts(samples):
     np.testing.assert_allclose([r[0] for _k, _v, r in got], expected.probs, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_weights_replaced_by_a_restore_or_a_rollback_are_judged_by_a_fresh_snapshot(samples):
+    from tgastream.model.rollback import rollback_learner
+
+    learner = _learner(100)
+    for k in range(0, 3 * BATCH, BATCH):
+        learner.step(samples[k:k + BATCH])
+    good = learner.state_dict()
+    for b, replace in ((3, lambda: learner.load_state_dict(good)), (5, lambda: rollback_learner(learner, good))):
+        learner.step(samples[b * BATCH:(b + 1) * BATCH])  # (still the copy of step 0)
+        replace()
+        learner.clicktime.history = []
+        learner.step(samples[(b + 1) * BATCH:(b + 2) * BATCH])
+        assert {v for _k, v, _r in learner.clicktime.history} == {learner.version - 1}
+
+
 def test_a_negative_snapshot_interval_is_refused_in_one_line():
     with pytest.raises(SettingsError, match="conversion_snapshot_steps must be >= 0"):
         load_settings(overrides={"conversion_snapshot_steps": -1})
