@@ -150,6 +150,7 @@ class OnlineLearner:
         self.clicks_in_step = 0  # clicks predicted by their training step (none handed over for them)
         self.clicks_by_snapshot = 0  # clicks predicted by the conversion snapshot (cfg.conversion_snapshot_steps)
         self._snapshot: OnlineLearner | None = None  # cfg.conversion_snapshot_steps > 0: the copy that predicts clicks
+        self._snapshot_batch: list[Sample] = []  # the clicks it predicted last (not again in the same step)
         self.version = 0  # optimizer steps taken
         self.last_loss = float("nan")
         self.last_replayed = 0  # reservoir samples in the last step
@@ -229,9 +230,13 @@ class OnlineLearner:
         every = self.cfg.conversion_snapshot_steps
         if not every or not self.cfg.train or self.model.conversion_head is None:
             return
-        clicks = self._unpredicted([s for s in samples if s.kind == CLICK])
+        # every click of the batch, a repeat of a pending one included (the newest counts, as from
+        # the publishing forward), once: score() and learn() of one step both come here
+        done = {id(s) for s in self._snapshot_batch}
+        clicks = [s for s in samples if s.kind == CLICK and id(s) not in done]
         if not clicks:
             return
+        self._snapshot_batch = clicks  # (held: their ids cannot be reused meanwhile)
         if self._snapshot is None or self.version - self._snapshot.version >= every:
             self._snapshot = None  # (the old copy's memory first)
             with self.rows.lock:  # (the trainer's publishing thread assigns rows meanwhile)
@@ -625,6 +630,7 @@ class OnlineLearner:
         twin.clicktime = ClickTimeStore(self.cfg.pending_predictions)
         twin._handed = deque()
         twin._snapshot = None
+        twin._snapshot_batch = []
         return twin
 
     # -- persistence -------------------------------------------------------------------------

@@ -51,6 +51,21 @@ def test_every_click_is_predicted_by_a_copy_at_most_n_steps_old_and_stamped_with
     assert {v for _b, vs in stamped for v in vs} >= {0, 3, 6}
     assert learner.clicks_in_step == 0  # (none left to the training forward)
     assert learner.online_metrics()["clicktime_snapshot"] == len(learner.clicktime.history)
+    # every click once, a repeat of a pending click included (Tmall's day-level times make many)
+    assert len(learner.clicktime.history) == sum(s.kind == CLICK for s in samples)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_thread")
+def test_a_click_repeated_while_its_prediction_is_pending_is_predicted_again(samples):
+    from tgastream.state.samples import Sample
+
+    learner = _learner(4)
+    click = next(s for s in samples[:BATCH] if s.kind == CLICK)
+    learner.step(samples[:BATCH])
+    again = Sample.from_bytes(click.to_bytes())  # the same click key, a sample of its own
+    learner.step([again])
+    assert [k for k, _v, _r in learner.clicktime.history].count(click.click_key) == 2
 
 
 @pytest.mark.usefixtures("one_thread")
