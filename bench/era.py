@@ -55,13 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", type=Path, default=None, help="plot both windows' AUC over the stream here")
 
 
-def _events(args: argparse.Namespace):
+def events_of(args: argparse.Namespace):
+    """The events of ``--data`` (its first ``--max-events``) or of the synthetic log of
+    ``--users``/``--events``/``--seed``, and a line saying which (bench era, bench staleness)."""
     from tgastream.bench.online import _real, _synthetic
 
     if args.data is not None:
-        return _real(args.data, args.max_events), f"{args.data}"
+        cap = f" (first {args.max_events:,} events)" if args.max_events else ""
+        return _real(args.data, args.max_events), f"{args.data}{cap}"
     events, _ = _synthetic(args.users, args.events, args.seed, 0.0)
-    return events, f"synthetic (demo defaults: {args.users} users, {args.events:,} events, seed {args.seed})"
+    return events, f"synthetic ({args.users} users, {args.events:,} events, seed {args.seed})"
 
 
 def replay(samples: list, settings: Settings, window: int, batch_size: int, seed: int) -> dict:
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.seeds < 1 or args.window < 1 or args.points < 1:
         raise CommandError("--seeds, --window and --points must be >= 1")
-    events, source = _events(args)
+    events, source = events_of(args)
     if not events:
         raise CommandError("no events to replay")
     samples = stream_samples(events, settings)

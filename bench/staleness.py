@@ -106,7 +106,8 @@ def replay(samples: list, cases, settings: Settings, cfg, every: list[int], bs: 
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from tgastream.bench.online import Cases, _real, _synthetic, stream_samples, summarize
+    from tgastream.bench.era import events_of
+    from tgastream.bench.online import Cases, stream_samples, summarize
     from tgastream.stream.configs import online_config
 
     try:
@@ -115,11 +116,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(f"--snapshots takes comma-separated batch counts, got {args.snapshots!r}") from None
     if any(k < 1 for k in every) or args.seeds < 1 or not 0 < args.warmup < 1:
         raise CommandError("--snapshots must be >= 1 each, --seeds >= 1, --warmup in (0, 1)")
-    if args.data is not None:
-        events, source = _real(args.data, args.max_events), f"{args.data}" + (f" (first {args.max_events:,} events)" if args.max_events else "")
-    else:
-        events, _ = _synthetic(args.users, args.events, args.seed, 0.0)
-        source = f"synthetic ({args.users} users, {args.events:,} events, seed {args.seed})"
+    events, source = events_of(args)
     settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads, conversion_feedback=args.feedback)
     samples = stream_samples(events, settings)
     bs = args.batch_size

@@ -168,7 +168,8 @@ class OnlineLearner:
         the learner that will train them (:meth:`note_predictions`): its step then needs no row
         for them (:meth:`step` does so). ``clicks_later``: only the clicks that are their user's
         newest sample (they share the user's row) are predicted here; the others are left in
-        ``StepOutput.later_clicks`` for :meth:`click_predictions` once the vectors are out.
+        ``StepOutput.later_clicks`` for :meth:`click_predictions` once the vectors are out. With
+        ``conversion_snapshot_steps`` no click is predicted here (the snapshot judges them).
 
         With ranks, every rank calls this together (``samples`` may be empty): the rows are
         assigned from the union of the ranks' ids (:func:`model.distributed.sync_rows`)."""
@@ -176,7 +177,9 @@ class OnlineLearner:
             self.assign_rows(samples)
         if not samples:
             return StepOutput(users={}, items={}, loss=float("nan"))
-        clicks = [s for s in samples if s.kind == CLICK] if self.model.conversion_head is not None else []
+        # (none with a conversion snapshot: it predicts the clicks, :meth:`_snapshot_predictions`)
+        predicts = self.model.conversion_head is not None and not self.cfg.conversion_snapshot_steps
+        clicks = [s for s in samples if s.kind == CLICK] if predicts else []
         users, contexts, bought, done, probs = self.user_vectors(samples, clicks, clicks_later)
         predictions = Predictions(done, probs, self.version) if done else None
         predicted = {id(d) for d in done}
