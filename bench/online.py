@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conversion-snapshot-steps", type=int, default=0, metavar="N",
                    help="online learners predict clicks with a copy refreshed every N steps (conversion_snapshot_steps; "
                         "0 = the newest weights, default)")
+    p.add_argument("--conversion-prior", action=argparse.BooleanOptionalAction, default=None,
+                   help="online learners' conversion head starts as repeat-interest (conversion_prior; default: the "
+                        "setting's value, on)")
     p.add_argument("--segments", type=int, default=10, help="points of the over-time curves (default: 10)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = cores - 1 (default: 0)")
@@ -243,6 +246,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     n_items = len({e.item_id for e in events})
     if args.conversion_snapshot_steps < 0:
         raise CommandError("--conversion-snapshot-steps must be >= 0")
+    if args.conversion_prior is not None:
+        settings = settings.replace(conversion_prior=args.conversion_prior)
     settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads,
                                 conversion_snapshot_steps=args.conversion_snapshot_steps)
     t0 = time.perf_counter()
@@ -293,6 +298,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
            f"--drift-at {args.drift_at}") + f" --feedback {','.join(modes)} --seeds {args.seeds} --lr {args.lr}"
     if args.conversion_snapshot_steps:
         cmd += f" --conversion-snapshot-steps {args.conversion_snapshot_steps}"
+    cmd += " --conversion-prior" if settings.conversion_prior else " --no-conversion-prior"
     result |= {"source": source, "samples": len(samples), "warmup_samples": cut, "after_samples": cases.n_after,
                "items": n_items, "seconds": round(seconds, 1), "device": str(settings.device), "command": cmd,
                "judged": "at the click: each click's P(buy) by the model when its CLICK sample arrived"}

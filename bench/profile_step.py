@@ -1,11 +1,12 @@
 """Profile the trainer's per-step work with torch.profiler: publish vectors, prequential scoring,
 learn, on ``bench trainer``'s stored stream, one process, one thread, the default model.
 
-    python -m tgastream.bench.profile_step [STEPS] [--json PATH]
+    python -m tgastream.bench.profile_step [STEPS] [--json PATH] [--demo-stream]
 
 Prints the CPU time per step (process time: robust on a shared machine, where wall time is not)
 and torch.profiler's table (top ops by total CPU time). It runs against whatever tgastream is
-installed, so the same file measures an older checkout (``before``): with one-pass scoring it
+installed, so the same file measures an older checkout (``before``). ``--demo-stream``: the demo's
+stream instead (its 500 users' 20,000 events: longer graphs), from a third of the way in: with one-pass scoring it
 calls ``learn(score_limit=...)`` and publishes from an inference copy refreshed after each step
 (stream/publisher.py), else ``vectors``, ``score``, ``learn`` as the trainer did then."""
 
@@ -32,7 +33,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     st = Settings()
     bs = st.batch_size
-    samples = [Sample.from_bytes(b) for _p, b in stored_stream(bs * (steps + 10), 400, 4, st.sample_len, st.seed)]
+    if "--demo-stream" in argv:
+        encoded = [s.to_bytes() for s in demo_stream(st.sample_len)]
+        encoded = encoded[len(encoded) // 3:][:bs * (steps + 10)]
+    else:
+        encoded = [b for _p, b in stored_stream(bs * (steps + 10), 400, 4, st.sample_len, st.seed)]
+    samples = [Sample.from_bytes(b) for b in encoded]  # decoded, as the trainer reads them
     learner = OnlineLearner(online_model_config(st), online_config(st, device="cpu", threads=1))
     one_pass = hasattr(learner, "scores_from_training")
     latest = None
@@ -71,14 +77,27 @@ def main(argv: list[str]) -> int:
             step(samples[k * bs:(k + 1) * bs])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=44)
-    result = {"one_pass": one_pass, "steps": steps, "batch_size": bs, "wall_ms_per_step": 1000 * wall / steps,
+    result = {"stream": "demo" if "--demo-stream" in argv else "stored", "one_pass": one_pass, "steps": steps, "batch_size": bs, "wall_ms_per_step": 1000 * wall / steps,
               "cpu_ms_per_step": 1000 * cpu / steps, "samples_per_cpu_s": steps * bs / cpu, "table": table}
-    print(f"one_pass={one_pass} steps={steps} batch={bs}: CPU {result['cpu_ms_per_step']:.0f} ms/step "
+    print(f"{'demo stream' if '--demo-stream' in argv else 'stored stream'}: one_pass={one_pass} steps={steps} batch={bs}: CPU {result['cpu_ms_per_step']:.0f} ms/step "
           f"({result['samples_per_cpu_s']:,.0f} samples per CPU-second), wall {result['wall_ms_per_step']:.0f} ms/step")
     print(table)
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def demo_stream(sample_len: int) -> list:
+    """The samples of ``tgastream demo``'s default stream (its users, events and seed), in order."""
+    from tgastream.core.events import BEHAVIORS, Event
+    from tgastream.state.samples import samples_from_events
+    from tgastream.stream.demo import DemoConfig
+    from tgastream.stream.synth import SynthConfig, generate
+
+    demo = DemoConfig(out=Path("."))
+    rows = generate(SynthConfig(users=demo.users, events=demo.events, seed=demo.seed))
+    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
+    return samples_from_events(events, sample_len=sample_len, final_watermark=events[-1].ts + 2 * 86400)
 
 
 if __name__ == "__main__":

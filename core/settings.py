@@ -89,6 +89,7 @@ class Settings:
     lr: float = field(default=LR, metadata={"help": "trainer: online learning rate"})
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
     repeat_prior: bool = field(default=True, metadata={"help": "trainer: the retrieval pointer starts as repeat-recent (model/retrieval_head.py; docs/model-quality.md); false = the plain copy pointer. Resuming a checkpoint trained with the other value is refused"})
+    conversion_prior: bool = field(default=True, metadata={"help": "trainer: the conversion head starts as repeat-interest (touches of the clicked item in the context, carts and favs double; model/conversion_head.py; docs/conversion.md) and learns away from it; false = the plain head. Resuming a checkpoint trained with the other value is refused"})
     guard: bool = field(default=True, metadata={"help": "trainer: shadow-evaluate a baseline (the last good checkpoint) and roll back when the online model falls below it"})
     guard_margin: float = field(default=0.03, metadata={"help": "trainer: how far below the baseline (AUC or HR@10) the online model may fall over the window before a rollback"})
     guard_window: int = field(default=2000, metadata={"help": "trainer: paired cases (retrieval rows, conversion clicks) the guard compares over"})

@@ -25,7 +25,7 @@ from torch import nn
 
 from tgastream.model.batching import Batch
 from tgastream.model.config import ModelConfig
-from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features
+from tgastream.model.conversion_head import ConversionHead, context_features, n_context_features, repeat_interest
 from tgastream.model.distributed import GlobalView
 from tgastream.model.embedding import NodeEmbedding
 from tgastream.model.feedback import conversion_loss
@@ -69,7 +69,9 @@ class SequenceRecommender(nn.Module):
         raw = cfg.conversion_raw and self.does_conversion and self.does_retrieval
         # DIN (conversion only) is the baseline and keeps its plain head whatever the config says
         n_feat = n_context_features(cfg.n_behaviors) if cfg.conversion_features and self.does_retrieval else 0
-        self.conversion_head = ConversionHead(cfg.dim, cfg.dropout, raw, n_feat) if self.does_conversion else None
+        self.conversion_head = (ConversionHead(cfg.dim, cfg.dropout, raw, n_feat,
+                                               prior=cfg.conversion_prior and self.does_retrieval)
+                                if self.does_conversion else None)
         self.conversion_embed = NodeEmbedding(cfg) if raw else None
         # weight of the transition prior's logit term (retrieval_head.py); only when configured.
         # Stored as w / PRIOR_SCALE: Adam moves a parameter by about lr a step whatever its
@@ -120,8 +122,10 @@ class SequenceRecommender(nn.Module):
             raw_cand = self.conversion_embed.items(batch.target_item, batch.target_cat)  # [B, d]
         features = (context_features(batch.behaviors, batch.mask, same_item, same_cat, self.cfg.n_behaviors)
                     if self.conversion_head.n_features else None)  # [B, F]
+        interest = (repeat_interest(batch.behaviors, batch.mask, same_item).to(states.dtype)
+                    if self.conversion_head.prior else None)  # [B]
         return self.conversion_head(states, batch.mask, batch.last_index, cand, same_item, same_cat, raw_states,
-                                    raw_cand, features)
+                                    raw_cand, features, interest)
 
     def conversion_proba(self, batch: Batch) -> torch.Tensor:
         """P(buy) of each row's candidate item [B]."""

@@ -52,6 +52,9 @@ class ModelConfig:
     # offline only: the online learner's rows (model/rows.py) do not grow that table
     conversion_features: bool = False  # the conversion head's MLP also reads behavior-typed counts of the candidate
     # item/category in the context and how many nodes back the item was last seen (conversion_head.context_features)
+    conversion_prior: bool = False  # the conversion logit starts as repeat-interest: + s · log(1 + touches of the
+    # candidate in the context, carts and favs counting double), s learned from 1, the MLP's output layer from 0
+    # (model/conversion_head.py); the online learner's default (Settings.conversion_prior)
     transition_prior: bool = False  # add w · log(1 + co-visitation score) to retrieval logits when the batch
     # carries a prior (model/retrieval_head.py); without one the term is 0
     impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive

@@ -18,7 +18,8 @@ def online_model_config(settings: Settings) -> ModelConfig:
     """The online model's shape (no dropout). The learner sizes the tables by its id maps, so
     ``n_items`` / ``n_categories`` here are placeholders."""
     return ModelConfig(n_items=1, n_categories=1, dim=settings.dim, layers=settings.layers, heads=settings.heads,
-                       dropout=0.0, repeat_prior=settings.repeat_prior)
+                       dropout=0.0, repeat_prior=settings.repeat_prior,
+                       conversion_prior=settings.conversion_prior)
 
 
 def ann_config(settings: Settings) -> AnnConfig:

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat-prior", action=argparse.BooleanOptionalAction, default=None,
                    help="pointer models start as repeat-recent (learned repeat prior, model/retrieval_head.py; "
                         "default: on)")
+    p.add_argument("--conversion-prior", action=argparse.BooleanOptionalAction, default=None,
+                   help="TGA's conversion head starts as repeat-interest (model/conversion_head.py; default: off "
+                        "offline, on in the online trainer)")
     p.add_argument("--pointer-bound", type=float, default=None,
                    help="with the repeat prior: bound of the learned pointer term, 0 = unbounded (model/retrieval_head.py; "
                         "default: the model config's, 8)")
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                                                   ("conversion_grad", args.conversion_grad),
                                                                   ("conversion_features", args.conversion_features),
                                                                   ("repeat_prior", args.repeat_prior),
+                                                                  ("conversion_prior", args.conversion_prior),
                                                                   ("pointer_bound", args.pointer_bound))
                                   if value is not None),
         ).validate()
