@@ -89,14 +89,12 @@ def main(argv: list[str]) -> int:
 
 def demo_stream(sample_len: int) -> list:
     """The samples of ``tgastream demo``'s default stream (its users, events and seed), in order."""
-    from tgastream.core.events import BEHAVIORS, Event
+    from tgastream.bench.online import _synthetic
     from tgastream.state.samples import samples_from_events
     from tgastream.stream.demo import DemoConfig
-    from tgastream.stream.synth import SynthConfig, generate
 
     demo = DemoConfig(out=Path("."))
-    rows = generate(SynthConfig(users=demo.users, events=demo.events, seed=demo.seed))
-    events = [Event(str(u + 1), str(i + 1), str(c + 1), BEHAVIORS[b], float(ts)) for ts, u, i, c, b in rows]
+    events, _ = _synthetic(demo.users, demo.events, demo.seed, 0.0)  # (no drift, as the demo's log)
     return samples_from_events(events, sample_len=sample_len, final_watermark=events[-1].ts + 2 * 86400)
 
 

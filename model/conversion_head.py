@@ -48,6 +48,9 @@ from torch import nn
 
 from tgastream.core.events import BEHAVIOR_CODE
 
+STRONG_BEHAVIORS = (BEHAVIOR_CODE["fav"], BEHAVIOR_CODE["cart"])
+"""Behaviors that count double in repeat-recent's conversion score (here and model/shadow.py)."""
+
 
 class TargetAttention(nn.Module):
     """a_n = softmax_n((W_q e_c) · (W_k h_n) / sqrt(d) + w_item [item_n = c] + w_cat [cat_n = cat_c]);
@@ -142,5 +145,5 @@ def repeat_interest(behaviors: torch.Tensor, mask: torch.Tensor, same_item: torc
     """behaviors [B, N] long, mask/same_item [B, N] bool → [B] float: touches of the candidate item
     in the context, carts and favs counting double (repeat-recent's conversion score, as
     model/shadow.py ``repeat_interest`` computes it for one sample)."""
-    strong = (behaviors == BEHAVIOR_CODE["fav"]) | (behaviors == BEHAVIOR_CODE["cart"])  # [B, N]
+    strong = torch.isin(behaviors, torch.tensor(STRONG_BEHAVIORS, device=behaviors.device))  # [B, N]
     return ((same_item & mask).float() * (1 + strong.float())).sum(1)  # [B]

@@ -34,9 +34,9 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from tgastream.core.events import BEHAVIOR_CODE
 from tgastream.model.batching import collate
 from tgastream.model.clicktime import ClickTimeStore
+from tgastream.model.conversion_head import STRONG_BEHAVIORS
 from tgastream.model.guard import PairedWindow
 from tgastream.model.metrics import ranks_of_targets
 from tgastream.model.prequential import RollingMetrics
@@ -77,7 +77,7 @@ def repeat_rank(sample: Sample, n_candidates: int) -> float:
 def repeat_interest(sample: Sample) -> float:
     """Conversion score of a click under repeat-recent: touches of the clicked item in the
     context, carts and favs counting double."""
-    strong = {BEHAVIOR_CODE["cart"], BEHAVIOR_CODE["fav"]}
+    strong = set(STRONG_BEHAVIORS)
     beh = sample.graph.to_arrays().behaviors
     return float(sum(1 + (int(b) in strong) for it, b in zip(sample.graph.item_ids, beh) if it == sample.item_id))
 
