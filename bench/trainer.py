@@ -217,6 +217,7 @@ def flops_per_sample(spec: dict, stream: list[tuple[int, bytes]]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from tgastream.model.batching import collate
+    from tgastream.model.vocab import RowKeys
     from tgastream.model.config import ModelConfig, OnlineConfig
     from tgastream.model.online import OnlineLearner
     from tgastream.state.samples import Sample
@@ -228,7 +229,7 @@ def flops_per_sample(spec: dict, stream: list[tuple[int, bytes]]) -> float:
     batch = [Sample.from_bytes(b) for _p, b in stream[: spec["batch_size"]]]
     learner.vectors(batch)
     vocabs = learner.rows.vocabs()
-    enc = collate(batch, vocabs, learner.device, keys=vocabs.items)
+    enc = collate(batch, vocabs, learner.device, keys=RowKeys(vocabs.items))
     learner.model.train()
     with FlopCounterMode(display=False) as counter:
         learner.model.loss(enc).loss.backward()

@@ -279,14 +279,15 @@ def _add_pointer(z: torch.Tensor, c: torch.Tensor, keys: torch.Tensor) -> torch.
 
         z'[b, k] = log(exp z[b, k] + Σ_{n : keys[b, n] = k + 1} exp c[b, n])
 
-    (c [B, N] node logits, keys [B, N] column + 1, 0 = padding/none). Only the ≤ N columns a row's
+    (c [B, N] node logits, keys [B, N] column + 1; 0 = padding/none and keys above C, items
+    without a column (model/vocab.py ``RowKeys``), add nothing). Only the ≤ N columns a row's
     nodes name change, so the log-sum-exp is taken there (B × N entries) instead of over the
     whole [B, C] catalogue (what ``logaddexp(z, scatter_logsumexp(...))`` computed: two
     transcendental passes over every catalogue column, most of the ranking's time)."""
-    valid = keys > 0  # [B, N]
+    valid = (keys > 0) & (keys <= z.shape[1])  # [B, N]; a key above the catalogue has no column
     if not bool(valid.any()):
         return z
-    cols = (keys - 1).clamp(min=0)  # [B, N]
+    cols = (keys - 1).clamp(min=0, max=z.shape[1] - 1)  # [B, N]
     c = c.masked_fill(~valid, float("-inf"))
     m = c.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # [B, 1], finite
     w = torch.exp(c - m)  # [B, N], 0 off the nodes

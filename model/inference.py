@@ -15,6 +15,7 @@ import torch
 
 from tgastream.model.config import ModelConfig
 from tgastream.model.batching import collate
+from tgastream.model.vocab import RowKeys
 from tgastream.model.rows import EmbeddingRows
 from tgastream.model.tga import TGA
 from tgastream.state.graph import UserGraph
@@ -64,7 +65,7 @@ def conversion_proba(model: TGA, rows: EmbeddingRows, device: torch.device, cont
     samples = [Sample(CONVERSION, "", context, i, c, 0, 0.0, 0.0) for i, c in candidates]
     model.eval()
     vocabs = rows.vocabs()
-    batch = collate(samples, vocabs, device, keys=vocabs.items)
+    batch = collate(samples, vocabs, device, keys=RowKeys(vocabs.items))
     return model.conversion_proba(batch).float().cpu().tolist()  # [K]
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from tgastream.model.batching import collate
+from tgastream.model.vocab import RowKeys
 from tgastream.model.clicktime import ClickTimeStore, Predictions
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.device import cpu_threads, resolve_device
@@ -318,7 +319,7 @@ class OnlineLearner:
         scored = clicks + rest
         if scored:
             # keys = item rows: the pointer's hits land on catalogue columns (row r ↔ column r - 1)
-            new = collate(scored, vocabs, self.device, keys=vocabs.items)
+            new = collate(scored, vocabs, self.device, keys=RowKeys(vocabs.items))
             self.model.eval()
             states = self.model.encode(new)
             self._score_conversions(new, states, clicks)
@@ -390,7 +391,7 @@ class OnlineLearner:
         with self.rows.lock:  # rows a publishing thread assigned since: tables grown to them first
             self.rows.grow_tables(self.model, self.optimizer, self.shared_gen)
             vocabs = self.rows.vocabs()
-            batch = collate(rows, vocabs, self.device, keys=vocabs.items) if rows else None
+            batch = collate(rows, vocabs, self.device, keys=RowKeys(vocabs.items)) if rows else None
         self.model.train()
         view = global_view(self.group, batch, self.model.cfg.n_items, self.model.cfg.uniform_negatives,
                            self.shared_gen, self.device)
@@ -566,7 +567,7 @@ class OnlineLearner:
         self.model.eval()
         vocabs = self.rows.vocabs()
         # keys = item rows, as the training step's batches (the conversion head compares them)
-        batch = collate(rows, vocabs, self.device, keys=vocabs.items)
+        batch = collate(rows, vocabs, self.device, keys=RowKeys(vocabs.items))
         states = self.model.encode(batch)  # [R, N, d]
         vecs = np.zeros((0, self.model.cfg.dim), np.float32)
         if n_users:

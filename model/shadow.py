@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from tgastream.model.batching import collate
+from tgastream.model.vocab import RowKeys
 from tgastream.model.clicktime import ClickTimeStore
 from tgastream.model.conversion_head import STRONG_BEHAVIORS
 from tgastream.model.guard import PairedWindow
@@ -91,11 +92,11 @@ def score_outcomes(model: TGA, rows: EmbeddingRows, device: torch.device, conv: 
     model.eval()
     probs = np.zeros(0)
     if conv:
-        batch = collate(list(conv), vocabs, device, keys=vocabs.items)
+        batch = collate(list(conv), vocabs, device, keys=RowKeys(vocabs.items))
         probs = conversion_probs(model, batch, model.encode(batch))
     ranks = np.zeros(0)
     if ret:
-        batch = collate(list(ret), vocabs, device, keys=vocabs.items)
+        batch = collate(list(ret), vocabs, device, keys=RowKeys(vocabs.items))
         ranks = catalogue_ranks(model, rows, batch, model.encode(batch))
     return Outcomes(probs, ranks)
 

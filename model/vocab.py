@@ -75,3 +75,39 @@ class BatchKeys:
 
     def __len__(self) -> int:
         return len(self._keys) + 1
+
+
+class RowKeys:
+    """Identity keys for batches scored against the embedding rows: an item's row where it has one
+    (so the pointer's hits land on catalogue columns, row r ↔ column r - 1), else a key of its own
+    above every row (``UNKNOWN_KEY_BASE`` + j, distinct per item within this object's batch).
+
+    Why: with the rows themselves as keys every item without a row is key 0, and "is this node the
+    candidate item" then holds between *any* two unknown items. A model that does not assign rows
+    (a frozen copy, a conversion snapshot, the guard's baseline) would count a new item's click as a
+    repeat of every other new item in its context. One instance per batch (its unknown keys are
+    local to it)."""
+
+    def __init__(self, rows: Vocab) -> None:
+        self.rows = rows
+        self._unknown: dict[str, int] = {}
+
+    def lookup(self, ids: Sequence[str]) -> np.ndarray:
+        out = np.asarray(self.rows.lookup(ids), dtype=np.int64)
+        missing = np.flatnonzero(out == 0)
+        if len(missing):
+            out = out.copy()
+            unknown = self._unknown
+            for n in missing:
+                i = ids[n]
+                k = unknown.get(i)
+                if k is None:
+                    k = unknown[i] = UNKNOWN_KEY_BASE + len(unknown)
+                out[n] = k
+        return out
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+UNKNOWN_KEY_BASE = 1 << 30  # above any catalogue's rows, within int32 (EncodedSamples.keys)

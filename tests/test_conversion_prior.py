@@ -14,7 +14,8 @@ from tgastream.model.batching import collate
 from tgastream.model.config import ModelConfig, OnlineConfig
 from tgastream.model.inference import IncompatibleCheckpoint, saved_model_config
 from tgastream.model.online import OnlineLearner
-from tgastream.model.shadow import repeat_interest
+from tgastream.model.shadow import repeat_interest, score_outcomes
+from tgastream.model.vocab import UNKNOWN_KEY_BASE, InMemoryVocab, RowKeys
 from tgastream.state.samples import CONVERSION, samples_from_events
 from tgastream.stream.configs import online_model_config
 from tgastream.stream.synth import SynthConfig, generate
@@ -79,3 +80,25 @@ def test_a_checkpoint_with_the_other_head_is_refused_and_an_old_one_is_served_as
 def test_the_trainer_uses_the_prior_by_default_and_the_setting_turns_it_off():
     assert online_model_config(load_settings()).conversion_prior is True
     assert online_model_config(load_settings(overrides={"conversion_prior": False})).conversion_prior is False
+
+
+def test_a_model_without_rows_for_the_items_still_counts_only_the_candidates_own_touches(samples):
+    """A frozen copy assigns no rows: every item of these clicks is unknown to it. Their identity
+    keys must still tell the items apart (model/vocab.py ``RowKeys``), or every unknown item in a
+    click's context would count as a touch of the candidate."""
+    frozen = _learner(True).frozen_copy()  # untrained, no rows at all
+    conv = [s for s in samples if s.kind == CONVERSION][:200]
+    ret = [s for s in samples if s.kind != CONVERSION][:50]
+    interest = np.array([repeat_interest(s) for s in conv])
+    out = score_outcomes(frozen.model, frozen.rows, frozen.device, conv, ret)
+    np.testing.assert_allclose(out.probs, 1 / (1 + 1 / (1 + interest)), rtol=1e-5)
+    assert len(frozen.rows.items) == 0 and len(out.ranks) == len(ret)  # (still nothing assigned; every target a miss, no error)
+
+
+def test_row_keys_are_rows_where_there_are_rows_and_distinct_above_them_elsewhere():
+    vocab = InMemoryVocab(["a", "b"])
+    keys = RowKeys(vocab)
+    first = keys.lookup(["a", "x", "b", "y", "x"])
+    assert first[[0, 2]].tolist() == vocab.lookup(["a", "b"]).tolist()
+    assert first[1] == first[4] != first[3] and min(first[1], first[3]) >= UNKNOWN_KEY_BASE
+    assert keys.lookup(["y", "x"]).tolist() == [first[3], first[1]]  # the same within the object (nodes, then targets)
