@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conversion-prior", action=argparse.BooleanOptionalAction, default=None,
                    help="online learners' conversion head starts as repeat-interest (conversion_prior; default: the "
                         "setting's value, on)")
+    p.add_argument("--conversion-base-rate", type=float, default=None, metavar="RATE",
+                   help="online learners' conversion head starts predicting about this buy rate (conversion_base_rate; "
+                        "default: the setting's value)")
     p.add_argument("--segments", type=int, default=10, help="points of the over-time curves (default: 10)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = cores - 1 (default: 0)")
@@ -248,6 +251,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError("--conversion-snapshot-steps must be >= 0")
     if args.conversion_prior is not None:
         settings = settings.replace(conversion_prior=args.conversion_prior)
+    if args.conversion_base_rate is not None:
+        if not 0.0 <= args.conversion_base_rate < 1.0:
+            raise CommandError("--conversion-base-rate must be in [0, 1)")
+        settings = settings.replace(conversion_base_rate=args.conversion_base_rate)
     settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads,
                                 conversion_snapshot_steps=args.conversion_snapshot_steps)
     t0 = time.perf_counter()
@@ -299,6 +306,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.conversion_snapshot_steps:
         cmd += f" --conversion-snapshot-steps {args.conversion_snapshot_steps}"
     cmd += " --conversion-prior" if settings.conversion_prior else " --no-conversion-prior"
+    cmd += f" --conversion-base-rate {settings.conversion_base_rate:g}"
     result |= {"source": source, "samples": len(samples), "warmup_samples": cut, "after_samples": cases.n_after,
                "items": n_items, "seconds": round(seconds, 1), "device": str(settings.device), "command": cmd,
                "judged": "at the click: each click's P(buy) by the model when its CLICK sample arrived"}

@@ -84,11 +84,12 @@ class Settings:
     batch_size: int = field(default=256, metadata={"help": "trainer micro-batch size"})
     max_wait_s: float = field(default=0.5, metadata={"help": "trainer: longest wait to fill a micro-batch"})
     burst: int = field(default=16, metadata={"help": "trainer: beyond batch_size a micro-batch takes what has already arrived, up to burst × batch_size (a trainer that is behind catches up in big steps); all of it is published, a random batch_size of it scored and trained on"})
-    catchup_batches: int = field(default=1, metadata={"help": "trainer (train_policy all, one process with its publishing thread): a training step that is more than one batch behind the head takes up to this many batches at once (fewer, larger steps: about a fifth more samples per second while catching up, but fewer optimizer steps: on the demo, click-time ECE 0.011 → 0.14 at 4); 1 = always batch_size (default). Ranks always train batch_size steps (their head waits for the step)"})
+    catchup_batches: int = field(default=2, metadata={"help": "trainer (train_policy all, one process with its publishing thread): a training step that is more than one batch behind the head takes up to this many batches at once (fewer, larger steps: more samples per second while behind; on the demo's stream capacity 0.95 -> 1.02 at 2, medians of 3). Larger steps are fewer optimizer steps: with conversion_base_rate 0 the head's calibration suffered (demo click-time ECE 0.011 -> 0.24 at 2), with the base rate it holds (0.008-0.014); 1 = always batch_size. Ranks always train batch_size steps (their head waits for the step)"})
     train_policy: str = field(default="all", metadata={"help": "all: every new sample is trained once (training may lag behind publishing when the trainer is slower than the stream); bounded: a step trains a random batch_size of what arrived and the rest is never trained"})
     lr: float = field(default=LR, metadata={"help": "trainer: online learning rate"})
     drift_delta: float = field(default=0.002, metadata={"help": "trainer: ADWIN confidence for detecting a change in the training loss (smaller = fewer, surer alarms)"})
     repeat_prior: bool = field(default=True, metadata={"help": "trainer: the retrieval pointer starts as repeat-recent (model/retrieval_head.py; docs/model-quality.md); false = the plain copy pointer. Resuming a checkpoint trained with the other value is refused"})
+    conversion_base_rate: float = field(default=0.02, metadata={"help": "trainer: > 0 = the conversion head's output bias starts at logit(rate), so a new model predicts about this buy rate (with conversion_prior: exactly, for clicks on items untouched in the context) instead of 0.5 and up, and is calibrated from its first steps (what lets catch-up steps keep calibration); 0 = bias from 0. Only how a new model starts: a checkpoint resumes as trained"})
     conversion_prior: bool = field(default=True, metadata={"help": "trainer: the conversion head starts as repeat-interest (touches of the clicked item in the context, carts and favs double; model/conversion_head.py; docs/conversion.md) and learns away from it; false = the plain head. Resuming a checkpoint trained with the other value is refused"})
     guard: bool = field(default=True, metadata={"help": "trainer: shadow-evaluate a baseline (the last good checkpoint) and roll back when the online model falls below it"})
     guard_margin: float = field(default=0.03, metadata={"help": "trainer: how far below the baseline (AUC or HR@10) the online model may fall over the window before a rollback"})
@@ -159,6 +160,8 @@ class Settings:
             raise SettingsError(f"ann_exact_below must be >= 0, got {self.ann_exact_below}")
         if self.standby_replicas < 0:
             raise SettingsError(f"standby_replicas must be >= 0, got {self.standby_replicas}")
+        if not 0.0 <= self.conversion_base_rate < 1.0:
+            raise SettingsError(f"conversion_base_rate must be in [0, 1), got {self.conversion_base_rate}")
         if not 0.0 <= self.replay_share < 1.0:
             raise SettingsError(f"replay_share must be in [0, 1), got {self.replay_share}")
         if self.dim % self.heads:

@@ -70,7 +70,8 @@ class SequenceRecommender(nn.Module):
         # DIN (conversion only) is the baseline and keeps its plain head whatever the config says
         n_feat = n_context_features(cfg.n_behaviors) if cfg.conversion_features and self.does_retrieval else 0
         self.conversion_head = (ConversionHead(cfg.dim, cfg.dropout, raw, n_feat,
-                                               prior=cfg.conversion_prior and self.does_retrieval)
+                                               prior=cfg.conversion_prior and self.does_retrieval,
+                                               base_rate=cfg.conversion_base_rate if self.does_retrieval else 0.0)
                                 if self.does_conversion else None)
         self.conversion_embed = NodeEmbedding(cfg) if raw else None
         # weight of the transition prior's logit term (retrieval_head.py); only when configured.

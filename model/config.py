@@ -55,6 +55,9 @@ class ModelConfig:
     conversion_prior: bool = False  # the conversion logit starts as repeat-interest: + s · log(1 + touches of the
     # candidate in the context, carts and favs counting double), s learned from 1, the MLP's output layer from 0
     # (model/conversion_head.py); the online learner's default (Settings.conversion_prior)
+    conversion_base_rate: float = 0.0  # > 0: the conversion logit's output bias starts at logit(rate), so the
+    # untrained head predicts about the base rate (with the prior: exactly, for clicks on untouched items) instead of
+    # 0.5 and up; 0 = bias from 0 (model/conversion_head.py)
     transition_prior: bool = False  # add w · log(1 + co-visitation score) to retrieval logits when the batch
     # carries a prior (model/retrieval_head.py); without one the term is 0
     impl: str = "auto"  # TGA aggregation: fused C kernel (CPU), reference torch ops, or naive
@@ -66,6 +69,8 @@ class ModelConfig:
             raise ValueError("n_items and n_categories must be >= 1 (row 0 is padding/unknown)")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if not 0.0 <= self.conversion_base_rate < 1.0:
+            raise ValueError(f"conversion_base_rate must be in [0, 1), got {self.conversion_base_rate}")
         if not 0.0 <= self.conversion_grad <= 1.0:
             raise ValueError(f"conversion_grad must be in [0, 1], got {self.conversion_grad}")
         if self.dim // self.heads > 256:

@@ -37,6 +37,14 @@ so the untrained head ranks clicks exactly as repeat-interest does (ties broken 
 training moves it away only where the labels say so. Why: online, the head learning from about one
 buy in a hundred clicks ranked below that heuristic on both real logs' validation shares
 (docs/conversion.md, "The heuristic inside the conversion head").
+
+With a base rate ρ (``ModelConfig.conversion_base_rate`` > 0; the trainer's default 0.02) the MLP's
+output bias starts at logit(ρ), so the untrained head predicts
+
+    p = sigmoid(logit(ρ) + s · log(1 + r))     (with the prior; ρ itself for an untouched item)
+
+instead of 0.5 and up: the same order, calibrated from the first step, so that fewer and larger
+steps (catch-up steps) do not leave it far above the buy rate (docs/conversion.md).
 """
 
 from __future__ import annotations
@@ -78,7 +86,7 @@ class ConversionHead(TargetAttention):
     an optional second one over raw embeddings, and the MLP."""
 
     def __init__(self, dim: int, dropout: float = 0.0, raw: bool = False, n_features: int = 0,
-                 prior: bool = False) -> None:
+                 prior: bool = False, base_rate: float = 0.0) -> None:
         super().__init__(dim)
         self.attend_raw = TargetAttention(dim) if raw else None
         self.n_features = n_features
@@ -89,6 +97,8 @@ class ConversionHead(TargetAttention):
             self.prior_scale = nn.Parameter(torch.ones(()))
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
+        if base_rate > 0:  # the untrained head predicts about the base rate, not 0.5 and up
+            nn.init.constant_(self.mlp[-1].bias, math.log(base_rate / (1 - base_rate)))
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, cand: torch.Tensor,
                 same_item: torch.Tensor, same_cat: torch.Tensor, raw_states: torch.Tensor | None = None,

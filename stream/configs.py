@@ -19,7 +19,7 @@ def online_model_config(settings: Settings) -> ModelConfig:
     ``n_items`` / ``n_categories`` here are placeholders."""
     return ModelConfig(n_items=1, n_categories=1, dim=settings.dim, layers=settings.layers, heads=settings.heads,
                        dropout=0.0, repeat_prior=settings.repeat_prior,
-                       conversion_prior=settings.conversion_prior)
+                       conversion_prior=settings.conversion_prior, conversion_base_rate=settings.conversion_base_rate)
 
 
 def ann_config(settings: Settings) -> AnnConfig:

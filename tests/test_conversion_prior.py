@@ -102,3 +102,20 @@ def test_row_keys_are_rows_where_there_are_rows_and_distinct_above_them_elsewher
     assert first[[0, 2]].tolist() == vocab.lookup(["a", "b"]).tolist()
     assert first[1] == first[4] != first[3] and min(first[1], first[3]) >= UNKNOWN_KEY_BASE
     assert keys.lookup(["y", "x"]).tolist() == [first[3], first[1]]  # the same within the object (nodes, then targets)
+
+
+def test_a_base_rate_starts_the_head_at_that_rate_and_keeps_the_priors_order(samples):
+    conv = [s for s in samples if s.kind == CONVERSION][:200]
+    interest = np.array([repeat_interest(s) for s in conv])
+    model = ModelConfig(n_items=1, n_categories=1, dim=16, heads=2, layers=1, dropout=0.0, conversion_prior=True,
+                        conversion_base_rate=0.02)
+    learner = OnlineLearner(model, OnlineConfig(device="cpu", threads=1, sample_len=20, chunk=64, seed=2))
+    p = _proba(learner, conv)
+    z = np.log(0.02 / 0.98) + np.log1p(interest)  # logit(rate) + log(1 + r)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-z)), rtol=1e-5)
+    assert np.allclose(p[interest == 0], 0.02, rtol=1e-5)  # an untouched item: the base rate
+
+
+def test_a_base_rate_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="conversion_base_rate"):
+        ModelConfig(n_items=1, n_categories=1, conversion_base_rate=1.0).validate()

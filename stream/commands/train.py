@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_flags(p, "bootstrap", "partitions", "samples_topic", "embeddings_topic", "data_dir", "device",
                       "dim", "layers", "heads", "threads", "batch_size", "burst", "max_wait_s", "lr", "replay_share",
                       "checkpoint_every_steps", "checkpoint_every_s", "metrics_port", "metrics_host", "max_len", "sample_len",
-                      "train_policy", "repeat_prior", "conversion_prior", "stop_timeout_s", "checkpoint_dir", "republish_rate", "republish_behind_share", "catchup_batches",
+                      "train_policy", "repeat_prior", "conversion_prior", "conversion_base_rate", "stop_timeout_s", "checkpoint_dir", "republish_rate", "republish_behind_share", "catchup_batches",
                       "idle_ttl_s", "evict_every",
                       "drift_delta", "guard", "guard_margin", "guard_window", "guard_min_retrievals",
                       "guard_min_positives", "shadow_share", "seed", "conversion_feedback", "conversion_snapshot_steps", "pending_predictions",
