@@ -57,9 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift-at", type=float, default=0.5, help="where preferences change (default: 0.5)")
     p.add_argument("--batch-size", type=int, default=256, help="micro-batch size (default: 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="online learning rate (default: 0.002)")
-    p.add_argument("--conversion-snapshot-steps", type=int, default=0, metavar="N",
+    p.add_argument("--conversion-snapshot-steps", type=int, default=None, metavar="N",
                    help="online learners predict clicks with a copy refreshed every N steps (conversion_snapshot_steps; "
-                        "0 = the newest weights, default)")
+                        "0 = the newest weights; default: the setting's value, 100)")
     p.add_argument("--conversion-prior", action=argparse.BooleanOptionalAction, default=None,
                    help="online learners' conversion head starts as repeat-interest (conversion_prior; default: the "
                         "setting's value, on)")
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         cut = next((j for j, s in enumerate(samples) if s.event_ts >= drift_ts), len(samples)) // bs * bs
     cases = Cases(samples, cut)
     n_items = len({e.item_id for e in events})
-    if args.conversion_snapshot_steps < 0:
+    if args.conversion_snapshot_steps is not None and args.conversion_snapshot_steps < 0:
         raise CommandError("--conversion-snapshot-steps must be >= 0")
     if args.conversion_prior is not None:
         settings = settings.replace(conversion_prior=args.conversion_prior)
@@ -255,8 +255,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if not 0.0 <= args.conversion_base_rate < 1.0:
             raise CommandError("--conversion-base-rate must be in [0, 1)")
         settings = settings.replace(conversion_base_rate=args.conversion_base_rate)
-    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads,
-                                conversion_snapshot_steps=args.conversion_snapshot_steps)
+    if args.conversion_snapshot_steps is not None:
+        settings = settings.replace(conversion_snapshot_steps=args.conversion_snapshot_steps)
+    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads)
     t0 = time.perf_counter()
     probs: dict[str, list[np.ndarray | None]] = {f"online_{m}": [] for m in modes} | {"frozen": [], "repeat": []}
     ranks: dict[str, list[np.ndarray]] = {k: [] for k in probs}
@@ -303,8 +304,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
            + (f" --max-events {args.max_events}" if args.max_events else "") if args.data is not None else
            f"tgastream bench online --users {args.users} --events {args.events} --seed {args.seed} "
            f"--drift-at {args.drift_at}") + f" --feedback {','.join(modes)} --seeds {args.seeds} --lr {args.lr}"
-    if args.conversion_snapshot_steps:
-        cmd += f" --conversion-snapshot-steps {args.conversion_snapshot_steps}"
+    cmd += f" --conversion-snapshot-steps {settings.conversion_snapshot_steps}"
     cmd += " --conversion-prior" if settings.conversion_prior else " --no-conversion-prior"
     cmd += f" --conversion-base-rate {settings.conversion_base_rate:g}"
     result |= {"source": source, "samples": len(samples), "warmup_samples": cut, "after_samples": cases.n_after,
