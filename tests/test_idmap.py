@@ -52,3 +52,18 @@ def test_snapshot_round_trip_and_rocksdb_mirror(tmp_path):
     m.lookup(["w"], now=400)
     m.sync_to(tmp_path / "idmap", step=8)
     assert read_mirror(tmp_path / "idmap") == dict(m.items())
+
+
+def test_a_deep_copy_is_independent_of_the_map_it_came_from():
+    import copy
+
+    m = IdMap(chunk=4)
+    m.lookup(["a", "b", "c"], now=1.0)
+    m.evict(now=100.0, ttl_s=10.0)  # (a free list to copy too)
+    m.lookup(["d"], now=200.0)
+    twin = copy.deepcopy(m)
+    assert twin.to_bytes() == m.to_bytes()
+    m.lookup(["e", "f", "g", "h", "i"], now=300.0)  # reuses freed rows and grows the original
+    m.evict(now=1000.0, ttl_s=10.0)
+    assert twin.peek(["d", "e"]).tolist() == [1, 0] and twin.capacity == 4 and len(twin.last_used) == 4
+    assert twin.to_bytes() != m.to_bytes()
