@@ -117,7 +117,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if any(k < 1 for k in every) or args.seeds < 1 or not 0 < args.warmup < 1:
         raise CommandError("--snapshots must be >= 1 each, --seeds >= 1, --warmup in (0, 1)")
     events, source = events_of(args)
-    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads, conversion_feedback=args.feedback)
+    # the "online" row is the newest weights: the snapshots compared with it are this bench's own
+    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads, conversion_feedback=args.feedback,
+                                conversion_snapshot_steps=0)
     samples = stream_samples(events, settings)
     bs = args.batch_size
     cut = int(round(args.warmup * len(samples) / bs)) * bs

@@ -215,8 +215,8 @@ def train_size(batch_size: int, catchup_batches: int, behind: int) -> int:
     behind the head up to ``catchup_batches`` batches of it. A step's work grows with its samples
     but its overhead does not (the scoring caps, the guard's shadow and verdict, the inference
     copy's refresh, metrics, the GIL hand-overs with the publishing thread), so a trainer that is
-    behind catches up in fewer, larger steps. Off by default (``catchup_batches`` 1): fewer
-    steps cost calibration under ``wait`` (docs/trainer-performance.md)."""
+    behind catches up in fewer, larger steps. Default 2: fewer steps cost calibration unless the
+    conversion head starts at its base rate (``conversion_base_rate``, docs/trainer-performance.md)."""
     if behind <= batch_size:
         return batch_size
     return min(behind, catchup_batches * batch_size)
