@@ -233,6 +233,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     modes = feedback_modes(args.feedback)
     if args.seeds < 1:
         raise CommandError("--seeds must be >= 1")
+    given = {name: value for name, value in (("conversion_prior", args.conversion_prior),
+                                             ("conversion_base_rate", args.conversion_base_rate),
+                                             ("conversion_snapshot_steps", args.conversion_snapshot_steps))
+             if value is not None}  # (Settings.validate refuses a bad value in one line)
+    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads, **given)
     if args.data is not None:
         events = _real(args.data, args.max_events)
         source = f"{args.data} ({len(events):,} events{', capped' if args.max_events else ''})"
@@ -247,17 +252,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         cut = next((j for j, s in enumerate(samples) if s.event_ts >= drift_ts), len(samples)) // bs * bs
     cases = Cases(samples, cut)
     n_items = len({e.item_id for e in events})
-    if args.conversion_snapshot_steps is not None and args.conversion_snapshot_steps < 0:
-        raise CommandError("--conversion-snapshot-steps must be >= 0")
-    if args.conversion_prior is not None:
-        settings = settings.replace(conversion_prior=args.conversion_prior)
-    if args.conversion_base_rate is not None:
-        if not 0.0 <= args.conversion_base_rate < 1.0:
-            raise CommandError("--conversion-base-rate must be in [0, 1)")
-        settings = settings.replace(conversion_base_rate=args.conversion_base_rate)
-    if args.conversion_snapshot_steps is not None:
-        settings = settings.replace(conversion_snapshot_steps=args.conversion_snapshot_steps)
-    settings = settings.replace(device=args.device, lr=args.lr, threads=args.threads)
     t0 = time.perf_counter()
     probs: dict[str, list[np.ndarray | None]] = {f"online_{m}": [] for m in modes} | {"frozen": [], "repeat": []}
     ranks: dict[str, list[np.ndarray]] = {k: [] for k in probs}

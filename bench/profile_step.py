@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     st = Settings()
     bs = st.batch_size
-    if "--demo-stream" in argv:
+    demo = "--demo-stream" in argv
+    if demo:
         encoded = [s.to_bytes() for s in demo_stream(st.sample_len)]
         encoded = encoded[len(encoded) // 3:][:bs * (steps + 10)]
     else:
@@ -77,9 +78,9 @@ def main(argv: list[str]) -> int:
             step(samples[k * bs:(k + 1) * bs])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=44)
-    result = {"stream": "demo" if "--demo-stream" in argv else "stored", "one_pass": one_pass, "steps": steps, "batch_size": bs, "wall_ms_per_step": 1000 * wall / steps,
+    result = {"stream": "demo" if demo else "stored", "one_pass": one_pass, "steps": steps, "batch_size": bs, "wall_ms_per_step": 1000 * wall / steps,
               "cpu_ms_per_step": 1000 * cpu / steps, "samples_per_cpu_s": steps * bs / cpu, "table": table}
-    print(f"{'demo stream' if '--demo-stream' in argv else 'stored stream'}: one_pass={one_pass} steps={steps} batch={bs}: CPU {result['cpu_ms_per_step']:.0f} ms/step "
+    print(f"{'demo' if demo else 'stored'} stream: one_pass={one_pass} steps={steps} batch={bs}: CPU {result['cpu_ms_per_step']:.0f} ms/step "
           f"({result['samples_per_cpu_s']:,.0f} samples per CPU-second), wall {result['wall_ms_per_step']:.0f} ms/step")
     print(table)
     if out is not None:
